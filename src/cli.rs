@@ -1,0 +1,250 @@
+//! The command line: argument types (clap derive), logging set-up, and the mapping
+//! of outcomes to exit codes (0 success, 1 a negative answer, 2 usage or
+//! configuration error, 3 runtime failure). This is the binary's edge, the one
+//! place where module errors are erased into `anyhow`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod repo;
+mod token;
+
+/// Rotate Keystone Fernet keys and distribute them to every region, safely.
+#[derive(Debug, Parser)]
+#[command(name = "fernetd", version, about)]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERNETD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the primary rotator.
+    Rotator(DaemonArgs),
+    /// Run a regional agent.
+    Agent(DaemonArgs),
+    /// Talk to the rotator's Admin API.
+    Admin(AdminArgs),
+    /// Manage a local key repository.
+    Repo(RepoArgs),
+    /// Inspect or validate Keystone Fernet tokens.
+    Token(TokenArgs),
+    /// Run a rotator and agents on loopback (or write their configuration).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin client configuration file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Generations, digests and per-agent state.
+    Status,
+    /// Rotate now.
+    Rotate {
+        /// Rotate although some agents have not acknowledged the current generation.
+        #[arg(long)]
+        force: bool,
+        /// Say what would happen without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Return once committed, without waiting for acknowledgements.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for every acknowledgement, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Re-push the current generation to every agent that differs.
+    Sync {
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// List enrolled agents.
+    Agents,
+}
+
+#[derive(Debug, Args)]
+pub struct RepoArgs {
+    #[command(subcommand)]
+    pub command: RepoCommand,
+    /// The key repository directory.
+    #[arg(long, global = true)]
+    pub repository: Option<PathBuf>,
+    /// Keys to keep, the staged key included (Keystone's `max_active_keys`).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub max_active_keys: usize,
+    /// Owner of written files, as USER:GROUP (names or numeric ids).
+    #[arg(long, global = true)]
+    pub owner: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum RepoCommand {
+    /// Create a repository with a staged and a primary key (`keystone-manage fernet_setup`).
+    Init,
+    /// Rotate once (`keystone-manage fernet_rotate`).
+    Rotate,
+    /// Show each key's index and role, and the digest (never the keys).
+    Show,
+    /// Check the repository as Keystone would use it; exit 1 on any problem.
+    Verify,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub command: TokenCommand,
+    /// The key repository directory.
+    #[arg(long, global = true)]
+    pub repository: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Keystone's `[auth] methods`, comma-separated, in order.
+    #[arg(long, global = true)]
+    pub methods: Option<String>,
+    /// The clock to check expiry against (RFC 3339), instead of now.
+    #[arg(long, global = true)]
+    pub now: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Decode a token and show its payload, even when expired.
+    Inspect {
+        /// The token, or `-` to read one per line from standard input.
+        token: String,
+    },
+    /// Validate a token: exit 0 when valid, 1 when invalid or expired.
+    Validate {
+        /// The token, or `-` to read one per line from standard input.
+        token: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where to put the CA, configuration and repositories (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// How many regions (agents).
+    #[arg(long, default_value_t = 3)]
+    pub regions: usize,
+    /// Only write the files and print the commands that start each process.
+    #[arg(long)]
+    pub config_only: bool,
+}
+
+/// Why a command failed, and so which exit code it gets.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad flags or configuration: exit 2.
+    #[error("{0:#}")]
+    Usage(anyhow::Error),
+    /// Anything that went wrong while doing the work: exit 3.
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+impl CliError {
+    pub fn usage(e: impl Into<anyhow::Error>) -> Self {
+        CliError::Usage(e.into())
+    }
+
+    pub fn runtime(e: impl Into<anyhow::Error>) -> Self {
+        CliError::Runtime(e.into())
+    }
+
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 3,
+        }
+    }
+}
+
+/// What a command that ran to completion answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Exit 0.
+    Yes,
+    /// Exit 1: invalid token, verification failed.
+    No,
+}
+
+/// Runs a parsed command line to completion and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(Answer::Yes) => ExitCode::SUCCESS,
+        Ok(Answer::No) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("fernetd: error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<Answer, CliError> {
+    match command {
+        Command::Repo(args) => repo::run(&args),
+        Command::Token(args) => token::run(&args),
+        Command::Rotator(args) => runtime()?.block_on(crate::rotator::main(&args.config)),
+        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config)),
+        Command::Admin(args) => runtime()?.block_on(crate::admin::main(&args)),
+        Command::Demo(args) => runtime()?.block_on(crate::demo::main(&args)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests calling `run` twice) is harmless: keep the first.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

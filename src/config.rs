@@ -1,0 +1,2 @@
+//! TOML configuration for the rotator, agent and admin client: serde types with
+//! defaults and one `load(path)` per role. Any error here exits with code 2.

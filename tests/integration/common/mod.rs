@@ -1,0 +1,9 @@
+//! Shared harness for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The `fernetd` binary cargo built for this test run.
+pub fn fernetd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fernetd"))
+}

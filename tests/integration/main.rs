@@ -1,0 +1,4 @@
+//! The one integration test target: each module exercises one area against the
+//! real `fernetd` binary and, where it matters, real Keystone 30.0.0.
+
+mod common;
