@@ -1,6 +1,8 @@
 //! Shared harness for the integration tests.
 #![allow(dead_code)]
 
+pub mod keystone;
+
 use std::path::PathBuf;
 
 /// The `fernetd` binary cargo built for this test run.

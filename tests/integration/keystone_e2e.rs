@@ -1,0 +1,1 @@
+//! Integration tests: keystone_e2e.

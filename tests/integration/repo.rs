@@ -1,0 +1,1 @@
+//! Integration tests for the key repository engine, the atomic installer and `fernetd repo`.
