@@ -29,7 +29,10 @@ impl Key {
     pub fn generate() -> Self {
         let mut bytes = [0u8; KEY_LEN];
         // The OS generator, as Keystone's os.urandom; it only fails on a broken kernel.
-        rand::RngCore::fill_bytes(&mut rand::TryRngCore::unwrap_err(rand::rngs::OsRng), &mut bytes);
+        rand::RngCore::fill_bytes(
+            &mut rand::TryRngCore::unwrap_err(rand::rngs::OsRng),
+            &mut bytes,
+        );
         Key(bytes)
     }
 
@@ -246,7 +249,11 @@ pub fn load(dir: &Path) -> Result<KeySet, RepositoryError> {
     let mut set = KeySet::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
-        let Some(index) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(index) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let path = entry.path();
@@ -257,7 +264,8 @@ pub fn load(dir: &Path) -> Result<KeySet, RepositoryError> {
         if content.is_empty() {
             continue;
         }
-        let key = parse_key(&content).map_err(|reason| RepositoryError::MalformedKey { path, reason })?;
+        let key =
+            parse_key(&content).map_err(|reason| RepositoryError::MalformedKey { path, reason })?;
         set.insert(index, key);
     }
     Ok(set)
