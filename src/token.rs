@@ -5,12 +5,14 @@
 //! short-lived tokens the rotator sends to prove a repository works.
 
 mod fernet;
+pub mod live;
 pub mod msgpack;
 pub mod payload;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use fernet::{Decrypted, Keyring, Opened, encrypt, encrypt_with};
+pub use fernet::{Decrypted, Keyring, Opened, encrypt, encrypt_with, urlsafe_b64decode};
+pub use live::LiveKeyring;
 pub use payload::{AuditIds, Encoding, Id, Methods, Payload, PayloadConfig};
 
 use crate::repository::{Key, Role};

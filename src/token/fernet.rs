@@ -315,9 +315,10 @@ pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usiz
     a2b_base64(input, (4 - chars % 4) % 4, out)
 }
 
-/// Python's non-strict `base64.urlsafe_b64decode`.
-pub(crate) fn decode_python_base64(s: &str, out: &mut [u8]) -> Result<usize, TokenError> {
-    a2b_base64(s.as_bytes(), 0, out)
+/// Python's non-strict `base64.urlsafe_b64decode` of `s` into `out` (which needs
+/// `s.len() / 4 * 3 + 3` bytes), returning the decoded length.
+pub fn urlsafe_b64decode(s: &[u8], out: &mut [u8]) -> Result<usize, TokenError> {
+    a2b_base64(s, 0, out)
 }
 
 /// CPython's `binascii.a2b_base64` with strict_mode=0 over `input` followed by

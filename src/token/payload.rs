@@ -192,8 +192,8 @@ impl AuditIds {
         let mut out = AuditIds::default();
         for id in ids {
             let padded = format!("{id}==");
-            let mut buf = vec![0u8; padded.len()];
-            let n = super::fernet::decode_python_base64(&padded, &mut buf)
+            let mut buf = vec![0u8; padded.len() / 4 * 3 + 3];
+            let n = super::fernet::urlsafe_b64decode(padded.as_bytes(), &mut buf)
                 .map_err(|_| TokenError::Unmintable("an audit id is not url-safe base64"))?;
             out.push(&buf[..n]);
         }
