@@ -142,20 +142,7 @@ impl Keyring {
     /// Decrypts and decodes `token` as Keystone's `TokenFormatter.validate_token`
     /// does, without looking at the clock.
     pub fn inspect(&self, token: &str, config: &PayloadConfig) -> Result<Token, TokenError> {
-        let (opened, payload) = self.open(token, |opened, plaintext| {
-            payload::decode(plaintext, config).map(|p| (opened, p))
-        })??;
-        if opened.issued_at > MAX_ISSUED_AT {
-            return Err(TokenError::BadPayload(
-                "Fernet timestamp beyond the year 9999",
-            ));
-        }
-        Ok(Token {
-            key_index: opened.key_index,
-            role: opened.role,
-            issued_at: opened.issued_at,
-            payload,
-        })
+        self.decode(token, config, None)
     }
 
     /// [`Keyring::inspect`], then Keystone's expiry check: valid while `now`
@@ -166,13 +153,37 @@ impl Keyring {
         config: &PayloadConfig,
         now: i64,
     ) -> Result<Token, TokenError> {
-        let token = self.inspect(token, config)?;
-        if now >= token.payload.expires_at {
-            return Err(TokenError::Expired {
-                expires_at: token.payload.expires_at,
-            });
-        }
-        Ok(token)
+        self.decode(token, config, Some(now))
+    }
+
+    // One closure builds the answer where it ends up: a `Token` is a few hundred
+    // bytes, and copying it between layers showed in profiles.
+    fn decode(
+        &self,
+        token: &str,
+        config: &PayloadConfig,
+        now: Option<i64>,
+    ) -> Result<Token, TokenError> {
+        self.open(token, |opened, plaintext| {
+            let payload = payload::decode(plaintext, config)?;
+            if opened.issued_at > MAX_ISSUED_AT {
+                return Err(TokenError::BadPayload(
+                    "Fernet timestamp beyond the year 9999",
+                ));
+            }
+            if now.is_some_and(|now| now >= payload.expires_at) {
+                return Err(TokenError::Expired {
+                    expires_at: payload.expires_at,
+                });
+            }
+            Ok(Token {
+                key_index: opened.key_index,
+                role: opened.role,
+                issued_at: opened.issued_at,
+                payload,
+            })
+        })
+        .and_then(|decoded| decoded)
     }
 }
 
