@@ -193,7 +193,10 @@ fn keystone_parity(max_keys: usize) {
             &max,
         ],
     );
-    let keystone: serde_json::Value = serde_json::from_slice(&out.stdout).expect("python's JSON");
+    // keystone-manage logs to standard output; the JSON is the last line.
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let keystone: serde_json::Value = serde_json::from_str(last).expect("python's JSON");
 
     let mut previous: Option<(Vec<String>, Vec<String>)> = None;
     for step in 0..=ROTATIONS {
@@ -441,6 +444,104 @@ fn concurrent_reader_never_sees_a_mixed_set() {
         seen.other.len(),
         &seen.other[..seen.other.len().min(5)]
     );
+}
+
+// Keystone's own loader in a tight loop until a stop file appears; it reports how
+// often it saw each ordered list of key fingerprints.
+const KEYSTONE_READER: &str = r#"
+import base64, collections, hashlib, json, os, sys
+from keystone.common import fernet_utils
+import keystone.conf
+keystone.conf.configure()
+keystone.conf.CONF(args=[], project='keystone', default_config_files=[])
+target, stop = sys.argv[1], sys.argv[2]
+futils = fernet_utils.FernetUtils(target, 3, 'fernet_tokens')
+seen = collections.Counter()
+print('ready', flush=True)
+while not os.path.exists(stop):
+    try:
+        keys = futils.load_keys()
+        seen[json.dumps([hashlib.sha256(base64.urlsafe_b64decode(k)).hexdigest()[:16] for k in keys])] += 1
+    except Exception as e:
+        seen['error: ' + type(e).__name__] += 1
+print(json.dumps(seen))
+"#;
+
+/// Keystone lists the repository by path and then opens each file by path, so a
+/// swap that falls between the two can show it the new files under the old
+/// listing. This measures how often that happens in a tight loop and checks that
+/// what it sees is never empty, never a torn key, only whole keys of the two sets.
+#[test]
+fn keystone_loader_during_installs_sees_only_whole_keys() {
+    use std::io::BufRead as _;
+    const INSTALLS: usize = 150;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = tmp.path().join("keys");
+    let stop = tmp.path().join("stop");
+    let (a, b) = (set_a(), set_b());
+    install::install(&target, &a, Some(&stamp_for(&a)), None).expect("first install");
+    let mut reader = Command::new(common::keystone::python())
+        .args(["-c", KEYSTONE_READER])
+        .args([&target, &stop])
+        .env("PYTHONWARNINGS", "ignore")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python");
+    let mut stdout = std::io::BufReader::new(reader.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    for i in 0..INSTALLS {
+        let next = if i % 2 == 0 { &b } else { &a };
+        install::install(&target, next, Some(&stamp_for(next)), None).expect("install");
+    }
+    std::fs::write(&stop, b"").expect("stop");
+    line.clear();
+    stdout.read_line(&mut line).expect("read");
+    assert!(reader.wait().expect("wait").success());
+    let seen: BTreeMap<String, u64> = serde_json::from_str(&line).expect("json");
+    let order = |s: &KeySet| {
+        s.keystone_order()
+            .map(|(_, k)| fingerprint(k))
+            .collect::<Vec<_>>()
+    };
+    let whole: std::collections::HashSet<String> = a
+        .iter()
+        .chain(b.iter())
+        .map(|(_, k)| fingerprint(k))
+        .collect();
+    let (mut exact, mut mixed, mut errors) = (0, 0, 0);
+    let (mut saw_a, mut saw_b) = (false, false);
+    for (view, count) in &seen {
+        let Ok(keys) = serde_json::from_str::<Vec<String>>(view) else {
+            assert_eq!(
+                view, "error: FileNotFoundError",
+                "Keystone failed otherwise"
+            );
+            errors += count;
+            continue;
+        };
+        if keys == order(&a) || keys == order(&b) {
+            saw_a |= keys == order(&a);
+            saw_b |= keys == order(&b);
+            exact += count;
+        } else {
+            assert!(
+                !keys.is_empty(),
+                "Keystone saw an empty repository {count} times"
+            );
+            assert!(
+                keys.iter().all(|k| whole.contains(k)),
+                "Keystone saw a key of neither set: {view}"
+            );
+            mixed += count;
+        }
+    }
+    eprintln!(
+        "Keystone's loader during {INSTALLS} installs: {exact} whole sets, {mixed} mixed listings, {errors} files vanished between listing and open"
+    );
+    assert!(saw_a && saw_b, "{seen:?}");
 }
 
 /// A repository made by `fernetd repo init` and one rotation.
