@@ -271,6 +271,22 @@ fn unique() -> String {
     )
 }
 
+/// Gives a file or directory exactly `mode` and, when configured, its owner.
+fn set_mode_and_owner(
+    fd: &OwnedFd,
+    path: &Path,
+    mode: u32,
+    owner: Option<Owner>,
+) -> Result<(), InstallError> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
+        .map_err(errno_err("set the mode of", path))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(fd, Some(o.uid), Some(o.gid))
+            .map_err(io_err("change the owner of", path))?;
+    }
+    Ok(())
+}
+
 /// Creates `name` in `dir` exclusively, owned and 0600, writes `content`, fsyncs.
 fn write_new_file(
     dir: &OwnedFd,
@@ -288,12 +304,7 @@ fn write_new_file(
     )
     .map_err(errno_err("create", &path))?;
     // The umask may have narrowed the mode; Keystone expects exactly 0600.
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))
-        .map_err(errno_err("set the mode of", &path))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&fd, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", &path))?;
-    }
+    set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
     let mut file = File::from(fd);
     file.write_all(content).map_err(io_err("write", &path))?;
     file.sync_all().map_err(io_err("fsync", &path))?;
@@ -339,12 +350,7 @@ fn build<'p>(
         Mode::empty(),
     )
     .map_err(errno_err("open", &path))?;
-    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
-        .map_err(errno_err("set the mode of", &path))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", &path))?;
-    }
+    set_mode_and_owner(&dir, &path, DIR_MODE, owner)?;
     for (index, key) in set.iter() {
         write_new_file(
             &dir,
@@ -575,12 +581,7 @@ fn update_in_place(
                 .map_err(errno_err("remove", &entry.path()))?;
         }
     }
-    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
-        .map_err(errno_err("set the mode of", target))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", target))?;
-    }
+    set_mode_and_owner(&dir, target, DIR_MODE, owner)?;
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", target))?;
     Ok(())
 }
@@ -661,6 +662,14 @@ mod tests {
         KeySet::from_keys(indices.iter().map(|&i| (i, Key::generate())))
     }
 
+    fn repo_with_two_keys() -> (tempfile::TempDir, PathBuf, KeySet) {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&target, &a, None, None).unwrap();
+        (tmp, target, a)
+    }
+
     fn stamp(generation: u64, set: &KeySet) -> Stamp {
         Stamp {
             generation,
@@ -734,10 +743,7 @@ mod tests {
 
     #[test]
     fn refuses_unusable_sets_and_bad_targets_without_touching_anything() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let a = set_of(&[0, 1]);
-        install(&target, &a, None, None).unwrap();
+        let (tmp, target, a) = repo_with_two_keys();
         let before = names(&target);
         for (bad, want) in [
             (KeySet::new(), Unusable::Empty),
@@ -785,10 +791,7 @@ mod tests {
 
     #[test]
     fn cleans_interrupted_installs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let a = set_of(&[0, 1]);
-        install(&target, &a, None, None).unwrap();
+        let (tmp, target, a) = repo_with_two_keys();
         std::fs::create_dir(tmp.path().join(".keys.fernetd-tmp-1-2-3")).unwrap();
         std::fs::write(tmp.path().join(".keys.fernetd-tmp-1-2-3/0"), b"x").unwrap();
         std::fs::write(target.join(".fernetd-tmp-9"), b"x").unwrap();

@@ -292,6 +292,14 @@ fn stamp_for(set: &KeySet) -> Stamp {
     }
 }
 
+/// A temporary directory with a repository `keys` holding set A.
+fn repo_holding_a() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = tmp.path().join("keys");
+    install::install(&target, &set_a(), Some(&stamp_for(&set_a())), None).expect("first install");
+    (tmp, target)
+}
+
 const LOOP_TARGET_ENV: &str = "FERNETD_TEST_INSTALL_LOOP_TARGET";
 
 /// Not a test: the process `crash_consistency_under_sigkill` starts and kills.
@@ -316,10 +324,8 @@ fn install_loop_child() {
 #[test]
 fn crash_consistency_under_sigkill() {
     const KILLS: usize = 220;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let target = tmp.path().join("keys");
+    let (tmp, target) = repo_holding_a();
     let (a, b) = (set_a(), set_b());
-    install::install(&target, &a, Some(&stamp_for(&a)), None).expect("first install");
     let exe = std::env::current_exe().expect("test binary");
     let (mut seen_a, mut seen_b, mut interrupted) = (0, 0, 0);
     let started = Instant::now();
@@ -405,10 +411,8 @@ struct Seen {
 #[test]
 fn concurrent_reader_never_sees_a_mixed_set() {
     const INSTALLS: usize = 400;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let target = tmp.path().join("keys");
+    let (_tmp, target) = repo_holding_a();
     let (a, b) = (set_a(), set_b());
-    install::install(&target, &a, Some(&stamp_for(&a)), None).expect("first install");
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let (target, done, a, b) = (target.clone(), done.clone(), a.clone(), b.clone());
@@ -469,17 +473,19 @@ print(json.dumps(seen))
 
 /// Keystone lists the repository by path and then opens each file by path, so a
 /// swap that falls between the two can show it the new files under the old
-/// listing. This measures how often that happens in a tight loop and checks that
-/// what it sees is never empty, never a torn key, only whole keys of the two sets.
+/// listing, a file that vanished between listing and open, or (when the old copy
+/// is removed between its `opendir` and `readdir`) nothing. No writer can prevent
+/// that for a reader built this way (`keystone-manage` rotating in place has the
+/// same windows, and more). This measures how often it happens to a reader in a
+/// tight loop and checks what it never sees: a torn key, a key of neither set,
+/// or an anomaly outside a read that raced a swap.
 #[test]
 fn keystone_loader_during_installs_sees_only_whole_keys() {
     use std::io::BufRead as _;
     const INSTALLS: usize = 150;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let target = tmp.path().join("keys");
+    let (tmp, target) = repo_holding_a();
     let stop = tmp.path().join("stop");
     let (a, b) = (set_a(), set_b());
-    install::install(&target, &a, Some(&stamp_for(&a)), None).expect("first install");
     let mut reader = Command::new(common::keystone::python())
         .args(["-c", KEYSTONE_READER])
         .args([&target, &stop])
@@ -511,7 +517,7 @@ fn keystone_loader_during_installs_sees_only_whole_keys() {
         .chain(b.iter())
         .map(|(_, k)| fingerprint(k))
         .collect();
-    let (mut exact, mut mixed, mut errors) = (0, 0, 0);
+    let (mut exact, mut mixed, mut vanished, mut empty) = (0, 0, 0, 0);
     let (mut saw_a, mut saw_b) = (false, false);
     for (view, count) in &seen {
         let Ok(keys) = serde_json::from_str::<Vec<String>>(view) else {
@@ -519,18 +525,16 @@ fn keystone_loader_during_installs_sees_only_whole_keys() {
                 view, "error: FileNotFoundError",
                 "Keystone failed otherwise"
             );
-            errors += count;
+            vanished += count;
             continue;
         };
         if keys == order(&a) || keys == order(&b) {
             saw_a |= keys == order(&a);
             saw_b |= keys == order(&b);
             exact += count;
+        } else if keys.is_empty() {
+            empty += count;
         } else {
-            assert!(
-                !keys.is_empty(),
-                "Keystone saw an empty repository {count} times"
-            );
             assert!(
                 keys.iter().all(|k| whole.contains(k)),
                 "Keystone saw a key of neither set: {view}"
@@ -539,8 +543,11 @@ fn keystone_loader_during_installs_sees_only_whole_keys() {
         }
     }
     eprintln!(
-        "Keystone's loader during {INSTALLS} installs: {exact} whole sets, {mixed} mixed listings, {errors} files vanished between listing and open"
+        "Keystone's loader during {INSTALLS} installs: {exact} whole sets, {mixed} old listings with new files, \
+         {vanished} files gone between listing and open, {empty} empty listings"
     );
+    // One reader has at most one read in flight at each swap.
+    assert!(mixed + vanished + empty <= INSTALLS as u64, "{seen:?}");
     assert!(saw_a && saw_b, "{seen:?}");
 }
 
