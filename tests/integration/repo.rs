@@ -268,6 +268,109 @@ fn keystone_manage_parity_max_active_keys_7() {
     keystone_parity(7);
 }
 
+// Keystone's loader and `Fernet(key)` on odd repositories and key files: prints
+// the fingerprints `load_keys` returns for the repository, then for each key file
+// content whether `Fernet` accepts it.
+const KEYSTONE_ODD_INPUT: &str = r#"
+import base64, hashlib, json, sys
+from cryptography import fernet
+from keystone.common import fernet_utils
+import keystone.conf
+keystone.conf.configure()
+keystone.conf.CONF(args=[], project='keystone', default_config_files=[])
+repo, contents = sys.argv[1], sys.argv[2]
+keys = fernet_utils.FernetUtils(repo, 3, 'fernet_tokens').load_keys()
+order = [hashlib.sha256(base64.urlsafe_b64decode(k)).hexdigest()[:16] for k in keys]
+accepted = []
+for c in json.load(open(contents)):
+    try:
+        fernet.Fernet(bytes(c).decode('utf-8'))
+        accepted.append(True)
+    except Exception:
+        accepted.append(False)
+print(json.dumps({'order': order, 'accepted': accepted}))
+"#;
+
+/// fernetd reads odd repositories and key files exactly as Keystone does: file
+/// names Python's `int()` accepts (`01`, ` 2`, `+3`, `1_0`), duplicates (`1` and
+/// `01`: the later listed wins), empty files, symlinks, directories, temporary
+/// names; key files with newlines, spaces, the standard alphabet, data after the
+/// padding, and the malformed ones.
+#[test]
+fn loader_matches_keystone_on_odd_input() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = tmp.path().join("keys");
+    std::fs::create_dir(&repo).expect("mkdir");
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let key = |n: u8| Key::from_bytes([n; 32]).to_base64().to_string();
+    let files: &[(&str, String)] = &[
+        ("0", key(1)),
+        ("-0", key(2)),
+        ("1", key(3)),
+        ("01", format!("{}\n", key(4))),
+        (" 2", format!(" {}\r\n", key(5))),
+        ("+3", key(6)),
+        ("1_0", format!("{}trailing", key(7))),
+        ("4", String::new()),
+        ("0.tmp", "junk".into()),
+        (".fernetd-stamp", "{}".into()),
+    ];
+    for (name, content) in files {
+        std::fs::write(repo.join(name), content).expect("write");
+    }
+    std::os::unix::fs::symlink("+3", repo.join("6")).expect("symlink");
+    std::os::unix::fs::symlink("missing", repo.join("7")).expect("symlink");
+    std::fs::create_dir(repo.join("8")).expect("mkdir");
+
+    let std_b64 = base64::engine::general_purpose::STANDARD.encode([0xfb; 32]);
+    let url = |n: usize| base64::engine::general_purpose::URL_SAFE.encode(vec![0xfb; n]);
+    let contents: Vec<Vec<u8>> = vec![
+        url(32).into_bytes(),
+        format!("{}\n", url(32)).into_bytes(),
+        std_b64.into_bytes(),
+        format!("{}=", url(32)).into_bytes(),
+        format!("{}AAAA", url(32)).into_bytes(),
+        url(32).trim_end_matches('=').as_bytes().to_vec(),
+        format!("  {}  ", url(32)).into_bytes(),
+        format!("{}!", &url(32)[..20]).into_bytes(),
+        url(31).into_bytes(),
+        url(33).into_bytes(),
+        b"not a key at all".to_vec(),
+        format!("{}\u{e9}", &url(32)[..43]).into_bytes(),
+        "\n".into(),
+        b"=".repeat(44),
+    ];
+    let contents_file = tmp.path().join("contents.json");
+    std::fs::write(&contents_file, serde_json::to_vec(&contents).expect("json")).expect("write");
+    let out = common::keystone::run_python(
+        KEYSTONE_ODD_INPUT,
+        &[
+            repo.to_str().expect("utf-8"),
+            contents_file.to_str().expect("utf-8"),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    let keystone: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+    assert_eq!(
+        keystone["order"],
+        serde_json::json!(fernetd_order(&repo)),
+        "load order differs"
+    );
+    let ours: Vec<bool> = contents
+        .iter()
+        .map(|c| repository::parse_key(c).is_ok())
+        .collect();
+    assert_eq!(
+        keystone["accepted"],
+        serde_json::json!(ours),
+        "key file acceptance differs"
+    );
+    let loaded = repository::load(&repo).expect("load");
+    assert_eq!(loaded.indices(), vec![0, 1, 2, 3, 6, 10]);
+}
+
 /// Two fixed key sets, one rotation apart, and their stamps.
 fn set_a() -> KeySet {
     KeySet::from_keys([
