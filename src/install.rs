@@ -253,6 +253,12 @@ impl Parent {
         })
     }
 
+    /// Whether `target` (described by `meta`) is on another filesystem than its parent.
+    fn is_mount_point(&self, meta: &std::fs::Metadata) -> Result<bool, InstallError> {
+        let st = rustix::fs::fstat(&self.fd).map_err(errno_err("inspect", &self.path))?;
+        Ok(st.st_dev != meta.dev())
+    }
+
     fn fsync(&self) -> Result<(), InstallError> {
         rustix::fs::fsync(&self.fd).map_err(errno_err("fsync", &self.path))
     }
@@ -426,10 +432,27 @@ pub fn install(
             let staging = build(&parent, "data", set, stamp, owner)?;
             flip(&parent, staging, target)?
         }
-        Some(m) if m.is_dir() => {
-            let staging = build(&parent, "tmp", set, stamp, owner)?;
-            exchange(&parent, staging, target, set, stamp, owner)?
+        Some(m) if m.is_dir() && parent.is_mount_point(&m)? => {
+            // A repository that is a mount point (a container volume) cannot be
+            // renamed, and its parent may be read-only: update it in place.
+            in_place(target, "the repository is a mount point", set, stamp, owner)?
         }
+        Some(m) if m.is_dir() => match build(&parent, "tmp", set, stamp, owner) {
+            Ok(staging) => exchange(&parent, staging, target, set, stamp, owner)?,
+            // A read-only parent above a writable bind-mounted repository.
+            Err(InstallError::Io { source, .. })
+                if source.raw_os_error() == Some(Errno::ROFS.raw_os_error()) =>
+            {
+                in_place(
+                    target,
+                    "its parent directory is read-only",
+                    set,
+                    stamp,
+                    owner,
+                )?
+            }
+            Err(e) => return Err(e),
+        },
         Some(_) => {
             return Err(InstallError::NotADirectory {
                 path: target.to_path_buf(),
@@ -492,18 +515,29 @@ fn exchange(
             Ok(Method::Exchange)
         }
         Err(e) if exchange_unsupported(e) => {
-            tracing::warn!(
-                repository = %target.display(),
-                error = %e,
-                "atomic directory exchange not supported here; updating the repository in place \
-                 (new keys first, purged keys last): Keystone may briefly read a mix of old and new keys"
-            );
             drop(staging);
-            update_in_place(target, set, stamp, owner)?;
-            Ok(Method::InPlace)
+            in_place(target, &e.to_string(), set, stamp, owner)
         }
         Err(e) => Err(errno_err("swap in the new repository at", target)(e)),
     }
+}
+
+/// The fallback, with the warning an operator needs to see.
+fn in_place(
+    target: &Path,
+    why: &str,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<Method, InstallError> {
+    tracing::warn!(
+        repository = %target.display(),
+        reason = why,
+        "atomic directory exchange not possible here; updating the repository in place \
+         (new keys first, purged keys last): Keystone may briefly read a mix of old and new keys"
+    );
+    update_in_place(target, set, stamp, owner)?;
+    Ok(Method::InPlace)
 }
 
 fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Method, InstallError> {

@@ -820,10 +820,88 @@ fn a_directory_without_write_permission_is_left_alone() {
 /// A small tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);
 
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax) on the existing directory `at`.
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "fernetd-test",
+            ])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn remount(&self, options: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", options])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "remount {options}");
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// A repository that is a mount point (a container volume) under a read-only
+/// parent cannot be swapped; it is updated in place, with a warning.
+#[test]
+fn a_mounted_repository_under_a_read_only_parent_is_updated_in_place() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let parent = tmp.path().join("etc");
+    std::fs::create_dir(&parent).expect("mkdir");
+    let parent_fs = Tmpfs::mount(&parent, "64k");
+    let repo = parent.join("keys");
+    std::fs::create_dir(&repo).expect("mkdir");
+    let repo_fs = Tmpfs::mount(&repo, "64k");
+    parent_fs.remount("remount,ro");
+    let d = repo.to_str().expect("utf-8");
+    let mut sets = Vec::new();
+    for cmd in ["init", "rotate", "rotate", "rotate"] {
+        let out = Command::new(common::fernetd_bin())
+            .args(["repo", cmd, "--repository", d, "--json"])
+            .output()
+            .expect("run fernetd");
+        assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(report["method"], "in_place", "{report}");
+        assert!(
+            text(&out.stderr).contains("updating the repository in place"),
+            "{}",
+            text(&out.stderr)
+        );
+        let on_disk = repository::load(&repo).expect("load");
+        assert_eq!(report["digest"], on_disk.digest().to_hex());
+        sets.push(on_disk);
+    }
+    assert_eq!(key_names(&repo), vec!["0", "3", "4"]);
+    assert_eq!(
+        std::fs::metadata(&repo).expect("stat").mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        install::read_stamp(&repo)
+            .expect("stamp")
+            .map(|s| s.generation),
+        Some(4)
+    );
+    // The staged key of each step became the primary of the next.
+    for pair in sets.windows(2) {
+        assert_eq!(pair[1].primary(), pair[0].staged());
+    }
+    drop(repo_fs);
+    drop(parent_fs);
 }
 
 #[test]
@@ -831,19 +909,7 @@ fn a_full_disk_is_a_clear_error_and_nothing_changes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    let mounted = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=64k,mode=0755",
-            "fernetd-test",
-            mnt.to_str().expect("utf-8"),
-        ])
-        .status()
-        .expect("run mount");
-    assert!(mounted.success(), "mounting a tmpfs needs root");
-    let fs = Tmpfs(mnt.clone());
+    let fs = Tmpfs::mount(&mnt, "64k");
     let dir = made_repo(&fs.0);
     let d = dir.to_str().expect("utf-8");
     // Fill the filesystem to the last page.
