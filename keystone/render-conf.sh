@@ -2,13 +2,13 @@
 # Renders keystone/keystone.conf.template to standard output.
 # Usage: keystone/render-conf.sh NAME=VALUE... > /etc/keystone/keystone.conf
 # Required: DATABASE_CONNECTION. Defaults (see the template for the arithmetic):
-#   KEY_REPOSITORY=/etc/keystone/fernet-keys  CREDENTIAL_KEY_REPOSITORY=/etc/keystone/credential-keys
+#   KEY_REPOSITORY=/etc/keystone/fernetd/tokens  CREDENTIAL_KEY_REPOSITORY=/etc/keystone/credential-keys
 #   TOKEN_EXPIRATION=3600  ALLOW_EXPIRED_WINDOW=172800  MAX_ACTIVE_KEYS=5 (daily rotation)
 #   TOKEN_CACHE_TIME=300  CACHE_ENABLED=true  MEMCACHE_SERVERS=127.0.0.1:11211
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 declare -A v=(
-  [KEY_REPOSITORY]=/etc/keystone/fernet-keys
+  [KEY_REPOSITORY]=/etc/keystone/fernetd/tokens
   [CREDENTIAL_KEY_REPOSITORY]=/etc/keystone/credential-keys
   [TOKEN_EXPIRATION]=3600
   [ALLOW_EXPIRED_WINDOW]=172800
