@@ -87,21 +87,20 @@ pub struct Stamp {
     pub digest: Digest,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct StampFile {
     generation: u64,
     digest: String,
 }
 
 impl Stamp {
+    /// One line of JSON, as `StampFile` reads it back.
     fn encode(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(&StampFile {
-            generation: self.generation,
-            digest: self.digest.to_hex(),
-        })
-        .unwrap_or_default();
-        out.push(b'\n');
-        out
+        format!(
+            "{{\"generation\":{},\"digest\":\"{}\"}}\n",
+            self.generation, self.digest
+        )
+        .into_bytes()
     }
 
     fn decode(bytes: &[u8]) -> Result<Stamp, String> {

@@ -817,25 +817,37 @@ fn a_directory_without_write_permission_is_left_alone() {
     assert_eq!(names(tmp.path()), vec!["keys"]);
 }
 
-/// A small tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
+/// A mount made for a test, unmounted on drop.
+struct Mount(PathBuf);
 
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (mount's syntax) on the existing directory `at`.
-    fn mount(at: &Path, size: &str) -> Tmpfs {
+impl Mount {
+    fn run(args: &[&str], at: &Path) -> Mount {
         let mounted = Command::new("mount")
-            .args([
+            .args(args)
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mount {args:?} needs root");
+        Mount(at.to_path_buf())
+    }
+
+    /// A tmpfs of `size` (mount's syntax) on the existing directory `at`.
+    fn tmpfs(at: &Path, size: &str) -> Mount {
+        Mount::run(
+            &[
                 "-t",
                 "tmpfs",
                 "-o",
                 &format!("size={size},mode=0755"),
                 "fernetd-test",
-            ])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(mounted.success(), "mounting a tmpfs needs root");
-        Tmpfs(at.to_path_buf())
+            ],
+            at,
+        )
+    }
+
+    /// `at` bind-mounted on itself: the same filesystem, but a mount point.
+    fn bind_onto_itself(at: &Path) -> Mount {
+        Mount::run(&["--bind", at.to_str().expect("utf-8")], at)
     }
 
     fn remount(&self, options: &str) {
@@ -848,7 +860,7 @@ impl Tmpfs {
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
@@ -861,10 +873,10 @@ fn a_mounted_repository_under_a_read_only_parent_is_updated_in_place() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let parent = tmp.path().join("etc");
     std::fs::create_dir(&parent).expect("mkdir");
-    let parent_fs = Tmpfs::mount(&parent, "64k");
+    let parent_fs = Mount::tmpfs(&parent, "64k");
     let repo = parent.join("keys");
     std::fs::create_dir(&repo).expect("mkdir");
-    let repo_fs = Tmpfs::mount(&repo, "64k");
+    let repo_fs = Mount::tmpfs(&repo, "64k");
     parent_fs.remount("remount,ro");
     let d = repo.to_str().expect("utf-8");
     let mut sets = Vec::new();
@@ -904,12 +916,40 @@ fn a_mounted_repository_under_a_read_only_parent_is_updated_in_place() {
     drop(parent_fs);
 }
 
+/// A bind mount is on the same filesystem as its parent, so the installer tries
+/// the exchange; the kernel refuses to move a mount point and it falls back.
+#[test]
+fn a_bind_mounted_repository_falls_back_in_place() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = made_repo(tmp.path());
+    let before = repository::load(&repo).expect("load");
+    let bind = Mount::bind_onto_itself(&repo);
+    let out = fernetd_repo(&[
+        "rotate",
+        "--repository",
+        repo.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["method"], "in_place", "{report}");
+    let after = repository::load(&repo).expect("load");
+    assert_eq!(after.primary(), before.staged());
+    assert_eq!(key_names(&repo), vec!["0", "2", "3"]);
+    assert_eq!(
+        names(tmp.path()),
+        vec!["keys"],
+        "leftovers next to the repository"
+    );
+    drop(bind);
+}
+
 #[test]
 fn a_full_disk_is_a_clear_error_and_nothing_changes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    let fs = Tmpfs::mount(&mnt, "64k");
+    let fs = Mount::tmpfs(&mnt, "64k");
     let dir = made_repo(&fs.0);
     let d = dir.to_str().expect("utf-8");
     // Fill the filesystem to the last page.
