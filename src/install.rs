@@ -261,6 +261,18 @@ impl Parent {
     fn fsync(&self) -> Result<(), InstallError> {
         rustix::fs::fsync(&self.fd).map_err(errno_err("fsync", &self.path))
     }
+
+    /// Once the new set is in place, an error would wrongly say the target is
+    /// unchanged; a failed fsync only means the swap may not survive a power loss.
+    fn fsync_after_swap(&self, target: &Path) {
+        if let Err(e) = rustix::fs::fsync(&self.fd) {
+            tracing::error!(
+                repository = %target.display(),
+                error = %e,
+                "the new key set is in place but its directory entry could not be made durable"
+            );
+        }
+    }
 }
 
 fn unique() -> String {
@@ -488,7 +500,7 @@ fn create(
     }
     .map_err(errno_err("create the repository", target))?;
     staging.armed = false;
-    parent.fsync()?;
+    parent.fsync_after_swap(target);
     Ok(Method::Created)
 }
 
@@ -509,7 +521,7 @@ fn exchange(
     ) {
         Ok(()) => {
             // The staging name now holds the old repository; the drop guard removes it.
-            parent.fsync()?;
+            parent.fsync_after_swap(target);
             drop(staging);
             Ok(Method::Exchange)
         }
@@ -551,7 +563,7 @@ fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Meth
         return Err(errno_err("replace the symlink", target)(e));
     }
     staging.armed = false;
-    parent.fsync()?;
+    parent.fsync_after_swap(target);
     // Remove the previous data directory only when this installer made it; a
     // directory the operator pointed the link at is theirs to delete.
     let old_name = old
