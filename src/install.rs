@@ -400,7 +400,9 @@ fn exchange_unsupported(e: Errno) -> bool {
 /// Puts `set` (with `stamp`, when given) into the repository at `target`
 /// atomically; see the module documentation. `target` may be missing (it is
 /// created), a directory, or a symlink to a directory. On error the target is
-/// left as it was.
+/// left as it was, except in the in-place fallback ([`Method::InPlace`]), where a
+/// failure part-way may leave the new keys added and the purged ones not yet
+/// removed (a superset Keystone can still use).
 pub fn install(
     target: &Path,
     set: &KeySet,
