@@ -1000,4 +1000,29 @@ fn show_names_roles_and_never_prints_keys() {
     }
     let verify = fernetd_repo(&["verify", "--repository", d]);
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stdout));
+    // The files are root's: verifying against another owner names every one.
+    let verify = fernetd_repo(&[
+        "verify",
+        "--repository",
+        d,
+        "--owner",
+        "65534:65534",
+        "--json",
+    ]);
+    assert_eq!(verify.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("json");
+    let owners: Vec<String> = report["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter(|p| p["code"] == "owner")
+        .map(|p| p["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(owners.len(), 4, "the directory and three keys: {owners:?}");
+    assert!(
+        owners
+            .iter()
+            .all(|m| m.contains("owned by 0:0, want 65534:65534")),
+        "{owners:?}"
+    );
 }
