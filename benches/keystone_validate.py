@@ -1,9 +1,11 @@
 # Keystone 30.0.0's own TokenFormatter.validate_token over given tokens, timed on
 # whatever CPU the caller pins it to (benches/token.rs runs it under `taskset -c 0`).
-# Usage: python keystone_validate.py SECONDS REPOSITORY TOKEN
+# Usage: python keystone_validate.py SECONDS ROUNDS REPOSITORY MAX_ACTIVE_KEYS TOKEN
+# (the median of ROUNDS rounds of SECONDS each)
 # Prints two JSON numbers (validations per CPU-second): validate_token as shipped, which
 # re-reads the key repository for every token, and with the key set built once.
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -15,17 +17,17 @@ from cryptography import fernet  # noqa: E402
 from keystone.common import fernet_utils  # noqa: E402
 from keystone.token import token_formatters as tf  # noqa: E402
 
-seconds, repository, token = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+seconds, rounds = float(sys.argv[1]), int(sys.argv[2])
+repository, max_keys, token = sys.argv[3], int(sys.argv[4]), sys.argv[5]
 CONF = keystone.conf.CONF
 keystone.conf.configure(CONF)
 CONF([], project="keystone", default_config_files=[])
 CONF.set_override("key_repository", repository, group="fernet_tokens")
-CONF.set_override("max_active_keys", 100, group="fernet_tokens")
+CONF.set_override("max_active_keys", max_keys, group="fernet_tokens")
 
 
-def rate(formatter):
+def one_round(formatter):
     """Validations per CPU-second (process time: the machine may be shared)."""
-    formatter.validate_token(token)  # warm up, and fail loudly on a bad token
     n, start, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         for _ in range(100):
@@ -35,11 +37,16 @@ def rate(formatter):
             return n / (time.process_time() - cpu)
 
 
+def rate(formatter):
+    formatter.validate_token(token)  # warm up, and fail loudly on a bad token
+    return statistics.median(one_round(formatter) for _ in range(rounds))
+
+
 class Cached(tf.TokenFormatter):
     """validate_token with the MultiFernet built once instead of per token."""
 
     def __init__(self):
-        keys = fernet_utils.FernetUtils(repository, 100, "fernet_tokens").load_keys()
+        keys = fernet_utils.FernetUtils(repository, max_keys, "fernet_tokens").load_keys()
         self._crypto = fernet.MultiFernet([fernet.Fernet(k) for k in keys])
 
     @property

@@ -605,21 +605,37 @@ fn py_bytes_repr(b: &[u8]) -> String {
 
 /// Decodes a token's plaintext as `TokenFormatter.validate_token` does.
 pub fn decode(plaintext: &[u8], config: &PayloadConfig) -> Result<Payload, TokenError> {
+    let mut p = Payload::default();
+    decode_into(plaintext, config, &mut p)?;
+    Ok(p)
+}
+
+/// [`decode`] into `p` (reset first), so a caller can decode where the payload
+/// is to stay: a payload is a few hundred bytes, and copies showed in profiles.
+pub fn decode_into(
+    plaintext: &[u8],
+    config: &PayloadConfig,
+    p: &mut Payload,
+) -> Result<(), TokenError> {
+    *p = Payload::default();
     // One pass for the usual case: a well-formed document whose strs are all
     // UTF-8 decodes the same whether `unpackb` ran first or not.
     let mut f = Fields::new(plaintext, false);
-    if let Ok(p) = decode_fields(&mut f, config) {
-        if f.finish().is_ok() && !f.bad_utf8 {
-            return Ok(p);
-        }
+    if decode_fields(&mut f, config, p).is_ok() && f.finish().is_ok() && !f.bad_utf8 {
+        return Ok(());
     }
     // Exactly Keystone's order otherwise: `unpackb` checks the whole document
     // (retrying with raw=True on bad UTF-8), then the payload class reads it.
+    *p = Payload::default();
     let raw = msgpack::scan(plaintext)?.invalid_utf8;
-    decode_fields(&mut Fields::new(plaintext, raw), config)
+    decode_fields(&mut Fields::new(plaintext, raw), config, p)
 }
 
-fn decode_fields(f: &mut Fields<'_>, config: &PayloadConfig) -> Result<Payload, TokenError> {
+fn decode_fields(
+    f: &mut Fields<'_>,
+    config: &PayloadConfig,
+    p: &mut Payload,
+) -> Result<(), TokenError> {
     let raw = f.raw;
     let len = match f.item()? {
         Item::Array(n) if n > 0 => n,
@@ -630,12 +646,9 @@ fn decode_fields(f: &mut Fields<'_>, config: &PayloadConfig) -> Result<Payload, 
     f.rest = (len - 1)
         .checked_sub(FIELDS[version as usize])
         .ok_or(bad("the payload has too few fields for its version"))?;
-    let mut p = Payload {
-        version,
-        user_id: f.flagged()?,
-        methods: f.methods()?,
-        ..Payload::default()
-    };
+    p.version = version;
+    p.user_id = f.flagged()?;
+    p.methods = f.methods()?;
     match version {
         0 => {
             p.expires_at = f.expiry()?;
@@ -691,7 +704,7 @@ fn decode_fields(f: &mut Fields<'_>, config: &PayloadConfig) -> Result<Payload, 
             p.thumbprint = f.flagged()?;
         }
     }
-    Ok(p)
+    Ok(())
 }
 
 /// How to write strings and bytes.
