@@ -58,12 +58,13 @@ fn copy_naively(from: &Path, to: &Path) {
 /// caller token of its own (as a service's auth middleware would): the answers.
 fn cross_check(regions: &Regions, from: usize) -> Vec<(usize, Response)> {
     let token = regions.keystones[from]
+        .client()
         .issue(Some("admin"))
         .expect("issue a token");
     (0..regions.keystones.len())
         .filter(|&at| at != from)
         .map(|at| {
-            let ks = &regions.keystones[at];
+            let ks = regions.keystones[at].client();
             let caller = ks.issue(None).expect("issue a caller token");
             (at, ks.validate(&caller, &token).expect("validate request"))
         })

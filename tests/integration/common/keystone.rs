@@ -205,6 +205,23 @@ impl Keystone {
         }
     }
 
+    /// A client for this Keystone (copyable to other threads).
+    pub fn client(&self) -> Client {
+        Client::new(self.addr)
+    }
+}
+
+/// Talks to one Keystone's public API.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client { addr }
+    }
+
     /// Issues a token for the bootstrap admin by password: project-scoped to
     /// `project`, or unscoped (validated without role look-ups, about 20 times
     /// cheaper for Keystone, and encrypted with the same key).
@@ -358,9 +375,11 @@ impl Regions {
                 render_conf(
                     &conf,
                     &[
+                        // Every password login writes `last_active_at`; with three Keystones on one
+                        // SQLite file, writers must wait for the lock rather than fail after 5 s.
                         (
                             "DATABASE_CONNECTION",
-                            &format!("sqlite:///{}", db.display()),
+                            &format!("sqlite:///{}?timeout=60", db.display()),
                         ),
                         ("KEY_REPOSITORY", &repo.display().to_string()),
                         (
