@@ -69,40 +69,43 @@ pub fn bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("keystone")
 }
 
+/// Runs `cmd` to completion, panicking with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Renders the bundle's template with `keystone/render-conf.sh NAME=VALUE...` into
 /// `out`, then appends `extra` (test-only sections; oslo.config merges repeated
 /// sections, later values winning).
 pub fn render_conf(out: &Path, values: &[(&str, &str)], extra: &str) {
-    let rendered = Command::new("bash")
-        .arg(bundle().join("render-conf.sh"))
-        .args(values.iter().map(|(k, v)| format!("{k}={v}")))
-        .output()
-        .expect("run keystone/render-conf.sh");
-    assert!(
-        rendered.status.success(),
-        "render-conf.sh failed ({}): {}",
-        rendered.status,
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let mut text = rendered.stdout;
+    let mut text = run_ok(
+        Command::new("bash")
+            .arg(bundle().join("render-conf.sh"))
+            .args(values.iter().map(|(k, v)| format!("{k}={v}"))),
+    )
+    .stdout;
     text.extend_from_slice(extra.as_bytes());
     std::fs::write(out, text).expect("write keystone.conf");
 }
 
 /// Runs `keystone-manage --config-file CONF ARGS...`, panicking with its output on failure.
 pub fn manage(conf: &Path, args: &[&str]) {
-    let out = Command::new(keystone_manage())
-        .arg("--config-file")
-        .arg(conf)
-        .args(args)
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .expect("start keystone-manage");
-    assert!(
-        out.status.success(),
-        "keystone-manage {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(keystone_manage())
+            .arg("--config-file")
+            .arg(conf)
+            .args(args)
+            .env("PYTHONWARNINGS", "ignore"),
     );
 }
 
@@ -363,11 +366,13 @@ pub struct Regions {
 }
 
 impl Regions {
-    pub fn start(dir: &Path, repos: &[PathBuf], policy: TestPolicy, workers: u32) -> Regions {
+    /// Renders one keystone.conf per region, each reading its own repository
+    /// and all sharing `dir/keystone.db` and `dir/credential-keys`.
+    pub fn configure(dir: &Path, repos: &[PathBuf], policy: TestPolicy) -> Vec<PathBuf> {
         let db = dir.join("keystone.db");
         let credential = dir.join("credential-keys");
         std::fs::create_dir_all(&credential).expect("create credential repository");
-        let confs: Vec<PathBuf> = repos
+        repos
             .iter()
             .enumerate()
             .map(|(i, repo)| {
@@ -400,7 +405,12 @@ impl Regions {
                 );
                 conf
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sets up the shared database through the first region's configuration
+    /// (whose repository must hold keys by now) and starts every Keystone.
+    pub fn launch(dir: &Path, confs: Vec<PathBuf>, workers: u32) -> Regions {
         let user = nix::unistd::User::from_uid(nix::unistd::getuid())
             .ok()
             .flatten()
@@ -427,4 +437,23 @@ impl Regions {
             .collect();
         Regions { confs, keystones }
     }
+
+    /// [`Regions::configure`] then [`Regions::launch`].
+    pub fn start(dir: &Path, repos: &[PathBuf], policy: TestPolicy, workers: u32) -> Regions {
+        let confs = Regions::configure(dir, repos, policy);
+        Regions::launch(dir, confs, workers)
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.keystones.iter().map(|k| k.addr).collect()
+    }
+}
+
+/// Serializes the tests that run several Keystones: on two cores, two of them
+/// at once would starve each other into timeouts.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
