@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_policies_are_refused() {
-        assert!(toml::from_str::<AgentConfig>(&format!("{MINIMAL}\nsurprise = 1")).is_err());
+        assert!(toml::from_str::<AgentConfig>(&format!("surprise = 1\n{MINIMAL}")).is_err());
         let policy = MINIMAL.replace("rotator_identity", "drift = \"ignore\"\nrotator_identity");
         assert!(toml::from_str::<AgentConfig>(&policy).is_err());
     }

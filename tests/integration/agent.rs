@@ -245,10 +245,8 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
 
     // The same push again, twice at once: cheap, acknowledged, nothing rewritten.
     let before = snapshot(&agent.repo);
-    let (a, b) = tokio::join!(
-        rotator.clone().install(request(&g1, 1)),
-        rotator.clone().install(request(&g1, 1))
-    );
+    let (mut c1, mut c2) = (rotator.clone(), rotator.clone());
+    let (a, b) = tokio::join!(c1.install(request(&g1, 1)), c2.install(request(&g1, 1)));
     for r in [a, b] {
         let r = r.expect("re-push").into_inner();
         assert!(r.unchanged && r.canaries_valid);

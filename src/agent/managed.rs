@@ -1,0 +1,561 @@
+//! One repository under the agent's care: the generation rules (no rollback, no
+//! fork), the atomic install through `install::install`, the proof that the
+//! repository on disk works (reloaded the way Keystone reads it, digest
+//! recomputed, every canary decrypted by the key it names), and drift checks.
+//!
+//! Every write and every drift check of a repository holds its `desired` mutex,
+//! so installs are serialized, a drift check never mistakes the agent's own
+//! install for someone else's change, and the last installed set (kept for the
+//! `restore` policy) always matches the stamp on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Mutex;
+
+use super::check::{self, Malformed};
+use super::metrics::AgentMetrics;
+use crate::install::{self, InstallError, Owner, Stamp};
+use crate::pb;
+use crate::repository::{self, Digest, KeySet, RepositoryError};
+use crate::token::{Keyring, TokenError};
+
+/// Why a canary did not prove a key set.
+#[derive(Debug, thiserror::Error)]
+pub enum CanaryError {
+    #[error("canary #{position} names key {key_index}, which the set does not contain")]
+    NoSuchKey { position: usize, key_index: u32 },
+    #[error("canary #{position} (key {key_index}) does not decrypt with any key")]
+    Undecryptable {
+        position: usize,
+        key_index: u32,
+        #[source]
+        source: TokenError,
+    },
+    #[error("canary #{position} was decrypted by key {actual}, but it names key {key_index}")]
+    WrongKey { position: usize, key_index: u32, actual: u32 },
+}
+
+/// Why the repository on disk does not prove the set just installed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error("cannot reload the repository as Keystone would")]
+    Load(#[source] RepositoryError),
+    #[error("cannot read the generation stamp")]
+    Stamp(#[source] InstallError),
+    #[error("on-disk digest {found} differs from the installed set's {expected}")]
+    Digest { expected: Digest, found: Digest },
+    #[error("on-disk stamp says generation {found:?}, expected {expected}")]
+    StampMismatch { expected: u64, found: Option<u64> },
+    #[error(transparent)]
+    Canary(#[from] CanaryError),
+}
+
+/// Why an install was refused or failed. Messages name generations, digests,
+/// indices and lengths; never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("permission denied: installs are accepted only from {expected:?}; the client presented {presented}")]
+    NotRotator { expected: String, presented: String },
+    #[error("repository {0:?} is not managed by this agent")]
+    UnknownRepository(String),
+    #[error("malformed key set")]
+    Malformed(#[from] Malformed),
+    #[error("canary refused before installing; the repository was not touched")]
+    Canary(#[source] CanaryError),
+    #[error("rollback refused: generation {offered} is older than the installed generation {installed} (only an explicit restore may roll back)")]
+    Rollback { offered: u64, installed: u64 },
+    #[error("fork refused: generation {generation} is installed with digest {installed}, the request carries digest {offered}")]
+    Fork { generation: u64, installed: Digest, offered: Digest },
+    #[error("install into {path} failed; the previous repository is still in place")]
+    Install {
+        path: PathBuf,
+        #[source]
+        source: InstallError,
+    },
+    #[error("the installed repository failed its proof ({restored})")]
+    Unproven {
+        restored: &'static str,
+        #[source]
+        source: ProofError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// The fixed word used as the `outcome` label of the refusal metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotRotator { .. } => "permission",
+            Refusal::UnknownRepository(_) => "unknown_repository",
+            Refusal::Malformed(Malformed::DigestMismatch { .. }) => "digest",
+            Refusal::Malformed(_) => "malformed",
+            Refusal::Canary(_) => "canary",
+            Refusal::Rollback { .. } => "rollback",
+            Refusal::Fork { .. } => "fork",
+            Refusal::Install { .. } => "install_failed",
+            Refusal::Unproven { .. } => "unproven",
+            Refusal::Internal(_) => "internal",
+        }
+    }
+
+    /// The gRPC status a client sees, carrying the whole error chain.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Refusal::NotRotator { .. } => Code::PermissionDenied,
+            Refusal::UnknownRepository(_) => Code::NotFound,
+            Refusal::Malformed(_) | Refusal::Canary(_) => Code::InvalidArgument,
+            Refusal::Rollback { .. } => Code::FailedPrecondition,
+            Refusal::Fork { .. } => Code::AlreadyExists,
+            Refusal::Install { .. } | Refusal::Internal(_) => Code::Internal,
+            Refusal::Unproven { .. } => Code::DataLoss,
+        };
+        tonic::Status::new(code, error_chain(self))
+    }
+}
+
+/// `error: cause: cause`, the way operators read errors in one log line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Decrypts every canary with `keyring` and checks the key that did it.
+pub fn check_canaries(keyring: &Keyring, set: &KeySet, canaries: &[pb::Canary]) -> Result<(), CanaryError> {
+    for (position, canary) in canaries.iter().enumerate() {
+        let key_index = canary.key_index;
+        if set.get(key_index).is_none() {
+            return Err(CanaryError::NoSuchKey { position, key_index });
+        }
+        let decrypted = keyring
+            .decrypt(&canary.token)
+            .map_err(|source| CanaryError::Undecryptable {
+                position,
+                key_index,
+                source,
+            })?;
+        if decrypted.key_index != key_index {
+            return Err(CanaryError::WrongKey {
+                position,
+                key_index,
+                actual: decrypted.key_index,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the repository on disk holds, proven to work.
+struct Proof {
+    set: KeySet,
+}
+
+/// Reloads `path` as Keystone does and checks it against what was installed.
+fn prove(path: &Path, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, ProofError> {
+    let set = repository::load(path).map_err(ProofError::Load)?;
+    let found = set.digest();
+    if found != stamp.digest {
+        return Err(ProofError::Digest {
+            expected: stamp.digest,
+            found,
+        });
+    }
+    let on_disk = install::read_stamp(path).map_err(ProofError::Stamp)?;
+    if on_disk.as_ref().map(|s| (s.generation, s.digest)) != Some((stamp.generation, stamp.digest)) {
+        return Err(ProofError::StampMismatch {
+            expected: stamp.generation,
+            found: on_disk.map(|s| s.generation),
+        });
+    }
+    check_canaries(&Keyring::new(&set), &set, canaries)?;
+    Ok(Proof { set })
+}
+
+/// The set the agent last installed (or found stamped at start), with its stamp.
+struct Desired {
+    generation: u64,
+    digest: Option<Digest>,
+    /// Kept for the `restore` drift policy; `Key` zeroizes itself when dropped.
+    set: Option<Arc<KeySet>>,
+}
+
+/// What `GetState` reports; refreshed after every install and drift check.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub generation: u64,
+    /// Digest of what is on disk now (None when unreadable or missing).
+    pub digest: Option<Digest>,
+    pub indices: Vec<u32>,
+    pub last_install_unix_ms: i64,
+    pub drift: Option<String>,
+    pub problem: Option<String>,
+}
+
+/// A successful install's answer.
+pub struct Installed {
+    pub generation: u64,
+    pub digest: Digest,
+    pub indices: Vec<u32>,
+    pub unchanged: bool,
+    pub canaries_valid: bool,
+    pub micros: u64,
+}
+
+/// One repository named in the agent's configuration.
+pub struct Managed {
+    pub name: String,
+    pub path: PathBuf,
+    owner: Option<Owner>,
+    desired: Mutex<Desired>,
+    view: StdMutex<View>,
+    metrics: AgentMetrics,
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Refusal::Internal(format!("blocking task failed: {e}")))
+}
+
+/// A problem Keystone would hit reading this repository, if any.
+fn keystone_problem(loaded: &Result<KeySet, RepositoryError>) -> Option<String> {
+    match loaded {
+        Err(e) => Some(error_chain(e)),
+        Ok(set) if set.is_empty() => Some("the repository holds no key (Keystone answers HTTP 500)".into()),
+        Ok(set) if set.staged().is_none() => Some("no staged key 0".into()),
+        Ok(set) if set.len() < 2 => Some("only one key: no primary distinct from the staged key".into()),
+        Ok(_) => None,
+    }
+}
+
+impl Managed {
+    /// Takes charge of a repository at start: removes leftovers of an
+    /// interrupted install, recovers generation and digest from the stamp and,
+    /// when the disk still matches the stamp, keeps that set for restores.
+    pub fn open(name: String, path: PathBuf, owner: Option<Owner>, metrics: AgentMetrics) -> Result<Self, InstallError> {
+        if path.exists() {
+            let removed = install::clean_leftovers(&path)?;
+            if removed > 0 {
+                tracing::warn!(repository = %name, removed, "removed leftovers of an interrupted install");
+            }
+        }
+        let stamp = install::read_stamp(&path)?;
+        let loaded = repository::load(&path);
+        let mut desired = Desired {
+            generation: 0,
+            digest: None,
+            set: None,
+        };
+        let mut view = View {
+            problem: keystone_problem(&loaded),
+            ..View::default()
+        };
+        if let Ok(set) = &loaded {
+            view.digest = Some(set.digest());
+            view.indices = set.indices();
+        }
+        if let Some(stamp) = stamp {
+            desired.generation = stamp.generation;
+            desired.digest = Some(stamp.digest);
+            view.generation = stamp.generation;
+            match loaded {
+                Ok(set) if set.digest() == stamp.digest => desired.set = Some(Arc::new(set)),
+                _ => {
+                    let detail = drift_detail(&stamp, view.digest);
+                    tracing::warn!(repository = %name, %detail, "repository changed while the agent was down");
+                    metrics.drift_event(&name);
+                    view.drift = Some(detail);
+                }
+            }
+        }
+        metrics.set_generation(&name, desired.generation);
+        metrics.set_drifted(&name, view.drift.is_some());
+        tracing::info!(
+            repository = %name,
+            path = %path.display(),
+            generation = desired.generation,
+            digest = ?view.digest,
+            drift = view.drift.is_some(),
+            "managing repository"
+        );
+        Ok(Managed {
+            name,
+            path,
+            owner,
+            desired: Mutex::new(desired),
+            view: StdMutex::new(view),
+            metrics,
+        })
+    }
+
+    pub fn view(&self) -> View {
+        self.view.lock().map(|v| v.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn update_view(&self, f: impl FnOnce(&mut View)) {
+        let mut guard = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard);
+    }
+
+    /// Validates, installs and proves one pushed key set.
+    pub async fn install(&self, mut request: pb::InstallRequest) -> Result<Installed, Refusal> {
+        let started = Instant::now();
+        let checked = check::key_set(request.generation, &mut request.keys, &request.digest)?;
+        let canaries = request.canaries;
+        let set = Arc::new(checked.set);
+        let stamp = Stamp {
+            generation: request.generation,
+            digest: checked.digest,
+        };
+        // A canary the pushed set itself cannot decrypt is refused before the
+        // repository is touched: Keystone never sees a set that was going to fail.
+        let preflight = {
+            let (set, canaries) = (set.clone(), canaries.clone());
+            blocking(move || check_canaries(&Keyring::new(&set), &set, &canaries)).await?
+        };
+        if let Err(e) = preflight {
+            self.metrics.canaries(&self.name, 0, 1);
+            return Err(Refusal::Canary(e));
+        }
+
+        let mut desired = self.desired.lock().await;
+        if let Some(installed) = desired.digest {
+            if stamp.generation < desired.generation && !request.restore {
+                return Err(Refusal::Rollback {
+                    offered: stamp.generation,
+                    installed: desired.generation,
+                });
+            }
+            if stamp.generation == desired.generation && stamp.digest != installed {
+                return Err(Refusal::Fork {
+                    generation: stamp.generation,
+                    installed,
+                    offered: stamp.digest,
+                });
+            }
+            if stamp.generation == desired.generation {
+                // A re-push of what is installed: answer from the disk when it
+                // still proves the set, re-install when it drifted.
+                let (path, s, c) = (self.path.clone(), stamp_copy(&stamp), canaries.clone());
+                if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
+                    self.metrics.canaries(&self.name, canaries.len() as u64, 0);
+                    self.metrics.installed(&self.name, "unchanged");
+                    return Ok(Installed {
+                        generation: stamp.generation,
+                        digest: stamp.digest,
+                        indices: proof.set.indices(),
+                        unchanged: true,
+                        canaries_valid: !canaries.is_empty(),
+                        micros: elapsed_micros(started),
+                    });
+                }
+            }
+        }
+
+        let previous = desired.set.clone().zip(desired.digest).map(|(set, digest)| {
+            (
+                set,
+                Stamp {
+                    generation: desired.generation,
+                    digest,
+                },
+            )
+        });
+        let proof = self.write_and_prove(&set, &stamp, &canaries).await;
+        let proof = match proof {
+            Ok(proof) => proof,
+            Err(Refusal::Unproven { source, .. }) => {
+                self.metrics.canaries(&self.name, 0, u64::from(matches!(source, ProofError::Canary(_))));
+                let restored = match previous {
+                    Some((set, prev)) => match self.write_and_prove(&set, &prev, &[]).await {
+                        Ok(_) => "the previous generation was restored",
+                        Err(e) => {
+                            tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring the previous generation failed");
+                            "restoring the previous generation failed too"
+                        }
+                    },
+                    None => "there was no previous generation to restore",
+                };
+                self.refresh_view_locked(&desired).await;
+                return Err(Refusal::Unproven { restored, source });
+            }
+            Err(e) => return Err(e),
+        };
+        self.metrics.canaries(&self.name, canaries.len() as u64, 0);
+        desired.generation = stamp.generation;
+        desired.digest = Some(stamp.digest);
+        desired.set = Some(set);
+        let micros = elapsed_micros(started);
+        let indices = proof.set.indices();
+        self.update_view(|v| {
+            v.generation = stamp.generation;
+            v.digest = Some(stamp.digest);
+            v.indices = indices.clone();
+            v.last_install_unix_ms = now_unix_ms();
+            v.drift = None;
+            v.problem = keystone_problem(&Ok(proof.set));
+        });
+        self.metrics.set_generation(&self.name, stamp.generation);
+        self.metrics.set_drifted(&self.name, false);
+        self.metrics.installed(&self.name, "installed");
+        self.metrics.observe_install(&self.name, micros as f64 / 1e6);
+        tracing::info!(
+            repository = %self.name,
+            generation = stamp.generation,
+            digest = %stamp.digest,
+            ?indices,
+            canaries = canaries.len(),
+            restore = request.restore,
+            micros,
+            "installed"
+        );
+        Ok(Installed {
+            generation: stamp.generation,
+            digest: stamp.digest,
+            indices,
+            unchanged: false,
+            canaries_valid: !canaries.is_empty(),
+            micros,
+        })
+    }
+
+    /// Installs `set` atomically with `stamp` and proves the result from disk.
+    async fn write_and_prove(&self, set: &Arc<KeySet>, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, Refusal> {
+        let (path, owner, set, s, c) = (
+            self.path.clone(),
+            self.owner,
+            set.clone(),
+            stamp_copy(stamp),
+            canaries.to_vec(),
+        );
+        blocking(move || {
+            install::install(&path, &set, Some(&s), owner).map_err(|source| Refusal::Install {
+                path: path.clone(),
+                source,
+            })?;
+            prove(&path, &s, &c).map_err(|source| Refusal::Unproven {
+                restored: "",
+                source,
+            })
+        })
+        .await?
+    }
+
+    /// Compares the disk with what the agent installed; reports a change it did
+    /// not make and, with `restore`, puts its set back.
+    pub async fn check_drift(&self, restore: bool) {
+        let desired = self.desired.lock().await;
+        let path = self.path.clone();
+        let Ok(loaded) = blocking(move || repository::load(&path)).await else {
+            return;
+        };
+        let on_disk = loaded.as_ref().ok().map(KeySet::digest);
+        let Some(expected) = desired.digest else {
+            // Never installed and no stamp: nothing to drift from.
+            self.set_view_from_disk(&loaded);
+            return;
+        };
+        let stamp = Stamp {
+            generation: desired.generation,
+            digest: expected,
+        };
+        if on_disk == Some(expected) {
+            self.set_view_from_disk(&loaded);
+            if self.view().drift.is_some() {
+                tracing::info!(repository = %self.name, generation = desired.generation, "drift cleared: the repository matches the installed set again");
+                self.update_view(|v| v.drift = None);
+                self.metrics.set_drifted(&self.name, false);
+            }
+            return;
+        }
+        let detail = drift_detail(&stamp, on_disk);
+        let first = self.view().drift.is_none();
+        self.set_view_from_disk(&loaded);
+        self.update_view(|v| v.drift = Some(detail.clone()));
+        if first {
+            tracing::warn!(repository = %self.name, %detail, "drift: the repository was changed by someone else");
+            self.metrics.drift_event(&self.name);
+            self.metrics.set_drifted(&self.name, true);
+        }
+        if !restore {
+            return;
+        }
+        let Some(set) = desired.set.clone() else {
+            tracing::warn!(repository = %self.name, "cannot restore: the installed set is not known (it changed while the agent was down); waiting for the rotator to push it");
+            return;
+        };
+        match self.write_and_prove(&set, &stamp, &[]).await {
+            Ok(proof) => {
+                tracing::info!(repository = %self.name, generation = stamp.generation, digest = %stamp.digest, "drift restored: re-installed the last installed set");
+                self.metrics.installed(&self.name, "restored");
+                self.metrics.set_drifted(&self.name, false);
+                self.set_view_from_disk(&Ok(proof.set));
+                self.update_view(|v| v.drift = None);
+            }
+            Err(e) => {
+                tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring after drift failed");
+            }
+        }
+    }
+
+    async fn refresh_view_locked(&self, _desired: &Desired) {
+        let path = self.path.clone();
+        if let Ok(loaded) = blocking(move || repository::load(&path)).await {
+            self.set_view_from_disk(&loaded);
+        }
+    }
+
+    fn set_view_from_disk(&self, loaded: &Result<KeySet, RepositoryError>) {
+        let problem = keystone_problem(loaded);
+        let (digest, indices) = match loaded {
+            Ok(set) => (Some(set.digest()), set.indices()),
+            Err(_) => (None, Vec::new()),
+        };
+        self.update_view(|v| {
+            v.digest = digest;
+            v.indices = indices;
+            v.problem = problem;
+        });
+    }
+}
+
+fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
+    match on_disk {
+        Some(found) => format!(
+            "on-disk digest {found} differs from installed generation {} (digest {})",
+            stamp.generation, stamp.digest
+        ),
+        None => format!(
+            "the repository cannot be read; installed generation {} (digest {})",
+            stamp.generation, stamp.digest
+        ),
+    }
+}
+
+fn stamp_copy(stamp: &Stamp) -> Stamp {
+    Stamp {
+        generation: stamp.generation,
+        digest: stamp.digest,
+    }
+}
+
+fn elapsed_micros(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
