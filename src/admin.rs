@@ -3,7 +3,11 @@
 //! agent listing and the event stream.
 
 /// `fernetd admin ...`.
-pub async fn main(args: &crate::cli::AdminArgs) -> Result<crate::cli::Answer, crate::cli::CliError> {
+pub async fn main(
+    args: &crate::cli::AdminArgs,
+) -> Result<crate::cli::Answer, crate::cli::CliError> {
     let _ = args;
-    Err(crate::cli::CliError::runtime(anyhow::anyhow!("`fernetd admin` is being built (issue 4)")))
+    Err(crate::cli::CliError::runtime(anyhow::anyhow!(
+        "`fernetd admin` is being built (issue 4)"
+    )))
 }

@@ -53,8 +53,6 @@ pub enum AgentError {
     Drift(#[from] drift::DriftError),
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
-    #[error("metrics endpoint failed")]
-    Metrics(#[source] std::io::Error),
     #[error("start-up task failed: {0}")]
     Join(String),
 }
@@ -92,23 +90,10 @@ pub async fn main(config: &Path, log_format: crate::cli::LogFormat) -> Result<cr
         ),
         None => None,
     };
-    match run(config, listener, metrics, termination()).await {
+    match run(config, listener, metrics, crate::cli::termination()).await {
         Ok(()) => Ok(crate::cli::Answer::Yes),
         Err(e) if e.is_config() => Err(CliError::usage(e)),
         Err(e) => Err(CliError::runtime(e)),
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT (the first one that arrives).
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process still dies by the default action.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
 }
 
@@ -157,6 +142,7 @@ pub async fn run(
         let registry = Arc::new(registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(crate::metrics::serve(listener, registry, async move {
+            // A closed channel means the agent is gone: stop as well.
             let _ = stop.wait_for(|s| *s).await;
         }))
     });
@@ -195,11 +181,7 @@ pub async fn run(
     // Also when the server failed on its own: nothing else may keep running.
     let _ = stop_tx.send(true);
     if let Some(task) = metrics_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(AgentError::Metrics(e)),
-            Err(e) => return Err(AgentError::Join(e.to_string())),
-        }
+        task.await.map_err(|e| AgentError::Join(e.to_string()))?;
     }
     served.map_err(AgentError::Serve)?;
     tracing::info!("agent stopped");

@@ -5,5 +5,7 @@
 /// `fernetd demo ...`.
 pub async fn main(args: &crate::cli::DemoArgs) -> Result<crate::cli::Answer, crate::cli::CliError> {
     let _ = args;
-    Err(crate::cli::CliError::runtime(anyhow::anyhow!("`fernetd demo` is being built (issue 4)")))
+    Err(crate::cli::CliError::runtime(anyhow::anyhow!(
+        "`fernetd demo` is being built (issue 4)"
+    )))
 }

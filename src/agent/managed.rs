@@ -19,6 +19,7 @@ use super::metrics::AgentMetrics;
 use crate::install::{self, InstallError, Owner, Stamp};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet, RepositoryError};
+use crate::tls::error_chain;
 use crate::token::{Keyring, TokenError};
 
 /// Why a canary did not prove a key set.
@@ -56,8 +57,6 @@ pub enum ProofError {
 /// indices and lengths; never key bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("permission denied: installs are accepted only from {expected:?}; the client presented {presented}")]
-    NotRotator { expected: String, presented: String },
     #[error("repository {0:?} is not managed by this agent")]
     UnknownRepository(String),
     #[error("malformed key set")]
@@ -88,7 +87,6 @@ impl Refusal {
     /// The fixed word used as the `outcome` label of the refusal metric.
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::NotRotator { .. } => "permission",
             Refusal::UnknownRepository(_) => "unknown_repository",
             Refusal::Malformed(Malformed::DigestMismatch { .. }) => "digest",
             Refusal::Malformed(_) => "malformed",
@@ -105,7 +103,6 @@ impl Refusal {
     pub fn to_status(&self) -> tonic::Status {
         use tonic::Code;
         let code = match self {
-            Refusal::NotRotator { .. } => Code::PermissionDenied,
             Refusal::UnknownRepository(_) => Code::NotFound,
             Refusal::Malformed(_) | Refusal::Canary(_) => Code::InvalidArgument,
             Refusal::Rollback { .. } => Code::FailedPrecondition,
@@ -115,18 +112,6 @@ impl Refusal {
         };
         tonic::Status::new(code, error_chain(self))
     }
-}
-
-/// `error: cause: cause`, the way operators read errors in one log line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Decrypts every canary with `keyring` and checks the key that did it.
@@ -353,7 +338,7 @@ impl Managed {
             if stamp.generation == desired.generation {
                 // A re-push of what is installed: answer from the disk when it
                 // still proves the set, re-install when it drifted.
-                let (path, s, c) = (self.path.clone(), stamp_copy(&stamp), canaries.clone());
+                let (path, s, c) = (self.path.clone(), stamp, canaries.clone());
                 if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
                     self.metrics.canaries(&self.name, canaries.len() as u64, 0);
                     self.metrics.installed(&self.name, "unchanged");
@@ -442,7 +427,7 @@ impl Managed {
             self.path.clone(),
             self.owner,
             set.clone(),
-            stamp_copy(stamp),
+            *stamp,
             canaries.to_vec(),
         );
         blocking(move || {
@@ -546,13 +531,6 @@ fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
             "the repository cannot be read; installed generation {} (digest {})",
             stamp.generation, stamp.digest
         ),
-    }
-}
-
-fn stamp_copy(stamp: &Stamp) -> Stamp {
-    Stamp {
-        generation: stamp.generation,
-        digest: stamp.digest,
     }
 }
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::managed::{Managed, Refusal, error_chain};
+use super::managed::{Managed, Refusal};
 use super::metrics::AgentMetrics;
 use crate::pb;
-use crate::tls;
+use crate::tls::{self, error_chain};
 
 /// The Distribution service of one agent.
 pub struct Distribution {
@@ -22,15 +22,10 @@ pub struct Distribution {
 }
 
 impl Distribution {
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Refusal> {
-        let presented = tls::peer_identity(request);
-        if presented.is_some_and(|id| id.matches(&self.rotator_identity)) {
-            return Ok(());
-        }
-        Err(Refusal::NotRotator {
-            expected: self.rotator_identity.clone(),
-            presented: presented.map_or_else(|| "no certificate".to_string(), |id| id.to_string()),
-        })
+    /// The metric label for a requested repository name. Unknown names are not
+    /// used as labels: a client could otherwise create unbounded series.
+    fn label<'a>(&self, name: &'a str) -> &'a str {
+        if self.repositories.contains_key(name) { name } else { "" }
     }
 }
 
@@ -39,12 +34,14 @@ impl pb::distribution_server::Distribution for Distribution {
     async fn install(&self, request: Request<pb::InstallRequest>) -> Result<Response<pb::InstallResponse>, Status> {
         let name = request.get_ref().repository.clone();
         let generation = request.get_ref().generation;
-        let outcome = match self.authorize(&request) {
-            Err(refusal) => Err(refusal),
-            Ok(()) => match self.repositories.get(&name) {
-                None => Err(Refusal::UnknownRepository(name.clone())),
-                Some(repo) => repo.install(request.into_inner()).await,
-            },
+        if let Err(status) = tls::authorize(&request, std::slice::from_ref(&self.rotator_identity), "rotator") {
+            self.metrics.refused(self.label(&name), "permission");
+            tracing::warn!(repository = %name, generation, error = %status.message(), "install refused");
+            return Err(status);
+        }
+        let outcome = match self.repositories.get(&name) {
+            None => Err(Refusal::UnknownRepository(name.clone())),
+            Some(repo) => repo.install(request.into_inner()).await,
         };
         match outcome {
             Ok(done) => Ok(Response::new(pb::InstallResponse {
@@ -57,10 +54,7 @@ impl pb::distribution_server::Distribution for Distribution {
                 install_micros: done.micros,
             })),
             Err(refusal) => {
-                // Unknown names are not used as metric labels: a client could
-                // otherwise create unbounded series.
-                let label = if self.repositories.contains_key(&name) { name.as_str() } else { "" };
-                self.metrics.refused(label, refusal.reason());
+                self.metrics.refused(self.label(&name), refusal.reason());
                 tracing::warn!(
                     repository = %name,
                     generation,

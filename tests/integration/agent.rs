@@ -37,7 +37,7 @@ impl Pki {
         let ca = Ca::new("fernetd test CA");
         let other = Ca::new("another CA");
         Pki {
-            agent: ca.issue(&[AGENT, "127.0.0.1"]),
+            agent: ca.issue(&[AGENT]),
             rotator: ca.issue(&[ROTATOR]),
             foreign: other.issue(&[ROTATOR]),
             ca,
@@ -72,11 +72,7 @@ impl Agent {
             drift_check_seconds: 60,
             max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
             log_format: None,
-            tls: fernetd::config::TlsConfig {
-                ca: tls.ca,
-                cert: tls.cert,
-                key: tls.key,
-            },
+            tls: tls.to_config(),
             repositories: vec![AgentRepository {
                 name: "tokens".into(),
                 path: repo.clone(),
@@ -349,7 +345,7 @@ async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() 
     let mut impostor = agent.client(Some(&pki.agent)).await.expect("TLS accepts a valid certificate");
     let status = code(impostor.install(request(&g3, 3)).await);
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains(ROTATOR), "{}", status.message());
+    assert!(status.message().contains("not an allowed rotator identity"), "{}", status.message());
     assert_eq!(snapshot(&agent.repo), installed, "wrong identity changed the repository");
 
     // No client certificate, and a certificate from another CA: the handshake
@@ -445,7 +441,7 @@ async fn certificates_are_reloaded_without_restart() {
     // The operator moves the cloud to a new CA: new trust anchor, new agent
     // certificate, new rotator certificate, all files replaced in place.
     let ca2 = Ca::new("replacement CA");
-    let agent2 = ca2.issue(&[AGENT, "127.0.0.1"]);
+    let agent2 = ca2.issue(&[AGENT]);
     let rotator2 = ca2.issue(&[ROTATOR]);
     let tls_dir = agent.dir.path().join("tls");
     TlsFiles::write(&tls_dir, "agent", &ca2, &agent2);

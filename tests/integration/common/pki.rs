@@ -1,72 +1,44 @@
-//! Test PKI made at run time with rcgen: certificate authorities and leaf
-//! certificates with chosen SANs (both server and client usage), written as PEM
-//! files in the layout `config::TlsConfig` expects. Nothing here is checked in, so
+//! Test PKI made at run time: certificate authorities and leaf certificates
+//! with chosen SANs (both server and client usage), written as PEM files in the
+//! layout `config::TlsConfig` expects. Nothing here is checked in, so
 //! no test depends on a certificate that expires or leaks.
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use fernetd::tls::Authority;
 
-/// A certificate authority that can issue leaf certificates.
+/// A certificate authority that can issue leaf certificates (the library's
+/// throwaway [`Authority`], with test-friendly panics and file helpers).
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
+    authority: Authority,
 }
 
 impl Ca {
     /// A fresh self-signed CA whose subject common name is `name`.
     pub fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("self-signed CA");
         Ca {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            authority: Authority::new(name).expect("make a test CA"),
         }
     }
 
     /// The CA certificate (PEM), what peers put in their trust store.
     pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
+        self.authority.cert_pem()
     }
 
     /// A leaf certificate valid for TLS server and client authentication with
-    /// the given SANs (DNS names, or IP addresses when they parse as such); the
-    /// first SAN is also the subject common name.
+    /// the given SANs (DNS names, or URIs when they contain "://").
     pub fn issue(&self, sans: &[&str]) -> Leaf {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("leaf parameters");
-        if let Some(first) = sans.first() {
-            params.distinguished_name.push(DnType::CommonName, *first);
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let issued = self.authority.issue(sans).expect("issue a test certificate");
         Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem: issued.cert_pem.clone(),
+            key_pem: issued.key_pem.to_string(),
         }
     }
 
     /// Writes the CA certificate to `path` (parents created) and returns it.
     pub fn write(&self, path: &Path) -> PathBuf {
-        write_file(path, &self.cert_pem);
+        write_file(path, self.cert_pem());
         path.to_path_buf()
     }
 }
@@ -108,6 +80,15 @@ impl TlsFiles {
         let ca = ca.write(&dir.join("ca.pem"));
         let (cert, key) = leaf.write(dir, name);
         TlsFiles { ca, cert, key }
+    }
+
+    /// The same files as the daemons' configuration type.
+    pub fn to_config(&self) -> fernetd::config::TlsConfig {
+        fernetd::config::TlsConfig {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
