@@ -28,6 +28,9 @@ use crate::pb::distribution_server::DistributionServer;
 
 pub use managed::{CanaryError, ProofError, Refusal};
 
+/// How long in-flight requests get to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -67,7 +70,10 @@ impl AgentError {
 
 /// `fernetd agent --config FILE`: runs until SIGTERM or SIGINT. The
 /// configuration's `log_format` wins over the `--log-format` flag.
-pub async fn main(config: &Path, log_format: crate::cli::LogFormat) -> Result<crate::cli::Answer, crate::cli::CliError> {
+pub async fn main(
+    config: &Path,
+    log_format: crate::cli::LogFormat,
+) -> Result<crate::cli::Answer, crate::cli::CliError> {
     use crate::cli::CliError;
     let loaded: Result<AgentConfig, _> = crate::config::load(config);
     crate::cli::init_logging(
@@ -79,15 +85,15 @@ pub async fn main(config: &Path, log_format: crate::cli::LogFormat) -> Result<cr
     );
     let config = loaded.map_err(CliError::usage)?;
     config.validate().map_err(CliError::usage)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| CliError::runtime(anyhow::Error::new(e).context(format!("cannot listen on {}", config.listen))))?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        CliError::runtime(
+            anyhow::Error::new(e).context(format!("cannot listen on {}", config.listen)),
+        )
+    })?;
     let metrics = match config.metrics {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| CliError::runtime(anyhow::Error::new(e).context(format!("cannot listen on {addr}"))))?,
-        ),
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            CliError::runtime(anyhow::Error::new(e).context(format!("cannot listen on {addr}")))
+        })?),
         None => None,
     };
     match run(config, listener, metrics, crate::cli::termination()).await {
@@ -148,14 +154,18 @@ pub async fn run(
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let quiesce: Vec<Arc<managed::Managed>> = repositories.values().cloned().collect();
     let distribution = service::Distribution {
         region: config.region.clone(),
         rotator_identity: config.rotator_identity.clone(),
         repositories,
         metrics: agent_metrics,
     };
-    health.set_serving::<DistributionServer<service::Distribution>>().await;
-    let server = DistributionServer::new(distribution).max_decoding_message_size(config.max_message_bytes);
+    health
+        .set_serving::<DistributionServer<service::Distribution>>()
+        .await;
+    let server =
+        DistributionServer::new(distribution).max_decoding_message_size(config.max_message_bytes);
 
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -173,13 +183,31 @@ pub async fn run(
         // Drift tasks stop now; the gRPC server finishes in-flight installs.
         let _ = stop_tx.send(true);
     };
-    let served = tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(tls.incoming(listener), drain)
-        .await;
+        .serve_with_incoming_shutdown(tls.incoming(listener), drain);
+    tokio::pin!(serve);
+    let mut stopping = stop_rx.clone();
+    let served = tokio::select! {
+        served = &mut serve => served,
+        // A peer that never answers the GOAWAY (a stopped rotator) must not
+        // keep the agent from exiting.
+        () = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout: closing them");
+            Ok(())
+        }
+    };
     // Also when the server failed on its own: nothing else may keep running.
     let _ = stop_tx.send(true);
+    // Installs run to completion even when their connection was cut: taking
+    // each repository's install lock waits for the one in flight.
+    for repo in &quiesce {
+        repo.quiesce().await;
+    }
     if let Some(task) = metrics_task {
         task.await.map_err(|e| AgentError::Join(e.to_string()))?;
     }
@@ -206,12 +234,16 @@ mod tests {
     fn minimal_config_gets_safe_defaults_and_round_trips() {
         let config: AgentConfig = toml::from_str(MINIMAL).expect("parse");
         assert_eq!(config.drift, DriftPolicy::Report);
-        assert_eq!(config.max_message_bytes, crate::config::DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(
+            config.max_message_bytes,
+            crate::config::DEFAULT_MAX_MESSAGE_BYTES
+        );
         assert_eq!(config.repositories.len(), 1);
         assert_eq!(config.repositories[0].name, "tokens");
         assert_eq!(config.metrics, None);
         config.validate().expect("valid");
-        let again: AgentConfig = toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");
+        let again: AgentConfig =
+            toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");
         assert_eq!(again, config);
     }
 
@@ -232,7 +264,10 @@ mod tests {
         };
         let cases = [
             (vec![], AgentConfigError::NoRepository),
-            (vec![repo("to kens", "/k")], AgentConfigError::BadName("to kens".into())),
+            (
+                vec![repo("to kens", "/k")],
+                AgentConfigError::BadName("to kens".into()),
+            ),
             (
                 vec![repo("tokens", "/k"), repo("tokens", "/r")],
                 AgentConfigError::DuplicateName("tokens".into()),

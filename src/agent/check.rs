@@ -73,14 +73,14 @@ fn build(generation: u64, keys: &[pb::Key], digest: &[u8]) -> Result<Checked, Ma
         if key.index > MAX_INDEX {
             return Err(Malformed::IndexTooLarge(key.index));
         }
-        let bytes: [u8; KEY_LEN] = key
-            .material
-            .as_slice()
-            .try_into()
-            .map_err(|_| Malformed::KeyLength {
-                index: key.index,
-                len: key.material.len(),
-            })?;
+        let bytes: [u8; KEY_LEN] =
+            key.material
+                .as_slice()
+                .try_into()
+                .map_err(|_| Malformed::KeyLength {
+                    index: key.index,
+                    len: key.material.len(),
+                })?;
         if set.insert(key.index, Key::from_bytes(bytes)).is_some() {
             return Err(Malformed::DuplicateIndex(key.index));
         }
@@ -92,7 +92,10 @@ fn build(generation: u64, keys: &[pb::Key], digest: &[u8]) -> Result<Checked, Ma
     if computed != claimed {
         return Err(Malformed::DigestMismatch { computed, claimed });
     }
-    Ok(Checked { set, digest: computed })
+    Ok(Checked {
+        set,
+        digest: computed,
+    })
 }
 
 /// The wire form of `set`, for tests and the rotator.
@@ -137,23 +140,41 @@ mod tests {
 
         let mut no_staged = to_wire(&set);
         no_staged.remove(0);
-        assert_eq!(key_set(1, &mut no_staged, &digest).unwrap_err(), Malformed::NoStagedKey);
+        assert_eq!(
+            key_set(1, &mut no_staged, &digest).unwrap_err(),
+            Malformed::NoStagedKey
+        );
 
         let mut one = to_wire(&set);
         one.truncate(1);
-        assert_eq!(key_set(1, &mut one, &digest).unwrap_err(), Malformed::TooFewKeys(1));
+        assert_eq!(
+            key_set(1, &mut one, &digest).unwrap_err(),
+            Malformed::TooFewKeys(1)
+        );
 
         let mut dup = to_wire(&set);
         dup[2].index = 1;
-        assert_eq!(key_set(1, &mut dup, &digest).unwrap_err(), Malformed::DuplicateIndex(1));
+        assert_eq!(
+            key_set(1, &mut dup, &digest).unwrap_err(),
+            Malformed::DuplicateIndex(1)
+        );
 
         let mut huge = to_wire(&set);
         huge[2].index = u32::MAX;
-        assert_eq!(key_set(1, &mut huge, &digest).unwrap_err(), Malformed::IndexTooLarge(u32::MAX));
+        assert_eq!(
+            key_set(1, &mut huge, &digest).unwrap_err(),
+            Malformed::IndexTooLarge(u32::MAX)
+        );
 
         let mut wire = to_wire(&set);
-        assert_eq!(key_set(1, &mut wire, &digest[..16]).unwrap_err(), Malformed::DigestLength(16));
-        assert_eq!(key_set(0, &mut wire, &digest).unwrap_err(), Malformed::GenerationZero);
+        assert_eq!(
+            key_set(1, &mut wire, &digest[..16]).unwrap_err(),
+            Malformed::DigestLength(16)
+        );
+        assert_eq!(
+            key_set(0, &mut wire, &digest).unwrap_err(),
+            Malformed::GenerationZero
+        );
 
         let mut wire = to_wire(&set);
         let other = sample(3).digest();
@@ -168,7 +189,9 @@ mod tests {
         let set = sample(2);
         let mut wire = to_wire(&set);
         wire[1].material.push(0);
-        let message = key_set(1, &mut wire, &set.digest().0).unwrap_err().to_string();
+        let message = key_set(1, &mut wire, &set.digest().0)
+            .unwrap_err()
+            .to_string();
         for (_, key) in set.iter() {
             assert!(!message.contains(key.to_base64().as_str()));
         }

@@ -38,8 +38,9 @@ pub struct DriftWatch {
 fn is_change(kind: &EventKind) -> bool {
     !matches!(
         kind,
-        EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Any | AccessKind::Other)
-            | EventKind::Access(AccessKind::Close(notify::event::AccessMode::Read))
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Any | AccessKind::Other
+        ) | EventKind::Access(AccessKind::Close(notify::event::AccessMode::Read))
     )
 }
 
@@ -84,7 +85,10 @@ pub fn spawn(
         let parent = repo.path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
         w.watch(&parent, RecursiveMode::NonRecursive)
-            .map_err(|source| DriftError::Watch { path: parent, source })?;
+            .map_err(|source| DriftError::Watch {
+                path: parent,
+                source,
+            })?;
         // The repository itself may not exist yet (first install creates it).
         let _ = w.watch(&repo.path, RecursiveMode::NonRecursive);
     }

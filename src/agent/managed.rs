@@ -35,7 +35,11 @@ pub enum CanaryError {
         source: TokenError,
     },
     #[error("canary #{position} was decrypted by key {actual}, but it names key {key_index}")]
-    WrongKey { position: usize, key_index: u32, actual: u32 },
+    WrongKey {
+        position: usize,
+        key_index: u32,
+        actual: u32,
+    },
 }
 
 /// Why the repository on disk does not prove the set just installed.
@@ -63,10 +67,18 @@ pub enum Refusal {
     Malformed(#[from] Malformed),
     #[error("canary refused before installing; the repository was not touched")]
     Canary(#[source] CanaryError),
-    #[error("rollback refused: generation {offered} is older than the installed generation {installed} (only an explicit restore may roll back)")]
+    #[error(
+        "rollback refused: generation {offered} is older than the installed generation {installed} (only an explicit restore may roll back)"
+    )]
     Rollback { offered: u64, installed: u64 },
-    #[error("fork refused: generation {generation} is installed with digest {installed}, the request carries digest {offered}")]
-    Fork { generation: u64, installed: Digest, offered: Digest },
+    #[error(
+        "fork refused: generation {generation} is installed with digest {installed}, the request carries digest {offered}"
+    )]
+    Fork {
+        generation: u64,
+        installed: Digest,
+        offered: Digest,
+    },
     #[error("install into {path} failed; the previous repository is still in place")]
     Install {
         path: PathBuf,
@@ -115,19 +127,27 @@ impl Refusal {
 }
 
 /// Decrypts every canary with `keyring` and checks the key that did it.
-pub fn check_canaries(keyring: &Keyring, set: &KeySet, canaries: &[pb::Canary]) -> Result<(), CanaryError> {
+pub fn check_canaries(
+    keyring: &Keyring,
+    set: &KeySet,
+    canaries: &[pb::Canary],
+) -> Result<(), CanaryError> {
     for (position, canary) in canaries.iter().enumerate() {
         let key_index = canary.key_index;
         if set.get(key_index).is_none() {
-            return Err(CanaryError::NoSuchKey { position, key_index });
-        }
-        let decrypted = keyring
-            .decrypt(&canary.token)
-            .map_err(|source| CanaryError::Undecryptable {
+            return Err(CanaryError::NoSuchKey {
                 position,
                 key_index,
-                source,
-            })?;
+            });
+        }
+        let decrypted =
+            keyring
+                .decrypt(&canary.token)
+                .map_err(|source| CanaryError::Undecryptable {
+                    position,
+                    key_index,
+                    source,
+                })?;
         if decrypted.key_index != key_index {
             return Err(CanaryError::WrongKey {
                 position,
@@ -155,7 +175,8 @@ fn prove(path: &Path, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, P
         });
     }
     let on_disk = install::read_stamp(path).map_err(ProofError::Stamp)?;
-    if on_disk.as_ref().map(|s| (s.generation, s.digest)) != Some((stamp.generation, stamp.digest)) {
+    if on_disk.as_ref().map(|s| (s.generation, s.digest)) != Some((stamp.generation, stamp.digest))
+    {
         return Err(ProofError::StampMismatch {
             expected: stamp.generation,
             found: on_disk.map(|s| s.generation),
@@ -223,9 +244,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 fn keystone_problem(loaded: &Result<KeySet, RepositoryError>) -> Option<String> {
     match loaded {
         Err(e) => Some(error_chain(e)),
-        Ok(set) if set.is_empty() => Some("the repository holds no key (Keystone answers HTTP 500)".into()),
+        Ok(set) if set.is_empty() => {
+            Some("the repository holds no key (Keystone answers HTTP 500)".into())
+        }
         Ok(set) if set.staged().is_none() => Some("no staged key 0".into()),
-        Ok(set) if set.len() < 2 => Some("only one key: no primary distinct from the staged key".into()),
+        Ok(set) if set.len() < 2 => {
+            Some("only one key: no primary distinct from the staged key".into())
+        }
         Ok(_) => None,
     }
 }
@@ -234,7 +259,12 @@ impl Managed {
     /// Takes charge of a repository at start: removes leftovers of an
     /// interrupted install, recovers generation and digest from the stamp and,
     /// when the disk still matches the stamp, keeps that set for restores.
-    pub fn open(name: String, path: PathBuf, owner: Option<Owner>, metrics: AgentMetrics) -> Result<Self, InstallError> {
+    pub fn open(
+        name: String,
+        path: PathBuf,
+        owner: Option<Owner>,
+        metrics: AgentMetrics,
+    ) -> Result<Self, InstallError> {
         if path.exists() {
             let removed = install::clean_leftovers(&path)?;
             if removed > 0 {
@@ -291,7 +321,10 @@ impl Managed {
     }
 
     pub fn view(&self) -> View {
-        self.view.lock().map(|v| v.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.view
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn update_view(&self, f: impl FnOnce(&mut View)) {
@@ -354,20 +387,28 @@ impl Managed {
             }
         }
 
-        let previous = desired.set.clone().zip(desired.digest).map(|(set, digest)| {
-            (
-                set,
-                Stamp {
-                    generation: desired.generation,
-                    digest,
-                },
-            )
-        });
+        let previous = desired
+            .set
+            .clone()
+            .zip(desired.digest)
+            .map(|(set, digest)| {
+                (
+                    set,
+                    Stamp {
+                        generation: desired.generation,
+                        digest,
+                    },
+                )
+            });
         let proof = self.write_and_prove(&set, &stamp, &canaries).await;
         let proof = match proof {
             Ok(proof) => proof,
             Err(Refusal::Unproven { source, .. }) => {
-                self.metrics.canaries(&self.name, 0, u64::from(matches!(source, ProofError::Canary(_))));
+                self.metrics.canaries(
+                    &self.name,
+                    0,
+                    u64::from(matches!(source, ProofError::Canary(_))),
+                );
                 let restored = match previous {
                     Some((set, prev)) => match self.write_and_prove(&set, &prev, &[]).await {
                         Ok(_) => "the previous generation was restored",
@@ -400,7 +441,8 @@ impl Managed {
         self.metrics.set_generation(&self.name, stamp.generation);
         self.metrics.set_drifted(&self.name, false);
         self.metrics.installed(&self.name, "installed");
-        self.metrics.observe_install(&self.name, micros as f64 / 1e6);
+        self.metrics
+            .observe_install(&self.name, micros as f64 / 1e6);
         tracing::info!(
             repository = %self.name,
             generation = stamp.generation,
@@ -422,7 +464,12 @@ impl Managed {
     }
 
     /// Installs `set` atomically with `stamp` and proves the result from disk.
-    async fn write_and_prove(&self, set: &Arc<KeySet>, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, Refusal> {
+    async fn write_and_prove(
+        &self,
+        set: &Arc<KeySet>,
+        stamp: &Stamp,
+        canaries: &[pb::Canary],
+    ) -> Result<Proof, Refusal> {
         let (path, owner, set, s, c) = (
             self.path.clone(),
             self.owner,
@@ -441,6 +488,11 @@ impl Managed {
             })
         })
         .await?
+    }
+
+    /// Waits until no install or drift check is running on this repository.
+    pub async fn quiesce(&self) {
+        drop(self.desired.lock().await);
     }
 
     /// Compares the disk with what the agent installed; reports a change it did

@@ -73,7 +73,11 @@ impl AgentMetrics {
             "Time to validate, install, reload and check canaries",
             m.install_seconds.clone(),
         );
-        r.register("installs", "Acknowledged installs by outcome", m.installs.clone());
+        r.register(
+            "installs",
+            "Acknowledged installs by outcome",
+            m.installs.clone(),
+        );
         r.register("refusals", "Refused installs by reason", m.refusals.clone());
         r.register(
             "canary_validations",
@@ -108,31 +112,45 @@ impl AgentMetrics {
     }
 
     pub fn set_drifted(&self, repository: &str, drifted: bool) {
-        self.drifted.get_or_create(&Self::repo(repository)).set(i64::from(drifted));
+        self.drifted
+            .get_or_create(&Self::repo(repository))
+            .set(i64::from(drifted));
     }
 
     pub fn observe_install(&self, repository: &str, seconds: f64) {
-        self.install_seconds.get_or_create(&Self::repo(repository)).observe(seconds);
+        self.install_seconds
+            .get_or_create(&Self::repo(repository))
+            .observe(seconds);
     }
 
     pub fn installed(&self, repository: &str, outcome: &str) {
-        self.installs.get_or_create(&Self::outcome(repository, outcome)).inc();
+        self.installs
+            .get_or_create(&Self::outcome(repository, outcome))
+            .inc();
     }
 
     pub fn refused(&self, repository: &str, reason: &str) {
-        self.refusals.get_or_create(&Self::outcome(repository, reason)).inc();
+        self.refusals
+            .get_or_create(&Self::outcome(repository, reason))
+            .inc();
     }
 
     pub fn canaries(&self, repository: &str, ok: u64, failed: u64) {
         if ok > 0 {
-            self.canaries.get_or_create(&Self::outcome(repository, "ok")).inc_by(ok);
+            self.canaries
+                .get_or_create(&Self::outcome(repository, "ok"))
+                .inc_by(ok);
         }
         if failed > 0 {
-            self.canaries.get_or_create(&Self::outcome(repository, "failed")).inc_by(failed);
+            self.canaries
+                .get_or_create(&Self::outcome(repository, "failed"))
+                .inc_by(failed);
         }
     }
 
     pub fn drift_event(&self, repository: &str) {
-        self.drift_events.get_or_create(&Self::repo(repository)).inc();
+        self.drift_events
+            .get_or_create(&Self::repo(repository))
+            .inc();
     }
 }

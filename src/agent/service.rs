@@ -25,16 +25,27 @@ impl Distribution {
     /// The metric label for a requested repository name. Unknown names are not
     /// used as labels: a client could otherwise create unbounded series.
     fn label<'a>(&self, name: &'a str) -> &'a str {
-        if self.repositories.contains_key(name) { name } else { "" }
+        if self.repositories.contains_key(name) {
+            name
+        } else {
+            ""
+        }
     }
 }
 
 #[tonic::async_trait]
 impl pb::distribution_server::Distribution for Distribution {
-    async fn install(&self, request: Request<pb::InstallRequest>) -> Result<Response<pb::InstallResponse>, Status> {
+    async fn install(
+        &self,
+        request: Request<pb::InstallRequest>,
+    ) -> Result<Response<pb::InstallResponse>, Status> {
         let name = request.get_ref().repository.clone();
         let generation = request.get_ref().generation;
-        if let Err(status) = tls::authorize(&request, std::slice::from_ref(&self.rotator_identity), "rotator") {
+        if let Err(status) = tls::authorize(
+            &request,
+            std::slice::from_ref(&self.rotator_identity),
+            "rotator",
+        ) {
             self.metrics.refused(self.label(&name), "permission");
             tracing::warn!(repository = %name, generation, error = %status.message(), "install refused");
             return Err(status);
@@ -67,7 +78,10 @@ impl pb::distribution_server::Distribution for Distribution {
         }
     }
 
-    async fn get_state(&self, _request: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateResponse>, Status> {
+    async fn get_state(
+        &self,
+        _request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
         let repositories = self
             .repositories
             .values()

@@ -80,9 +80,18 @@ impl Agent {
             }],
         };
         let config_path = dir.path().join("agent.toml");
-        write_file(&config_path, &toml::to_string(&config).expect("serialize agent.toml"));
+        write_file(
+            &config_path,
+            &toml::to_string(&config).expect("serialize agent.toml"),
+        );
         let mut agent = Agent {
-            daemon: Daemon::spawn("agent", ["agent", "--config"].map(Into::into).into_iter().chain([config_path.clone().into_os_string()])),
+            daemon: Daemon::spawn(
+                "agent",
+                ["agent", "--config"]
+                    .map(Into::into)
+                    .into_iter()
+                    .chain([config_path.clone().into_os_string()]),
+            ),
             addr: config.listen,
             metrics: config.metrics.expect("metrics address"),
             config_path,
@@ -96,7 +105,9 @@ impl Agent {
 
     async fn wait_ready(&mut self, leaf: &Leaf) {
         let tls = client_tls(&self.ca_pem, Some(leaf), AGENT);
-        self.daemon.wait_healthy(self.addr, tls, "fernetd.v1.Distribution").await;
+        self.daemon
+            .wait_healthy(self.addr, tls, "fernetd.v1.Distribution")
+            .await;
     }
 
     /// Restarts the process on the same configuration and repository.
@@ -105,18 +116,26 @@ impl Agent {
         assert!(status.success(), "agent exited with {status} on SIGTERM");
         self.daemon = Daemon::spawn(
             "agent",
-            ["agent", "--config"].map(Into::into).into_iter().chain([self.config_path.clone().into_os_string()]),
+            ["agent", "--config"]
+                .map(Into::into)
+                .into_iter()
+                .chain([self.config_path.clone().into_os_string()]),
         );
         self.wait_ready(&pki.rotator).await;
     }
 
-    async fn client(&self, leaf: Option<&Leaf>) -> Result<DistributionClient<Channel>, tonic::transport::Error> {
+    async fn client(
+        &self,
+        leaf: Option<&Leaf>,
+    ) -> Result<DistributionClient<Channel>, tonic::transport::Error> {
         let channel = daemon::connect(self.addr, client_tls(&self.ca_pem, leaf, AGENT)).await?;
         Ok(DistributionClient::new(channel))
     }
 
     async fn rotator(&self, pki: &Pki) -> DistributionClient<Channel> {
-        self.client(Some(&pki.rotator)).await.expect("rotator connects")
+        self.client(Some(&pki.rotator))
+            .await
+            .expect("rotator connects")
     }
 
     async fn state(&self, pki: &Pki) -> pb::RepositoryState {
@@ -129,18 +148,27 @@ impl Agent {
             .into_inner();
         assert_eq!(state.region, "region-one");
         assert_eq!(state.version, fernetd::VERSION);
-        state.repositories.into_iter().find(|r| r.name == "tokens").expect("tokens state")
+        state
+            .repositories
+            .into_iter()
+            .find(|r| r.name == "tokens")
+            .expect("tokens state")
     }
 
     async fn metrics(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.expect("connect metrics");
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("connect metrics");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .await
             .expect("request metrics");
         let mut body = String::new();
-        stream.read_to_string(&mut body).await.expect("read metrics");
+        stream
+            .read_to_string(&mut body)
+            .await
+            .expect("read metrics");
         body
     }
 }
@@ -155,7 +183,10 @@ fn snapshot(repo: &Path) -> (u64, BTreeMap<String, (u32, Vec<u8>)>) {
         let meta = entry.metadata().expect("metadata");
         files.insert(
             entry.file_name().to_string_lossy().into_owned(),
-            (meta.mode(), std::fs::read(entry.path()).expect("read entry")),
+            (
+                meta.mode(),
+                std::fs::read(entry.path()).expect("read entry"),
+            ),
         );
     }
     (meta.ino(), files)
@@ -173,7 +204,11 @@ fn rotated(set: &KeySet, max_active: usize) -> KeySet {
     next.insert(primary + 1, staged);
     next.insert(0, Key::generate());
     while next.len() > max_active {
-        let lowest = next.indices().into_iter().find(|i| *i != 0).expect("secondary");
+        let lowest = next
+            .indices()
+            .into_iter()
+            .find(|i| *i != 0)
+            .expect("secondary");
         next.remove(lowest);
     }
     next
@@ -203,7 +238,11 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
 
 fn assert_on_disk(repo: &Path, set: &KeySet) {
     let loaded = fernetd::repository::load(repo).expect("reload repository");
-    assert_eq!(loaded.digest(), set.digest(), "on-disk keys differ from the installed set");
+    assert_eq!(
+        loaded.digest(),
+        set.digest(),
+        "on-disk keys differ from the installed set"
+    );
 }
 
 /// The log must not contain any key, in any encoding the agent could print.
@@ -212,9 +251,15 @@ fn assert_no_keys(log: &str, sets: &[&KeySet]) {
         for (index, key) in set.iter() {
             let b64 = key.to_base64();
             let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
-            assert!(!log.contains(b64.as_str()), "key {index} appears (base64) in the log");
+            assert!(
+                !log.contains(b64.as_str()),
+                "key {index} appears (base64) in the log"
+            );
             assert!(!log.contains(&hex), "key {index} appears (hex) in the log");
-            assert!(!log.contains(&format!("{:?}", key.as_bytes())), "key {index} appears (bytes) in the log");
+            assert!(
+                !log.contains(&format!("{:?}", key.as_bytes())),
+                "key {index} appears (bytes) in the log"
+            );
         }
     }
 }
@@ -233,8 +278,15 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
     let mut rotator = agent.rotator(&pki).await;
 
     let g1 = new_set([0, 1, 2]);
-    let done = rotator.install(request(&g1, 1)).await.expect("install g1").into_inner();
-    assert_eq!((done.generation, done.digest.as_slice()), (1, &g1.digest().0[..]));
+    let done = rotator
+        .install(request(&g1, 1))
+        .await
+        .expect("install g1")
+        .into_inner();
+    assert_eq!(
+        (done.generation, done.digest.as_slice()),
+        (1, &g1.digest().0[..])
+    );
     assert!(done.canaries_valid && !done.unchanged);
     assert_eq!(done.indices, vec![0, 1, 2]);
     assert_on_disk(&agent.repo, &g1);
@@ -248,30 +300,68 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
         assert!(r.unchanged && r.canaries_valid);
         assert_eq!(r.generation, 1);
     }
-    assert_eq!(snapshot(&agent.repo), before, "an idempotent re-push rewrote the repository");
+    assert_eq!(
+        snapshot(&agent.repo),
+        before,
+        "an idempotent re-push rewrote the repository"
+    );
 
     let g2 = rotated(&g1, 3);
-    let done = rotator.install(request(&g2, 2)).await.expect("install g2").into_inner();
+    let done = rotator
+        .install(request(&g2, 2))
+        .await
+        .expect("install g2")
+        .into_inner();
     assert_eq!((done.generation, done.indices.clone()), (2, vec![0, 2, 3]));
     assert_on_disk(&agent.repo, &g2);
 
     let state = agent.state(&pki).await;
-    assert_eq!((state.generation, state.digest.as_slice()), (2, &g2.digest().0[..]));
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
     assert_eq!(state.indices, vec![0, 2, 3]);
     assert!(state.last_install_unix_ms > 0 && !state.drift && state.problem.is_empty());
 
     let metrics = agent.metrics().await;
-    assert!(metrics.contains("fernetd_agent_generation{repository=\"tokens\"} 2"), "{metrics}");
-    assert!(metrics.contains("fernetd_agent_installs_total{repository=\"tokens\",outcome=\"installed\"} 2"), "{metrics}");
-    assert!(metrics.contains("fernetd_agent_installs_total{repository=\"tokens\",outcome=\"unchanged\"} 2"), "{metrics}");
-    assert!(metrics.contains("fernetd_agent_canary_validations_total{repository=\"tokens\",outcome=\"ok\"}"), "{metrics}");
-    assert!(metrics.contains("fernetd_agent_install_duration_seconds_count{repository=\"tokens\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("fernetd_agent_generation{repository=\"tokens\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_installs_total{repository=\"tokens\",outcome=\"installed\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_installs_total{repository=\"tokens\",outcome=\"unchanged\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_canary_validations_total{repository=\"tokens\",outcome=\"ok\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fernetd_agent_install_duration_seconds_count{repository=\"tokens\"} 2"),
+        "{metrics}"
+    );
 
     // SIGTERM drains and exits 0; the restarted agent recovers generation and
-    // digest from its stamp, so the rollback rule survives restarts.
+    // digest from its stamp, so the rollback rule survives restarts. The
+    // clients go first: `stop` blocks this runtime, which could then not answer
+    // the agent's GOAWAY.
+    drop((rotator, c1, c2));
     agent.restart(&pki).await;
     let state = agent.state(&pki).await;
-    assert_eq!((state.generation, state.digest.as_slice()), (2, &g2.digest().0[..]));
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
     let mut rotator = agent.rotator(&pki).await;
     let status = code(rotator.install(request(&g1, 1)).await);
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -281,12 +371,18 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
         restore: true,
         ..request(&g1, 1)
     };
-    let done = rotator.install(restore).await.expect("explicit restore").into_inner();
+    let done = rotator
+        .install(restore)
+        .await
+        .expect("explicit restore")
+        .into_inner();
     assert_eq!(done.generation, 1);
     assert_on_disk(&agent.repo, &g1);
 
+    drop(rotator);
     let status = agent.daemon.stop();
     assert!(status.success(), "agent exited with {status}");
+    assert!(agent.daemon.log().contains("agent stopped"));
     assert_no_keys(&agent.daemon.log(), &[&g1, &g2]);
 }
 
@@ -303,50 +399,108 @@ async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() 
     let g3 = rotated(&g2, 3);
 
     let mut cases: Vec<(&str, pb::InstallRequest, Code, &str)> = Vec::new();
-    cases.push(("rollback", request(&g1, 1), Code::FailedPrecondition, "rollback refused"));
+    cases.push((
+        "rollback",
+        request(&g1, 1),
+        Code::FailedPrecondition,
+        "rollback refused",
+    ));
     let fork = new_set([0, 2, 3]);
-    cases.push(("fork", request(&fork, 2), Code::AlreadyExists, "fork refused"));
+    cases.push((
+        "fork",
+        request(&fork, 2),
+        Code::AlreadyExists,
+        "fork refused",
+    ));
     let mut short = request(&g3, 3);
     short.keys[1].material.truncate(16);
     cases.push(("short key", short, Code::InvalidArgument, "is 16 bytes"));
     let mut unstaged = request(&g3, 3);
     unstaged.keys.retain(|k| k.index != 0);
-    let without_zero = KeySet::from_keys(g3.iter().filter(|(i, _)| *i != 0).map(|(i, k)| (i, k.clone())));
+    let without_zero = KeySet::from_keys(
+        g3.iter()
+            .filter(|(i, _)| *i != 0)
+            .map(|(i, k)| (i, k.clone())),
+    );
     unstaged.digest = without_zero.digest().0.to_vec();
     unstaged.canaries.retain(|c| c.key_index != 0);
-    cases.push(("missing staged key", unstaged, Code::InvalidArgument, "no staged key"));
+    cases.push((
+        "missing staged key",
+        unstaged,
+        Code::InvalidArgument,
+        "no staged key",
+    ));
     let mut wrong_digest = request(&g3, 3);
     wrong_digest.digest = g2.digest().0.to_vec();
-    cases.push(("wrong digest", wrong_digest, Code::InvalidArgument, "digest mismatch"));
+    cases.push((
+        "wrong digest",
+        wrong_digest,
+        Code::InvalidArgument,
+        "digest mismatch",
+    ));
     let mut unknown = request(&g3, 3);
     unknown.repository = "receipts".into();
     cases.push(("unknown repository", unknown, Code::NotFound, "not managed"));
     let mut bad_canary = request(&g3, 3);
     bad_canary.canaries[0].token = fernetd::token::canary(&Key::generate());
-    cases.push(("canary no key decrypts", bad_canary, Code::InvalidArgument, "does not decrypt"));
+    cases.push((
+        "canary no key decrypts",
+        bad_canary,
+        Code::InvalidArgument,
+        "does not decrypt",
+    ));
     let mut misattributed = request(&g3, 3);
-    misattributed.canaries[0].key_index = 2;
-    cases.push(("canary decrypted by another key", misattributed, Code::InvalidArgument, "decrypted by key"));
+    misattributed.canaries[0].key_index = 3;
+    cases.push((
+        "canary decrypted by another key",
+        misattributed,
+        Code::InvalidArgument,
+        "decrypted by key",
+    ));
     let mut oversized = request(&g3, 3);
     oversized.canaries.push(pb::Canary {
         token: "g".repeat(80 * 1024),
         key_index: 0,
     });
-    cases.push(("oversized message", oversized, Code::OutOfRange, "too large"));
+    cases.push((
+        "oversized message",
+        oversized,
+        Code::OutOfRange,
+        "too large",
+    ));
 
     for (what, req, expected, words) in cases {
         let status = code(rotator.install(req).await);
         assert_eq!(status.code(), expected, "{what}: {status:?}");
-        assert!(status.message().contains(words), "{what}: {:?} lacks {words:?}", status.message());
-        assert_eq!(snapshot(&agent.repo), installed, "{what} changed the repository");
+        assert!(
+            status.message().contains(words),
+            "{what}: {:?} lacks {words:?}",
+            status.message()
+        );
+        assert_eq!(
+            snapshot(&agent.repo),
+            installed,
+            "{what} changed the repository"
+        );
     }
 
     // A valid certificate of this CA with the wrong identity: the agent's own.
-    let mut impostor = agent.client(Some(&pki.agent)).await.expect("TLS accepts a valid certificate");
+    let mut impostor = agent
+        .client(Some(&pki.agent))
+        .await
+        .expect("TLS accepts a valid certificate");
     let status = code(impostor.install(request(&g3, 3)).await);
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("not an allowed rotator identity"), "{}", status.message());
-    assert_eq!(snapshot(&agent.repo), installed, "wrong identity changed the repository");
+    assert!(
+        status.message().contains("not an allowed rotator identity"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        snapshot(&agent.repo),
+        installed,
+        "wrong identity changed the repository"
+    );
 
     // No client certificate, and a certificate from another CA: the handshake
     // itself fails, so no request ever reaches a handler.
@@ -357,7 +511,10 @@ async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() 
                 Ok(_) => panic!("{what}: install accepted"),
                 Err(status) => {
                     assert!(
-                        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal),
+                        matches!(
+                            status.code(),
+                            Code::Unavailable | Code::Unknown | Code::Cancelled
+                        ),
                         "{what}: {status:?}"
                     );
                     format!("{status:?}")
@@ -365,17 +522,46 @@ async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() 
             },
         };
         assert!(!outcome.is_empty());
-        assert_eq!(snapshot(&agent.repo), installed, "{what} changed the repository");
+        assert_eq!(
+            snapshot(&agent.repo),
+            installed,
+            "{what} changed the repository"
+        );
+    }
+
+    // The agent says why it refused each handshake.
+    for reason in ["peer sent no certificates", "UnknownIssuer"] {
+        poll_until(Duration::from_secs(5), reason, || async {
+            agent.daemon.log().contains(reason).then_some(())
+        })
+        .await;
     }
 
     let state = agent.state(&pki).await;
-    assert_eq!((state.generation, state.digest.as_slice()), (2, &g2.digest().0[..]));
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
     let metrics = agent.metrics().await;
-    for reason in ["rollback", "fork", "malformed", "digest", "canary", "permission", "unknown_repository"] {
-        assert!(metrics.contains(&format!("outcome=\"{reason}\"")), "no {reason} refusal counted:\n{metrics}");
+    for reason in [
+        "rollback",
+        "fork",
+        "malformed",
+        "digest",
+        "canary",
+        "permission",
+        "unknown_repository",
+    ] {
+        assert!(
+            metrics.contains(&format!("outcome=\"{reason}\"")),
+            "no {reason} refusal counted:\n{metrics}"
+        );
     }
     // The agent is still fine: the next generation installs.
-    rotator.install(request(&g3, 3)).await.expect("install g3 after the refusals");
+    rotator
+        .install(request(&g3, 3))
+        .await
+        .expect("install g3 after the refusals");
     assert_on_disk(&agent.repo, &g3);
     assert_no_keys(&agent.daemon.log(), &[&g1, &g2, &g3, &fork]);
 }
@@ -385,7 +571,12 @@ async fn drift_is_reported_and_counted() {
     let pki = Pki::new();
     let agent = Agent::start(&pki, DriftPolicy::Report).await;
     let g1 = new_set([0, 1, 2]);
-    agent.rotator(&pki).await.install(request(&g1, 1)).await.expect("install");
+    agent
+        .rotator(&pki)
+        .await
+        .install(request(&g1, 1))
+        .await
+        .expect("install");
     // Someone copies a key over by hand (the classic rsync of one node).
     write_file(&agent.repo.join("1"), Key::generate().to_base64().as_str());
     let state = poll_until(Duration::from_secs(10), "drift reported", || async {
@@ -393,16 +584,41 @@ async fn drift_is_reported_and_counted() {
         s.drift.then_some(s)
     })
     .await;
-    assert!(state.drift_detail.contains("differs from installed generation 1"), "{}", state.drift_detail);
-    assert_ne!(state.digest, g1.digest().0.to_vec(), "GetState must show the digest on disk");
+    assert!(
+        state
+            .drift_detail
+            .contains("differs from installed generation 1"),
+        "{}",
+        state.drift_detail
+    );
+    assert_ne!(
+        state.digest,
+        g1.digest().0.to_vec(),
+        "GetState must show the digest on disk"
+    );
     let metrics = agent.metrics().await;
-    assert!(metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"), "{metrics}");
-    assert!(metrics.contains("fernetd_agent_drift{repository=\"tokens\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fernetd_agent_drift{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
     assert!(agent.daemon.log().contains("drift"), "drift not logged");
     // Policy "report" leaves the repository as the operator made it; the
     // rotator's re-push of the same generation repairs it.
-    let done = agent.rotator(&pki).await.install(request(&g1, 1)).await.expect("re-push").into_inner();
-    assert!(!done.unchanged, "a drifted repository must be re-installed, not called unchanged");
+    let done = agent
+        .rotator(&pki)
+        .await
+        .install(request(&g1, 1))
+        .await
+        .expect("re-push")
+        .into_inner();
+    assert!(
+        !done.unchanged,
+        "a drifted repository must be re-installed, not called unchanged"
+    );
     assert_on_disk(&agent.repo, &g1);
     assert!(!agent.state(&pki).await.drift);
 }
@@ -412,19 +628,29 @@ async fn drift_is_restored_under_the_restore_policy() {
     let pki = Pki::new();
     let agent = Agent::start(&pki, DriftPolicy::Restore).await;
     let g1 = new_set([0, 1, 2]);
-    agent.rotator(&pki).await.install(request(&g1, 1)).await.expect("install");
+    agent
+        .rotator(&pki)
+        .await
+        .install(request(&g1, 1))
+        .await
+        .expect("install");
     std::fs::remove_file(agent.repo.join("2")).expect("delete the primary key");
     poll_until(Duration::from_secs(10), "repository restored", || async {
         let disk = fernetd::repository::load(&agent.repo).ok()?;
         (disk.digest() == g1.digest()).then_some(())
     })
     .await;
-    poll_until(Duration::from_secs(10), "drift cleared in GetState", || async {
-        (!agent.state(&pki).await.drift).then_some(())
-    })
+    poll_until(
+        Duration::from_secs(10),
+        "drift cleared in GetState",
+        || async { (!agent.state(&pki).await.drift).then_some(()) },
+    )
     .await;
     let metrics = agent.metrics().await;
-    assert!(metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("outcome=\"restored\"} 1"), "{metrics}");
     assert!(agent.daemon.log().contains("drift restored"));
     assert_no_keys(&agent.daemon.log(), &[&g1]);
@@ -435,7 +661,12 @@ async fn certificates_are_reloaded_without_restart() {
     let pki = Pki::new();
     let agent = Agent::start(&pki, DriftPolicy::Report).await;
     let g1 = new_set([0, 1, 2]);
-    agent.rotator(&pki).await.install(request(&g1, 1)).await.expect("install");
+    agent
+        .rotator(&pki)
+        .await
+        .install(request(&g1, 1))
+        .await
+        .expect("install");
     let pid = agent.daemon.pid();
 
     // The operator moves the cloud to a new CA: new trust anchor, new agent
@@ -449,11 +680,16 @@ async fn certificates_are_reloaded_without_restart() {
     let new_tls = || client_tls(ca2.cert_pem(), Some(&rotator2), AGENT);
     poll_until(Duration::from_secs(15), "the new CA accepted", || async {
         let channel = daemon::connect(agent.addr, new_tls()).await.ok()?;
-        DistributionClient::new(channel).get_state(pb::GetStateRequest {}).await.ok()
+        DistributionClient::new(channel)
+            .get_state(pb::GetStateRequest {})
+            .await
+            .ok()
     })
     .await;
     let g2 = rotated(&g1, 3);
-    let channel = daemon::connect(agent.addr, new_tls()).await.expect("connect with the new CA");
+    let channel = daemon::connect(agent.addr, new_tls())
+        .await
+        .expect("connect with the new CA");
     DistributionClient::new(channel)
         .install(request(&g2, 2))
         .await
@@ -464,6 +700,9 @@ async fn certificates_are_reloaded_without_restart() {
         Err(_) => true,
         Ok(mut c) => c.get_state(pb::GetStateRequest {}).await.is_err(),
     };
-    assert!(refused, "a certificate of the replaced CA is still accepted");
+    assert!(
+        refused,
+        "a certificate of the replaced CA is still accepted"
+    );
     assert_eq!(agent.daemon.pid(), pid, "the agent restarted");
 }

@@ -114,7 +114,9 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits for a clean exit and returns its status; panics with
-    /// the log when the daemon does not stop in time.
+    /// the log when the daemon does not stop in time. This blocks the calling
+    /// thread: drop gRPC clients first on a current-thread runtime, or the
+    /// daemon's graceful GOAWAY goes unanswered until its drain timeout.
     pub fn stop(&mut self) -> ExitStatus {
         self.signal(rustix::process::Signal::TERM);
         match self.wait_exit(STARTUP) {

@@ -29,7 +29,10 @@ impl Ca {
     /// A leaf certificate valid for TLS server and client authentication with
     /// the given SANs (DNS names, or URIs when they contain "://").
     pub fn issue(&self, sans: &[&str]) -> Leaf {
-        let issued = self.authority.issue(sans).expect("issue a test certificate");
+        let issued = self
+            .authority
+            .issue(sans)
+            .expect("issue a test certificate");
         Leaf {
             cert_pem: issued.cert_pem.clone(),
             key_pem: issued.key_pem.to_string(),
