@@ -240,18 +240,33 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Refusal::Internal(format!("blocking task failed: {e}")))
 }
 
-/// A problem Keystone would hit reading this repository, if any.
-fn keystone_problem(loaded: &Result<KeySet, RepositoryError>) -> Option<String> {
-    match loaded {
-        Err(e) => Some(error_chain(e)),
-        Ok(set) if set.is_empty() => {
-            Some("the repository holds no key (Keystone answers HTTP 500)".into())
+/// The repository as found on disk: the keys Keystone would use, and every
+/// problem `repository::verify` sees (what Keystone would trip on, modes,
+/// ownership, a stamp that does not match the keys).
+struct Disk {
+    keys: Option<KeySet>,
+    problem: Option<String>,
+}
+
+impl Disk {
+    fn read(path: &Path, owner: Option<Owner>) -> Disk {
+        let report = repository::verify(path, owner.map(|o| (o.uid, o.gid)));
+        let problem = (!report.problems.is_empty()).then(|| {
+            report
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        Disk {
+            keys: report.keys,
+            problem,
         }
-        Ok(set) if set.staged().is_none() => Some("no staged key 0".into()),
-        Ok(set) if set.len() < 2 => {
-            Some("only one key: no primary distinct from the staged key".into())
-        }
-        Ok(_) => None,
+    }
+
+    fn digest(&self) -> Option<Digest> {
+        self.keys.as_ref().map(KeySet::digest)
     }
 }
 
@@ -272,26 +287,24 @@ impl Managed {
             }
         }
         let stamp = install::read_stamp(&path)?;
-        let loaded = repository::load(&path);
+        let disk = Disk::read(&path, owner);
         let mut desired = Desired {
             generation: 0,
             digest: None,
             set: None,
         };
         let mut view = View {
-            problem: keystone_problem(&loaded),
+            digest: disk.digest(),
+            indices: disk.keys.as_ref().map(KeySet::indices).unwrap_or_default(),
+            problem: disk.problem,
             ..View::default()
         };
-        if let Ok(set) = &loaded {
-            view.digest = Some(set.digest());
-            view.indices = set.indices();
-        }
         if let Some(stamp) = stamp {
             desired.generation = stamp.generation;
             desired.digest = Some(stamp.digest);
             view.generation = stamp.generation;
-            match loaded {
-                Ok(set) if set.digest() == stamp.digest => desired.set = Some(Arc::new(set)),
+            match disk.keys {
+                Some(set) if set.digest() == stamp.digest => desired.set = Some(Arc::new(set)),
                 _ => {
                     let detail = drift_detail(&stamp, view.digest);
                     tracing::warn!(repository = %name, %detail, "repository changed while the agent was down");
@@ -419,7 +432,7 @@ impl Managed {
                     },
                     None => "there was no previous generation to restore",
                 };
-                self.refresh_view_locked(&desired).await;
+                self.refresh_view().await;
                 return Err(Refusal::Unproven { restored, source });
             }
             Err(e) => return Err(e),
@@ -432,12 +445,10 @@ impl Managed {
         let indices = proof.set.indices();
         self.update_view(|v| {
             v.generation = stamp.generation;
-            v.digest = Some(stamp.digest);
-            v.indices = indices.clone();
             v.last_install_unix_ms = now_unix_ms();
             v.drift = None;
-            v.problem = keystone_problem(&Ok(proof.set));
         });
+        self.refresh_view().await;
         self.metrics.set_generation(&self.name, stamp.generation);
         self.metrics.set_drifted(&self.name, false);
         self.metrics.installed(&self.name, "installed");
@@ -499,14 +510,11 @@ impl Managed {
     /// not make and, with `restore`, puts its set back.
     pub async fn check_drift(&self, restore: bool) {
         let desired = self.desired.lock().await;
-        let path = self.path.clone();
-        let Ok(loaded) = blocking(move || repository::load(&path)).await else {
+        let Some(on_disk) = self.refresh_view().await else {
             return;
         };
-        let on_disk = loaded.as_ref().ok().map(KeySet::digest);
         let Some(expected) = desired.digest else {
             // Never installed and no stamp: nothing to drift from.
-            self.set_view_from_disk(&loaded);
             return;
         };
         let stamp = Stamp {
@@ -514,7 +522,6 @@ impl Managed {
             digest: expected,
         };
         if on_disk == Some(expected) {
-            self.set_view_from_disk(&loaded);
             if self.view().drift.is_some() {
                 tracing::info!(repository = %self.name, generation = desired.generation, "drift cleared: the repository matches the installed set again");
                 self.update_view(|v| v.drift = None);
@@ -524,7 +531,6 @@ impl Managed {
         }
         let detail = drift_detail(&stamp, on_disk);
         let first = self.view().drift.is_none();
-        self.set_view_from_disk(&loaded);
         self.update_view(|v| v.drift = Some(detail.clone()));
         if first {
             tracing::warn!(repository = %self.name, %detail, "drift: the repository was changed by someone else");
@@ -539,12 +545,12 @@ impl Managed {
             return;
         };
         match self.write_and_prove(&set, &stamp, &[]).await {
-            Ok(proof) => {
+            Ok(_) => {
                 tracing::info!(repository = %self.name, generation = stamp.generation, digest = %stamp.digest, "drift restored: re-installed the last installed set");
                 self.metrics.installed(&self.name, "restored");
                 self.metrics.set_drifted(&self.name, false);
-                self.set_view_from_disk(&Ok(proof.set));
                 self.update_view(|v| v.drift = None);
+                self.refresh_view().await;
             }
             Err(e) => {
                 tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring after drift failed");
@@ -552,24 +558,18 @@ impl Managed {
         }
     }
 
-    async fn refresh_view_locked(&self, _desired: &Desired) {
-        let path = self.path.clone();
-        if let Ok(loaded) = blocking(move || repository::load(&path)).await {
-            self.set_view_from_disk(&loaded);
-        }
-    }
-
-    fn set_view_from_disk(&self, loaded: &Result<KeySet, RepositoryError>) {
-        let problem = keystone_problem(loaded);
-        let (digest, indices) = match loaded {
-            Ok(set) => (Some(set.digest()), set.indices()),
-            Err(_) => (None, Vec::new()),
-        };
+    /// Re-reads the disk into the `GetState` view; returns the on-disk digest
+    /// (inner `None`: no usable keys), or `None` when the read itself failed.
+    async fn refresh_view(&self) -> Option<Option<Digest>> {
+        let (path, owner) = (self.path.clone(), self.owner);
+        let disk = blocking(move || Disk::read(&path, owner)).await.ok()?;
+        let digest = disk.digest();
         self.update_view(|v| {
             v.digest = digest;
-            v.indices = indices;
-            v.problem = problem;
+            v.indices = disk.keys.as_ref().map(KeySet::indices).unwrap_or_default();
+            v.problem = disk.problem;
         });
+        Some(digest)
     }
 }
 
@@ -588,4 +588,98 @@ fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
 
 fn elapsed_micros(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::Key;
+
+    fn sample() -> KeySet {
+        KeySet::from_keys((0..3).map(|i| (i, Key::generate())))
+    }
+
+    fn canary(set: &KeySet, index: u32) -> pb::Canary {
+        pb::Canary {
+            token: crate::token::canary(set.get(index).expect("key")),
+            key_index: index,
+        }
+    }
+
+    fn installed(dir: &Path, set: &KeySet, generation: u64) -> Stamp {
+        let stamp = Stamp {
+            generation,
+            digest: set.digest(),
+        };
+        install::install(dir, set, Some(&stamp), None).expect("install");
+        stamp
+    }
+
+    #[test]
+    fn proof_reloads_the_disk_and_checks_digest_stamp_and_canaries() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let set = sample();
+        let stamp = installed(&repo, &set, 4);
+        let canaries = [canary(&set, 2), canary(&set, 0)];
+        prove(&repo, &stamp, &canaries).expect("the installed set proves itself");
+
+        let later = Stamp {
+            generation: 5,
+            ..stamp
+        };
+        assert!(matches!(
+            prove(&repo, &later, &canaries),
+            Err(ProofError::StampMismatch {
+                expected: 5,
+                found: Some(4)
+            })
+        ));
+        let wrong = [pb::Canary {
+            key_index: 1,
+            ..canary(&set, 2)
+        }];
+        assert!(matches!(
+            prove(&repo, &stamp, &wrong),
+            Err(ProofError::Canary(CanaryError::WrongKey {
+                key_index: 1,
+                actual: 2,
+                ..
+            }))
+        ));
+        std::fs::write(repo.join("1"), Key::generate().to_base64().as_bytes()).expect("tamper");
+        assert!(matches!(
+            prove(&repo, &stamp, &canaries),
+            Err(ProofError::Digest { .. })
+        ));
+    }
+
+    #[test]
+    fn a_repository_changed_while_down_is_drift_at_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let set = sample();
+        installed(&repo, &set, 9);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+
+        let clean =
+            Managed::open("tokens".into(), repo.clone(), None, metrics.clone()).expect("open");
+        let view = clean.view();
+        assert_eq!(
+            (view.generation, view.digest, view.drift),
+            (9, Some(set.digest()), None)
+        );
+
+        std::fs::remove_file(repo.join("1")).expect("remove a key");
+        let drifted = Managed::open("tokens".into(), repo, None, metrics).expect("open");
+        let view = drifted.view();
+        assert_eq!(view.generation, 9);
+        assert!(
+            view.drift
+                .expect("drift")
+                .contains("differs from installed generation 9")
+        );
+        assert_eq!(view.indices, vec![0, 2]);
+    }
 }
