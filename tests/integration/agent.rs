@@ -112,7 +112,7 @@ impl Agent {
 
     /// Restarts the process on the same configuration and repository.
     async fn restart(&mut self, pki: &Pki) {
-        let status = self.daemon.stop();
+        let status = self.daemon.stop().await;
         assert!(status.success(), "agent exited with {status} on SIGTERM");
         self.daemon = Daemon::spawn(
             "agent",
@@ -352,10 +352,7 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
     );
 
     // SIGTERM drains and exits 0; the restarted agent recovers generation and
-    // digest from its stamp, so the rollback rule survives restarts. The
-    // clients go first: `stop` blocks this runtime, which could then not answer
-    // the agent's GOAWAY.
-    drop((rotator, c1, c2));
+    // digest from its stamp, so the rollback rule survives restarts.
     agent.restart(&pki).await;
     let state = agent.state(&pki).await;
     assert_eq!(
@@ -379,8 +376,7 @@ async fn install_proves_canaries_is_idempotent_and_survives_restart() {
     assert_eq!(done.generation, 1);
     assert_on_disk(&agent.repo, &g1);
 
-    drop(rotator);
-    let status = agent.daemon.stop();
+    let status = agent.daemon.stop().await;
     assert!(status.success(), "agent exited with {status}");
     assert!(agent.daemon.log().contains("agent stopped"));
     assert_no_keys(&agent.daemon.log(), &[&g1, &g2]);

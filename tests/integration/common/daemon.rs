@@ -114,18 +114,24 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits for a clean exit and returns its status; panics with
-    /// the log when the daemon does not stop in time. This blocks the calling
-    /// thread: drop gRPC clients first on a current-thread runtime, or the
-    /// daemon's graceful GOAWAY goes unanswered until its drain timeout.
-    pub fn stop(&mut self) -> ExitStatus {
+    /// the log when the daemon does not stop in time. Async so that this test's
+    /// own gRPC connections keep being served (and answer the daemon's GOAWAY)
+    /// while it drains.
+    pub async fn stop(&mut self) -> ExitStatus {
         self.signal(rustix::process::Signal::TERM);
-        match self.wait_exit(STARTUP) {
-            Some(status) => status,
-            None => panic!(
-                "{} did not exit after SIGTERM; log:\n{}",
-                self.name,
-                self.log()
-            ),
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not exit after SIGTERM; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
