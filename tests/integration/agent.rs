@@ -58,44 +58,21 @@ struct Agent {
 
 impl Agent {
     async fn start(pki: &Pki, drift: DriftPolicy) -> Agent {
+        Agent::start_with(pki, |c| c.drift = drift).await
+    }
+
+    /// Starts an agent on a configuration made by [`config`] and then `edit`ed.
+    async fn start_with(pki: &Pki, edit: impl FnOnce(&mut AgentConfig)) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tls = TlsFiles::write(&dir.path().join("tls"), "agent", &pki.ca, &pki.agent);
-        let repo = dir.path().join("keystone/fernet-keys");
-        std::fs::create_dir_all(&repo).expect("create repository");
-        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let config = AgentConfig {
-            region: "region-one".into(),
-            listen: free_addr(),
-            metrics: Some(free_addr()),
-            rotator_identity: ROTATOR.into(),
-            drift,
-            drift_check_seconds: 60,
-            max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
-            log_format: None,
-            tls: tls.to_config(),
-            repositories: vec![AgentRepository {
-                name: "tokens".into(),
-                path: repo.clone(),
-                owner: None,
-            }],
-        };
-        let config_path = dir.path().join("agent.toml");
-        write_file(
-            &config_path,
-            &toml::to_string(&config).expect("serialize agent.toml"),
-        );
+        let mut config = config(dir.path(), pki);
+        edit(&mut config);
+        let config_path = write_config(dir.path(), &config);
         let mut agent = Agent {
-            daemon: Daemon::spawn(
-                "agent",
-                ["agent", "--config"]
-                    .map(Into::into)
-                    .into_iter()
-                    .chain([config_path.clone().into_os_string()]),
-            ),
+            daemon: spawn_agent(&config_path),
             addr: config.listen,
             metrics: config.metrics.expect("metrics address"),
             config_path,
-            repo,
+            repo: config.repositories[0].path.clone(),
             ca_pem: pki.ca.cert_pem().to_string(),
             dir,
         };
@@ -114,13 +91,7 @@ impl Agent {
     async fn restart(&mut self, pki: &Pki) {
         let status = self.daemon.stop().await;
         assert!(status.success(), "agent exited with {status} on SIGTERM");
-        self.daemon = Daemon::spawn(
-            "agent",
-            ["agent", "--config"]
-                .map(Into::into)
-                .into_iter()
-                .chain([self.config_path.clone().into_os_string()]),
-        );
+        self.daemon = spawn_agent(&self.config_path);
         self.wait_ready(&pki.rotator).await;
     }
 
@@ -171,6 +142,52 @@ impl Agent {
             .expect("read metrics");
         body
     }
+}
+
+/// A working configuration under `dir`: TLS files, an empty 0700 repository,
+/// loopback ports free now.
+fn config(dir: &Path, pki: &Pki) -> AgentConfig {
+    let tls = TlsFiles::write(&dir.join("tls"), "agent", &pki.ca, &pki.agent);
+    let repo = dir.join("keystone/fernet-keys");
+    std::fs::create_dir_all(&repo).expect("create repository");
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    AgentConfig {
+        region: "region-one".into(),
+        listen: free_addr(),
+        metrics: Some(free_addr()),
+        rotator_identity: ROTATOR.into(),
+        drift: DriftPolicy::Report,
+        drift_check_seconds: 60,
+        max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        log_format: None,
+        tls: tls.to_config(),
+        repositories: vec![AgentRepository {
+            name: "tokens".into(),
+            path: repo,
+            owner: None,
+        }],
+    }
+}
+
+/// Writes `agent.toml` from the type, as `fernetd demo` does.
+fn write_config(dir: &Path, config: &AgentConfig) -> PathBuf {
+    let path = dir.join("agent.toml");
+    write_file(
+        &path,
+        &toml::to_string(config).expect("serialize agent.toml"),
+    );
+    path
+}
+
+fn spawn_agent(config: &Path) -> Daemon {
+    Daemon::spawn(
+        "agent",
+        [
+            std::ffi::OsStr::new("agent"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
 }
 
 /// Every entry of the repository with its bytes and mode, and the directory's
@@ -701,4 +718,81 @@ async fn certificates_are_reloaded_without_restart() {
         "a certificate of the replaced CA is still accepted"
     );
     assert_eq!(agent.daemon.pid(), pid, "the agent restarted");
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_2_before_touching_anything() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = config(dir.path(), &pki);
+    let cases: [(&str, Box<dyn Fn(&mut AgentConfig)>, &str); 3] = [
+        (
+            "relative path",
+            Box::new(|c| c.repositories[0].path = "keys".into()),
+            "must be absolute",
+        ),
+        (
+            "unknown owner",
+            Box::new(|c| c.repositories[0].owner = Some("no-such-user-here:nogroup".into())),
+            "no such user",
+        ),
+        (
+            "no rotator identity",
+            Box::new(|c| c.rotator_identity = " ".into()),
+            "rotator_identity",
+        ),
+    ];
+    for (what, edit, words) in cases {
+        let mut config = good.clone();
+        edit(&mut config);
+        let mut daemon = spawn_agent(&write_config(dir.path(), &config));
+        let status = daemon.wait_exit(daemon::STARTUP).expect("exits");
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{what}: {status}; log:\n{}",
+            daemon.log()
+        );
+        assert!(
+            daemon.log().contains(words),
+            "{what}: log lacks {words:?}:\n{}",
+            daemon.log()
+        );
+    }
+    let path = write_config(dir.path(), &good);
+    let text = std::fs::read_to_string(&path).expect("read config");
+    write_file(&path, &format!("listen_on = \"x\"\n{text}"));
+    let mut daemon = spawn_agent(&path);
+    let status = daemon.wait_exit(daemon::STARTUP).expect("exits");
+    assert_eq!(status.code(), Some(2), "unknown key: {status}");
+    assert!(daemon.log().contains("listen_on"), "{}", daemon.log());
+    let repo = &good.repositories[0].path;
+    assert_eq!(
+        std::fs::read_dir(repo).expect("repository").count(),
+        0,
+        "a refused start wrote into the repository"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_when_the_configuration_asks() {
+    let pki = Pki::new();
+    let agent =
+        Agent::start_with(&pki, |c| c.log_format = Some(fernetd::cli::LogFormat::Json)).await;
+    let g1 = new_set([0, 1, 2]);
+    agent
+        .rotator(&pki)
+        .await
+        .install(request(&g1, 1))
+        .await
+        .expect("install");
+    let log = agent.daemon.log();
+    let installed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "installed")
+        .unwrap_or_else(|| panic!("no JSON `installed` line in:\n{log}"));
+    assert_eq!(installed["fields"]["generation"], 1);
+    assert_eq!(installed["fields"]["repository"], "tokens");
+    assert_no_keys(&log, &[&g1]);
 }
