@@ -109,6 +109,16 @@ impl Agent {
             .expect("rotator connects")
     }
 
+    /// One `Install` as the rotator.
+    async fn install(&self, pki: &Pki, request: pb::InstallRequest) -> pb::InstallResponse {
+        self.rotator(pki)
+            .await
+            .install(request)
+            .await
+            .expect("install")
+            .into_inner()
+    }
+
     async fn state(&self, pki: &Pki) -> pb::RepositoryState {
         let state = self
             .rotator(pki)
@@ -579,17 +589,18 @@ async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() 
     assert_no_keys(&agent.daemon.log(), &[&g1, &g2, &g3, &fork]);
 }
 
+/// An agent with generation 1 installed.
+async fn installed_agent(pki: &Pki, drift: DriftPolicy) -> (Agent, KeySet) {
+    let agent = Agent::start(pki, drift).await;
+    let g1 = new_set([0, 1, 2]);
+    agent.install(pki, request(&g1, 1)).await;
+    (agent, g1)
+}
+
 #[tokio::test]
 async fn drift_is_reported_and_counted() {
     let pki = Pki::new();
-    let agent = Agent::start(&pki, DriftPolicy::Report).await;
-    let g1 = new_set([0, 1, 2]);
-    agent
-        .rotator(&pki)
-        .await
-        .install(request(&g1, 1))
-        .await
-        .expect("install");
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
     // Someone copies a key over by hand (the classic rsync of one node).
     write_file(&agent.repo.join("1"), Key::generate().to_base64().as_str());
     let state = poll_until(Duration::from_secs(10), "drift reported", || async {
@@ -621,13 +632,7 @@ async fn drift_is_reported_and_counted() {
     assert!(agent.daemon.log().contains("drift"), "drift not logged");
     // Policy "report" leaves the repository as the operator made it; the
     // rotator's re-push of the same generation repairs it.
-    let done = agent
-        .rotator(&pki)
-        .await
-        .install(request(&g1, 1))
-        .await
-        .expect("re-push")
-        .into_inner();
+    let done = agent.install(&pki, request(&g1, 1)).await;
     assert!(
         !done.unchanged,
         "a drifted repository must be re-installed, not called unchanged"
@@ -639,14 +644,7 @@ async fn drift_is_reported_and_counted() {
 #[tokio::test]
 async fn drift_is_restored_under_the_restore_policy() {
     let pki = Pki::new();
-    let agent = Agent::start(&pki, DriftPolicy::Restore).await;
-    let g1 = new_set([0, 1, 2]);
-    agent
-        .rotator(&pki)
-        .await
-        .install(request(&g1, 1))
-        .await
-        .expect("install");
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Restore).await;
     std::fs::remove_file(agent.repo.join("2")).expect("delete the primary key");
     poll_until(Duration::from_secs(10), "repository restored", || async {
         let disk = fernetd::repository::load(&agent.repo).ok()?;
@@ -672,14 +670,7 @@ async fn drift_is_restored_under_the_restore_policy() {
 #[tokio::test]
 async fn certificates_are_reloaded_without_restart() {
     let pki = Pki::new();
-    let agent = Agent::start(&pki, DriftPolicy::Report).await;
-    let g1 = new_set([0, 1, 2]);
-    agent
-        .rotator(&pki)
-        .await
-        .install(request(&g1, 1))
-        .await
-        .expect("install");
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
     let pid = agent.daemon.pid();
 
     // The operator moves the cloud to a new CA: new trust anchor, new agent
@@ -720,12 +711,15 @@ async fn certificates_are_reloaded_without_restart() {
     assert_eq!(agent.daemon.pid(), pid, "the agent restarted");
 }
 
+/// A change to a working configuration.
+type Edit = Box<dyn Fn(&mut AgentConfig)>;
+
 #[tokio::test]
 async fn configuration_errors_exit_2_before_touching_anything() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let good = config(dir.path(), &pki);
-    let cases: [(&str, Box<dyn Fn(&mut AgentConfig)>, &str); 3] = [
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "relative path",
             Box::new(|c| c.repositories[0].path = "keys".into()),
@@ -746,7 +740,7 @@ async fn configuration_errors_exit_2_before_touching_anything() {
         let mut config = good.clone();
         edit(&mut config);
         let mut daemon = spawn_agent(&write_config(dir.path(), &config));
-        let status = daemon.wait_exit(daemon::STARTUP).expect("exits");
+        let status = daemon.wait_exit(daemon::STARTUP).await.expect("exits");
         assert_eq!(
             status.code(),
             Some(2),
@@ -763,7 +757,7 @@ async fn configuration_errors_exit_2_before_touching_anything() {
     let text = std::fs::read_to_string(&path).expect("read config");
     write_file(&path, &format!("listen_on = \"x\"\n{text}"));
     let mut daemon = spawn_agent(&path);
-    let status = daemon.wait_exit(daemon::STARTUP).expect("exits");
+    let status = daemon.wait_exit(daemon::STARTUP).await.expect("exits");
     assert_eq!(status.code(), Some(2), "unknown key: {status}");
     assert!(daemon.log().contains("listen_on"), "{}", daemon.log());
     let repo = &good.repositories[0].path;
@@ -780,12 +774,7 @@ async fn json_logs_when_the_configuration_asks() {
     let agent =
         Agent::start_with(&pki, |c| c.log_format = Some(fernetd::cli::LogFormat::Json)).await;
     let g1 = new_set([0, 1, 2]);
-    agent
-        .rotator(&pki)
-        .await
-        .install(request(&g1, 1))
-        .await
-        .expect("install");
+    agent.install(&pki, request(&g1, 1)).await;
     let log = agent.daemon.log();
     let installed = log
         .lines()

@@ -99,8 +99,10 @@ impl Daemon {
         self.child.as_mut()?.try_wait().expect("poll the daemon")
     }
 
-    /// Waits up to `timeout` for the process to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Waits up to `timeout` for the process to exit. Async so that this
+    /// test's own gRPC connections keep being served meanwhile (a draining
+    /// daemon waits for its peers to answer its GOAWAY).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit() {
@@ -109,29 +111,21 @@ impl Daemon {
             if Instant::now() >= deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// SIGTERM, then waits for a clean exit and returns its status; panics with
-    /// the log when the daemon does not stop in time. Async so that this test's
-    /// own gRPC connections keep being served (and answer the daemon's GOAWAY)
-    /// while it drains.
+    /// the log when the daemon does not stop in time.
     pub async fn stop(&mut self) -> ExitStatus {
         self.signal(rustix::process::Signal::TERM);
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{} did not exit after SIGTERM; log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match self.wait_exit(STARTUP).await {
+            Some(status) => status,
+            None => panic!(
+                "{} did not exit after SIGTERM; log:\n{}",
+                self.name,
+                self.log()
+            ),
         }
     }
 
