@@ -207,6 +207,7 @@ pub struct View {
 }
 
 /// A successful install's answer.
+#[derive(Debug)]
 pub struct Installed {
     pub generation: u64,
     pub digest: Digest,
@@ -224,6 +225,10 @@ pub struct Managed {
     desired: Mutex<Desired>,
     view: StdMutex<View>,
     metrics: AgentMetrics,
+    /// Fault injection for unit tests: runs once between the install and the
+    /// proof, standing in for another writer or a file system that lost data.
+    #[cfg(test)]
+    after_install: StdMutex<Option<Box<dyn FnOnce(&Path) + Send>>>,
 }
 
 fn now_unix_ms() -> i64 {
@@ -330,6 +335,8 @@ impl Managed {
             desired: Mutex::new(desired),
             view: StdMutex::new(view),
             metrics,
+            #[cfg(test)]
+            after_install: StdMutex::new(None),
         })
     }
 
@@ -488,11 +495,21 @@ impl Managed {
             *stamp,
             canaries.to_vec(),
         );
+        #[cfg(test)]
+        let fault = self
+            .after_install
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         blocking(move || {
             install::install(&path, &set, Some(&s), owner).map_err(|source| Refusal::Install {
                 path: path.clone(),
                 source,
             })?;
+            #[cfg(test)]
+            if let Some(fault) = fault {
+                fault(&path);
+            }
             prove(&path, &s, &c).map_err(|source| Refusal::Unproven {
                 restored: "",
                 source,
@@ -652,6 +669,60 @@ mod tests {
             prove(&repo, &stamp, &canaries),
             Err(ProofError::Digest { .. })
         ));
+    }
+
+    fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
+        pb::InstallRequest {
+            repository: "tokens".into(),
+            generation,
+            keys: check::to_wire(set),
+            digest: set.digest().0.to_vec(),
+            canaries: vec![
+                canary(set, set.primary_index().expect("primary")),
+                canary(set, 0),
+            ],
+            restore: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repository_that_fails_its_proof_is_put_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        let managed = Managed::open("tokens".into(), repo.clone(), None, metrics).expect("open");
+        let g1 = sample();
+        managed.install(request(&g1, 1)).await.expect("install g1");
+
+        // Between the swap and the proof, someone truncates the new primary.
+        let g2 = crate::repository::rotate(&g1, 3).expect("rotate");
+        *managed.after_install.lock().expect("hook") = Some(Box::new(|path: &Path| {
+            std::fs::write(path.join("3"), b"truncated").expect("tamper");
+        }));
+        let refusal = managed
+            .install(request(&g2, 2))
+            .await
+            .expect_err("unproven");
+        assert!(matches!(
+            refusal,
+            Refusal::Unproven {
+                restored: "the previous generation was restored",
+                source: ProofError::Load(_)
+            }
+        ));
+        assert_eq!(refusal.to_status().code(), tonic::Code::DataLoss);
+        assert_eq!(
+            repository::load(&repo).expect("reload").digest(),
+            g1.digest()
+        );
+        let stamp = install::read_stamp(&repo).expect("stamp").expect("stamped");
+        assert_eq!((stamp.generation, stamp.digest), (1, g1.digest()));
+        assert_eq!(managed.view().generation, 1);
+
+        // Nothing was lost: the same push succeeds once the disk behaves.
+        let done = managed.install(request(&g2, 2)).await.expect("install g2");
+        assert_eq!((done.generation, done.unchanged), (2, false));
     }
 
     #[test]
