@@ -217,6 +217,10 @@ pub struct Installed {
     pub micros: u64,
 }
 
+/// A one-shot fault injected by unit tests.
+#[cfg(test)]
+type Fault = Box<dyn FnOnce(&Path) + Send>;
+
 /// One repository named in the agent's configuration.
 pub struct Managed {
     pub name: String,
@@ -228,7 +232,7 @@ pub struct Managed {
     /// Fault injection for unit tests: runs once between the install and the
     /// proof, standing in for another writer or a file system that lost data.
     #[cfg(test)]
-    after_install: StdMutex<Option<Box<dyn FnOnce(&Path) + Send>>>,
+    after_install: StdMutex<Option<Fault>>,
 }
 
 fn now_unix_ms() -> i64 {
