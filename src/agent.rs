@@ -241,6 +241,15 @@ mod tests {
         assert_eq!(config.repositories.len(), 1);
         assert_eq!(config.repositories[0].name, "tokens");
         assert_eq!(config.metrics, None);
+        let with_metrics = MINIMAL.replace(
+            "rotator_identity",
+            "metrics_listen = \"127.0.0.1:9443\"\nrotator_identity",
+        );
+        let parsed: AgentConfig = toml::from_str(&with_metrics).expect("parse metrics_listen");
+        assert_eq!(
+            parsed.metrics,
+            Some("127.0.0.1:9443".parse().expect("addr"))
+        );
         config.validate().expect("valid");
         let again: AgentConfig =
             toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");

@@ -62,8 +62,14 @@ pub struct AgentConfig {
     pub region: String,
     /// gRPC (mTLS) listen address.
     pub listen: std::net::SocketAddr,
-    /// Prometheus endpoint (plain HTTP, `/metrics`); none when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Prometheus endpoint (plain HTTP, `/metrics`); none when absent. The
+    /// TOML key is `metrics_listen`, as in `rotator.toml`.
+    #[serde(
+        default,
+        rename = "metrics_listen",
+        alias = "metrics",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub metrics: Option<std::net::SocketAddr>,
     /// The certificate SAN (DNS name) the rotator presents; only it may `Install`.
     pub rotator_identity: String,

@@ -20,6 +20,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
+    #[error("cannot start watching the file system")]
+    Watcher(#[source] notify::Error),
     #[error("cannot watch {path} for changes")]
     Watch {
         path: PathBuf,
@@ -76,10 +78,7 @@ pub fn spawn(
             }
         }
     })
-    .map_err(|source| DriftError::Watch {
-        path: PathBuf::new(),
-        source,
-    })?;
+    .map_err(DriftError::Watcher)?;
     let watcher = Arc::new(Mutex::new(watcher));
     for repo in &repos {
         let parent = repo.path.parent().unwrap_or(Path::new("/")).to_path_buf();
