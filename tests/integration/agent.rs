@@ -785,3 +785,74 @@ async fn json_logs_when_the_configuration_asks() {
     assert_eq!(installed["fields"]["repository"], "tokens");
     assert_no_keys(&log, &[&g1]);
 }
+
+#[tokio::test]
+async fn repositories_are_managed_independently() {
+    let pki = Pki::new();
+    let agent = Agent::start_with(&pki, |c| {
+        let receipts = c.repositories[0].path.with_file_name("fernet-receipts");
+        c.repositories.push(AgentRepository {
+            name: "receipts".into(),
+            path: receipts,
+            owner: None,
+        });
+    })
+    .await;
+    let receipts_path = agent.repo.with_file_name("fernet-receipts");
+    let tokens = new_set([0, 1, 2]);
+    let receipts = new_set([0, 7, 8]);
+    agent.install(&pki, request(&tokens, 3)).await;
+    let done = agent
+        .install(
+            &pki,
+            pb::InstallRequest {
+                repository: "receipts".into(),
+                ..request(&receipts, 9)
+            },
+        )
+        .await;
+    assert_eq!((done.repository.as_str(), done.generation), ("receipts", 9));
+    assert_on_disk(&agent.repo, &tokens);
+    assert_on_disk(&receipts_path, &receipts);
+
+    // Generation rules are per repository: generation 4 is new for tokens
+    // even though receipts is at 9, and old for receipts.
+    let next = rotated(&tokens, 3);
+    agent.install(&pki, request(&next, 4)).await;
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(pb::InstallRequest {
+                repository: "receipts".into(),
+                ..request(&rotated(&receipts, 3), 4)
+            })
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_on_disk(&receipts_path, &receipts);
+
+    // Drift in one repository is not drift in the other.
+    std::fs::remove_file(receipts_path.join("7")).expect("remove a receipts key");
+    let states = poll_until(Duration::from_secs(10), "receipts drift", || async {
+        let state = agent
+            .rotator(&pki)
+            .await
+            .get_state(pb::GetStateRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        state
+            .repositories
+            .iter()
+            .any(|r| r.name == "receipts" && r.drift)
+            .then_some(state.repositories)
+    })
+    .await;
+    let by_name: BTreeMap<_, _> = states.iter().map(|r| (r.name.as_str(), r)).collect();
+    assert_eq!(by_name.len(), 2);
+    assert!(!by_name["tokens"].drift);
+    assert_eq!(by_name["tokens"].generation, 4);
+    assert_eq!(by_name["receipts"].generation, 9);
+    assert_no_keys(&agent.daemon.log(), &[&tokens, &next, &receipts]);
+}
