@@ -109,7 +109,7 @@ pub async fn run(
     config: AgentConfig,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     config.validate()?;
     let tls = crate::tls::ServerTls::load(&config.tls)?;
