@@ -98,6 +98,20 @@ fn build(generation: u64, keys: &[pb::Key], digest: &[u8]) -> Result<Checked, Ma
     })
 }
 
+/// Key material never reaches `Debug` output, even through a logged request
+/// (`build.rs` tells prost not to derive this one).
+impl std::fmt::Debug for pb::Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("index", &self.index)
+            .field(
+                "material",
+                &format_args!("<{} bytes redacted>", self.material.len()),
+            )
+            .finish()
+    }
+}
+
 /// The wire form of `set`, for tests and the rotator.
 pub fn to_wire(set: &KeySet) -> Vec<pb::Key> {
     set.iter()
@@ -182,6 +196,18 @@ mod tests {
             key_set(1, &mut wire, &other.0).unwrap_err(),
             Malformed::DigestMismatch { claimed, .. } if claimed == other
         ));
+    }
+
+    #[test]
+    fn requests_never_debug_print_key_bytes() {
+        let set = sample(3);
+        let request = pb::InstallRequest {
+            keys: to_wire(&set),
+            ..Default::default()
+        };
+        let printed = format!("{request:?}");
+        assert!(printed.contains("<32 bytes redacted>"), "{printed}");
+        assert!(!printed.contains("material: ["), "{printed}");
     }
 
     #[test]
