@@ -856,3 +856,68 @@ async fn repositories_are_managed_independently() {
     assert_eq!(by_name["receipts"].generation, 9);
     assert_no_keys(&agent.daemon.log(), &[&tokens, &next, &receipts]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_pushes_are_serialized_and_readers_never_see_a_mix() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let sets: Vec<KeySet> = (0..10).map(|_| new_set([0, 1, 2, 3])).collect();
+    let known: std::collections::HashSet<_> =
+        sets.iter().chain([&g1]).map(|s| s.digest()).collect();
+
+    // A reader doing what Keystone does on every request, for the whole storm.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (repo, stop, known) = (agent.repo.clone(), stop.clone(), known.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let set =
+                    fernetd::repository::load(&repo).expect("the repository is always readable");
+                assert!(
+                    known.contains(&set.digest()),
+                    "a reader saw a set nobody pushed"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // One connection per push, all connected before any is sent.
+    let mut pushes = Vec::new();
+    for (i, set) in sets.iter().enumerate() {
+        let (mut client, req) = (agent.rotator(&pki).await, request(set, 2 + i as u64));
+        pushes.push(async move { client.install(req).await });
+    }
+    let outcomes = futures_join_all(pushes).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("reader");
+    assert!(reads > 0);
+
+    let mut installed = 0;
+    for outcome in outcomes {
+        match outcome {
+            Ok(_) => installed += 1,
+            Err(status) => assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}"),
+        }
+    }
+    assert!(installed >= 1);
+    // Whatever the order, the highest generation wins and nothing older follows it.
+    assert_on_disk(&agent.repo, &sets[9]);
+    assert_eq!(agent.state(&pki).await.generation, 11);
+}
+
+/// Awaits every future concurrently (tokio has no `join_all`).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}
