@@ -47,7 +47,8 @@ impl pb::distribution_server::Distribution for Distribution {
             "rotator",
         ) {
             self.metrics.refused(self.label(&name), "permission");
-            tracing::warn!(repository = %name, generation, error = %status.message(), "install refused");
+            // Debug-quoted: the name comes from the client.
+            tracing::warn!(repository = ?name, generation, error = %status.message(), "install refused");
             return Err(status);
         }
         let outcome = match self.repositories.get(&name) {
@@ -67,7 +68,7 @@ impl pb::distribution_server::Distribution for Distribution {
             Err(refusal) => {
                 self.metrics.refused(self.label(&name), refusal.reason());
                 tracing::warn!(
-                    repository = %name,
+                    repository = ?name,
                     generation,
                     reason = refusal.reason(),
                     error = %error_chain(&refusal),
