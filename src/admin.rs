@@ -118,7 +118,7 @@ impl pb::admin_server::Admin for AdminService {
                         }),
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = crate::rotator::stopped(&mut shutdown) => return,
                     _ = tx.closed() => return,
                 };
                 if tx.send(item).await.is_err() {

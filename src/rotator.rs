@@ -6,7 +6,7 @@
 //! can run it in-process; [`main`] is the thin `fernetd rotator` entry point.
 
 pub(crate) mod core;
-mod fanout;
+pub(crate) mod fanout;
 pub mod schedule;
 pub mod state;
 
@@ -230,7 +230,6 @@ pub async fn run(
         agents.push(AgentSlot::new(
             a.region.clone(),
             a.endpoint.clone(),
-            a.identity.clone(),
             channel,
             repos.len(),
         ));
@@ -299,6 +298,11 @@ pub async fn run(
 }
 
 async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    stopped(&mut stop).await;
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
@@ -314,7 +318,7 @@ async fn reconcile_loop(core: Arc<Core>, stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = reconcile.tick() => core.reconcile_all(false),
             _ = flush.tick() => core.flush_acks().await,
-            _ = stop_wait.wait_for(|s| *s) => return,
+            _ = crate::rotator::stopped(&mut stop_wait) => return,
         }
     }
 }
@@ -354,7 +358,7 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receive
                         core.scheduled_rotation(true, stop.clone()).await;
                     }
                 }
-                _ = stop_wait.wait_for(|s| *s) => return,
+                _ = crate::rotator::stopped(&mut stop_wait) => return,
             }
         }
     }

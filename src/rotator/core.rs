@@ -176,17 +176,15 @@ pub(crate) struct AgentState {
 pub(crate) struct AgentSlot {
     pub region: String,
     pub endpoint: String,
-    pub identity: String,
     pub channel: Channel,
     state: Mutex<AgentState>,
 }
 
 impl AgentSlot {
-    pub(crate) fn new(region: String, endpoint: String, identity: String, channel: Channel, repos: usize) -> Self {
+    pub(crate) fn new(region: String, endpoint: String, channel: Channel, repos: usize) -> Self {
         AgentSlot {
             region,
             endpoint,
-            identity,
             channel,
             state: Mutex::new(AgentState {
                 phase: Phase::Idle,
@@ -709,7 +707,7 @@ impl Core {
             tokio::select! {
                 changed = progress.changed() => if changed.is_err() { return false },
                 _ = tokio::time::sleep_until(deadline) => return false,
-                _ = shutdown.wait_for(|s| *s) => return false,
+                _ = crate::rotator::stopped(&mut shutdown) => return false,
             }
         }
     }

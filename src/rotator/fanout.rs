@@ -17,7 +17,6 @@ use prost::bytes::BufMut as _;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use super::core::{Core, Generation};
@@ -69,7 +68,7 @@ impl Encoder for PreEncodedEncoder {
 
 /// Where an agent is in the dispatcher's hands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
+pub(crate) enum Phase {
     /// Nothing to do, in no queue.
     Idle,
     /// In the ready queue.
@@ -81,7 +80,7 @@ pub(super) enum Phase {
 }
 
 /// The dispatcher's queues.
-pub(super) struct WorkQueue {
+pub(crate) struct WorkQueue {
     ready: Mutex<VecDeque<usize>>,
     delayed: Mutex<BinaryHeap<Reverse<(Instant, usize)>>>,
     wake: Notify,
@@ -152,7 +151,7 @@ impl Core {
                         Ok(p) => p,
                         Err(_) => return,
                     },
-                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = crate::rotator::stopped(&mut shutdown) => return,
                 };
                 {
                     let mut st = self.agents[i].lock();
@@ -177,7 +176,7 @@ impl Core {
             tokio::select! {
                 _ = self.queue.wake.notified() => {}
                 _ = sleep => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = crate::rotator::stopped(&mut shutdown) => return,
             }
         }
     }
@@ -248,7 +247,7 @@ impl Core {
         if probe {
             let state = self.get_state(i).await.inspect_err(|_| agent.lock().connected = false)?;
             agent.lock().connected = true;
-            self.observe_state(i, &state);
+            self.observe_state(i, &state)?;
             agent.lock().probe = false;
         }
         for r in 0..self.repos.len() {
