@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Sound: a build script is single-threaded. prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/fernetd/v1/fernetd.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/fernetd/v1/fernetd.proto"], &["proto"])?;
     Ok(())
 }

@@ -5,5 +5,7 @@
 /// `fernetd agent --config FILE`: runs until SIGTERM or SIGINT.
 pub async fn main(config: &std::path::Path) -> Result<crate::cli::Answer, crate::cli::CliError> {
     let _ = config;
-    Err(crate::cli::CliError::runtime(anyhow::anyhow!("`fernetd agent` is being built (issue 4)")))
+    Err(crate::cli::CliError::runtime(anyhow::anyhow!(
+        "`fernetd agent` is being built (issue 4)"
+    )))
 }

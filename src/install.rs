@@ -1,3 +1,835 @@
-//! Atomic installation of a complete key set into a Keystone key repository: build
-//! a sibling directory, fsync it, swap it in with one `renameat2(RENAME_EXCHANGE)`
-//! (or a symlink flip), so Keystone sees the old set or the new one, never a mix.
+//! Atomic installation of a complete key set into a Keystone key repository. The
+//! new repository is built in a temporary sibling directory on the same filesystem
+//! (every file created exclusively, mode 0600, owned by the Keystone user, written
+//! and fsynced; the directory 0700 and fsynced), then swapped in with one
+//! `renameat2(RENAME_EXCHANGE)`, or a symlink flip when the repository is a
+//! symlink, so that a crash at any moment leaves either the old or the new set on
+//! disk. The generation and digest are recorded inside the new directory, in a
+//! file whose name is not an integer (Keystone skips it), so keys and generation
+//! always change together. Where the kernel or filesystem cannot exchange (an old
+//! kernel, a repository that is itself a mount point) the installer falls back to
+//! an ordered in-place update and says so. These are blocking std-fs functions;
+//! async callers use `spawn_blocking`.
+
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use crate::repository::{self, Digest, KeySet};
+
+/// The file, inside a repository, that records its generation and digest.
+/// Keystone ignores it because its name is not an integer.
+pub const STAMP_FILE: &str = ".fernetd-stamp";
+
+/// Mode of every key file and of the stamp, as `keystone-manage` makes them.
+const FILE_MODE: u32 = 0o600;
+/// Mode of the repository directory.
+const DIR_MODE: u32 = 0o700;
+/// Prefix of temporary files inside a repository during an in-place update.
+const INPLACE_TMP_PREFIX: &str = ".fernetd-tmp-";
+
+/// Who owns the files of a repository (Keystone's `--keystone-user`/`--keystone-group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Parses `USER:GROUP` (names or numeric ids). A bare `USER` takes that user's
+    /// primary group.
+    pub fn parse(spec: &str) -> Result<Owner, InstallError> {
+        let bad = |reason: &str| InstallError::Owner {
+            spec: spec.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        if user.is_empty() || group.is_some_and(str::is_empty) {
+            return Err(bad("expected USER:GROUP"));
+        }
+        let (uid, primary_gid) = match user.parse::<u32>() {
+            Ok(uid) => (uid, None),
+            Err(_) => match nix::unistd::User::from_name(user) {
+                Ok(Some(u)) => (u.uid.as_raw(), Some(u.gid.as_raw())),
+                Ok(None) => return Err(bad("no such user")),
+                Err(e) => return Err(bad(&format!("cannot look up the user: {e}"))),
+            },
+        };
+        let gid = match group {
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => match nix::unistd::Group::from_name(g) {
+                    Ok(Some(gr)) => gr.gid.as_raw(),
+                    Ok(None) => return Err(bad("no such group")),
+                    Err(e) => return Err(bad(&format!("cannot look up the group: {e}"))),
+                },
+            },
+            None => primary_gid.ok_or_else(|| bad("a numeric user needs a group: USER:GROUP"))?,
+        };
+        Ok(Owner { uid, gid })
+    }
+}
+
+/// The generation and digest a repository holds, recorded in [`STAMP_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub generation: u64,
+    pub digest: Digest,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StampFile {
+    generation: u64,
+    digest: String,
+}
+
+impl Stamp {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(&StampFile {
+            generation: self.generation,
+            digest: self.digest.to_hex(),
+        })
+        .unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Stamp, String> {
+        let file: StampFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let digest = Digest::from_hex(&file.digest).ok_or("digest is not 64 hex digits")?;
+        Ok(Stamp {
+            generation: file.generation,
+            digest,
+        })
+    }
+}
+
+/// How the new set was put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// `renameat2(RENAME_EXCHANGE)` of the repository directory.
+    Exchange,
+    /// A new directory and an atomic rename of the repository symlink.
+    SymlinkFlip,
+    /// The repository did not exist; it was created with one rename.
+    Created,
+    /// The exchange is not supported here: files were replaced one by one,
+    /// new keys first, purged keys last. Readers may briefly see a mix.
+    InPlace,
+}
+
+/// What [`install`] did.
+#[derive(Debug, Clone)]
+pub struct InstallOutcome {
+    pub method: Method,
+    pub digest: Digest,
+    /// Wall time from the first write to the parent directory's fsync.
+    pub elapsed: Duration,
+}
+
+/// Why a key set cannot be installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    #[error("the key set is empty (Keystone answers HTTP 500 with no keys)")]
+    Empty,
+    #[error("the key set has no staged key 0 (the next rotation would fail)")]
+    NoStagedKey,
+}
+
+/// What went wrong installing or inspecting a repository. In every case the
+/// target repository is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("refusing to install into {target}: {reason}")]
+    Refused {
+        target: PathBuf,
+        #[source]
+        reason: Unusable,
+    },
+    #[error("stamp digest {stamp} does not match the key set's digest {set}")]
+    StampMismatch { stamp: Digest, set: Digest },
+    #[error("{path} exists and is not a directory (nor a symlink to one)")]
+    NotADirectory { path: PathBuf },
+    #[error("{path} has no parent directory or no file name")]
+    NoParent { path: PathBuf },
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("stamp file {path} is malformed: {reason}")]
+    BadStamp { path: PathBuf, reason: String },
+    #[error("invalid owner {spec:?}: {reason}")]
+    Owner { spec: String, reason: String },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> InstallError + use<> {
+    let path = path.to_path_buf();
+    move |source| InstallError::Io { op, path, source }
+}
+
+fn errno_err(op: &'static str, path: &Path) -> impl FnOnce(Errno) -> InstallError + use<> {
+    let path = path.to_path_buf();
+    move |e| InstallError::Io {
+        op,
+        path,
+        source: e.into(),
+    }
+}
+
+/// Checks that Keystone can use `set`.
+pub fn check_usable(set: &KeySet) -> Result<(), Unusable> {
+    if set.is_empty() {
+        Err(Unusable::Empty)
+    } else if set.staged().is_none() {
+        Err(Unusable::NoStagedKey)
+    } else {
+        Ok(())
+    }
+}
+
+/// The repository's parent directory, held open and locked so that two installers
+/// (or an installer and [`clean_leftovers`]) never work on the same target at once.
+struct Parent {
+    path: PathBuf,
+    name: String,
+    fd: OwnedFd,
+}
+
+impl Parent {
+    fn open(target: &Path) -> Result<Parent, InstallError> {
+        let no_parent = || InstallError::NoParent {
+            path: target.to_path_buf(),
+        };
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(no_parent)?
+            .to_owned();
+        let path = match target.parent() {
+            Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+            Some(p) => p.to_path_buf(),
+            None => return Err(no_parent()),
+        };
+        let fd = rustix::fs::open(
+            &path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno_err("open the parent directory of", target))?;
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive)
+            .map_err(errno_err("lock the parent directory of", target))?;
+        Ok(Parent { path, name, fd })
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Siblings this installer makes, all hidden and non-numeric.
+    fn sibling(&self, kind: &str) -> String {
+        format!(".{}.fernetd-{kind}-{}", self.name, unique())
+    }
+
+    fn is_ours(&self, entry: &str) -> bool {
+        let prefix = format!(".{}.fernetd-", self.name);
+        entry.strip_prefix(&prefix).is_some_and(|rest| {
+            ["tmp-", "link-", "data-"]
+                .iter()
+                .any(|k| rest.starts_with(k))
+        })
+    }
+
+    fn fsync(&self) -> Result<(), InstallError> {
+        rustix::fs::fsync(&self.fd).map_err(errno_err("fsync", &self.path))
+    }
+}
+
+fn unique() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates `name` in `dir` exclusively, owned and 0600, writes `content`, fsyncs.
+fn write_new_file(
+    dir: &OwnedFd,
+    dir_path: &Path,
+    name: &str,
+    content: &[u8],
+    owner: Option<Owner>,
+) -> Result<(), InstallError> {
+    let path = dir_path.join(name);
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(FILE_MODE),
+    )
+    .map_err(errno_err("create", &path))?;
+    // The umask may have narrowed the mode; Keystone expects exactly 0600.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))
+        .map_err(errno_err("set the mode of", &path))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(&fd, Some(o.uid), Some(o.gid))
+            .map_err(io_err("change the owner of", &path))?;
+    }
+    let mut file = File::from(fd);
+    file.write_all(content).map_err(io_err("write", &path))?;
+    file.sync_all().map_err(io_err("fsync", &path))?;
+    Ok(())
+}
+
+/// A directory being built; removed on drop unless it was put in service.
+struct Staging<'p> {
+    parent: &'p Parent,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(self.parent.join(&self.name));
+        }
+    }
+}
+
+/// Builds the complete repository for `set` as a new sibling directory.
+fn build<'p>(
+    parent: &'p Parent,
+    kind: &str,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<Staging<'p>, InstallError> {
+    let name = parent.sibling(kind);
+    let path = parent.join(&name);
+    rustix::fs::mkdirat(&parent.fd, name.as_str(), Mode::from_raw_mode(DIR_MODE))
+        .map_err(errno_err("create", &path))?;
+    let staging = Staging {
+        parent,
+        name,
+        armed: true,
+    };
+    let dir = rustix::fs::openat(
+        &parent.fd,
+        staging.name.as_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno_err("open", &path))?;
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
+        .map_err(errno_err("set the mode of", &path))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
+            .map_err(io_err("change the owner of", &path))?;
+    }
+    for (index, key) in set.iter() {
+        write_new_file(
+            &dir,
+            &path,
+            &index.to_string(),
+            key.to_base64().as_bytes(),
+            owner,
+        )?;
+    }
+    if let Some(stamp) = stamp {
+        write_new_file(&dir, &path, STAMP_FILE, &stamp.encode(), owner)?;
+    }
+    rustix::fs::fsync(&dir).map_err(errno_err("fsync", &path))?;
+    Ok(staging)
+}
+
+/// Whether a rename error means "this filesystem or kernel cannot do that here",
+/// as opposed to a real failure.
+fn exchange_unsupported(e: Errno) -> bool {
+    [
+        Errno::INVAL,
+        Errno::NOSYS,
+        Errno::OPNOTSUPP,
+        Errno::XDEV,
+        Errno::BUSY,
+    ]
+    .contains(&e)
+}
+
+/// Puts `set` (with `stamp`, when given) into the repository at `target`
+/// atomically; see the module documentation. `target` may be missing (it is
+/// created), a directory, or a symlink to a directory. On error the target is
+/// left as it was.
+pub fn install(
+    target: &Path,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<InstallOutcome, InstallError> {
+    check_usable(set).map_err(|reason| InstallError::Refused {
+        target: target.to_path_buf(),
+        reason,
+    })?;
+    let digest = set.digest();
+    if let Some(s) = stamp {
+        if s.digest != digest {
+            return Err(InstallError::StampMismatch {
+                stamp: s.digest,
+                set: digest,
+            });
+        }
+    }
+    let started = Instant::now();
+    let parent = Parent::open(target)?;
+    let existing = match std::fs::symlink_metadata(target) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err("inspect", target)(e)),
+    };
+    let method = match existing {
+        None => {
+            let staging = build(&parent, "tmp", set, stamp, owner)?;
+            create(&parent, staging, target)?
+        }
+        Some(m) if m.file_type().is_symlink() => {
+            let resolved =
+                std::fs::metadata(target).map_err(io_err("follow the symlink", target))?;
+            if !resolved.is_dir() {
+                return Err(InstallError::NotADirectory {
+                    path: target.to_path_buf(),
+                });
+            }
+            let staging = build(&parent, "data", set, stamp, owner)?;
+            flip(&parent, staging, target)?
+        }
+        Some(m) if m.is_dir() => {
+            let staging = build(&parent, "tmp", set, stamp, owner)?;
+            exchange(&parent, staging, target, set, stamp, owner)?
+        }
+        Some(_) => {
+            return Err(InstallError::NotADirectory {
+                path: target.to_path_buf(),
+            });
+        }
+    };
+    Ok(InstallOutcome {
+        method,
+        digest,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn create(
+    parent: &Parent,
+    mut staging: Staging<'_>,
+    target: &Path,
+) -> Result<Method, InstallError> {
+    let moved = rustix::fs::renameat_with(
+        &parent.fd,
+        staging.name.as_str(),
+        &parent.fd,
+        parent.name.as_str(),
+        RenameFlags::NOREPLACE,
+    );
+    match moved {
+        Err(e) if exchange_unsupported(e) && e != Errno::BUSY => rustix::fs::renameat(
+            &parent.fd,
+            staging.name.as_str(),
+            &parent.fd,
+            parent.name.as_str(),
+        ),
+        other => other,
+    }
+    .map_err(errno_err("create the repository", target))?;
+    staging.armed = false;
+    parent.fsync()?;
+    Ok(Method::Created)
+}
+
+fn exchange(
+    parent: &Parent,
+    staging: Staging<'_>,
+    target: &Path,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<Method, InstallError> {
+    match rustix::fs::renameat_with(
+        &parent.fd,
+        staging.name.as_str(),
+        &parent.fd,
+        parent.name.as_str(),
+        RenameFlags::EXCHANGE,
+    ) {
+        Ok(()) => {
+            // The staging name now holds the old repository; the drop guard removes it.
+            parent.fsync()?;
+            drop(staging);
+            Ok(Method::Exchange)
+        }
+        Err(e) if exchange_unsupported(e) => {
+            tracing::warn!(
+                repository = %target.display(),
+                error = %e,
+                "atomic directory exchange not supported here; updating the repository in place \
+                 (new keys first, purged keys last): Keystone may briefly read a mix of old and new keys"
+            );
+            drop(staging);
+            update_in_place(target, set, stamp, owner)?;
+            Ok(Method::InPlace)
+        }
+        Err(e) => Err(errno_err("swap in the new repository at", target)(e)),
+    }
+}
+
+fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Method, InstallError> {
+    let old = std::fs::read_link(target).map_err(io_err("read the symlink", target))?;
+    let link = parent.sibling("link");
+    rustix::fs::symlinkat(staging.name.as_str(), &parent.fd, link.as_str())
+        .map_err(errno_err("create a symlink next to", target))?;
+    if let Err(e) =
+        rustix::fs::renameat(&parent.fd, link.as_str(), &parent.fd, parent.name.as_str())
+    {
+        let _ = rustix::fs::unlinkat(&parent.fd, link.as_str(), AtFlags::empty());
+        return Err(errno_err("replace the symlink", target)(e));
+    }
+    staging.armed = false;
+    parent.fsync()?;
+    // Remove the previous data directory only when this installer made it; a
+    // directory the operator pointed the link at is theirs to delete.
+    let old_name = old
+        .to_str()
+        .filter(|n| !n.contains('/') && parent.is_ours(n));
+    match old_name {
+        Some(n) => {
+            if let Err(e) = std::fs::remove_dir_all(parent.join(n)) {
+                tracing::warn!(path = %parent.join(n).display(), error = %e, "cannot remove the previous key directory");
+            }
+        }
+        None => tracing::warn!(
+            repository = %target.display(),
+            previous = %old.display(),
+            "the symlink pointed at a directory fernetd did not create; left it in place (it still holds the old keys)"
+        ),
+    }
+    Ok(Method::SymlinkFlip)
+}
+
+/// The fallback: replace files one by one inside the live directory. New and
+/// changed keys go first (each through a temporary file and a rename), then the
+/// stamp, then purged keys, so Keystone always finds every key it may need.
+fn update_in_place(
+    target: &Path,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<(), InstallError> {
+    let dir = rustix::fs::open(
+        target,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno_err("open", target))?;
+    let place = |name: &str, content: &[u8]| -> Result<(), InstallError> {
+        let tmp = format!("{INPLACE_TMP_PREFIX}{}", unique());
+        write_new_file(&dir, target, &tmp, content, owner)?;
+        rustix::fs::renameat(&dir, tmp.as_str(), &dir, name).map_err(|e| {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+            errno_err("replace", &target.join(name))(e)
+        })
+    };
+    // Highest first: the new primary (already every node's staged key) before the new staged key.
+    for (index, key) in set.iter().rev() {
+        place(&index.to_string(), key.to_base64().as_bytes())?;
+    }
+    if let Some(s) = stamp {
+        place(STAMP_FILE, &s.encode())?;
+    }
+    rustix::fs::fsync(&dir).map_err(errno_err("fsync", target))?;
+    let wanted: Vec<String> = set.indices().iter().map(u32::to_string).collect();
+    for entry in std::fs::read_dir(target).map_err(io_err("list", target))? {
+        let entry = entry.map_err(io_err("list", target))?;
+        let name = entry.file_name();
+        let is_key = repository::classify_name(&name) != repository::FileName::Ignored;
+        let stale_key = is_key && !name.to_str().is_some_and(|n| wanted.iter().any(|w| w == n));
+        if stale_key || (stamp.is_none() && name == STAMP_FILE) {
+            rustix::fs::unlinkat(&dir, name.as_os_str(), AtFlags::empty())
+                .map_err(errno_err("remove", &entry.path()))?;
+        }
+    }
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
+        .map_err(errno_err("set the mode of", target))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
+            .map_err(io_err("change the owner of", target))?;
+    }
+    rustix::fs::fsync(&dir).map_err(errno_err("fsync", target))?;
+    Ok(())
+}
+
+/// Reads the generation and digest recorded in the repository, if any.
+pub fn read_stamp(target: &Path) -> Result<Option<Stamp>, InstallError> {
+    let path = target.join(STAMP_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Stamp::decode(&bytes)
+            .map(Some)
+            .map_err(|reason| InstallError::BadStamp { path, reason }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+/// Removes what an interrupted install left behind: temporary sibling
+/// directories and symlinks, data directories the repository symlink no longer
+/// points at, and temporary files of an in-place update. Returns how many
+/// entries were removed. Safe to run while no install is in progress on `target`
+/// (it takes the same lock as [`install`]).
+pub fn clean_leftovers(target: &Path) -> Result<usize, InstallError> {
+    let parent = Parent::open(target)?;
+    let live = std::fs::read_link(target).ok();
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&parent.path).map_err(io_err("list", &parent.path))? {
+        let entry = entry.map_err(io_err("list", &parent.path))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !parent.is_ours(&name) || live.as_deref() == Some(Path::new(&name)) {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = entry
+            .file_type()
+            .map_err(io_err("inspect", &path))?
+            .is_dir();
+        if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .map_err(io_err("remove", &path))?;
+        removed += 1;
+    }
+    if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
+        for entry in std::fs::read_dir(target).map_err(io_err("list", target))? {
+            let entry = entry.map_err(io_err("list", target))?;
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(INPLACE_TMP_PREFIX))
+            {
+                std::fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        parent.fsync()?;
+    }
+    Ok(removed)
+}
+
+/// The owner and mode a repository directory has; used by tests and `verify`.
+pub fn owner_of(path: &Path) -> io::Result<(u32, u32, u32)> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.uid(), m.gid(), m.mode() & 0o7777))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::Key;
+
+    fn set_of(indices: &[u32]) -> KeySet {
+        KeySet::from_keys(indices.iter().map(|&i| (i, Key::generate())))
+    }
+
+    fn stamp(generation: u64, set: &KeySet) -> Stamp {
+        Stamp {
+            generation,
+            digest: set.digest(),
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn creates_exchanges_and_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        let out = install(&target, &a, Some(&stamp(1, &a)), None).unwrap();
+        assert_eq!(out.method, Method::Created);
+        assert_eq!(repository::load(&target).unwrap(), a);
+        assert_eq!(read_stamp(&target).unwrap(), Some(stamp(1, &a)));
+        assert_eq!(owner_of(&target).unwrap().2, 0o700);
+        assert_eq!(owner_of(&target.join("0")).unwrap().2, 0o600);
+        assert_eq!(std::fs::read(target.join("1")).unwrap().len(), 44);
+
+        let b = set_of(&[0, 1, 2]);
+        let out = install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
+        assert_eq!(out.method, Method::Exchange);
+        assert_eq!(repository::load(&target).unwrap(), b);
+        assert_eq!(read_stamp(&target).unwrap().map(|s| s.generation), Some(2));
+        assert_eq!(names(tmp.path()), vec!["keys"]);
+        assert_eq!(names(&target), vec![".fernetd-stamp", "0", "1", "2"]);
+    }
+
+    #[test]
+    fn flips_a_symlinked_repository() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("operator-dir");
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&real, &a, None, None).unwrap();
+        std::os::unix::fs::symlink("operator-dir", &target).unwrap();
+
+        let b = set_of(&[0, 1, 2]);
+        let out = install(&target, &b, Some(&stamp(7, &b)), None).unwrap();
+        assert_eq!(out.method, Method::SymlinkFlip);
+        assert_eq!(repository::load(&target).unwrap(), b);
+        assert!(
+            std::fs::symlink_metadata(&target)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        // The operator's directory is left alone; our own previous directory is not.
+        assert_eq!(repository::load(&real).unwrap(), a);
+        let c = set_of(&[0, 2, 3]);
+        install(&target, &c, None, None).unwrap();
+        assert_eq!(repository::load(&target).unwrap(), c);
+        let ours: Vec<String> = names(tmp.path())
+            .into_iter()
+            .filter(|n| n.contains("fernetd-data"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        assert_eq!(std::fs::read_link(&target).unwrap(), Path::new(&ours[0]));
+        assert_eq!(clean_leftovers(&target).unwrap(), 0);
+    }
+
+    #[test]
+    fn refuses_unusable_sets_and_bad_targets_without_touching_anything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&target, &a, None, None).unwrap();
+        let before = names(&target);
+        for (bad, want) in [
+            (KeySet::new(), Unusable::Empty),
+            (set_of(&[1, 2]), Unusable::NoStagedKey),
+        ] {
+            match install(&target, &bad, None, None) {
+                Err(InstallError::Refused { reason, .. }) => assert_eq!(reason, want),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        let b = set_of(&[0, 1, 2]);
+        assert!(matches!(
+            install(&target, &b, Some(&stamp(1, &a)), None),
+            Err(InstallError::StampMismatch { .. })
+        ));
+        assert_eq!(repository::load(&target).unwrap(), a);
+        assert_eq!(names(&target), before);
+
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            install(&file, &a, None, None),
+            Err(InstallError::NotADirectory { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        assert_eq!(names(tmp.path()), vec!["file", "keys"]);
+    }
+
+    #[test]
+    fn in_place_fallback_puts_new_keys_first_and_purges_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1, 2]);
+        install(&target, &a, Some(&stamp(1, &a)), None).unwrap();
+        std::fs::write(target.join("01"), a.get(1).unwrap().to_base64().as_bytes()).unwrap();
+        let b = KeySet::from_keys([
+            (0, Key::generate()),
+            (2, a.get(2).unwrap().clone()),
+            (3, a.get(0).unwrap().clone()),
+        ]);
+        update_in_place(&target, &b, None, None).unwrap();
+        assert_eq!(repository::load(&target).unwrap(), b);
+        assert_eq!(names(&target), vec!["0", "2", "3"]);
+    }
+
+    #[test]
+    fn cleans_interrupted_installs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&target, &a, None, None).unwrap();
+        std::fs::create_dir(tmp.path().join(".keys.fernetd-tmp-1-2-3")).unwrap();
+        std::fs::write(tmp.path().join(".keys.fernetd-tmp-1-2-3/0"), b"x").unwrap();
+        std::fs::write(target.join(".fernetd-tmp-9"), b"x").unwrap();
+        std::fs::create_dir(tmp.path().join(".other.fernetd-tmp-1")).unwrap();
+        assert_eq!(clean_leftovers(&target).unwrap(), 2);
+        assert_eq!(names(tmp.path()), vec![".other.fernetd-tmp-1", "keys"]);
+        assert_eq!(repository::load(&target).unwrap(), a);
+    }
+
+    #[test]
+    fn owner_parsing() {
+        assert_eq!(Owner::parse("0:0").unwrap(), Owner { uid: 0, gid: 0 });
+        assert_eq!(Owner::parse("root:root").unwrap(), Owner { uid: 0, gid: 0 });
+        assert_eq!(Owner::parse("root").unwrap(), Owner { uid: 0, gid: 0 });
+        assert!(Owner::parse("12").is_err());
+        assert!(Owner::parse("no-such-user-here:root").is_err());
+        assert!(Owner::parse("root:").is_err());
+    }
+
+    #[test]
+    fn chowns_before_the_swap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let owner = Owner {
+            uid: 4242,
+            gid: 4343,
+        };
+        let a = set_of(&[0, 1]);
+        // Only root may give files away; as another user this is a clean error.
+        match install(&target, &a, Some(&stamp(1, &a)), Some(owner)) {
+            Ok(_) => {
+                for name in ["", "0", "1", STAMP_FILE] {
+                    let (uid, gid, _) = owner_of(&target.join(name)).unwrap();
+                    assert_eq!((uid, gid), (4242, 4343), "{name}");
+                }
+            }
+            Err(InstallError::Io { op, .. }) => {
+                assert_eq!(op, "change the owner of");
+                assert!(!target.exists());
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -1,1 +1,125 @@
-//! Prometheus metrics for both daemons and the small HTTP endpoint that serves them.
+//! Prometheus metrics for both daemons and the small HTTP endpoint that serves them
+//! (`GET /metrics`, text exposition format). Each daemon registers its own metrics
+//! in a `Registry`; this module only serves it. The endpoint is plain HTTP, as
+//! Prometheus scrapes are; bind it to loopback or a management network.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// Serves `registry` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of descriptors and the like: keep serving once it passes.
+                    tracing::warn!(%error, "metrics endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(respond(&registry, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "metrics endpoint: connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond<B>(registry: &Registry, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found; try GET /metrics\n".into(),
+        );
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => {
+            let mut response = plain(StatusCode::OK, body);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        Err(_) => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding failed\n".into(),
+        ),
+    }
+}
+
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_registered_metrics_and_404s_elsewhere() {
+        let mut registry = Registry::default();
+        let counter = Counter::<u64>::default();
+        registry.register(
+            "fernetd_test_events",
+            "Events seen by the test",
+            counter.clone(),
+        );
+        counter.inc_by(7);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Arc::new(registry), async {
+            let _ = stopped.await;
+        }));
+
+        let ok = get(addr, "/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("fernetd_test_events_total 7"), "{ok}");
+        let missing = get(addr, "/other").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
+}

@@ -1,3 +1,809 @@
 //! Mutual TLS 1.3 for every connection: server and client configurations built from
 //! PEM files, re-read when the files change and swapped in through a `watch`
 //! channel, and the peer identity (certificate SAN) checked by handlers.
+//!
+//! We terminate TLS ourselves with tokio-rustls rather than through tonic's
+//! `ServerTlsConfig`/`ClientTlsConfig`, because those freeze the certificates at
+//! start-up: an operator replacing an expiring certificate must not have to restart
+//! a rotator in the middle of a fan-out. Each new connection takes the current
+//! configuration; established HTTP/2 connections keep theirs until they reconnect.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::TlsConfig;
+
+/// How long a peer may take to finish its handshake before we drop it, so that
+/// stalled or hostile peers cannot pin accept capacity.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often certificate files are compared with what is loaded, in case a file
+/// event was missed (network filesystems, some secret-mount schemes).
+const RELOAD_POLL: Duration = Duration::from_secs(30);
+
+/// Why a TLS identity could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path} holds no {what}")]
+    Empty { what: &'static str, path: PathBuf },
+    #[error("CA certificate in {path} is not usable")]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("cannot build the TLS configuration from {cert} and {key}")]
+    Config {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("cannot build the client certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("invalid server name {0:?}: expected a DNS name or IP address")]
+    ServerName(String),
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("cannot watch certificate files for changes")]
+    Watch(#[source] notify::Error),
+}
+
+/// The names a verified peer certificate carries: its DNS and URI subject
+/// alternative names. Roles are granted by these names (DESIGN.md, Security).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    names: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// Reads the SANs of a DER certificate. Only called on certificates that
+    /// rustls has already verified against our CA.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::DNSName(n) => names.push(n.to_string()),
+                    x509_parser::extensions::GeneralName::URI(n) => names.push(n.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Some(PeerIdentity { names })
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether the certificate carries `expected` among its names (exact match:
+    /// identities are configured, never guessed, so no wildcards).
+    pub fn matches(&self, expected: &str) -> bool {
+        self.names.iter().any(|n| n == expected)
+    }
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.names.is_empty() {
+            f.write_str("<certificate without DNS or URI names>")
+        } else {
+            f.write_str(&self.names.join(","))
+        }
+    }
+}
+
+/// What tonic puts in every request's extensions for connections accepted by
+/// [`ServerTls::incoming`].
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    pub identity: Arc<PeerIdentity>,
+}
+
+/// The verified identity of the peer that sent `request`.
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&PeerIdentity> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|info| &*info.identity)
+}
+
+/// Admits `request` only when its peer certificate carries one of `allowed`;
+/// otherwise `PERMISSION_DENIED` naming what the peer presented.
+pub fn authorize<'r, T>(
+    request: &'r tonic::Request<T>,
+    allowed: &[String],
+    role: &str,
+) -> Result<&'r PeerIdentity, tonic::Status> {
+    match peer_identity(request) {
+        Some(identity) if allowed.iter().any(|a| identity.matches(a)) => Ok(identity),
+        Some(identity) => Err(tonic::Status::permission_denied(format!(
+            "peer identity {identity} is not an allowed {role} identity"
+        ))),
+        None => Err(tonic::Status::unauthenticated(
+            "no verified client certificate on this connection",
+        )),
+    }
+}
+
+struct Material {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Material {
+    fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        let certs = |what, path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let read = |source| TlsError::Read {
+                what,
+                path: path.to_path_buf(),
+                source,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(read)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(read)?;
+            if certs.is_empty() {
+                return Err(TlsError::Empty {
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(certs)
+        };
+        let ca = certs("CA certificates", &files.ca)?;
+        let chain = certs("certificates", &files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Read {
+            what: "a private key",
+            path: files.key.clone(),
+            source,
+        })?;
+        Ok(Material { ca, chain, key })
+    }
+
+    fn roots(&self, files: &TlsConfig) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in &self.ca {
+            roots.add(cert.clone()).map_err(|source| TlsError::BadCa {
+                path: files.ca.clone(),
+                source,
+            })?;
+        }
+        Ok(roots)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn config_error(files: &TlsConfig) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
+    |source| TlsError::Config {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        source,
+    }
+}
+
+fn build_server(files: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let material = Material::load(files)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots(files)?), provider())
+            .build()
+            .map_err(TlsError::Verifier)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_error(files))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.chain, material.key)
+        .map_err(config_error(files))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn build_client(files: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
+    let material = Material::load(files)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_error(files))?
+        .with_root_certificates(material.roots(files)?)
+        .with_client_auth_cert(material.chain, material.key)
+        .map_err(config_error(files))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A configuration that follows its files: the current value in a `watch`
+/// channel, replaced when the files change and the new ones build. A change that
+/// does not build (a half-copied key, a key that does not match its certificate)
+/// is logged and the previous configuration stays in force.
+struct Reloading<C> {
+    current: watch::Receiver<Arc<C>>,
+}
+
+impl<C> Clone for Reloading<C> {
+    fn clone(&self) -> Self {
+        Reloading {
+            current: self.current.clone(),
+        }
+    }
+}
+
+impl<C: Send + Sync + 'static> Reloading<C> {
+    /// Must be called within a Tokio runtime: the watcher task is spawned on it and
+    /// ends when the last clone of the returned value is dropped.
+    fn start(
+        files: &TlsConfig,
+        build: fn(&TlsConfig) -> Result<Arc<C>, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let initial = build(files)?;
+        let (tx, rx) = watch::channel(initial);
+        let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            let _ = events_tx.send(());
+        })
+        .map_err(TlsError::Watch)?;
+        // Watch the directories, not the files: certificate rotation tools replace
+        // files by rename (or swap a symlinked directory), which a file watch misses.
+        let mut dirs: Vec<PathBuf> = [&files.ca, &files.cert, &files.key]
+            .iter()
+            .map(|p| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in &dirs {
+            notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
+                .map_err(TlsError::Watch)?;
+        }
+        let files = files.clone();
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut fingerprint = fingerprint(&files);
+            let mut poll = tokio::time::interval(RELOAD_POLL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    event = events.recv() => {
+                        if event.is_none() {
+                            return;
+                        }
+                        // Editors and copy tools write in several steps: let them finish.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        while events.try_recv().is_ok() {}
+                    }
+                    _ = poll.tick() => {}
+                }
+                let now = fingerprint_of(&files).await;
+                if now == fingerprint {
+                    continue;
+                }
+                match build(&files) {
+                    Ok(config) => {
+                        fingerprint = now;
+                        tx.send_replace(config);
+                        tracing::info!(cert = %files.cert.display(), "TLS certificates reloaded");
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error_chain(&error), "TLS certificate change not applied; keeping the previous certificates");
+                    }
+                }
+            }
+        });
+        Ok(Reloading { current: rx })
+    }
+
+    fn get(&self) -> Arc<C> {
+        self.current.borrow().clone()
+    }
+}
+
+type Fingerprint = Vec<Option<Vec<u8>>>;
+
+fn fingerprint(files: &TlsConfig) -> Fingerprint {
+    [&files.ca, &files.cert, &files.key]
+        .iter()
+        .map(|p| std::fs::read(p).ok())
+        .collect()
+}
+
+async fn fingerprint_of(files: &TlsConfig) -> Fingerprint {
+    let files = files.clone();
+    tokio::task::spawn_blocking(move || fingerprint(&files))
+        .await
+        .unwrap_or_default()
+}
+
+/// Formats an error with its sources, for log fields.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// The server side: TLS 1.3 only, client certificates required and verified
+/// against the configured CA.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Reloading<ServerConfig>,
+}
+
+impl ServerTls {
+    /// Loads the files and starts following them. Call within a Tokio runtime.
+    pub fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(ServerTls {
+            config: Reloading::start(files, build_server)?,
+        })
+    }
+
+    /// Accepts connections on `listener` and yields those whose TLS handshake
+    /// succeeded, ready for `Server::serve_with_incoming_shutdown`. Handshakes run
+    /// concurrently so one slow peer never delays the others.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> impl tokio_stream::Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(64);
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = tokio::select! {
+                    () = tx.closed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(error) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.get());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let identity = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .and_then(|cert| PeerIdentity::from_der(cert));
+                            let Some(identity) = identity else {
+                                tracing::warn!(%remote, "TLS peer without a readable certificate dropped");
+                                return;
+                            };
+                            let conn = TlsConn {
+                                stream,
+                                info: PeerInfo {
+                                    remote_addr: Some(remote),
+                                    identity: Arc::new(identity),
+                                },
+                            };
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::info!(%remote, %error, "TLS handshake refused");
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// A server-side TLS connection with its verified peer identity.
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The client side: presents our certificate and verifies the server's against
+/// the configured CA and the name we expect it to have.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Reloading<ClientConfig>,
+}
+
+impl ClientTls {
+    /// Loads the files and starts following them. Call within a Tokio runtime.
+    pub fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(ClientTls {
+            config: Reloading::start(files, build_client)?,
+        })
+    }
+
+    /// A lazily connecting channel to `endpoint` (`https://host:port` or
+    /// `host:port`) whose server certificate must carry `server_name`, with HTTP/2
+    /// keep-alive so an idle connection to a region stays open between rotations
+    /// and a dead one is noticed.
+    pub fn channel(&self, endpoint: &str, server_name: &str) -> Result<Channel, TlsError> {
+        Ok(self
+            .endpoint(endpoint)?
+            .connect_with_connector_lazy(self.connector(server_name)?))
+    }
+
+    /// The tonic endpoint for `endpoint`, with our defaults, for callers that tune
+    /// it further before `connect_with_connector_lazy(self.connector(..))`.
+    pub fn endpoint(&self, endpoint: &str) -> Result<Endpoint, TlsError> {
+        let authority = endpoint
+            .strip_prefix("https://")
+            .unwrap_or(endpoint)
+            .trim_end_matches('/');
+        if authority.contains("://") || authority.contains('/') || authority.is_empty() {
+            return Err(TlsError::Endpoint {
+                endpoint: endpoint.to_string(),
+                reason: "expected https://HOST:PORT".into(),
+            });
+        }
+        // TLS is ours (see the module comment), so tonic must see a plain scheme.
+        let endpoint_error = |reason: String| TlsError::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        let uri: Uri = format!("http://{authority}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| endpoint_error(e.to_string()))?;
+        if uri.port_u16().is_none() {
+            return Err(endpoint_error("no port".into()));
+        }
+        Ok(Endpoint::from(uri)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true))
+    }
+
+    /// The connector that dials TCP and runs the TLS handshake with the current
+    /// certificates, verifying the server as `server_name`.
+    pub fn connector(&self, server_name: &str) -> Result<Connector, TlsError> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+        Ok(Connector {
+            config: self.config.clone(),
+            name,
+        })
+    }
+}
+
+/// A `tower::Service<Uri>` for `Endpoint::connect_with_connector*`.
+#[derive(Clone)]
+pub struct Connector {
+    config: Reloading<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+type ClientStream = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = ClientStream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<ClientStream>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connector = tokio_rustls::TlsConnector::from(self.config.get());
+        let name = self.name.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "endpoint without host")
+                })?
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+/// A throwaway certificate authority for `fernetd demo` and tests: makes a CA and
+/// issues leaf certificates with given DNS/URI names. Production deployments bring
+/// their own PKI; nothing here is persisted except what the caller writes.
+pub struct Authority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert_pem: String,
+}
+
+/// A certificate and its private key, PEM encoded. The key is wiped on drop.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IssuedCert(<redacted key>)")
+    }
+}
+
+impl Authority {
+    pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Authority {
+            issuer: rcgen::Issuer::new(params, key),
+            cert_pem: cert.pem(),
+        })
+    }
+
+    /// The CA certificate, for every peer's `ca` file.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A leaf certificate for both TLS client and server use, carrying `names`
+    /// (DNS names, or URIs when they contain "://") as subject alternative names.
+    pub fn issue(&self, names: &[&str]) -> Result<IssuedCert, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        for name in names {
+            let san = if name.contains("://") {
+                rcgen::SanType::URI((*name).try_into()?)
+            } else {
+                rcgen::SanType::DnsName((*name).try_into()?)
+            };
+            params.subject_alt_names.push(san);
+        }
+        if let Some(first) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, *first);
+        }
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_matching_is_exact() {
+        let id = PeerIdentity {
+            names: vec!["rotator.fernetd".into(), "spiffe://cloud/rotator".into()],
+        };
+        assert!(id.matches("rotator.fernetd"));
+        assert!(id.matches("spiffe://cloud/rotator"));
+        assert!(!id.matches("rotator"));
+        assert!(!id.matches("*.fernetd"));
+    }
+
+    fn write_identity(dir: &Path, name: &str, ca: &Authority, sans: &[&str]) -> TlsConfig {
+        let issued = ca.issue(sans).unwrap();
+        let files = TlsConfig {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&files.key, issued.key_pem.as_bytes()).unwrap();
+        files
+    }
+
+    /// A health server behind `ServerTls` that answers with the caller's identity
+    /// in the status message, so the test sees what handlers see.
+    async fn start_server(files: &TlsConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = ServerTls::load(files).unwrap();
+        let (health, service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .layer(tower::util::MapRequestLayer::new(
+                    |req: http::Request<tonic::body::Body>| {
+                        let peer = req.extensions().get::<PeerInfo>().cloned();
+                        assert!(peer.is_some(), "every request carries the peer identity");
+                        req
+                    },
+                ))
+                .add_service(service)
+                .serve_with_incoming_shutdown(tls.incoming(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        (addr, stop)
+    }
+
+    async fn check(client: &ClientTls, addr: SocketAddr, name: &str) -> Result<(), tonic::Status> {
+        let channel = client.channel(&format!("https://{addr}"), name).unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_accepts_our_ca_only_and_checks_the_server_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let other_ca = Authority::new("other CA").unwrap();
+        let server = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        let (addr, _stop) = start_server(&server).await;
+
+        let good = write_identity(dir.path(), "rotator", &ca, &["rotator.test"]);
+        let good = ClientTls::load(&good).unwrap();
+        check(&good, addr, "agent-1.test").await.unwrap();
+        // The server's certificate does not carry this name: refused by the client.
+        assert!(check(&good, addr, "agent-2.test").await.is_err());
+
+        // A client certificate from another CA: refused by the server.
+        let mut stranger = write_identity(dir.path(), "stranger", &other_ca, &["rotator.test"]);
+        stranger.ca = server.ca.clone();
+        let stranger = ClientTls::load(&stranger).unwrap();
+        assert!(check(&stranger, addr, "agent-1.test").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn peer_identity_comes_from_the_client_certificate() {
+        let id = PeerIdentity::from_der(
+            &CertificateDer::from_pem_slice(
+                Authority::new("ca")
+                    .unwrap()
+                    .issue(&["admin.test", "spiffe://cloud/admin"])
+                    .unwrap()
+                    .cert_pem
+                    .as_bytes(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(id.names(), ["admin.test", "spiffe://cloud/admin"]);
+    }
+
+    #[tokio::test]
+    async fn certificates_are_reloaded_without_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let new_ca = Authority::new("new CA").unwrap();
+        let server = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        let (addr, _stop) = start_server(&server).await;
+
+        // A client of the new CA is refused until the server trusts the new CA.
+        let client = write_identity(dir.path(), "rotator", &new_ca, &["rotator.test"]);
+        std::fs::write(&client.ca, ca.cert_pem()).unwrap();
+        let client = ClientTls::load(&client).unwrap();
+        assert!(check(&client, addr, "agent-1.test").await.is_err());
+
+        let both = format!("{}{}", ca.cert_pem(), new_ca.cert_pem());
+        let staging = dir.path().join("agent-ca.pem.new");
+        std::fs::write(&staging, both).unwrap();
+        std::fs::rename(&staging, &server.ca).unwrap();
+
+        // Poll until the watcher has swapped the configuration in (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if check(&client, addr, "agent-1.test").await.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload not seen in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
