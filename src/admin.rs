@@ -31,22 +31,16 @@ impl AdminService {
     }
 
     /// The caller's identity when it is a configured admin; PERMISSION_DENIED
-    /// (naming what was presented) otherwise.
+    /// naming what was presented otherwise.
     fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
-        let Some(identity) = crate::tls::peer_identity(request) else {
-            return Err(Status::unauthenticated("a client certificate is required"));
-        };
-        match identity.names().iter().find(|n| self.admins.iter().any(|a| a == *n)) {
-            Some(name) => {
-                tracing::debug!(admin = %name, method, "admin call");
-                Ok(name.to_string())
+        match crate::tls::authorize(request, &self.admins, "admin") {
+            Ok(identity) => {
+                tracing::debug!(admin = %identity, method, "admin call");
+                Ok(identity.to_string())
             }
-            None => {
-                tracing::warn!(presented = ?identity.names(), method, "admin call refused: not an admin identity");
-                Err(Status::permission_denied(format!(
-                    "certificate identity {:?} is not allowed to call the Admin API",
-                    identity.names()
-                )))
+            Err(status) => {
+                tracing::warn!(method, "admin call refused: {}", status.message());
+                Err(status)
             }
         }
     }
@@ -56,7 +50,7 @@ fn status_of(e: crate::rotator::RotatorError) -> Status {
     use crate::rotator::RotatorError as E;
     match e {
         E::UnknownRepository(_) => Status::not_found(e.to_string()),
-        other => Status::internal(crate::rotator::chain(&other)),
+        other => Status::internal(crate::tls::error_chain(&other)),
     }
 }
 
@@ -135,42 +129,34 @@ impl pb::admin_server::Admin for AdminService {
 /// What stops `fernetd admin` from talking to the rotator.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("invalid rotator address `{0}`")]
-    Address(String),
     #[error("TLS set-up failed")]
     Tls(#[source] crate::tls::TlsError),
     #[error("the rotator refused the call: {}", describe(.0))]
     Call(#[source] Status),
 }
 
-fn describe(status: &Status) -> String {
+/// A gRPC status as one line: code, message, and the transport cause if any.
+pub(crate) fn describe(status: &Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        let _ = write!(text, ": {s}");
-        source = s.source();
+    if let Some(source) = std::error::Error::source(status) {
+        let _ = write!(text, ": {}", crate::tls::error_chain(source));
     }
     text
 }
 
 /// A client of the rotator's Admin API over mTLS, as `admin.toml` describes.
 pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, AdminError> {
-    let uri: http::Uri = config
-        .rotator
-        .parse()
-        .map_err(|_| AdminError::Address(config.rotator.clone()))?;
     let tls = crate::tls::ClientTls::load(&config.tls).map_err(AdminError::Tls)?;
-    let channel = tls.channel(uri, &config.rotator_identity).map_err(AdminError::Tls)?;
+    let channel = tls
+        .channel(&config.rotator, &config.rotator_identity)
+        .map_err(AdminError::Tls)?;
     Ok(AdminClient::new(channel))
 }
 
 /// `fernetd admin ...`.
 pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     let config: AdminConfig = crate::config::load(&args.config).map_err(CliError::usage)?;
-    let mut client = connect(&config).map_err(|e| match e {
-        AdminError::Call(_) => CliError::runtime(e),
-        other => CliError::usage(other),
-    })?;
+    let mut client = connect(&config).map_err(CliError::usage)?;
     let call = |s: Status| CliError::runtime(AdminError::Call(s));
     let mut out = String::new();
     let answer = match &args.command {

@@ -10,10 +10,6 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -23,6 +19,7 @@ use crate::config::{
     RepositoryConfig, RotatorConfig, ScheduleConfig, TlsConfig,
 };
 use crate::pb;
+use crate::tls::Authority;
 
 /// The identities the demo's certificates carry.
 const ROTATOR_IDENTITY: &str = "rotator.fernetd.demo";
@@ -69,58 +66,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
     }
 }
 
-/// A throwaway certificate authority.
-pub struct DemoCa {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
-}
-
-impl DemoCa {
-    pub fn new() -> Result<Self, rcgen::Error> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "fernetd demo CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok(DemoCa {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// A certificate for `identity` usable as TLS server and client: returns
-    /// (certificate PEM, private key PEM).
-    pub fn issue(&self, identity: &str) -> Result<(String, String), rcgen::Error> {
-        let mut params = CertificateParams::new(vec![identity.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, identity);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    /// Writes `ca.pem` into `dir`, and `NAME.pem` / `NAME.key` (0600) for
-    /// `identity`; returns the three paths as a [`TlsConfig`].
-    pub fn write_identity(&self, dir: &Path, name: &str, identity: &str) -> Result<TlsConfig, DemoError> {
-        let (cert, key) = self.issue(identity)?;
-        let tls = TlsConfig {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-        };
-        write_file(&tls.ca, self.cert_pem.as_bytes(), 0o644)?;
-        write_file(&tls.cert, cert.as_bytes(), 0o644)?;
-        write_file(&tls.key, key.as_bytes(), 0o600)?;
-        Ok(tls)
-    }
+/// Writes `ca.pem` into `dir`, and `NAME.pem` / `NAME.key` (0600) for
+/// `identity`; returns the three paths as a [`TlsConfig`].
+fn write_identity(ca: &Authority, dir: &Path, name: &str, identity: &str) -> Result<TlsConfig, DemoError> {
+    let issued = ca.issue(&[identity])?;
+    let tls = TlsConfig {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    write_file(&tls.ca, ca.cert_pem().as_bytes(), 0o644)?;
+    write_file(&tls.cert, issued.cert_pem.as_bytes(), 0o644)?;
+    write_file(&tls.key, issued.key_pem.as_bytes(), 0o600)?;
+    Ok(tls)
 }
 
 fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), DemoError> {
@@ -183,9 +141,9 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
     for d in [&dir, &ca_dir, &dir.join("agents"), &dir.join("regions")] {
         mkdir(d)?;
     }
-    let ca = DemoCa::new()?;
-    let rotator_tls = ca.write_identity(&ca_dir, "rotator", ROTATOR_IDENTITY)?;
-    let admin_tls = ca.write_identity(&ca_dir, "admin", ADMIN_IDENTITY)?;
+    let ca = Authority::new("fernetd demo CA")?;
+    let rotator_tls = write_identity(&ca, &ca_dir, "rotator", ROTATOR_IDENTITY)?;
+    let admin_tls = write_identity(&ca, &ca_dir, "admin", ADMIN_IDENTITY)?;
 
     let rotator_listeners = (reserve()?, reserve()?);
     let mut listeners = Vec::with_capacity(regions);
@@ -194,7 +152,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
     for i in 0..regions {
         let region = region_name(i);
         let identity = format!("{}.agents.fernetd.demo", region.to_lowercase());
-        let tls = ca.write_identity(&ca_dir, &region.to_lowercase(), &identity)?;
+        let tls = write_identity(&ca, &ca_dir, &region.to_lowercase(), &identity)?;
         let (grpc, metrics) = (reserve()?, reserve()?);
         let repo = dir.join("regions").join(&region).join("fernet-keys");
         mkdir(&repo)?;
@@ -384,7 +342,7 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
     let _ = stop_tx.send(true);
     while let Some(joined) = tasks.join_next().await {
         if let Ok(Err(e)) = joined {
-            tracing::warn!("while stopping: {}", crate::rotator::chain(&e));
+            tracing::warn!("while stopping: {}", crate::tls::error_chain(&e));
         }
     }
     watched
@@ -465,7 +423,7 @@ fn cross_region_check(agents: &[AgentConfig], generation: u64, tokens: &mut Vec<
     for a in agents {
         let Some(repo) = a.repositories.first() else { continue };
         let set = crate::repository::load(&repo.path)
-            .map_err(|e| DemoError::Regions(crate::rotator::chain(&e)))?;
+            .map_err(|e| DemoError::Regions(crate::tls::error_chain(&e)))?;
         keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
     }
     let Some((first, _, first_set)) = keyrings.first() else { return Ok(()) };

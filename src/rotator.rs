@@ -96,18 +96,6 @@ impl RotatorError {
     }
 }
 
-/// An error and its causes on one line, for logs.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Checks what can be checked without touching the network or the state:
 /// names, the cron expression and Keystone's `max_active_keys` formula.
 pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
@@ -221,12 +209,13 @@ pub async fn run(
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
-        let uri: http::Uri = a.endpoint.parse().map_err(|e: http::uri::InvalidUri| RotatorError::Endpoint {
-            region: a.region.clone(),
-            endpoint: a.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
-        let channel = client_tls.channel(uri, &a.identity).map_err(RotatorError::Tls)?;
+        let channel = client_tls
+            .channel(&a.endpoint, &a.identity)
+            .map_err(|e| RotatorError::Endpoint {
+                region: a.region.clone(),
+                endpoint: a.endpoint.clone(),
+                reason: crate::tls::error_chain(&e),
+            })?;
         agents.push(AgentSlot::new(
             a.region.clone(),
             a.endpoint.clone(),
@@ -243,7 +232,7 @@ pub async fn run(
         core: Arc::downgrade(&core),
     }));
     let acks = store.load_acks().unwrap_or_else(|e| {
-        tracing::warn!("ignoring recorded acknowledgements: {}", chain(&e));
+        tracing::warn!("ignoring recorded acknowledgements: {}", crate::tls::error_chain(&e));
         Default::default()
     });
     core.restore_acks(&acks);
@@ -271,11 +260,7 @@ pub async fn run(
     if let Some(metrics_listener) = metrics_listener {
         let registry = Arc::new(registry);
         let stop = stop_rx.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::metrics::serve(metrics_listener, registry, wait_stop(stop)).await {
-                tracing::error!("metrics endpoint failed: {}", chain(&e));
-            }
-        });
+        tasks.spawn(crate::metrics::serve(metrics_listener, registry, wait_stop(stop)));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -379,23 +364,9 @@ pub async fn main(config: &Path) -> Result<Answer, CliError> {
         ),
         None => None,
     };
-    run(config, listener, metrics_listener, terminated())
+    run(config, listener, metrics_listener, crate::cli::termination())
         .await
         .map_err(|e| if e.is_config() { CliError::usage(e) } else { CliError::runtime(e) })?;
     Ok(Answer::Yes)
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        }
-        // Without handlers the default action still ends the process.
-        _ => std::future::pending().await,
-    }
-}

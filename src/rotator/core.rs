@@ -387,7 +387,7 @@ impl Core {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.acks_dirty.store(true, Ordering::Release);
-                tracing::warn!("cannot record acknowledgements: {}", crate::rotator::chain(&e));
+                tracing::warn!("cannot record acknowledgements: {}", crate::tls::error_chain(&e));
             }
             Err(e) => tracing::warn!("acknowledgement writer failed: {e}"),
         }
@@ -744,7 +744,7 @@ impl Core {
                     }
                 }
             }
-            Err(e) => tracing::error!("scheduled rotation failed: {}", crate::rotator::chain(&e)),
+            Err(e) => tracing::error!("scheduled rotation failed: {}", crate::tls::error_chain(&e)),
         }
     }
 

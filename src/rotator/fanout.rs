@@ -283,7 +283,7 @@ impl Core {
             grpc.unary(request, path, PreEncodedCodec)
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| describe_status(&s))
+                .map_err(|s| crate::admin::describe(&s))
         };
         with_deadline(timeout, "Install", call).await
     }
@@ -298,7 +298,7 @@ impl Core {
                 .get_state(request)
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| describe_status(&s))
+                .map_err(|s| crate::admin::describe(&s))
         };
         with_deadline(timeout, "GetState", call).await
     }
@@ -314,19 +314,6 @@ async fn with_deadline<T>(
         .unwrap_or_else(|_| Err(format!("{what}: no answer within {}ms", timeout.as_millis())))
 }
 
-/// A gRPC status as one line: the code and the agent's message, plus the
-/// transport cause when there is one (a refused certificate shows up there).
-fn describe_status(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,7 +321,7 @@ mod tests {
     #[test]
     fn statuses_are_described_with_their_code() {
         let s = tonic::Status::failed_precondition("generation 3 is older than 5");
-        assert_eq!(describe_status(&s), "FailedPrecondition: generation 3 is older than 5");
+        assert_eq!(crate::admin::describe(&s), "FailedPrecondition: generation 3 is older than 5");
     }
 
     #[tokio::test(start_paused = true)]
