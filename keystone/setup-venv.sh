@@ -15,7 +15,29 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/keyston
   exit 0
 fi
 python=${PYTHON:-python3}
-command -v "$python" >/dev/null || { echo "setup-venv: $python not found; install Python 3.10+ (apt-get install python3 python3-venv)" >&2; exit 3; }
+
+# A bare Debian/Ubuntu machine has python3 without venv/ensurepip (or no python3 at
+# all). As root we install what is missing with apt-get; otherwise we say what to run.
+apt_install() {
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "setup-venv: missing $*; install it (as root: apt-get install -y $*) or set PYTHON" >&2
+    exit 3
+  fi
+  echo "setup-venv: installing $* with apt-get" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 ||
+    { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2; }
+}
+if ! command -v "$python" >/dev/null; then
+  [ "$python" = python3 ] || { echo "setup-venv: $python not found" >&2; exit 3; }
+  apt_install python3 python3-venv
+fi
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+  { echo "setup-venv: $("$python" --version 2>&1) is too old; Keystone 30.0.0 needs Python 3.10+" >&2; exit 3; }
+if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+  # Debian splits these out; the versioned package is the one that carries ensurepip.
+  ver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  apt_install python3-venv "python$ver-venv"
+fi
 mkdir -p "$(dirname "$venv")"
 lock=$venv.lock
 exec 9>"$lock"

@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod install;
 pub mod metrics;
+pub mod policy;
 pub mod repository;
 pub mod rotator;
 pub mod tls;

@@ -302,9 +302,7 @@ static DECODE: [u8; 256] = {
 };
 
 /// Decodes a token exactly as Keystone does: `restore_padding` (append `=` up to
-/// a multiple of 4 characters), then Python's non-strict `urlsafe_b64decode`,
-/// which skips characters outside the alphabet, stops at the first complete pad
-/// sequence, ignores stray `=` and never checks the unused trailing bits.
+/// a multiple of 4 characters), then Python's `urlsafe_b64decode`.
 /// Returns the number of bytes written to `out`.
 pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usize, TokenError> {
     let input = token.as_bytes();
@@ -314,8 +312,20 @@ pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usiz
     } else {
         token.chars().count()
     };
-    let restored_pads = (4 - chars % 4) % 4;
+    a2b_base64(input, (4 - chars % 4) % 4, out)
+}
 
+/// Python's non-strict `base64.urlsafe_b64decode` of `s` into `out` (which needs
+/// `s.len() / 4 * 3 + 3` bytes), returning the decoded length.
+pub fn urlsafe_b64decode(s: &[u8], out: &mut [u8]) -> Result<usize, TokenError> {
+    a2b_base64(s, 0, out)
+}
+
+/// CPython's `binascii.a2b_base64` with strict_mode=0 over `input` followed by
+/// `extra_pads` `=` characters: characters outside the alphabet are skipped,
+/// decoding stops at the first complete pad sequence, stray `=` are ignored and
+/// the unused trailing bits are never checked.
+fn a2b_base64(input: &[u8], extra_pads: usize, out: &mut [u8]) -> Result<usize, TokenError> {
     let mut n = 0;
     let mut i = 0;
     // Fast path: whole quads of alphabet characters.
@@ -334,14 +344,13 @@ pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usiz
         i += 4;
     }
 
-    // The general state machine of CPython's `binascii.a2b_base64` (strict_mode=0).
     let mut quad_pos = 0u8;
     let mut pads = 0u8;
     let mut left = 0u8;
     let rest = input[i..]
         .iter()
         .copied()
-        .chain(std::iter::repeat_n(b'=', restored_pads));
+        .chain(std::iter::repeat_n(b'=', extra_pads));
     for ch in rest {
         let v = DECODE[ch as usize];
         if v == PAD {
@@ -357,31 +366,31 @@ pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usiz
             continue;
         }
         pads = 0;
-        let slot = out.get_mut(n);
-        match quad_pos {
+        let byte = match quad_pos {
             0 => {
                 left = v;
                 quad_pos = 1;
+                continue;
             }
             1 => {
-                *slot.ok_or(TokenError::Malformed("too long"))? = (left << 2) | (v >> 4);
-                n += 1;
+                let b = (left << 2) | (v >> 4);
                 left = v & 0x0f;
                 quad_pos = 2;
+                b
             }
             2 => {
-                *slot.ok_or(TokenError::Malformed("too long"))? = (left << 4) | (v >> 2);
-                n += 1;
+                let b = (left << 4) | (v >> 2);
                 left = v & 0x03;
                 quad_pos = 3;
+                b
             }
             _ => {
-                *slot.ok_or(TokenError::Malformed("too long"))? = (left << 6) | v;
-                n += 1;
-                left = 0;
                 quad_pos = 0;
+                (left << 6) | v
             }
-        }
+        };
+        *out.get_mut(n).ok_or(TokenError::Malformed("too long"))? = byte;
+        n += 1;
     }
     match quad_pos {
         0 => Ok(n),

@@ -7,3 +7,4 @@ mod keystone_e2e;
 mod repo;
 mod rotator;
 mod token;
+mod systemd;

@@ -1,0 +1,242 @@
+//! The systemd units in `systemd/` as systemd itself reads them:
+//! `systemd-analyze verify` must print nothing about them, their exposure score
+//! must stay low, and the sysusers/tmpfiles snippets must make the user and the
+//! repository directory the agent unit relies on.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use crate::common::fernetd_bin;
+use crate::common::keystone::bundle;
+
+/// The installed paths the units name, and what stands in for them here:
+/// `verify` refuses a unit whose ExecStart binary does not exist.
+fn installed_paths() -> [(&'static str, PathBuf); 2] {
+    [
+        ("/usr/local/bin/fernetd", fernetd_bin()),
+        (
+            "/opt/fernetd/keystone/run-keystone.sh",
+            bundle().join("run-keystone.sh"),
+        ),
+    ]
+}
+
+const UNITS: [&str; 3] = [
+    "fernetd-rotator.service",
+    "fernetd-agent.service",
+    "keystone-regional.service",
+];
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+/// `systemd-analyze` etc., installed with apt-get when absent (as root).
+fn systemd_tool(name: &str) -> PathBuf {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let find = || {
+        ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.exists())
+    };
+    if let Some(path) = find() {
+        return path;
+    }
+    INSTALLED.get_or_init(|| {
+        let out = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "systemd"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("run apt-get to install systemd (needed to verify the units)");
+        assert!(
+            out.status.success(),
+            "apt-get install systemd failed ({}); install systemd to run this test:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    find().unwrap_or_else(|| panic!("{name} not found even after installing systemd"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Copies the units into `dir` with the installed paths rewritten to this build.
+fn staged_units(dir: &Path) -> Vec<PathBuf> {
+    UNITS
+        .iter()
+        .map(|unit| {
+            let mut text = std::fs::read_to_string(systemd_dir().join(unit)).unwrap();
+            let exec = text
+                .lines()
+                .find(|l| l.starts_with("ExecStart="))
+                .unwrap_or_else(|| panic!("{unit}: no ExecStart"));
+            let (from, to) = installed_paths()
+                .into_iter()
+                .find(|(from, _)| exec.starts_with(&format!("ExecStart={from} ")))
+                .unwrap_or_else(|| {
+                    panic!("{unit}: ExecStart names no known installed path: {exec}")
+                });
+            text = text.replace(
+                &format!("ExecStart={from} "),
+                &format!("ExecStart={} ", to.display()),
+            );
+            let path = dir.join(unit);
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Everything `verify` said about `units` (it exits 0 on mere warnings).
+fn verify(units: &[PathBuf]) -> Vec<String> {
+    let out = Command::new(systemd_tool("systemd-analyze"))
+        .args(["verify", "--man=no"])
+        .args(units)
+        .output()
+        .expect("run systemd-analyze verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut said: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            UNITS.iter().any(|u| l.contains(u))
+                || units.iter().any(|u| l.contains(&*u.to_string_lossy()))
+        })
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        said.push(format!(
+            "systemd-analyze verify exited with {}: {text}",
+            out.status
+        ));
+    }
+    said
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify_without_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let units = staged_units(tmp.path());
+    let said = verify(&units);
+    assert!(
+        said.is_empty(),
+        "systemd-analyze verify warned:\n{}",
+        said.join("\n")
+    );
+
+    // The same check sees a mistake: a misspelt value and an unknown key.
+    let broken = tmp.path().join("broken-agent.service");
+    let text = std::fs::read_to_string(&units[1]).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("ProtectSystem=strict", "ProtectSystem=strictest") + "Bogus=1\n",
+    )
+    .unwrap();
+    let said = verify(&[broken]);
+    assert!(said.len() >= 2, "a broken unit went unnoticed: {said:?}");
+}
+
+#[test]
+fn units_carry_the_required_hardening() {
+    for unit in UNITS {
+        let text = std::fs::read_to_string(systemd_dir().join(unit)).unwrap();
+        for line in [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "Restart=on-failure",
+            "KillSignal=SIGTERM",
+            "SystemCallFilter=@system-service",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{unit} lacks {line}");
+        }
+    }
+    let agent = std::fs::read_to_string(systemd_dir().join("fernetd-agent.service")).unwrap();
+    assert!(agent.lines().any(|l| l == "User=fernetd"));
+    assert!(
+        agent
+            .lines()
+            .any(|l| l == "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE")
+    );
+    assert!(
+        agent
+            .lines()
+            .any(|l| l == "ReadWritePaths=/etc/keystone/fernetd /var/lib/fernetd")
+    );
+    let rotator = std::fs::read_to_string(systemd_dir().join("fernetd-rotator.service")).unwrap();
+    assert!(
+        rotator.lines().any(|l| l == "CapabilityBoundingSet="),
+        "the rotator needs no capability"
+    );
+
+    // systemd's own score (0 = locked down, 10 = exposed); "OK" ends at 4.9.
+    let tmp = tempfile::tempdir().unwrap();
+    for path in staged_units(tmp.path()) {
+        let out = run(Command::new(systemd_tool("systemd-analyze"))
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+        println!("{}: exposure {score}", path.display());
+        assert!(
+            score <= 2.5,
+            "{} exposure {score} > 2.5:\n{text}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn sysusers_and_tmpfiles_make_the_user_and_the_repository_parent() {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    for f in ["passwd", "group", "shadow", "gshadow"] {
+        std::fs::write(etc.join(f), "").unwrap();
+    }
+    // The Keystone package's group, which the tmpfiles line names.
+    let keystone_group = root.path().join("keystone.sysusers");
+    std::fs::write(&keystone_group, "g keystone -\n").unwrap();
+    run(Command::new(systemd_tool("systemd-sysusers"))
+        .arg(format!("--root={}", root.path().display()))
+        .arg(systemd_dir().join("fernetd.sysusers"))
+        .arg(&keystone_group));
+    run(Command::new(systemd_tool("systemd-tmpfiles"))
+        .arg(format!("--root={}", root.path().display()))
+        .arg("--create")
+        .arg(systemd_dir().join("fernetd.tmpfiles")));
+    let id = |file: &str, name: &str, field: usize| -> u32 {
+        let text = std::fs::read_to_string(etc.join(file)).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {file}"));
+        line.split(':').nth(field).unwrap().parse().unwrap()
+    };
+    let meta = std::fs::metadata(root.path().join("etc/keystone/fernetd")).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o750);
+    assert_eq!(meta.uid(), id("passwd", "fernetd", 2));
+    assert_eq!(meta.gid(), id("group", "keystone", 2));
+}
