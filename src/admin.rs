@@ -26,8 +26,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    pub(crate) fn new(core: Arc<Core>, admins: Vec<String>, shutdown: watch::Receiver<bool>) -> Self {
-        AdminService { core, admins, shutdown }
+    pub(crate) fn new(
+        core: Arc<Core>,
+        admins: Vec<String>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        AdminService {
+            core,
+            admins,
+            shutdown,
+        }
     }
 
     /// The caller's identity when it is a configured admin; PERMISSION_DENIED
@@ -56,20 +64,33 @@ fn status_of(e: crate::rotator::RotatorError) -> Status {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         self.authorize(&request, "Status")?;
         Ok(Response::new(self.core.status()))
     }
 
-    async fn rotate(&self, request: Request<pb::RotateRequest>) -> Result<Response<pb::RotateResponse>, Status> {
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
         let admin = self.authorize(&request, "Rotate")?;
         let r = request.into_inner();
         tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
-        let response = self.core.rotate(&r, self.shutdown.clone()).await.map_err(status_of)?;
+        let response = self
+            .core
+            .rotate(&r, self.shutdown.clone())
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(response))
     }
 
-    async fn sync(&self, request: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
+    async fn sync(
+        &self,
+        request: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
         let admin = self.authorize(&request, "Sync")?;
         tracing::info!(admin = %admin, "sync requested");
         let wait = match request.get_ref().wait_ms {
@@ -92,7 +113,10 @@ impl pb::admin_server::Admin for AdminService {
 
     type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         self.authorize(&request, "Watch")?;
         let mut events = self.core.subscribe();
         let mut shutdown = self.shutdown.clone();
@@ -120,7 +144,9 @@ impl pb::admin_server::Admin for AdminService {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }
 
@@ -161,8 +187,15 @@ pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     let mut out = String::new();
     let answer = match &args.command {
         AdminCommand::Status => {
-            let status = client.status(pb::StatusRequest {}).await.map_err(call)?.into_inner();
-            let healthy = status.repositories.iter().all(|r| r.blocked_reason.is_empty())
+            let status = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(call)?
+                .into_inner();
+            let healthy = status
+                .repositories
+                .iter()
+                .all(|r| r.blocked_reason.is_empty())
                 && status.agents.iter().all(|a| a.digest_match);
             if args.json {
                 out = json(&StatusView::from(&status));
@@ -191,7 +224,13 @@ pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
                 .iter()
                 .all(|o| (o.rotated || *dry_run) && o.pending_regions.is_empty());
             if args.json {
-                out = json(&response.outcomes.iter().map(OutcomeView::from).collect::<Vec<_>>());
+                out = json(
+                    &response
+                        .outcomes
+                        .iter()
+                        .map(OutcomeView::from)
+                        .collect::<Vec<_>>(),
+                );
             } else {
                 render_outcomes(&mut out, &response.outcomes, *no_wait);
             }
@@ -201,7 +240,12 @@ pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
             let request = pb::SyncRequest {
                 wait_ms: wait.saturating_mul(1000),
             };
-            let agents = client.sync(request).await.map_err(call)?.into_inner().agents;
+            let agents = client
+                .sync(request)
+                .await
+                .map_err(call)?
+                .into_inner()
+                .agents;
             let ok = agents.iter().all(|a| a.digest_match);
             if args.json {
                 out = json(&agents.iter().map(AgentView::from).collect::<Vec<_>>());
@@ -384,7 +428,12 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
 
 /// Renders per-agent rows as an aligned table.
 pub fn render_agents(out: &mut String, agents: &[pb::AgentStatus]) {
-    let width = agents.iter().map(|a| a.region.len()).max().unwrap_or(6).max(6);
+    let width = agents
+        .iter()
+        .map(|a| a.region.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     let _ = writeln!(
         out,
         "{:<width$}  {:<10}  {:>6}  {:>4}  {:<8}  {:>9}  {:<5}  ERROR",
@@ -411,11 +460,19 @@ pub fn render_outcomes(out: &mut String, outcomes: &[pb::RotateOutcome], no_wait
     for o in outcomes {
         let _ = writeln!(out, "{}: {}", o.repository, o.message);
         if !o.rejecting_regions.is_empty() {
-            let _ = writeln!(out, "  regions that will reject new tokens: {}", o.rejecting_regions.join(", "));
+            let _ = writeln!(
+                out,
+                "  regions that will reject new tokens: {}",
+                o.rejecting_regions.join(", ")
+            );
         }
         if o.rotated && !no_wait {
             if o.pending_regions.is_empty() {
-                let _ = writeln!(out, "  every region acknowledged generation {}", o.generation);
+                let _ = writeln!(
+                    out,
+                    "  every region acknowledged generation {}",
+                    o.generation
+                );
             } else {
                 let _ = writeln!(
                     out,

@@ -68,7 +68,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
 
 /// Writes `ca.pem` into `dir`, and `NAME.pem` / `NAME.key` (0600) for
 /// `identity`; returns the three paths as a [`TlsConfig`].
-fn write_identity(ca: &Authority, dir: &Path, name: &str, identity: &str) -> Result<TlsConfig, DemoError> {
+fn write_identity(
+    ca: &Authority,
+    dir: &Path,
+    name: &str,
+    identity: &str,
+) -> Result<TlsConfig, DemoError> {
     let issued = ca.issue(&[identity])?;
     let tls = TlsConfig {
         ca: dir.join("ca.pem"),
@@ -256,12 +261,16 @@ impl Layout {
 /// `fernetd demo ...`.
 pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
     if args.regions == 0 || args.regions > 100 {
-        return Err(CliError::usage(anyhow::anyhow!("--regions must be between 1 and 100")));
+        return Err(CliError::usage(anyhow::anyhow!(
+            "--regions must be between 1 and 100"
+        )));
     }
     let (dir, temporary) = match &args.dir {
         Some(d) => (d.clone(), false),
         None if args.config_only => {
-            return Err(CliError::usage(anyhow::anyhow!("--config-only needs --dir DIR")));
+            return Err(CliError::usage(anyhow::anyhow!(
+                "--config-only needs --dir DIR"
+            )));
         }
         None => (
             std::env::temp_dir().join(format!("fernetd-demo-{}", std::process::id())),
@@ -270,7 +279,10 @@ pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
     };
     let layout = prepare(&dir, args.regions).map_err(CliError::runtime)?;
     if args.config_only {
-        println!("Wrote the demo CA, certificates and configuration to {}.", layout.dir.display());
+        println!(
+            "Wrote the demo CA, certificates and configuration to {}.",
+            layout.dir.display()
+        );
         println!("Start each process (the ports were free a moment ago):\n");
         print!("{}", layout.commands());
         return Ok(Answer::Yes);
@@ -323,13 +335,22 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
             .map_err(DemoError::from)
     });
 
-    println!("fernetd demo: a rotator and {} agents on loopback, mutual TLS everywhere", agents.len());
+    println!(
+        "fernetd demo: a rotator and {} agents on loopback, mutual TLS everywhere",
+        agents.len()
+    );
     println!("  files:    {}", dir.display());
-    println!("  schedule: `{}` (UTC), max_active_keys {}", rotator.schedule.cron, DEMO_MAX_ACTIVE_KEYS);
+    println!(
+        "  schedule: `{}` (UTC), max_active_keys {}",
+        rotator.schedule.cron, DEMO_MAX_ACTIVE_KEYS
+    );
     if let Some(m) = rotator.metrics_listen {
         println!("  metrics:  http://{m}/metrics");
     }
-    println!("  try:      fernetd admin --config {}/admin.toml status\n", dir.display());
+    println!(
+        "  try:      fernetd admin --config {}/admin.toml status\n",
+        dir.display()
+    );
 
     let watched = tokio::select! {
         r = watch_rotations(&admin, &agents, rotations) => r,
@@ -350,12 +371,16 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
 
 /// Follows the rotator's events, printing each rotation and, once every region
 /// holds it, the status table and a cross-region token check.
-async fn watch_rotations(admin: &AdminConfig, agents: &[AgentConfig], rotations: u64) -> Result<Answer, DemoError> {
+async fn watch_rotations(
+    admin: &AdminConfig,
+    agents: &[AgentConfig],
+    rotations: u64,
+) -> Result<Answer, DemoError> {
     let mut client = crate::admin::connect(admin)?;
     let call = |s: tonic::Status| DemoError::Call(s.message().to_owned());
     // The rotator is starting: poll its status until it answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut status = loop {
+    let status = loop {
         match client.status(pb::StatusRequest {}).await {
             Ok(r) => break r.into_inner(),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(call(e)),
@@ -372,13 +397,19 @@ async fn watch_rotations(admin: &AdminConfig, agents: &[AgentConfig], rotations:
         .await
         .map_err(call)?
         .into_inner();
-    println!("initial distribution (generation {}):", status.repositories.first().map_or(0, |r| r.generation));
+    println!(
+        "initial distribution (generation {}):",
+        status.repositories.first().map_or(0, |r| r.generation)
+    );
     let mut out = String::new();
     crate::admin::render_agents(&mut out, &synced.agents);
     println!("{out}");
 
     let mut tokens: Vec<(u64, String)> = Vec::new();
     let mut seen = 0;
+    // The generation being distributed and the regions that acknowledged it.
+    let mut target = 0;
+    let mut acked: Vec<String> = Vec::new();
     while seen < rotations {
         let event = match events.message().await.map_err(call)? {
             Some(e) => e,
@@ -387,29 +418,46 @@ async fn watch_rotations(admin: &AdminConfig, agents: &[AgentConfig], rotations:
         let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(event.unix_ms)
             .map(|t| t.format("%H:%M:%S%.3f").to_string())
             .unwrap_or_default();
-        let who = if event.region.is_empty() { String::new() } else { format!(" {}", event.region) };
-        let msg = if event.message.is_empty() { String::new() } else { format!(": {}", event.message) };
-        println!("{time} {}{who} generation {}{msg}", event.kind, event.generation);
-        if event.kind != "rotated" {
+        match event.kind.as_str() {
+            "rotated" => {
+                println!("{time}  rotated to generation {}", event.generation);
+                target = event.generation;
+                acked.clear();
+            }
+            "acknowledged" if event.generation == target => {
+                println!(
+                    "{time}    {} installed it and decrypted the canaries",
+                    event.region
+                );
+                acked.push(event.region);
+            }
+            _ => {
+                let msg = if event.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", event.message)
+                };
+                println!(
+                    "{time}  {} {} generation {}{msg}",
+                    event.kind, event.region, event.generation
+                );
+            }
+        }
+        if target == 0 || acked.len() < agents.len() {
             continue;
         }
         seen += 1;
-        // Wait for every region, then show where things stand.
-        let target = event.generation;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            status = client.status(pb::StatusRequest {}).await.map_err(call)?.into_inner();
-            let all = status.agents.iter().all(|a| a.digest_match && a.acked_generation >= target);
-            if all || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = client
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(call)?
+            .into_inner();
         let mut out = String::new();
         crate::admin::render_status(&mut out, &status);
-        println!("{out}");
+        println!("\n{out}");
         cross_region_check(agents, target, &mut tokens)?;
         println!();
+        target = 0;
     }
     println!("{rotations} rotations reached every region; stopping.");
     Ok(Answer::Yes)
@@ -418,20 +466,30 @@ async fn watch_rotations(admin: &AdminConfig, agents: &[AgentConfig], rotations:
 /// Issues a token with the first region's primary key, as its Keystone would,
 /// and decrypts it and every earlier demo token with each region's repository
 /// as read from disk.
-fn cross_region_check(agents: &[AgentConfig], generation: u64, tokens: &mut Vec<(u64, String)>) -> Result<(), DemoError> {
+fn cross_region_check(
+    agents: &[AgentConfig],
+    generation: u64,
+    tokens: &mut Vec<(u64, String)>,
+) -> Result<(), DemoError> {
     let mut keyrings = Vec::with_capacity(agents.len());
     for a in agents {
-        let Some(repo) = a.repositories.first() else { continue };
+        let Some(repo) = a.repositories.first() else {
+            continue;
+        };
         let set = crate::repository::load(&repo.path)
             .map_err(|e| DemoError::Regions(crate::tls::error_chain(&e)))?;
         keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
     }
-    let Some((first, _, first_set)) = keyrings.first() else { return Ok(()) };
+    let Some((first, _, first_set)) = keyrings.first() else {
+        return Ok(());
+    };
     let Some(primary) = first_set.primary() else {
         return Err(DemoError::Regions(format!("{first} has no primary key")));
     };
     tokens.push((generation, crate::token::canary(primary)));
-    println!("tokens issued in {first} (by generation), accepted by every region's repository on disk:");
+    println!(
+        "tokens issued in {first} (by generation), accepted by every region's repository on disk:"
+    );
     for (g, token) in tokens.iter() {
         let accepted: Vec<&str> = keyrings
             .iter()

@@ -52,8 +52,13 @@ pub enum RotatorError {
         #[source]
         source: crate::repository::RepositoryError,
     },
-    #[error("the repository to import for `{repository}` at {path} has no staged key 0 or fewer than two keys")]
-    ImportIncomplete { repository: String, path: std::path::PathBuf },
+    #[error(
+        "the repository to import for `{repository}` at {path} has no staged key 0 or fewer than two keys"
+    )]
+    ImportIncomplete {
+        repository: String,
+        path: std::path::PathBuf,
+    },
     #[error("repository `{0}` lacks a staged or primary key")]
     Incomplete(String),
     #[error("cannot rotate")]
@@ -111,17 +116,25 @@ pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
     let mut names = std::collections::BTreeSet::new();
     for repo in &config.repositories {
         if !names.insert(&repo.name) {
-            return Err(RotatorError::Config(format!("repository `{}` is listed twice", repo.name)));
+            return Err(RotatorError::Config(format!(
+                "repository `{}` is listed twice",
+                repo.name
+            )));
         }
     }
     let mut regions = std::collections::BTreeSet::new();
     for agent in &config.agents {
         if !regions.insert(&agent.region) {
-            return Err(RotatorError::Config(format!("agent region `{}` is listed twice", agent.region)));
+            return Err(RotatorError::Config(format!(
+                "agent region `{}` is listed twice",
+                agent.region
+            )));
         }
     }
     if config.fanout.concurrency == 0 {
-        return Err(RotatorError::Config("fanout.concurrency must be at least 1".into()));
+        return Err(RotatorError::Config(
+            "fanout.concurrency must be at least 1".into(),
+        ));
     }
     // The tightest spacing the schedule produces is what ages keys fastest.
     let interval = schedule
@@ -149,7 +162,10 @@ pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
 
 /// Loads each repository's committed generation, adopting an existing Keystone
 /// repository (or creating a fresh set) on first start, and committing it.
-fn load_generations(config: &RotatorConfig, store: &StateStore) -> Result<Vec<RepoSlot>, RotatorError> {
+fn load_generations(
+    config: &RotatorConfig,
+    store: &StateStore,
+) -> Result<Vec<RepoSlot>, RotatorError> {
     let mut slots = Vec::with_capacity(config.repositories.len());
     for repo in &config.repositories {
         let generation = match store.load(&repo.name)? {
@@ -163,10 +179,12 @@ fn load_generations(config: &RotatorConfig, store: &StateStore) -> Result<Vec<Re
             None => {
                 let keys = match &repo.import {
                     Some(path) => {
-                        let keys = crate::repository::load(path).map_err(|source| RotatorError::Import {
-                            repository: repo.name.clone(),
-                            path: path.clone(),
-                            source,
+                        let keys = crate::repository::load(path).map_err(|source| {
+                            RotatorError::Import {
+                                repository: repo.name.clone(),
+                                path: path.clone(),
+                                source,
+                            }
                         })?;
                         if keys.staged().is_none() || keys.len() < 2 {
                             return Err(RotatorError::ImportIncomplete {
@@ -185,7 +203,11 @@ fn load_generations(config: &RotatorConfig, store: &StateStore) -> Result<Vec<Re
                 generation
             }
         };
-        slots.push(RepoSlot::new(repo.name.clone(), repo.max_active_keys, generation));
+        slots.push(RepoSlot::new(
+            repo.name.clone(),
+            repo.max_active_keys,
+            generation,
+        ));
     }
     Ok(slots)
 }
@@ -202,20 +224,22 @@ pub async fn run(
     let store = StateStore::open(&config.state_dir)?;
     let blocking_store = store.clone();
     let blocking_config = config.clone();
-    let repos = tokio::task::spawn_blocking(move || load_generations(&blocking_config, &blocking_store))
-        .await
-        .map_err(|e| RotatorError::Task(e.to_string()))??;
+    let repos =
+        tokio::task::spawn_blocking(move || load_generations(&blocking_config, &blocking_store))
+            .await
+            .map_err(|e| RotatorError::Task(e.to_string()))??;
 
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
-        let channel = client_tls
-            .channel(&a.endpoint, &a.identity)
-            .map_err(|e| RotatorError::Endpoint {
-                region: a.region.clone(),
-                endpoint: a.endpoint.clone(),
-                reason: crate::tls::error_chain(&e),
-            })?;
+        let channel =
+            client_tls
+                .channel(&a.endpoint, &a.identity)
+                .map_err(|e| RotatorError::Endpoint {
+                    region: a.region.clone(),
+                    endpoint: a.endpoint.clone(),
+                    reason: crate::tls::error_chain(&e),
+                })?;
         agents.push(AgentSlot::new(
             a.region.clone(),
             a.endpoint.clone(),
@@ -227,12 +251,21 @@ pub async fn run(
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
     let metrics = Metrics::new(&mut registry);
-    let core = Arc::new(Core::new(repos, agents, store.clone(), config.fanout.clone(), metrics));
+    let core = Arc::new(Core::new(
+        repos,
+        agents,
+        store.clone(),
+        config.fanout.clone(),
+        metrics,
+    ));
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
     }));
     let acks = store.load_acks().unwrap_or_else(|e| {
-        tracing::warn!("ignoring recorded acknowledgements: {}", crate::tls::error_chain(&e));
+        tracing::warn!(
+            "ignoring recorded acknowledgements: {}",
+            crate::tls::error_chain(&e)
+        );
         Default::default()
     });
     core.restore_acks(&acks);
@@ -260,14 +293,22 @@ pub async fn run(
     if let Some(metrics_listener) = metrics_listener {
         let registry = Arc::new(registry);
         let stop = stop_rx.clone();
-        tasks.spawn(crate::metrics::serve(metrics_listener, registry, wait_stop(stop)));
+        tasks.spawn(crate::metrics::serve(
+            metrics_listener,
+            registry,
+            wait_stop(stop),
+        ));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<crate::pb::admin_server::AdminServer<crate::admin::AdminService>>()
         .await;
-    let admin = crate::admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop_rx.clone());
+    let admin = crate::admin::AdminService::new(
+        core.clone(),
+        config.admin_identities.clone(),
+        stop_rx.clone(),
+    );
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(crate::pb::admin_server::AdminServer::new(admin))
@@ -315,12 +356,17 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receive
     let mut stop_wait = stop.clone();
     loop {
         let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
-            tracing::warn!(schedule = schedule.expr(), "the schedule has no further occurrence");
+            tracing::warn!(
+                schedule = schedule.expr(),
+                "the schedule has no further occurrence"
+            );
             return;
         };
         for repo in &core.repos {
-            repo.next_rotation_ms
-                .store(next.timestamp_millis(), std::sync::atomic::Ordering::Release);
+            repo.next_rotation_ms.store(
+                next.timestamp_millis(),
+                std::sync::atomic::Ordering::Release,
+            );
         }
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
@@ -353,9 +399,12 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receive
 pub async fn main(config: &Path) -> Result<Answer, CliError> {
     let config: RotatorConfig = crate::config::load(config).map_err(CliError::usage)?;
     validate(&config).map_err(CliError::usage)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| CliError::runtime(RotatorError::Bind { addr: config.listen, source }))?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+        CliError::runtime(RotatorError::Bind {
+            addr: config.listen,
+            source,
+        })
+    })?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -364,9 +413,19 @@ pub async fn main(config: &Path) -> Result<Answer, CliError> {
         ),
         None => None,
     };
-    run(config, listener, metrics_listener, crate::cli::termination())
-        .await
-        .map_err(|e| if e.is_config() { CliError::usage(e) } else { CliError::runtime(e) })?;
+    run(
+        config,
+        listener,
+        metrics_listener,
+        crate::cli::termination(),
+    )
+    .await
+    .map_err(|e| {
+        if e.is_config() {
+            CliError::usage(e)
+        } else {
+            CliError::runtime(e)
+        }
+    })?;
     Ok(Answer::Yes)
 }
-

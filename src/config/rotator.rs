@@ -149,7 +149,9 @@ pub mod duration {
 
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let n: u64 = number
             .parse()
@@ -165,7 +167,9 @@ pub mod duration {
             "m" => seconds(60),
             "h" => seconds(3600),
             "d" => seconds(86_400),
-            other => Err(format!("unknown unit `{other}` in `{text}` (use ms, s, m, h or d)")),
+            other => Err(format!(
+                "unknown unit `{other}` in `{text}` (use ms, s, m, h or d)"
+            )),
         }
     }
 

@@ -50,7 +50,8 @@ impl Generation {
     /// Encodes the Install request for `keys` as generation `number`, with
     /// canary tokens made with the primary and the staged key.
     pub(crate) fn build(repository: &str, number: u64, keys: KeySet) -> Result<Self, RotatorError> {
-        let (Some(primary_index), Some(primary), Some(staged)) = (keys.primary_index(), keys.primary(), keys.staged())
+        let (Some(primary_index), Some(primary), Some(staged)) =
+            (keys.primary_index(), keys.primary(), keys.staged())
         else {
             return Err(RotatorError::Incomplete(repository.to_owned()));
         };
@@ -133,7 +134,10 @@ impl RepoSlot {
     }
 
     pub(crate) fn current(&self) -> Arc<Generation> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_current(&self, generation: Generation) {
@@ -230,19 +234,31 @@ impl Metrics {
             push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             push_failures: Counter::default(),
         };
-        registry.register("generation", "Current committed generation", m.generation.clone());
+        registry.register(
+            "generation",
+            "Current committed generation",
+            m.generation.clone(),
+        );
         registry.register(
             "rotation_blocked",
             "1 while the next rotation waits for agents to acknowledge the current generation",
             m.blocked.clone(),
         );
-        registry.register("rotations", "Generations committed by this process", m.rotations.clone());
+        registry.register(
+            "rotations",
+            "Generations committed by this process",
+            m.rotations.clone(),
+        );
         registry.register(
             "push_duration_seconds",
             "Time for an agent to install a generation and acknowledge it",
             m.push_seconds.clone(),
         );
-        registry.register("push_failures", "Failed calls to agents", m.push_failures.clone());
+        registry.register(
+            "push_failures",
+            "Failed calls to agents",
+            m.push_failures.clone(),
+        );
         m
     }
 
@@ -261,22 +277,35 @@ pub(crate) struct AgentCollector {
 
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(core) = self.core.upgrade() else { return Ok(()) };
+        let Some(core) = self.core.upgrade() else {
+            return Ok(());
+        };
         let rows = core.agent_statuses();
         let gauges: [(&str, &str, fn(&pb::AgentStatus) -> Option<f64>); 3] = [
-            ("agent_lag", "Generations the agent is behind the rotator", |a| Some(a.lag as f64)),
-            ("agent_last_ack_age_seconds", "Seconds since the agent last confirmed what it holds", |a| {
-                (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0)
-            }),
-            ("agent_connected", "1 when the last call to the agent succeeded", |a| {
-                Some(if a.connected { 1.0 } else { 0.0 })
-            }),
+            (
+                "agent_lag",
+                "Generations the agent is behind the rotator",
+                |a| Some(a.lag as f64),
+            ),
+            (
+                "agent_last_ack_age_seconds",
+                "Seconds since the agent last confirmed what it holds",
+                |a| (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0),
+            ),
+            (
+                "agent_connected",
+                "1 when the last call to the agent succeeded",
+                |a| Some(if a.connected { 1.0 } else { 0.0 }),
+            ),
         ];
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for row in &rows {
                 let Some(v) = value(row) else { continue };
-                let labels = [("region", row.region.as_str()), ("repository", row.repository.as_str())];
+                let labels = [
+                    ("region", row.region.as_str()),
+                    ("repository", row.repository.as_str()),
+                ];
                 ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -336,7 +365,10 @@ impl Core {
                 .generation
                 .get_or_create(&core.metrics.repo(&repo.name))
                 .set(repo.current().number as i64);
-            core.metrics.blocked.get_or_create(&core.metrics.repo(&repo.name)).set(0);
+            core.metrics
+                .blocked
+                .get_or_create(&core.metrics.repo(&repo.name))
+                .set(0);
         }
         core
     }
@@ -345,7 +377,9 @@ impl Core {
     /// agent's state is read back before the rotator relies on it.
     pub(crate) fn restore_acks(&self, acks: &Acks) {
         for (r, repo) in self.repos.iter().enumerate() {
-            let Some(by_region) = acks.get(&repo.name) else { continue };
+            let Some(by_region) = acks.get(&repo.name) else {
+                continue;
+            };
             for agent in &self.agents {
                 if let Some(rec) = by_region.get(&agent.region) {
                     agent.lock().held[r] = Held {
@@ -387,7 +421,10 @@ impl Core {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.acks_dirty.store(true, Ordering::Release);
-                tracing::warn!("cannot record acknowledgements: {}", crate::tls::error_chain(&e));
+                tracing::warn!(
+                    "cannot record acknowledgements: {}",
+                    crate::tls::error_chain(&e)
+                );
             }
             Err(e) => tracing::warn!("acknowledgement writer failed: {e}"),
         }
@@ -419,20 +456,29 @@ impl Core {
     /// Whether agent `i` holds `generation` of repository `r` (same number and digest).
     pub(crate) fn agent_holds(&self, i: usize, r: usize, generation: &Generation) -> bool {
         let held = self.agents[i].lock().held[r];
-        held.generation == generation.number && held.digest == Some(generation.digest) && !held.drift
+        held.generation == generation.number
+            && held.digest == Some(generation.digest)
+            && !held.drift
     }
 
     /// A reason not to push: the agent holds a newer generation than the
     /// rotator (lost rotator state, or a second rotator), or the same number with
     /// other keys. Pushing would be refused; an operator must look.
-    pub(crate) fn agent_ahead(&self, i: usize, r: usize, generation: &Generation) -> Option<String> {
+    pub(crate) fn agent_ahead(
+        &self,
+        i: usize,
+        r: usize,
+        generation: &Generation,
+    ) -> Option<String> {
         let held = self.agents[i].lock().held[r];
         if held.generation > generation.number {
             Some(format!(
                 "agent holds generation {} of `{}`, newer than the rotator's {}: restore the rotator's state or restore the agent",
                 held.generation, self.repos[r].name, generation.number
             ))
-        } else if held.generation == generation.number && held.digest.is_some_and(|d| d != generation.digest) {
+        } else if held.generation == generation.number
+            && held.digest.is_some_and(|d| d != generation.digest)
+        {
             Some(format!(
                 "agent holds generation {} of `{}` with another digest (fork)",
                 held.generation, self.repos[r].name
@@ -446,18 +492,31 @@ impl Core {
         let agent = &self.agents[i];
         let repo = &self.repos[r];
         let current = repo.current();
-        let now_holds = held.generation == current.number && held.digest == Some(current.digest) && !held.drift;
+        let now_holds =
+            held.generation == current.number && held.digest == Some(current.digest) && !held.drift;
         let previously = std::mem::replace(&mut agent.lock().held[r], held);
         self.acks_dirty.store(true, Ordering::Release);
-        if now_holds && (previously.generation != held.generation || previously.digest != held.digest) {
+        if now_holds
+            && (previously.generation != held.generation || previously.digest != held.digest)
+        {
             tracing::info!(region = %agent.region, repository = %repo.name, generation = held.generation, "agent acknowledged");
-            self.emit("acknowledged", &repo.name, &agent.region, held.generation, String::new());
+            self.emit(
+                "acknowledged",
+                &repo.name,
+                &agent.region,
+                held.generation,
+                String::new(),
+            );
         }
         self.bump_progress();
     }
 
     /// Learns from an agent's `GetState` answer what it holds.
-    pub(crate) fn observe_state(&self, i: usize, state: &pb::GetStateResponse) -> Result<(), String> {
+    pub(crate) fn observe_state(
+        &self,
+        i: usize,
+        state: &pb::GetStateResponse,
+    ) -> Result<(), String> {
         let agent = &self.agents[i];
         if state.region != agent.region {
             return Err(format!(
@@ -471,7 +530,13 @@ impl Core {
             };
             if rs.drift && !agent.lock().held[r].drift {
                 tracing::warn!(region = %agent.region, repository = %repo.name, "agent reports drift: {}", rs.drift_detail);
-                self.emit("drift", &repo.name, &agent.region, rs.generation, rs.drift_detail.clone());
+                self.emit(
+                    "drift",
+                    &repo.name,
+                    &agent.region,
+                    rs.generation,
+                    rs.drift_detail.clone(),
+                );
             }
             self.record_held(
                 i,
@@ -590,7 +655,12 @@ impl Core {
             .collect()
     }
 
-    async fn rotate_one(&self, r: usize, force: bool, dry_run: bool) -> Result<pb::RotateOutcome, RotatorError> {
+    async fn rotate_one(
+        &self,
+        r: usize,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<pb::RotateOutcome, RotatorError> {
         let repo = &self.repos[r];
         let current = repo.current();
         let missing = self.regions_missing(r, &current);
@@ -617,7 +687,10 @@ impl Core {
                     reason: reason.clone(),
                     regions: missing,
                 }));
-                self.metrics.blocked.get_or_create(&self.metrics.repo(&repo.name)).set(1);
+                self.metrics
+                    .blocked
+                    .get_or_create(&self.metrics.repo(&repo.name))
+                    .set(1);
                 if !was_blocked {
                     tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
                 }
@@ -653,7 +726,11 @@ impl Core {
         outcome.digest = next.digest.0.to_vec();
         outcome.indices = next.keys.indices();
         outcome.rotated = true;
-        outcome.message = format!("committed generation {}{}", next.number, rejecting_note(&missing, force));
+        outcome.message = format!(
+            "committed generation {}{}",
+            next.number,
+            rejecting_note(&missing, force)
+        );
         tracing::info!(
             repository = %repo.name,
             generation = next.number,
@@ -669,16 +746,28 @@ impl Core {
                 missing.join(", ")
             );
         }
-        self.emit("rotated", &repo.name, "", next.number, outcome.message.clone());
+        self.emit(
+            "rotated",
+            &repo.name,
+            "",
+            next.number,
+            outcome.message.clone(),
+        );
         repo.set_current(next);
         repo.set_blocked(None);
         repo.overdue.store(false, Ordering::Release);
-        self.metrics.blocked.get_or_create(&self.metrics.repo(&repo.name)).set(0);
+        self.metrics
+            .blocked
+            .get_or_create(&self.metrics.repo(&repo.name))
+            .set(0);
         self.metrics
             .generation
             .get_or_create(&self.metrics.repo(&repo.name))
             .set(next_number as i64);
-        self.metrics.rotations.get_or_create(&self.metrics.repo(&repo.name)).inc();
+        self.metrics
+            .rotations
+            .get_or_create(&self.metrics.repo(&repo.name))
+            .inc();
         self.bump_progress();
         self.push_all();
         Ok(outcome)
@@ -699,7 +788,9 @@ impl Core {
             progress.borrow_and_update();
             let done = (0..self.agents.len()).all(|i| {
                 (!fresh || !self.agents[i].lock().probe)
-                    && repos.iter().all(|&r| self.agent_holds(i, r, &self.repos[r].current()))
+                    && repos
+                        .iter()
+                        .all(|&r| self.agent_holds(i, r, &self.repos[r].current()))
             });
             if done {
                 return true;
@@ -713,7 +804,11 @@ impl Core {
     }
 
     /// Reads every agent back now and re-pushes where needed; waits up to `wait`.
-    pub(crate) async fn sync(&self, wait: Duration, shutdown: watch::Receiver<bool>) -> Vec<pb::AgentStatus> {
+    pub(crate) async fn sync(
+        &self,
+        wait: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<pb::AgentStatus> {
         self.reconcile_all(true);
         let all: Vec<usize> = (0..self.repos.len()).collect();
         self.wait_in_sync(&all, wait, true, shutdown).await;
@@ -721,7 +816,11 @@ impl Core {
     }
 
     /// A scheduled rotation, or a retry of one that was blocked. Never forced.
-    pub(crate) async fn scheduled_rotation(self: &Arc<Self>, only_overdue: bool, shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn scheduled_rotation(
+        self: &Arc<Self>,
+        only_overdue: bool,
+        shutdown: watch::Receiver<bool>,
+    ) {
         let names: Vec<String> = self
             .repos
             .iter()
@@ -767,7 +866,11 @@ impl Core {
                         && held.digest == Some(current.digest)
                         && !held.drift,
                     lag: current.number.saturating_sub(held.generation),
-                    last_ack_age_ms: if held.unix_ms == 0 { -1 } else { (now - held.unix_ms).max(0) },
+                    last_ack_age_ms: if held.unix_ms == 0 {
+                        -1
+                    } else {
+                        (now - held.unix_ms).max(0)
+                    },
                     last_error: st.last_error.clone().unwrap_or_default(),
                     connected: st.connected,
                 });
@@ -788,7 +891,10 @@ impl Core {
                     generation: current.number,
                     digest: current.digest.0.to_vec(),
                     indices: current.keys.indices(),
-                    blocked_reason: blocked.as_ref().map(|b| b.reason.clone()).unwrap_or_default(),
+                    blocked_reason: blocked
+                        .as_ref()
+                        .map(|b| b.reason.clone())
+                        .unwrap_or_default(),
                     blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
                     next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
                 }
@@ -806,7 +912,10 @@ impl Core {
         for (r, repo) in self.repos.iter().enumerate() {
             if repo.blocked().is_some() && self.may_rotate(r) {
                 repo.set_blocked(None);
-                self.metrics.blocked.get_or_create(&self.metrics.repo(&repo.name)).set(0);
+                self.metrics
+                    .blocked
+                    .get_or_create(&self.metrics.repo(&repo.name))
+                    .set(0);
                 tracing::info!(repository = %repo.name, "no longer blocked: every agent holds the current generation");
             }
         }

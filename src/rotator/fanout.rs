@@ -39,7 +39,8 @@ struct PreEncodedCodec;
 #[derive(Debug, Clone, Copy, Default)]
 struct PreEncodedEncoder;
 
-type ResponseDecoder = <tonic_prost::ProstCodec<pb::InstallRequest, pb::InstallResponse> as Codec>::Decoder;
+type ResponseDecoder =
+    <tonic_prost::ProstCodec<pb::InstallRequest, pb::InstallResponse> as Codec>::Decoder;
 
 impl Codec for PreEncodedCodec {
     type Encode = Arc<EncodedInstall>;
@@ -145,7 +146,9 @@ impl Core {
         loop {
             let next_timer = self.release_due_timers();
             loop {
-                let Some(i) = lock(&self.queue.ready).pop_front() else { break };
+                let Some(i) = lock(&self.queue.ready).pop_front() else {
+                    break;
+                };
                 let permit = tokio::select! {
                     p = self.queue.permits.clone().acquire_owned() => match p {
                         Ok(p) => p,
@@ -245,7 +248,10 @@ impl Core {
         let agent = &self.agents[i];
         let probe = agent.lock().probe;
         if probe {
-            let state = self.get_state(i).await.inspect_err(|_| agent.lock().connected = false)?;
+            let state = self
+                .get_state(i)
+                .await
+                .inspect_err(|_| agent.lock().connected = false)?;
             agent.lock().connected = true;
             self.observe_state(i, &state)?;
             agent.lock().probe = false;
@@ -262,13 +268,19 @@ impl Core {
             let result = self.install(i, &generation).await;
             agent.lock().connected = result.is_ok();
             let response = result?;
-            self.metrics.push_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .push_seconds
+                .observe(started.elapsed().as_secs_f64());
             self.observe_install(i, r, &generation, &response)?;
         }
         Ok(())
     }
 
-    async fn install(&self, i: usize, generation: &Generation) -> Result<pb::InstallResponse, String> {
+    async fn install(
+        &self,
+        i: usize,
+        generation: &Generation,
+    ) -> Result<pb::InstallResponse, String> {
         let channel = self.agents[i].channel.clone();
         let timeout = self.fanout.call_timeout;
         let call = async move {
@@ -289,7 +301,8 @@ impl Core {
     }
 
     async fn get_state(&self, i: usize) -> Result<pb::GetStateResponse, String> {
-        let mut client = pb::distribution_client::DistributionClient::new(self.agents[i].channel.clone());
+        let mut client =
+            pb::distribution_client::DistributionClient::new(self.agents[i].channel.clone());
         let timeout = self.fanout.call_timeout;
         let call = async move {
             let mut request = tonic::Request::new(pb::GetStateRequest {});
@@ -311,7 +324,12 @@ async fn with_deadline<T>(
 ) -> Result<T, String> {
     tokio::time::timeout(timeout, call)
         .await
-        .unwrap_or_else(|_| Err(format!("{what}: no answer within {}ms", timeout.as_millis())))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{what}: no answer within {}ms",
+                timeout.as_millis()
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -321,7 +339,10 @@ mod tests {
     #[test]
     fn statuses_are_described_with_their_code() {
         let s = tonic::Status::failed_precondition("generation 3 is older than 5");
-        assert_eq!(crate::admin::describe(&s), "FailedPrecondition: generation 3 is older than 5");
+        assert_eq!(
+            crate::admin::describe(&s),
+            "FailedPrecondition: generation 3 is older than 5"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,10 +33,12 @@ const INTERVAL_SAMPLES: usize = 1000;
 
 impl Schedule {
     pub fn parse(expr: &str) -> Result<Self, ScheduleError> {
-        let cron = expr.parse::<Cron>().map_err(|source| ScheduleError::Parse {
-            expr: expr.to_owned(),
-            source,
-        })?;
+        let cron = expr
+            .parse::<Cron>()
+            .map_err(|source| ScheduleError::Parse {
+                expr: expr.to_owned(),
+                source,
+            })?;
         let schedule = Schedule {
             expr: expr.to_owned(),
             cron,
@@ -63,7 +65,9 @@ impl Schedule {
         let mut previous = self.next_after(from)?;
         let mut shortest: Option<Duration> = None;
         for _ in 0..INTERVAL_SAMPLES {
-            let Some(next) = self.next_after(previous) else { break };
+            let Some(next) = self.next_after(previous) else {
+                break;
+            };
             let gap = (next - previous).to_std().unwrap_or(Duration::ZERO);
             shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
             previous = next;
@@ -120,31 +124,45 @@ mod tests {
     use chrono::TimeZone;
 
     fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 3, 2, h, m, s).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 3, 2, h, m, s)
+            .single()
+            .expect("valid time")
     }
 
     #[test]
     fn cron_is_evaluated_in_utc_with_optional_seconds() {
         let daily = Schedule::parse("0 3 * * *").expect("parse");
         assert_eq!(daily.next_after(at(2, 59, 59)), Some(at(3, 0, 0)));
-        assert_eq!(daily.min_interval(at(0, 0, 0)), Some(Duration::from_secs(86_400)));
+        assert_eq!(
+            daily.min_interval(at(0, 0, 0)),
+            Some(Duration::from_secs(86_400))
+        );
         let fast = Schedule::parse("*/10 * * * * *").expect("parse");
         assert_eq!(fast.next_after(at(1, 0, 0)), Some(at(1, 0, 10)));
-        assert_eq!(fast.min_interval(at(1, 0, 3)), Some(Duration::from_secs(10)));
+        assert_eq!(
+            fast.min_interval(at(1, 0, 3)),
+            Some(Duration::from_secs(10))
+        );
     }
 
     #[test]
     fn min_interval_finds_the_shortest_gap_of_an_irregular_schedule() {
         // 00:00 and 06:00: gaps of 6 h and 18 h; the formula must use 6 h.
         let s = Schedule::parse("0 0,6 * * *").expect("parse");
-        assert_eq!(s.min_interval(at(7, 0, 0)), Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(
+            s.min_interval(at(7, 0, 0)),
+            Some(Duration::from_secs(6 * 3600))
+        );
     }
 
     #[test]
     fn bad_expressions_are_refused_with_the_expression_named() {
         let e = Schedule::parse("every day").expect_err("must fail");
         assert!(e.to_string().contains("every day"), "{e}");
-        assert!(Schedule::parse("0 0 31 2 *").is_err(), "February 31st never fires");
+        assert!(
+            Schedule::parse("0 0 31 2 *").is_err(),
+            "February 31st never fires"
+        );
     }
 
     #[test]
@@ -162,7 +180,10 @@ mod tests {
         assert_eq!(b.delay(4, 1.0), Duration::from_millis(800));
         for _ in 0..100 {
             let d = b.delay_random(3);
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+                "{d:?}"
+            );
         }
     }
 

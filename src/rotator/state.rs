@@ -70,13 +70,19 @@ impl StateStore {
             source,
         };
         if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
         }
         let meta = fs::metadata(dir).map_err(io)?;
         if !meta.is_dir() {
             return Err(io(std::io::Error::other("not a directory")));
         }
-        Ok(StateStore { dir: dir.to_path_buf() })
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,7 +92,9 @@ impl StateStore {
     fn repository_path(&self, name: &str) -> Result<PathBuf, StateError> {
         let valid = !name.is_empty()
             && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
             return Err(StateError::BadName(name.to_owned()));
         }
@@ -165,16 +173,24 @@ fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
         match (fields.next(), fields.next(), fields.next()) {
             (Some("repository"), Some(r), None) if r == name => {}
             (Some("repository"), Some(r), None) => {
-                return Err(format!("line {lineno}: holds repository `{r}`, expected `{name}`"));
+                return Err(format!(
+                    "line {lineno}: holds repository `{r}`, expected `{name}`"
+                ));
             }
             (Some("generation"), Some(g), None) => {
-                generation = Some(g.parse::<u64>().map_err(|_| format!("line {lineno}: bad generation"))?);
+                generation = Some(
+                    g.parse::<u64>()
+                        .map_err(|_| format!("line {lineno}: bad generation"))?,
+                );
             }
             (Some("digest"), Some(d), None) => digest = Some(d.to_owned()),
             (Some("key"), Some(i), Some(k)) => {
-                let index = i.parse::<u32>().map_err(|_| format!("line {lineno}: bad key index"))?;
+                let index = i
+                    .parse::<u32>()
+                    .map_err(|_| format!("line {lineno}: bad key index"))?;
                 // The reason names the defect, never the content.
-                let key = repository::parse_key(k.as_bytes()).map_err(|r| format!("line {lineno}: key {index} {r}"))?;
+                let key = repository::parse_key(k.as_bytes())
+                    .map_err(|r| format!("line {lineno}: key {index} {r}"))?;
                 if keys.insert(index, key).is_some() {
                     return Err(format!("line {lineno}: key {index} appears twice"));
                 }
@@ -227,12 +243,15 @@ fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateErro
         .open(&tmp)
         .map_err(io(&tmp))?;
     // An umask or an inherited ACL must not widen it.
-    file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io(&tmp))?;
     file.write_all(content).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io(path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(())
 }
 
@@ -252,14 +271,26 @@ mod tests {
         assert!(store.load("tokens").expect("load").is_none());
         let keys = set(3);
         store
-            .save("tokens", &Committed { generation: 7, keys: keys.clone() })
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 7,
+                    keys: keys.clone(),
+                },
+            )
             .expect("save");
         let back = store.load("tokens").expect("load").expect("present");
         assert_eq!(back.generation, 7);
         assert_eq!(back.keys, keys);
-        let mode = fs::metadata(dir.path().join("state/tokens.state")).expect("meta").permissions().mode();
+        let mode = fs::metadata(dir.path().join("state/tokens.state"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let dir_mode = fs::metadata(dir.path().join("state")).expect("meta").permissions().mode();
+        let dir_mode = fs::metadata(dir.path().join("state"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
     }
 
@@ -268,10 +299,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(dir.path()).expect("open");
         let keys = set(3);
-        store.save("tokens", &Committed { generation: 2, keys }).expect("save");
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 2,
+                    keys,
+                },
+            )
+            .expect("save");
         let path = dir.path().join("tokens.state");
         let text = fs::read_to_string(&path).expect("read");
-        let secret = text.lines().last().expect("a key line").rsplit(' ').next().expect("key").to_owned();
+        let secret = text
+            .lines()
+            .last()
+            .expect("a key line")
+            .rsplit(' ')
+            .next()
+            .expect("key")
+            .to_owned();
         // Another key under the same digest: the digest check catches it.
         let tampered = text.replace(&secret, &Key::generate().to_base64());
         fs::write(&path, tampered).expect("write");
@@ -298,7 +344,11 @@ mod tests {
         let mut acks = Acks::new();
         acks.entry("tokens".into()).or_default().insert(
             "RegionOne".into(),
-            AckRecord { generation: 3, digest: "ab".into(), unix_ms: 5 },
+            AckRecord {
+                generation: 3,
+                digest: "ab".into(),
+                unix_ms: 5,
+            },
         );
         store.save_acks(&acks).expect("save");
         assert_eq!(store.load_acks().expect("load"), acks);

@@ -95,7 +95,8 @@ impl Cluster {
                 }],
             };
             let path = dir.path().join(format!("{region}.toml"));
-            std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write agent.toml");
+            std::fs::write(&path, toml::to_string(&config).expect("toml"))
+                .expect("write agent.toml");
             endpoints.push(AgentEndpoint {
                 region: region.to_string(),
                 endpoint: format!("https://{addr}"),
@@ -140,14 +141,16 @@ impl Cluster {
             },
         };
         let rotator_config = dir.path().join("rotator.toml");
-        std::fs::write(&rotator_config, toml::to_string(&rotator).expect("toml")).expect("write rotator.toml");
+        std::fs::write(&rotator_config, toml::to_string(&rotator).expect("toml"))
+            .expect("write rotator.toml");
         let admin = AdminConfig {
             rotator: format!("https://{rotator_addr}"),
             rotator_identity: ROTATOR_ID.into(),
             tls: tls_files(&pki, &ca, &admin_leaf, "admin"),
         };
         let admin_config = dir.path().join("admin.toml");
-        std::fs::write(&admin_config, toml::to_string(&admin).expect("toml")).expect("write admin.toml");
+        std::fs::write(&admin_config, toml::to_string(&admin).expect("toml"))
+            .expect("write admin.toml");
         let mut cluster = Cluster {
             dir,
             ca,
@@ -173,7 +176,11 @@ impl Cluster {
             ["agent", "--config", agent.config.to_str().expect("utf-8")],
         );
         self.logs.push(daemon.log_path().to_path_buf());
-        let tls = client_tls(self.ca.cert_pem(), Some(&self.admin_leaf), &agent_identity(&agent.region));
+        let tls = client_tls(
+            self.ca.cert_pem(),
+            Some(&self.admin_leaf),
+            &agent_identity(&agent.region),
+        );
         daemon.wait_healthy(agent.addr, tls, "").await;
         agent.daemon = Some(daemon);
     }
@@ -181,11 +188,17 @@ impl Cluster {
     async fn start_rotator(&mut self) {
         let mut daemon = Daemon::spawn(
             "rotator-test-rotator",
-            ["rotator", "--config", self.rotator_config.to_str().expect("utf-8")],
+            [
+                "rotator",
+                "--config",
+                self.rotator_config.to_str().expect("utf-8"),
+            ],
         );
         self.logs.push(daemon.log_path().to_path_buf());
         let tls = client_tls(self.ca.cert_pem(), Some(&self.admin_leaf), ROTATOR_ID);
-        daemon.wait_healthy(self.rotator_addr, tls, "fernetd.v1.Admin").await;
+        daemon
+            .wait_healthy(self.rotator_addr, tls, "fernetd.v1.Admin")
+            .await;
         self.rotator = Some(daemon);
     }
 
@@ -221,8 +234,9 @@ impl Cluster {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let (code, out, err) = self.admin(&all);
-        let value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("admin {args:?} exit {code}: {e}\nstdout: {out}\nstderr: {err}"));
+        let value = serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!("admin {args:?} exit {code}: {e}\nstdout: {out}\nstderr: {err}")
+        });
         (code, value)
     }
 
@@ -246,7 +260,10 @@ impl Cluster {
         let o = &v[0];
         assert_eq!(o["rotated"], true, "{v:#}");
         assert_eq!(o["pending_regions"], serde_json::json!([]), "{v:#}");
-        (o["generation"].as_u64().expect("generation"), o["digest"].as_str().expect("digest").to_owned())
+        (
+            o["generation"].as_u64().expect("generation"),
+            o["digest"].as_str().expect("digest").to_owned(),
+        )
     }
 
     fn repo_state(&self, i: usize) -> KeySet {
@@ -269,9 +286,17 @@ fn assert_no_keys_in_logs(logs: &[PathBuf], keys: &BTreeSet<String>) {
     assert!(!keys.is_empty(), "the test saw no keys to search for");
     for log in logs {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(!text.is_empty(), "{} is empty: is logging working?", log.display());
+        assert!(
+            !text.is_empty(),
+            "{} is empty: is logging working?",
+            log.display()
+        );
         for key in keys {
-            assert!(!text.contains(key.as_str()), "a key appears in {}", log.display());
+            assert!(
+                !text.contains(key.as_str()),
+                "a key appears in {}",
+                log.display()
+            );
         }
     }
 }
@@ -307,7 +332,10 @@ fn keystone_view(set: &KeySet) -> (String, usize) {
     for (_, key) in set.keystone_order() {
         h.update(key.to_base64().as_bytes());
     }
-    (h.finalize().iter().map(|b| format!("{b:02x}")).collect(), set.len())
+    (
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        set.len(),
+    )
 }
 
 /// Copies a repository (key files only) so Keystone can read it later.
@@ -326,26 +354,45 @@ fn snapshot(from: &Path, to: &Path) {
 async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
     let cluster = Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
     let status = cluster.converged("initial distribution").await;
-    let mut generation = status["repositories"][0]["generation"].as_u64().expect("generation");
+    let mut generation = status["repositories"][0]["generation"]
+        .as_u64()
+        .expect("generation");
     let mut keys = BTreeSet::new();
     let mut snapshots = Vec::new();
     let mut expected = Vec::new();
     for round in 0..20 {
         let (g, digest) = cluster.rotate_ok();
-        assert_eq!(g, generation + 1, "round {round}: generations advance by one");
+        assert_eq!(
+            g,
+            generation + 1,
+            "round {round}: generations advance by one"
+        );
         generation = g;
         for i in 0..cluster.agents.len() {
             let set = cluster.repo_state(i);
-            assert_eq!(set.digest().to_hex(), digest, "round {round}: {} holds the rotator's set", cluster.agents[i].region);
+            assert_eq!(
+                set.digest().to_hex(),
+                digest,
+                "round {round}: {} holds the rotator's set",
+                cluster.agents[i].region
+            );
             assert!(set.len() <= MAX_ACTIVE_KEYS);
             key_forms(&set, &mut keys);
-            let copy = cluster.dir.path().join("snapshots").join(format!("{round}-{i}"));
+            let copy = cluster
+                .dir
+                .path()
+                .join("snapshots")
+                .join(format!("{round}-{i}"));
             snapshot(&cluster.agents[i].repo, &copy);
             snapshots.push(copy);
             expected.push(keystone_view(&set));
         }
     }
-    assert_eq!(keystone_load(&snapshots), expected, "Keystone reads exactly the distributed keys");
+    assert_eq!(
+        keystone_load(&snapshots),
+        expected,
+        "Keystone reads exactly the distributed keys"
+    );
     let (code, status) = cluster.status();
     assert_eq!(code, 0, "{status:#}");
     for a in status["agents"].as_array().expect("agents") {
@@ -385,7 +432,10 @@ impl Sampler {
                 }
                 if let (Some(lo), Some(hi)) = (primaries.iter().min(), primaries.iter().max()) {
                     worst = worst.max(hi - lo);
-                    assert!(hi - lo <= 1, "two regions two generations apart: primaries {primaries:?}");
+                    assert!(
+                        hi - lo <= 1,
+                        "two regions two generations apart: primaries {primaries:?}"
+                    );
                 }
                 n.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
@@ -401,7 +451,12 @@ impl Sampler {
 
     fn finish(mut self) -> (u32, usize, BTreeSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        let (worst, keys) = self.thread.take().expect("thread").join().expect("sampler saw a violation");
+        let (worst, keys) = self
+            .thread
+            .take()
+            .expect("thread")
+            .join()
+            .expect("sampler saw a violation");
         (worst, self.samples.load(Ordering::Relaxed), keys)
     }
 }
@@ -418,7 +473,8 @@ fn region_rows<'a>(status: &'a Value, region: &str) -> Vec<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_itself() {
     use rustix::process::Signal;
-    let mut cluster = Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
+    let mut cluster =
+        Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
     cluster.converged("initial distribution").await;
     let sampler = Sampler::start(cluster.agents.iter().map(|a| a.repo.clone()).collect());
     cluster.rotate_ok();
@@ -436,17 +492,33 @@ async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_it
         let (code, v) = cluster.admin_json(&["rotate", "--wait", "3"]);
         assert_eq!(code, 1, "{v:#}");
         assert_eq!(v[0]["rotated"], true, "{v:#}");
-        assert_eq!(v[0]["pending_regions"], serde_json::json!([region]), "{v:#}");
+        assert_eq!(
+            v[0]["pending_regions"],
+            serde_json::json!([region]),
+            "{v:#}"
+        );
         // The next one would put two generations between regions: blocked.
         let (code, v) = cluster.admin_json(&["rotate", "--wait", "3"]);
         assert_eq!(code, 1, "{v:#}");
         assert_eq!(v[0]["rotated"], false, "{v:#}");
-        assert!(v[0]["message"].as_str().expect("message").contains(&region), "{v:#}");
+        assert!(
+            v[0]["message"].as_str().expect("message").contains(&region),
+            "{v:#}"
+        );
         let (code, status) = cluster.status();
         assert_eq!(code, 1, "{status:#}");
         let repo = &status["repositories"][0];
-        assert!(repo["blocked_reason"].as_str().is_some_and(|r| r.contains(&region)), "{status:#}");
-        assert_eq!(repo["blocking_regions"], serde_json::json!([region]), "{status:#}");
+        assert!(
+            repo["blocked_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(&region)),
+            "{status:#}"
+        );
+        assert_eq!(
+            repo["blocking_regions"],
+            serde_json::json!([region]),
+            "{status:#}"
+        );
         let row = region_rows(&status, &region)[0];
         assert_eq!(row["lag"].as_u64(), Some(1), "{status:#}");
         assert_eq!(row["digest_match"], false, "{status:#}");
@@ -459,8 +531,13 @@ async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_it
         } else {
             cluster.agent(victim).signal(Signal::CONT);
         }
-        let status = cluster.converged(&format!("{region} catching up by itself")).await;
-        assert!(status["repositories"][0]["blocked_reason"].is_null(), "{status:#}");
+        let status = cluster
+            .converged(&format!("{region} catching up by itself"))
+            .await;
+        assert!(
+            status["repositories"][0]["blocked_reason"].is_null(),
+            "{status:#}"
+        );
         cluster.rotate_ok();
     }
     let (worst, samples, keys) = sampler.finish();
@@ -472,7 +549,8 @@ async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rotator_killed_mid_fan_out_loses_no_generation_and_forks_none() {
     use rustix::process::Signal;
-    let mut cluster = Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
+    let mut cluster =
+        Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
     cluster.converged("initial distribution").await;
     let mut digests: BTreeMap<u64, String> = BTreeMap::new();
     let mut keys = BTreeSet::new();
@@ -487,19 +565,37 @@ async fn the_rotator_killed_mid_fan_out_loses_no_generation_and_forks_none() {
         assert_eq!(code, 0, "{v:#}");
         let g = v[0]["generation"].as_u64().expect("generation");
         let digest = v[0]["digest"].as_str().expect("digest").to_owned();
-        assert!(digests.insert(g, digest.clone()).is_none(), "generation {g} committed twice");
+        assert!(
+            digests.insert(g, digest.clone()).is_none(),
+            "generation {g} committed twice"
+        );
         cluster.rotator().kill();
         if hang {
             cluster.agent(2).signal(Signal::CONT);
         }
         cluster.start_rotator().await;
-        let status = cluster.converged(&format!("round {round}: convergence after the restart")).await;
+        let status = cluster
+            .converged(&format!("round {round}: convergence after the restart"))
+            .await;
         let repo = &status["repositories"][0];
-        assert_eq!(repo["generation"].as_u64(), Some(g), "round {round}: no generation lost: {status:#}");
-        assert_eq!(repo["digest"].as_str(), Some(digest.as_str()), "round {round}: same digest after the restart");
+        assert_eq!(
+            repo["generation"].as_u64(),
+            Some(g),
+            "round {round}: no generation lost: {status:#}"
+        );
+        assert_eq!(
+            repo["digest"].as_str(),
+            Some(digest.as_str()),
+            "round {round}: same digest after the restart"
+        );
         for i in 0..cluster.agents.len() {
             let set = cluster.repo_state(i);
-            assert_eq!(set.digest().to_hex(), digest, "round {round}: {}", cluster.agents[i].region);
+            assert_eq!(
+                set.digest().to_hex(),
+                digest,
+                "round {round}: {}",
+                cluster.agents[i].region
+            );
             key_forms(&set, &mut keys);
         }
     }
@@ -532,20 +628,34 @@ async fn a_non_admin_and_an_agent_with_the_wrong_identity_are_refused() {
     };
     let path = cluster.dir.path().join("intruder-admin.toml");
     std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write");
-    for args in [&["status"][..], &["rotate", "--force"], &["sync"], &["agents"]] {
+    for args in [
+        &["status"][..],
+        &["rotate", "--force"],
+        &["sync"],
+        &["agents"],
+    ] {
         let (code, out, err) = cluster.admin_with(&path, args);
         assert_eq!(code, 3, "{args:?}: {out}{err}");
-        assert!(err.contains("PermissionDenied") && err.contains("intruder.fernetd.test"), "{args:?}: {err}");
+        assert!(
+            err.contains("PermissionDenied") && err.contains("intruder.fernetd.test"),
+            "{args:?}: {err}"
+        );
     }
     let before = cluster.status().1["repositories"][0]["generation"].clone();
 
     // The rotator never installs on the agent whose identity does not match.
-    let status = poll_until(Duration::from_secs(20), "the identity mismatch reported", || async {
-        let (_, status) = cluster.status();
-        let row = region_rows(&status, "RegionTwo")[0].clone();
-        let one = region_rows(&status, "RegionOne")[0].clone();
-        (row["last_error"].as_str().is_some_and(|e| !e.is_empty()) && one["digest_match"] == true).then_some(status)
-    })
+    let status = poll_until(
+        Duration::from_secs(20),
+        "the identity mismatch reported",
+        || async {
+            let (_, status) = cluster.status();
+            let row = region_rows(&status, "RegionTwo")[0].clone();
+            let one = region_rows(&status, "RegionOne")[0].clone();
+            (row["last_error"].as_str().is_some_and(|e| !e.is_empty())
+                && one["digest_match"] == true)
+                .then_some(status)
+        },
+    )
     .await;
     let row = region_rows(&status, "RegionTwo")[0];
     assert_eq!(row["digest_match"], false, "{status:#}");
