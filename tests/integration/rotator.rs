@@ -66,6 +66,16 @@ impl Cluster {
     /// `regions` agents; `enrolled_identity` may enrol an agent under another
     /// identity than its certificate carries.
     async fn start(regions: &[&str], enrolled_identity: impl Fn(&str) -> String) -> Cluster {
+        let cluster = Cluster::configure(regions, enrolled_identity, None);
+        cluster.launch().await
+    }
+
+    /// Writes every file; `import` is an existing repository the rotator adopts.
+    fn configure(
+        regions: &[&str],
+        enrolled_identity: impl Fn(&str) -> String,
+        import: Option<PathBuf>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = Ca::new("fernetd test CA");
         let admin_leaf = ca.issue(&[ADMIN_ID]);
@@ -113,14 +123,14 @@ impl Cluster {
         let rotator_addr = free_addr();
         let rotator = RotatorConfig {
             listen: rotator_addr,
-            metrics_listen: None,
+            metrics_listen: Some(free_addr()),
             tls: tls_files(&pki, &ca, &rotator_leaf, "rotator"),
             admin_identities: vec![ADMIN_ID.into()],
             state_dir: dir.path().join("rotator-state"),
             repositories: vec![RepositoryConfig {
                 name: "tokens".into(),
                 max_active_keys: MAX_ACTIVE_KEYS,
-                import: None,
+                import,
             }],
             // Once a year: the tests rotate through `fernetd admin`.
             schedule: ScheduleConfig {
@@ -151,7 +161,7 @@ impl Cluster {
         let admin_config = dir.path().join("admin.toml");
         std::fs::write(&admin_config, toml::to_string(&admin).expect("toml"))
             .expect("write admin.toml");
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             ca,
             admin_leaf,
@@ -161,12 +171,36 @@ impl Cluster {
             admin_config,
             agents,
             logs: Vec::new(),
-        };
-        for i in 0..cluster.agents.len() {
-            cluster.start_agent(i).await;
         }
-        cluster.start_rotator().await;
-        cluster
+    }
+
+    async fn launch(mut self) -> Cluster {
+        for i in 0..self.agents.len() {
+            self.start_agent(i).await;
+        }
+        self.start_rotator().await;
+        self
+    }
+
+    fn rotator_config(&self) -> RotatorConfig {
+        fernetd::config::load(&self.rotator_config).expect("rotator.toml")
+    }
+
+    /// `GET /metrics` from the rotator.
+    fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let addr = self
+            .rotator_config()
+            .metrics_listen
+            .expect("metrics address");
+        let mut stream =
+            std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: rotator\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
     }
 
     async fn start_agent(&mut self, i: usize) {
@@ -399,6 +433,30 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
         assert_eq!(a["generation"].as_u64(), Some(generation));
         assert_eq!(a["lag"].as_u64(), Some(0));
     }
+    let metrics = cluster.metrics();
+    for line in [
+        format!("fernetd_rotator_generation{{repository=\"tokens\"}} {generation}"),
+        "fernetd_rotator_rotation_blocked{repository=\"tokens\"} 0".to_owned(),
+        "fernetd_rotator_agent_lag{region=\"RegionTwo\",repository=\"tokens\"} 0".to_owned(),
+        "fernetd_rotator_agent_connected{region=\"RegionThree\",repository=\"tokens\"} 1"
+            .to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&line)),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("fernetd_rotator_agent_last_ack_age_seconds{region=\"RegionOne\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fernetd_rotator_push_duration_seconds_count"),
+        "{metrics}"
+    );
+    let mut keys_and_metrics = keys.clone();
+    keys_and_metrics.retain(|k| metrics.contains(k.as_str()));
+    assert!(keys_and_metrics.is_empty(), "a key appears in the metrics");
     assert_no_keys_in_logs(&cluster.logs, &keys);
 }
 
@@ -668,4 +726,90 @@ async fn a_non_admin_and_an_agent_with_the_wrong_identity_are_refused() {
     let mut keys = BTreeSet::new();
     key_forms(&cluster.repo_state(0), &mut keys);
     assert_no_keys_in_logs(&cluster.logs, &keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
+    let existing = tempfile::tempdir().expect("tempdir");
+    let repo = existing.path().join("fernet-keys");
+    // A repository as Keystone left it: set up, then rotated twice.
+    for command in ["init", "rotate", "rotate"] {
+        let out = Command::new(crate::common::fernetd_bin())
+            .args(["repo", command, "--max-active-keys", "4", "--repository"])
+            .arg(&repo)
+            .output()
+            .expect("fernetd repo");
+        assert!(
+            out.status.success(),
+            "repo {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let before = repository::load(&repo).expect("existing repository");
+    let token = fernetd::token::canary(before.primary().expect("primary"));
+    let older = fernetd::token::canary(before.get(1).expect("a secondary"));
+    let cluster = Cluster::configure(
+        &["RegionOne", "RegionTwo"],
+        agent_identity,
+        Some(repo.clone()),
+    );
+    let cluster = cluster.launch().await;
+    let status = cluster.converged("the adopted repository everywhere").await;
+    assert_eq!(
+        status["repositories"][0]["generation"].as_u64(),
+        Some(1),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["repositories"][0]["digest"].as_str(),
+        Some(before.digest().to_hex().as_str())
+    );
+    let mut keys = BTreeSet::new();
+    for i in 0..cluster.agents.len() {
+        let set = cluster.repo_state(i);
+        assert_eq!(
+            set, before,
+            "{} holds the adopted keys",
+            cluster.agents[i].region
+        );
+        key_forms(&set, &mut keys);
+        let ring = fernetd::token::Keyring::new(&set);
+        assert!(ring.decrypt(&token).is_ok() && ring.decrypt(&older).is_ok());
+    }
+    // The imported repository itself is left as it was.
+    assert_eq!(repository::load(&repo).expect("still readable"), before);
+    // The first rotation keeps tokens of the imported primary valid everywhere.
+    cluster.rotate_ok();
+    for i in 0..cluster.agents.len() {
+        let set = cluster.repo_state(i);
+        key_forms(&set, &mut keys);
+        assert!(fernetd::token::Keyring::new(&set).decrypt(&token).is_ok());
+    }
+    assert_no_keys_in_logs(&cluster.logs, &keys);
+}
+
+#[test]
+fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum() {
+    let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    let mut config = cluster.rotator_config();
+    // Hourly rotation, 24 h tokens: Keystone needs ceil(24 h / 1 h) + 2 = 26 keys.
+    config.schedule.cron = "0 * * * *".into();
+    config.policy.token_expiration = Duration::from_secs(86_400);
+    std::fs::write(
+        &cluster.rotator_config,
+        toml::to_string(&config).expect("toml"),
+    )
+    .expect("write");
+    let out = Command::new(crate::common::fernetd_bin())
+        .args(["rotator", "--config"])
+        .arg(&cluster.rotator_config)
+        .output()
+        .expect("run the rotator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("requires at least 26") && stderr.contains("max_active_keys = 4"),
+        "{stderr}"
+    );
+    assert!(!config.state_dir.exists(), "nothing was written");
 }
