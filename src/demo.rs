@@ -38,18 +38,18 @@ pub enum DemoError {
         source: std::io::Error,
     },
     #[error("cannot make the demo certificates")]
-    Certificate(#[from] rcgen::Error),
+    Certificate(#[from] Box<rcgen::Error>),
     #[error("cannot write the demo configuration")]
-    Toml(#[from] toml::ser::Error),
+    Toml(#[from] Box<toml::ser::Error>),
     #[error("cannot reserve a loopback port")]
     Port(#[source] std::io::Error),
     #[error("the rotator failed")]
-    Rotator(#[from] crate::rotator::RotatorError),
+    Rotator(#[source] Box<crate::rotator::RotatorError>),
     #[error("agent {region} failed")]
     Agent {
         region: String,
         #[source]
-        source: crate::agent::AgentError,
+        source: Box<crate::agent::AgentError>,
     },
     #[error("cannot reach the rotator")]
     Admin(#[from] crate::admin::AdminError),
@@ -74,7 +74,7 @@ fn write_identity(
     name: &str,
     identity: &str,
 ) -> Result<TlsConfig, DemoError> {
-    let issued = ca.issue(&[identity])?;
+    let issued = ca.issue(&[identity]).map_err(Box::new)?;
     let tls = TlsConfig {
         ca: dir.join("ca.pem"),
         cert: dir.join(format!("{name}.pem")),
@@ -146,7 +146,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
     for d in [&dir, &ca_dir, &dir.join("agents"), &dir.join("regions")] {
         mkdir(d)?;
     }
-    let ca = Authority::new("fernetd demo CA")?;
+    let ca = Authority::new("fernetd demo CA").map_err(Box::new)?;
     let rotator_tls = write_identity(&ca, &ca_dir, "rotator", ROTATOR_IDENTITY)?;
     let admin_tls = write_identity(&ca, &ca_dir, "admin", ADMIN_IDENTITY)?;
 
@@ -178,7 +178,11 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
             }],
         };
         let path = dir.join("agents").join(format!("{region}.toml"));
-        write_file(&path, toml::to_string_pretty(&agent)?.as_bytes(), 0o644)?;
+        write_file(
+            &path,
+            toml::to_string_pretty(&agent).map_err(Box::new)?.as_bytes(),
+            0o644,
+        )?;
         endpoints.push(AgentEndpoint {
             region,
             endpoint: format!("https://{}", agent.listen),
@@ -218,14 +222,24 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
         },
     };
     let path = dir.join("rotator.toml");
-    write_file(&path, toml::to_string_pretty(&rotator)?.as_bytes(), 0o644)?;
+    write_file(
+        &path,
+        toml::to_string_pretty(&rotator)
+            .map_err(Box::new)?
+            .as_bytes(),
+        0o644,
+    )?;
     let admin = AdminConfig {
         rotator: format!("https://{}", rotator.listen),
         rotator_identity: ROTATOR_IDENTITY.into(),
         tls: admin_tls,
     };
     let path = dir.join("admin.toml");
-    write_file(&path, toml::to_string_pretty(&admin)?.as_bytes(), 0o644)?;
+    write_file(
+        &path,
+        toml::to_string_pretty(&admin).map_err(Box::new)?.as_bytes(),
+        0o644,
+    )?;
     Ok(Layout {
         dir,
         rotator,
@@ -320,7 +334,10 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
         tasks.spawn(async move {
             crate::agent::run(agent, grpc, Some(metrics), shutdown)
                 .await
-                .map_err(|source| DemoError::Agent { region, source })
+                .map_err(|source| DemoError::Agent {
+                    region,
+                    source: Box::new(source),
+                })
         });
     }
     let (grpc, metrics) = (
@@ -332,7 +349,7 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
     tasks.spawn(async move {
         crate::rotator::run(rotator_config, grpc, Some(metrics), shutdown)
             .await
-            .map_err(DemoError::from)
+            .map_err(|e| DemoError::Rotator(Box::new(e)))
     });
 
     println!(

@@ -281,7 +281,12 @@ impl Collector for AgentCollector {
             return Ok(());
         };
         let rows = core.agent_statuses();
-        let gauges: [(&str, &str, fn(&pb::AgentStatus) -> Option<f64>); 3] = [
+        type PerAgent = (
+            &'static str,
+            &'static str,
+            fn(&pb::AgentStatus) -> Option<f64>,
+        );
+        let gauges: [PerAgent; 3] = [
             (
                 "agent_lag",
                 "Generations the agent is behind the rotator",
