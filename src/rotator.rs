@@ -101,6 +101,9 @@ impl RotatorError {
     }
 }
 
+/// Requests queued per agent channel; see [`run`].
+const AGENT_CHANNEL_BUFFER: usize = 4;
+
 /// Checks what can be checked without touching the network or the state:
 /// names, the cron expression and Keystone's `max_active_keys` formula.
 pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
@@ -232,14 +235,20 @@ pub async fn run(
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
-        let channel =
-            client_tls
-                .channel(&a.endpoint, &a.identity)
-                .map_err(|e| RotatorError::Endpoint {
-                    region: a.region.clone(),
-                    endpoint: a.endpoint.clone(),
-                    reason: crate::tls::error_chain(&e),
-                })?;
+        let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
+            region: a.region.clone(),
+            endpoint: a.endpoint.clone(),
+            reason: crate::tls::error_chain(&e),
+        };
+        // The dispatcher has at most one call in flight per agent: a small request
+        // buffer keeps 10,000 idle channels cheap.
+        let channel = client_tls
+            .endpoint(&a.endpoint)
+            .map_err(endpoint_error)?
+            .buffer_size(AGENT_CHANNEL_BUFFER)
+            .connect_with_connector_lazy(
+                client_tls.connector(&a.identity).map_err(endpoint_error)?,
+            );
         agents.push(AgentSlot::new(
             a.region.clone(),
             a.endpoint.clone(),

@@ -300,6 +300,24 @@ impl Cluster {
         )
     }
 
+    /// Asserts every region's repository on disk has `digest`, collects its
+    /// keys for the log search, and returns the sets.
+    fn all_hold(&self, digest: &str, context: &str, keys: &mut BTreeSet<String>) -> Vec<KeySet> {
+        (0..self.agents.len())
+            .map(|i| {
+                let set = self.repo_state(i);
+                assert_eq!(
+                    set.digest().to_hex(),
+                    digest,
+                    "{context}: {}",
+                    self.agents[i].region
+                );
+                key_forms(&set, keys);
+                set
+            })
+            .collect()
+    }
+
     fn repo_state(&self, i: usize) -> KeySet {
         repository::load(&self.agents[i].repo).expect("agent repository readable")
     }
@@ -402,16 +420,12 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
             "round {round}: generations advance by one"
         );
         generation = g;
-        for i in 0..cluster.agents.len() {
-            let set = cluster.repo_state(i);
-            assert_eq!(
-                set.digest().to_hex(),
-                digest,
-                "round {round}: {} holds the rotator's set",
-                cluster.agents[i].region
-            );
+        for (i, set) in cluster
+            .all_hold(&digest, &format!("round {round}"), &mut keys)
+            .into_iter()
+            .enumerate()
+        {
             assert!(set.len() <= MAX_ACTIVE_KEYS);
-            key_forms(&set, &mut keys);
             let copy = cluster
                 .dir
                 .path()
@@ -646,16 +660,7 @@ async fn the_rotator_killed_mid_fan_out_loses_no_generation_and_forks_none() {
             Some(digest.as_str()),
             "round {round}: same digest after the restart"
         );
-        for i in 0..cluster.agents.len() {
-            let set = cluster.repo_state(i);
-            assert_eq!(
-                set.digest().to_hex(),
-                digest,
-                "round {round}: {}",
-                cluster.agents[i].region
-            );
-            key_forms(&set, &mut keys);
-        }
+        cluster.all_hold(&digest, &format!("round {round}"), &mut keys);
     }
     // Generations are consecutive: none lost, none reused.
     let gens: Vec<u64> = digests.keys().copied().collect();
