@@ -937,3 +937,232 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
         String::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotator::state::StateStore;
+
+    /// A core with `regions` agents behind channels that are never dialled (no
+    /// dispatcher runs), so the tests drive acknowledgements by hand.
+    fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
+        let store = StateStore::open(dir).expect("state dir");
+        let keys = repository::init(3).expect("init");
+        let first = Generation::build("tokens", 1, keys).expect("build");
+        store.save("tokens", &first.committed()).expect("save");
+        let repos = vec![RepoSlot::new("tokens".into(), 3, first)];
+        let agents = regions
+            .iter()
+            .map(|r| {
+                let channel =
+                    tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+                AgentSlot::new((*r).into(), "https://127.0.0.1:9".into(), channel, 1)
+            })
+            .collect();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        Arc::new(Core::new(
+            repos,
+            agents,
+            store,
+            FanoutConfig::default(),
+            metrics,
+        ))
+    }
+
+    fn ack(core: &Core, i: usize) {
+        let current = core.repos[0].current();
+        let response = pb::InstallResponse {
+            repository: "tokens".into(),
+            generation: current.number,
+            digest: current.digest.0.to_vec(),
+            canaries_valid: true,
+            ..Default::default()
+        };
+        core.observe_install(i, 0, &current, &response)
+            .expect("acknowledged");
+    }
+
+    fn request(force: bool, dry_run: bool) -> pb::RotateRequest {
+        pb::RotateRequest {
+            force,
+            dry_run,
+            no_wait: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn no_rotation_while_a_region_has_not_acknowledged_the_current_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne", "RegionTwo"]);
+        let (_stop, stop) = watch::channel(false);
+        ack(&core, 0);
+        let r = core
+            .rotate(&request(false, false), stop.clone())
+            .await
+            .expect("rotate");
+        let o = &r.outcomes[0];
+        assert!(!o.rotated);
+        assert_eq!(o.generation, 1);
+        assert_eq!(o.pending_regions, vec!["RegionTwo".to_owned()]);
+        assert_eq!(core.repos[0].current().number, 1);
+        let status = core.status();
+        assert!(status.repositories[0].blocked_reason.contains("RegionTwo"));
+        assert_eq!(
+            status.repositories[0].blocking_regions,
+            vec!["RegionTwo".to_owned()]
+        );
+        // Nothing was written: the state still holds generation 1.
+        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        assert_eq!(on_disk.generation, 1);
+
+        ack(&core, 1);
+        core.refresh_blocked();
+        assert!(core.status().repositories[0].blocked_reason.is_empty());
+        let r = core
+            .rotate(&request(false, false), stop)
+            .await
+            .expect("rotate");
+        assert!(r.outcomes[0].rotated);
+        assert_eq!(r.outcomes[0].generation, 2);
+        // Durable before anything could be sent.
+        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        assert_eq!(on_disk.generation, 2);
+        assert_eq!(on_disk.keys.digest(), core.repos[0].current().digest);
+    }
+
+    #[tokio::test]
+    async fn dry_run_changes_nothing_and_force_names_the_regions_that_will_reject_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne", "RegionTwo", "RegionThree"]);
+        let (_stop, stop) = watch::channel(false);
+        ack(&core, 0);
+        let before = core.repos[0].current().digest;
+        let r = core
+            .rotate(&request(true, true), stop.clone())
+            .await
+            .expect("dry run");
+        let o = &r.outcomes[0];
+        assert!(!o.rotated && o.message.starts_with("dry run"), "{o:?}");
+        assert_eq!(
+            o.rejecting_regions,
+            vec!["RegionTwo".to_owned(), "RegionThree".to_owned()]
+        );
+        assert_eq!(core.repos[0].current().digest, before);
+        assert_eq!(
+            core.store
+                .load("tokens")
+                .expect("load")
+                .expect("state")
+                .generation,
+            1
+        );
+
+        let r = core
+            .rotate(&request(true, false), stop)
+            .await
+            .expect("forced");
+        let o = &r.outcomes[0];
+        assert!(o.rotated);
+        assert_eq!(
+            o.rejecting_regions,
+            vec!["RegionTwo".to_owned(), "RegionThree".to_owned()]
+        );
+        assert!(
+            o.message
+                .contains("RegionTwo, RegionThree will reject tokens"),
+            "{}",
+            o.message
+        );
+        assert_eq!(core.repos[0].current().number, 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_does_not_match_what_was_sent_is_not_an_acknowledgement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let good = pb::InstallResponse {
+            repository: "tokens".into(),
+            generation: 1,
+            digest: current.digest.0.to_vec(),
+            canaries_valid: true,
+            ..Default::default()
+        };
+        let wrong_digest = pb::InstallResponse {
+            digest: vec![0; 32],
+            ..good.clone()
+        };
+        let no_canaries = pb::InstallResponse {
+            canaries_valid: false,
+            ..good.clone()
+        };
+        assert!(core.observe_install(0, 0, &current, &wrong_digest).is_err());
+        assert!(core.observe_install(0, 0, &current, &no_canaries).is_err());
+        assert!(!core.agent_holds(0, 0, &current));
+        core.observe_install(0, 0, &current, &good)
+            .expect("acknowledged");
+        assert!(core.agent_holds(0, 0, &current));
+        let row = &core.agent_statuses()[0];
+        assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
+    }
+
+    #[tokio::test]
+    async fn an_agent_ahead_of_the_rotator_or_forked_is_reported_not_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let state = |generation: u64, digest: Vec<u8>| pb::GetStateResponse {
+            region: "RegionOne".into(),
+            repositories: vec![pb::RepositoryState {
+                name: "tokens".into(),
+                generation,
+                digest,
+                ..Default::default()
+            }],
+            version: String::new(),
+        };
+        core.observe_state(0, &state(7, vec![1; 32]))
+            .expect("observed");
+        assert!(
+            core.agent_ahead(0, 0, &current)
+                .is_some_and(|r| r.contains("newer"))
+        );
+        core.observe_state(0, &state(1, vec![1; 32]))
+            .expect("observed");
+        assert!(
+            core.agent_ahead(0, 0, &current)
+                .is_some_and(|r| r.contains("fork"))
+        );
+        let wrong_region = pb::GetStateResponse {
+            region: "RegionNine".into(),
+            ..state(1, current.digest.0.to_vec())
+        };
+        assert!(core.observe_state(0, &wrong_region).is_err());
+        core.observe_state(0, &state(1, current.digest.0.to_vec()))
+            .expect("observed");
+        assert!(core.agent_holds(0, 0, &current));
+    }
+
+    #[test]
+    fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
+        let keys = repository::init(3).expect("init");
+        let g = Generation::build("tokens", 4, keys.clone()).expect("build");
+        let decoded: pb::InstallRequest =
+            prost::Message::decode(&g.encoded().0[..]).expect("decodes");
+        assert_eq!(decoded.generation, 4);
+        assert_eq!(decoded.digest, keys.digest().0.to_vec());
+        assert_eq!(decoded.keys.len(), keys.len());
+        let ring = crate::token::Keyring::new(&keys);
+        let indices: Vec<u32> = decoded.canaries.iter().map(|c| c.key_index).collect();
+        assert_eq!(indices, vec![keys.primary_index().expect("primary"), 0]);
+        for c in &decoded.canaries {
+            assert_eq!(
+                ring.decrypt(&c.token).expect("decrypts").key_index,
+                c.key_index
+            );
+        }
+        assert!(!format!("{g:?}").contains(keys.staged().expect("staged").to_base64().as_str()));
+    }
+}
