@@ -939,13 +939,13 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rotator::state::StateStore;
 
     /// A core with `regions` agents behind channels that are never dialled (no
     /// dispatcher runs), so the tests drive acknowledgements by hand.
-    fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
+    pub(crate) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
         let store = StateStore::open(dir).expect("state dir");
         let keys = repository::init(3).expect("init");
         let first = Generation::build("tokens", 1, keys).expect("build");

@@ -345,6 +345,68 @@ mod tests {
         );
     }
 
+    /// With the clock paused: a failed agent waits out a jittered, doubling,
+    /// capped delay before the dispatcher takes it again; an urgent request
+    /// (a new generation) does not wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_agent_is_retried_after_a_growing_jittered_backoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = crate::rotator::core::tests::core(dir.path(), &["RegionOne"]);
+        let base = core.fanout.backoff_base;
+        let max = core.fanout.backoff_max;
+        let mut expected_nominal = base;
+        for failure in 1..=10u32 {
+            core.agents[0].lock().phase = Phase::Running { again: false };
+            let failed_at = Instant::now();
+            core.finish(0, Err("unreachable".into()));
+            let Phase::Waiting(at) = core.agents[0].lock().phase else {
+                panic!("not waiting after failure {failure}");
+            };
+            let delay = at - failed_at;
+            assert!(
+                delay >= expected_nominal / 2 && delay <= expected_nominal,
+                "failure {failure}: {delay:?} outside [{:?}, {expected_nominal:?}]",
+                expected_nominal / 2
+            );
+            // Not released before its time, released at it.
+            tokio::time::advance(delay / 2).await;
+            assert_eq!(core.release_due_timers(), Some(at));
+            assert_eq!(lock(&core.queue.ready).len(), 0);
+            tokio::time::advance(at - Instant::now()).await;
+            assert_eq!(core.release_due_timers(), None);
+            assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+            assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+            expected_nominal = (expected_nominal * 2).min(max);
+        }
+        assert_eq!(core.agents[0].lock().failures, 10);
+        assert_eq!(
+            core.agents[0].lock().last_error.as_deref(),
+            Some("unreachable")
+        );
+
+        // A new generation while backing off: queued at once, the old timer ignored.
+        core.agents[0].lock().phase = Phase::Running { again: false };
+        core.finish(0, Err("unreachable".into()));
+        core.enqueue(0, true);
+        assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+        assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+        tokio::time::advance(max).await;
+        core.release_due_timers();
+        assert!(
+            lock(&core.queue.ready).is_empty(),
+            "the stale timer released nothing"
+        );
+
+        // Success clears the failure count and the error.
+        core.agents[0].lock().phase = Phase::Running { again: true };
+        core.finish(0, Ok(()));
+        let st = core.agents[0].lock();
+        assert_eq!(
+            (st.failures, st.last_error.is_none(), st.phase),
+            (0, true, Phase::Queued)
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_call_without_answer_fails_at_its_deadline() {
         let started = Instant::now();
