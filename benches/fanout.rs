@@ -145,7 +145,7 @@ async fn bench(n: usize) {
     let d = dir.path();
     let ca = fernetd::tls::Authority::new("bench CA").expect("CA");
     write(&d.join("ca.pem"), ca.cert_pem());
-    let mut tls = |name: &str, identity: &str| {
+    let tls = |name: &str, identity: &str| {
         let issued = ca.issue(&[identity]).expect("certificate");
         write(&d.join(format!("{name}.pem")), &issued.cert_pem);
         write(&d.join(format!("{name}.key")), &issued.key_pem);
