@@ -174,7 +174,7 @@ pub mod duration {
     }
 
     pub fn format(d: &Duration) -> String {
-        if d.subsec_millis() != 0 || d.as_secs() == 0 {
+        if d.subsec_millis() != 0 {
             format!("{}ms", d.as_millis())
         } else {
             format!("{}s", d.as_secs())
