@@ -34,6 +34,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
     #[error("invalid repository name `{0}`: use letters, digits, `-` and `_`")]
     BadName(String),
+    #[error("another rotator is using the state directory {0} (it holds its lock)")]
+    Locked(PathBuf),
 }
 
 /// One committed generation of a repository.
@@ -56,10 +58,12 @@ pub struct AckRecord {
 /// Acknowledgements by repository, then by region.
 pub type Acks = BTreeMap<String, BTreeMap<String, AckRecord>>;
 
-/// The state directory.
+/// The state directory, locked (flock) for as long as a copy of this value
+/// lives: two rotators on one state would fork generations.
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
+    _lock: std::sync::Arc<File>,
 }
 
 impl StateStore {
@@ -80,8 +84,22 @@ impl StateStore {
         if !meta.is_dir() {
             return Err(io(std::io::Error::other("not a directory")));
         }
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| StateError::Io {
+                path: lock_path,
+                source,
+            })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| StateError::Locked(dir.to_path_buf()))?;
         Ok(StateStore {
             dir: dir.to_path_buf(),
+            _lock: std::sync::Arc::new(lock),
         })
     }
 
@@ -327,6 +345,16 @@ mod tests {
         assert!(!shown.contains(&secret));
         fs::write(&path, "fernetd-rotator-state 1\ngeneration 1\n").expect("write");
         assert!(store.load("tokens").is_err());
+    }
+
+    #[test]
+    fn a_second_rotator_cannot_open_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = StateStore::open(dir.path()).expect("open");
+        let second = StateStore::open(dir.path()).expect_err("locked");
+        assert!(matches!(second, StateError::Locked(_)), "{second}");
+        drop(first);
+        StateStore::open(dir.path()).expect("free again");
     }
 
     #[test]
