@@ -404,7 +404,8 @@ fn snapshot(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
-    let cluster = Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
+    let mut cluster =
+        Cluster::start(&["RegionOne", "RegionTwo", "RegionThree"], agent_identity).await;
     let status = cluster.converged("initial distribution").await;
     let mut generation = status["repositories"][0]["generation"]
         .as_u64()
@@ -471,6 +472,21 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
     let mut keys_and_metrics = keys.clone();
     keys_and_metrics.retain(|k| metrics.contains(k.as_str()));
     assert!(keys_and_metrics.is_empty(), "a key appears in the metrics");
+    // SIGTERM: a clean exit that leaves the acknowledgements recorded.
+    let exit = cluster.rotator().stop();
+    assert!(exit.success(), "{exit}");
+    let state_dir = cluster.rotator_config().state_dir;
+    let acks: Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("agents.json")).expect("acknowledgements recorded"),
+    )
+    .expect("json");
+    for agent in &cluster.agents {
+        assert_eq!(
+            acks["tokens"][&agent.region]["generation"].as_u64(),
+            Some(generation),
+            "{acks:#}"
+        );
+    }
     assert_no_keys_in_logs(&cluster.logs, &keys);
 }
 
