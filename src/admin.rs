@@ -157,15 +157,22 @@ impl pb::admin_server::Admin for AdminService {
 pub enum AdminError {
     #[error("TLS set-up failed")]
     Tls(#[source] crate::tls::TlsError),
-    #[error("the rotator refused the call: {}", describe(.0))]
+    #[error("call to the rotator failed: {}", describe(.0))]
     Call(#[source] Status),
 }
 
-/// A gRPC status as one line: code, message, and the transport cause if any.
+/// A gRPC status as one line: code, message, and the root cause when the
+/// message does not already say it (a refused certificate shows up there).
 pub(crate) fn describe(status: &Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = std::error::Error::source(status) {
-        let _ = write!(text, ": {}", crate::tls::error_chain(source));
+    let mut root = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        root = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(root) = root.filter(|r| !text.contains(r.as_str())) {
+        let _ = write!(text, ": {root}");
     }
     text
 }
