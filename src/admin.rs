@@ -157,8 +157,9 @@ impl pb::admin_server::Admin for AdminService {
 pub enum AdminError {
     #[error("TLS set-up failed")]
     Tls(#[source] crate::tls::TlsError),
-    #[error("call to the rotator failed: {}", describe(.0))]
-    Call(#[source] Status),
+    /// The status, described on one line (its transport causes included).
+    #[error("call to the rotator failed: {0}")]
+    Call(String),
 }
 
 /// A gRPC status as one line: code, message, and the root cause when the
@@ -190,7 +191,7 @@ pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, AdminError>
 pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     let config: AdminConfig = crate::config::load(&args.config).map_err(CliError::usage)?;
     let mut client = connect(&config).map_err(CliError::usage)?;
-    let call = |s: Status| CliError::runtime(AdminError::Call(s));
+    let call = |s: Status| CliError::runtime(AdminError::Call(describe(&s)));
     let mut out = String::new();
     let answer = match &args.command {
         AdminCommand::Status => {
