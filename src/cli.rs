@@ -167,6 +167,9 @@ pub struct DemoArgs {
     /// Only write the files and print the commands that start each process.
     #[arg(long)]
     pub config_only: bool,
+    /// Stop after this many rotations have reached every region.
+    #[arg(long, default_value_t = 3)]
+    pub rotations: u64,
 }
 
 /// Why a command failed, and so which exit code it gets.

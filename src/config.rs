@@ -200,4 +200,10 @@ impl AgentConfig {
 
 // ---------------------------------------------------------------- rotator
 
+mod rotator;
+pub use self::rotator::{
+    AdminConfig, AgentEndpoint, FanoutConfig, PolicyConfig, RepositoryConfig, RotatorConfig,
+    ScheduleConfig, duration,
+};
+
 // ---------------------------------------------------------------- admin
