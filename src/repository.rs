@@ -7,8 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::OwnedFd;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use sha2::{Digest as _, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -401,22 +404,62 @@ struct Entry {
     content: Option<std::io::Result<zeroize::Zeroizing<Vec<u8>>>>,
 }
 
+/// How often a read is retried when the repository was swapped under it.
+const SNAPSHOT_ATTEMPTS: usize = 100;
+
 /// Lists `dir` in directory order (as `os.listdir`) and opens every regular file,
-/// whatever its name, because Keystone does.
+/// whatever its name, because Keystone does. The listing and every file are read
+/// through one directory handle, and the read is retried when, by its end, the
+/// handle no longer names the live repository: the installer swapped a new one in
+/// (and may be deleting this one). The installer never changes a directory that
+/// is live, so a read that starts and ends on the live directory is a snapshot.
 fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let entries = scan_fd(dir, &fd)?;
+        let read = rustix::fs::fstat(&fd)?;
+        let live = rustix::fs::stat(dir)?;
+        if (read.st_dev, read.st_ino) == (live.st_dev, live.st_ino) {
+            return Ok(entries);
+        }
+    }
+    Err(std::io::Error::other(
+        "the repository kept being replaced while it was read",
+    ))
+}
+
+fn scan_fd(dir: &Path, fd: &OwnedFd) -> std::io::Result<Vec<Entry>> {
+    use std::os::unix::ffi::OsStrExt as _;
     let mut entries = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
+    for entry in rustix::fs::Dir::read_from(fd)? {
         let entry = entry?;
-        let path = entry.path();
-        let class = classify_name(&entry.file_name());
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let content = path
-            .is_file()
-            .then(|| std::fs::read(&path).map(zeroize::Zeroizing::new));
+        let raw = entry.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
+            continue;
+        }
+        let os_name = std::ffi::OsStr::from_bytes(raw);
+        // os.path.isfile: a regular file, symlinks followed, any error meaning no.
+        let is_file = rustix::fs::statat(fd, entry.file_name(), AtFlags::empty())
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+        let content = is_file.then(|| {
+            let file = rustix::fs::openat(
+                fd,
+                entry.file_name(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(64));
+            std::io::Read::read_to_end(&mut std::fs::File::from(file), &mut bytes)?;
+            Ok(bytes)
+        });
         entries.push(Entry {
-            path,
-            name,
-            class,
+            path: dir.join(os_name),
+            name: os_name.to_string_lossy().into_owned(),
+            class: classify_name(os_name),
             content,
         });
     }
@@ -428,7 +471,9 @@ fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
 /// Python's `int()` accepts, empty ones skipped, and of two names for one index
 /// (`1` and `01`) the later in directory order wins. Where Keystone would fail
 /// (an unreadable file, a malformed key) this fails too; an empty repository
-/// loads as an empty set, on which Keystone answers HTTP 500.
+/// loads as an empty set, on which Keystone answers HTTP 500. Unlike Keystone,
+/// which lists by path and then opens each file by path, the result is always
+/// one installed set, never a mix of two (see `scan`).
 pub fn load(dir: &Path) -> Result<KeySet, RepositoryError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
