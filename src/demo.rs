@@ -394,7 +394,7 @@ async fn watch_rotations(
     rotations: u64,
 ) -> Result<Answer, DemoError> {
     let mut client = crate::admin::connect(admin)?;
-    let call = |s: tonic::Status| DemoError::Call(s.message().to_owned());
+    let call = |s: tonic::Status| DemoError::Call(crate::admin::describe(&s));
     // The rotator is starting: poll its status until it answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
