@@ -23,7 +23,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -210,8 +211,13 @@ pub enum Answer {
 
 /// Runs a parsed command line to completion and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
-    match dispatch(cli.command) {
+    let format = cli.log_format;
+    // The agent may name its log format in its configuration file, so it
+    // initialises logging itself once that file is read.
+    if !matches!(cli.command, Command::Agent(_)) {
+        init_logging(format);
+    }
+    match dispatch(cli.command, format) {
         Ok(Answer::Yes) => ExitCode::SUCCESS,
         Ok(Answer::No) => ExitCode::from(1),
         Err(error) => {
@@ -221,12 +227,12 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn dispatch(command: Command) -> Result<Answer, CliError> {
+fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError> {
     match command {
         Command::Repo(args) => repo::run(&args),
         Command::Token(args) => token::run(&args),
         Command::Rotator(args) => runtime()?.block_on(crate::rotator::main(&args.config)),
-        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config)),
+        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config, log_format)),
         Command::Admin(args) => runtime()?.block_on(crate::admin::main(&args)),
         Command::Demo(args) => runtime()?.block_on(crate::demo::main(&args)),
     }
@@ -239,7 +245,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(CliError::runtime)
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

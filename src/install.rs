@@ -87,21 +87,20 @@ pub struct Stamp {
     pub digest: Digest,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct StampFile {
     generation: u64,
     digest: String,
 }
 
 impl Stamp {
+    /// One line of JSON, as `StampFile` reads it back.
     fn encode(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(&StampFile {
-            generation: self.generation,
-            digest: self.digest.to_hex(),
-        })
-        .unwrap_or_default();
-        out.push(b'\n');
-        out
+        format!(
+            "{{\"generation\":{},\"digest\":\"{}\"}}\n",
+            self.generation, self.digest
+        )
+        .into_bytes()
     }
 
     fn decode(bytes: &[u8]) -> Result<Stamp, String> {
@@ -253,8 +252,26 @@ impl Parent {
         })
     }
 
+    /// Whether `target` (described by `meta`) is on another filesystem than its parent.
+    fn is_mount_point(&self, meta: &std::fs::Metadata) -> Result<bool, InstallError> {
+        let st = rustix::fs::fstat(&self.fd).map_err(errno_err("inspect", &self.path))?;
+        Ok(st.st_dev != meta.dev())
+    }
+
     fn fsync(&self) -> Result<(), InstallError> {
         rustix::fs::fsync(&self.fd).map_err(errno_err("fsync", &self.path))
+    }
+
+    /// Once the new set is in place, an error would wrongly say the target is
+    /// unchanged; a failed fsync only means the swap may not survive a power loss.
+    fn fsync_after_swap(&self, target: &Path) {
+        if let Err(e) = rustix::fs::fsync(&self.fd) {
+            tracing::error!(
+                repository = %target.display(),
+                error = %e,
+                "the new key set is in place but its directory entry could not be made durable"
+            );
+        }
     }
 }
 
@@ -269,6 +286,22 @@ fn unique() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Gives a file or directory exactly `mode` and, when configured, its owner.
+fn set_mode_and_owner(
+    fd: &OwnedFd,
+    path: &Path,
+    mode: u32,
+    owner: Option<Owner>,
+) -> Result<(), InstallError> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
+        .map_err(errno_err("set the mode of", path))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(fd, Some(o.uid), Some(o.gid))
+            .map_err(io_err("change the owner of", path))?;
+    }
+    Ok(())
 }
 
 /// Creates `name` in `dir` exclusively, owned and 0600, writes `content`, fsyncs.
@@ -288,12 +321,7 @@ fn write_new_file(
     )
     .map_err(errno_err("create", &path))?;
     // The umask may have narrowed the mode; Keystone expects exactly 0600.
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))
-        .map_err(errno_err("set the mode of", &path))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&fd, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", &path))?;
-    }
+    set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
     let mut file = File::from(fd);
     file.write_all(content).map_err(io_err("write", &path))?;
     file.sync_all().map_err(io_err("fsync", &path))?;
@@ -339,12 +367,7 @@ fn build<'p>(
         Mode::empty(),
     )
     .map_err(errno_err("open", &path))?;
-    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
-        .map_err(errno_err("set the mode of", &path))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", &path))?;
-    }
+    set_mode_and_owner(&dir, &path, DIR_MODE, owner)?;
     for (index, key) in set.iter() {
         write_new_file(
             &dir,
@@ -377,7 +400,9 @@ fn exchange_unsupported(e: Errno) -> bool {
 /// Puts `set` (with `stamp`, when given) into the repository at `target`
 /// atomically; see the module documentation. `target` may be missing (it is
 /// created), a directory, or a symlink to a directory. On error the target is
-/// left as it was.
+/// left as it was, except in the in-place fallback ([`Method::InPlace`]), where a
+/// failure part-way may leave the new keys added and the purged ones not yet
+/// removed (a superset Keystone can still use).
 pub fn install(
     target: &Path,
     set: &KeySet,
@@ -420,10 +445,27 @@ pub fn install(
             let staging = build(&parent, "data", set, stamp, owner)?;
             flip(&parent, staging, target)?
         }
-        Some(m) if m.is_dir() => {
-            let staging = build(&parent, "tmp", set, stamp, owner)?;
-            exchange(&parent, staging, target, set, stamp, owner)?
+        Some(m) if m.is_dir() && parent.is_mount_point(&m)? => {
+            // A repository that is a mount point (a container volume) cannot be
+            // renamed, and its parent may be read-only: update it in place.
+            in_place(target, "the repository is a mount point", set, stamp, owner)?
         }
+        Some(m) if m.is_dir() => match build(&parent, "tmp", set, stamp, owner) {
+            Ok(staging) => exchange(&parent, staging, target, set, stamp, owner)?,
+            // A read-only parent above a writable bind-mounted repository.
+            Err(InstallError::Io { source, .. })
+                if source.raw_os_error() == Some(Errno::ROFS.raw_os_error()) =>
+            {
+                in_place(
+                    target,
+                    "its parent directory is read-only",
+                    set,
+                    stamp,
+                    owner,
+                )?
+            }
+            Err(e) => return Err(e),
+        },
         Some(_) => {
             return Err(InstallError::NotADirectory {
                 path: target.to_path_buf(),
@@ -460,7 +502,7 @@ fn create(
     }
     .map_err(errno_err("create the repository", target))?;
     staging.armed = false;
-    parent.fsync()?;
+    parent.fsync_after_swap(target);
     Ok(Method::Created)
 }
 
@@ -481,23 +523,34 @@ fn exchange(
     ) {
         Ok(()) => {
             // The staging name now holds the old repository; the drop guard removes it.
-            parent.fsync()?;
+            parent.fsync_after_swap(target);
             drop(staging);
             Ok(Method::Exchange)
         }
         Err(e) if exchange_unsupported(e) => {
-            tracing::warn!(
-                repository = %target.display(),
-                error = %e,
-                "atomic directory exchange not supported here; updating the repository in place \
-                 (new keys first, purged keys last): Keystone may briefly read a mix of old and new keys"
-            );
             drop(staging);
-            update_in_place(target, set, stamp, owner)?;
-            Ok(Method::InPlace)
+            in_place(target, &e.to_string(), set, stamp, owner)
         }
         Err(e) => Err(errno_err("swap in the new repository at", target)(e)),
     }
+}
+
+/// The fallback, with the warning an operator needs to see.
+fn in_place(
+    target: &Path,
+    why: &str,
+    set: &KeySet,
+    stamp: Option<&Stamp>,
+    owner: Option<Owner>,
+) -> Result<Method, InstallError> {
+    tracing::warn!(
+        repository = %target.display(),
+        reason = why,
+        "atomic directory exchange not possible here; updating the repository in place \
+         (new keys first, purged keys last): Keystone may briefly read a mix of old and new keys"
+    );
+    update_in_place(target, set, stamp, owner)?;
+    Ok(Method::InPlace)
 }
 
 fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Method, InstallError> {
@@ -512,7 +565,7 @@ fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Meth
         return Err(errno_err("replace the symlink", target)(e));
     }
     staging.armed = false;
-    parent.fsync()?;
+    parent.fsync_after_swap(target);
     // Remove the previous data directory only when this installer made it; a
     // directory the operator pointed the link at is theirs to delete.
     let old_name = old
@@ -575,12 +628,7 @@ fn update_in_place(
                 .map_err(errno_err("remove", &entry.path()))?;
         }
     }
-    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIR_MODE))
-        .map_err(errno_err("set the mode of", target))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::fchown(&dir, Some(o.uid), Some(o.gid))
-            .map_err(io_err("change the owner of", target))?;
-    }
+    set_mode_and_owner(&dir, target, DIR_MODE, owner)?;
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", target))?;
     Ok(())
 }
@@ -661,6 +709,14 @@ mod tests {
         KeySet::from_keys(indices.iter().map(|&i| (i, Key::generate())))
     }
 
+    fn repo_with_two_keys() -> (tempfile::TempDir, PathBuf, KeySet) {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&target, &a, None, None).unwrap();
+        (tmp, target, a)
+    }
+
     fn stamp(generation: u64, set: &KeySet) -> Stamp {
         Stamp {
             generation,
@@ -734,10 +790,7 @@ mod tests {
 
     #[test]
     fn refuses_unusable_sets_and_bad_targets_without_touching_anything() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let a = set_of(&[0, 1]);
-        install(&target, &a, None, None).unwrap();
+        let (tmp, target, a) = repo_with_two_keys();
         let before = names(&target);
         for (bad, want) in [
             (KeySet::new(), Unusable::Empty),
@@ -785,10 +838,7 @@ mod tests {
 
     #[test]
     fn cleans_interrupted_installs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let a = set_of(&[0, 1]);
-        install(&target, &a, None, None).unwrap();
+        let (tmp, target, a) = repo_with_two_keys();
         std::fs::create_dir(tmp.path().join(".keys.fernetd-tmp-1-2-3")).unwrap();
         std::fs::write(tmp.path().join(".keys.fernetd-tmp-1-2-3/0"), b"x").unwrap();
         std::fs::write(target.join(".fernetd-tmp-9"), b"x").unwrap();

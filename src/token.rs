@@ -142,20 +142,7 @@ impl Keyring {
     /// Decrypts and decodes `token` as Keystone's `TokenFormatter.validate_token`
     /// does, without looking at the clock.
     pub fn inspect(&self, token: &str, config: &PayloadConfig) -> Result<Token, TokenError> {
-        let (opened, payload) = self.open(token, |opened, plaintext| {
-            payload::decode(plaintext, config).map(|p| (opened, p))
-        })??;
-        if opened.issued_at > MAX_ISSUED_AT {
-            return Err(TokenError::BadPayload(
-                "Fernet timestamp beyond the year 9999",
-            ));
-        }
-        Ok(Token {
-            key_index: opened.key_index,
-            role: opened.role,
-            issued_at: opened.issued_at,
-            payload,
-        })
+        self.decode(token, config, None)
     }
 
     /// [`Keyring::inspect`], then Keystone's expiry check: valid while `now`
@@ -166,13 +153,37 @@ impl Keyring {
         config: &PayloadConfig,
         now: i64,
     ) -> Result<Token, TokenError> {
-        let token = self.inspect(token, config)?;
-        if now >= token.payload.expires_at {
-            return Err(TokenError::Expired {
-                expires_at: token.payload.expires_at,
-            });
-        }
-        Ok(token)
+        self.decode(token, config, Some(now))
+    }
+
+    // One closure builds the answer where it ends up: a `Token` is a few hundred
+    // bytes, and copying it between layers showed in profiles.
+    fn decode(
+        &self,
+        token: &str,
+        config: &PayloadConfig,
+        now: Option<i64>,
+    ) -> Result<Token, TokenError> {
+        self.open(token, |opened, plaintext| {
+            let payload = payload::decode(plaintext, config)?;
+            if opened.issued_at > MAX_ISSUED_AT {
+                return Err(TokenError::BadPayload(
+                    "Fernet timestamp beyond the year 9999",
+                ));
+            }
+            if now.is_some_and(|now| now >= payload.expires_at) {
+                return Err(TokenError::Expired {
+                    expires_at: payload.expires_at,
+                });
+            }
+            Ok(Token {
+                key_index: opened.key_index,
+                role: opened.role,
+                issued_at: opened.issued_at,
+                payload,
+            })
+        })
+        .and_then(|decoded| decoded)
     }
 }
 
@@ -233,5 +244,103 @@ mod tests {
             ring.validate(&canary(&key), &config, later),
             Err(TokenError::Expired { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    //! Whatever arrives, decoding answers and never panics.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::repository::KeySet;
+
+    fn ring_and_key() -> (Keyring, Key) {
+        let key = Key::from_bytes([7; 32]);
+        let set = KeySet::from_keys([(0, Key::from_bytes([1; 32])), (1, key.clone())]);
+        (Keyring::new(&set), key)
+    }
+
+    /// A msgpack-ish document: valid item headers in random order, so the
+    /// decoder gets past the first byte far more often than with plain noise.
+    fn msgpack_ish() -> impl Strategy<Value = Vec<u8>> {
+        let item = prop_oneof![
+            (0u8..=0x7f).prop_map(|b| vec![b]),
+            (0u8..=15).prop_map(|n| vec![0x90 | n]),
+            Just(vec![0xc0]),
+            Just(vec![0xc2]),
+            Just(vec![0xc3]),
+            any::<[u8; 16]>().prop_map(|b| [&[0xc4, 16][..], &b].concat()),
+            any::<f64>().prop_map(|f| [&[0xcb][..], &f.to_be_bytes()].concat()),
+            "[a-z]{0,10}".prop_map(|s| [&[0xa0 | s.len() as u8][..], s.as_bytes()].concat()),
+            any::<Vec<u8>>().prop_map(|b| b.into_iter().take(8).collect()),
+        ];
+        prop::collection::vec(item, 0..24).prop_map(|v| {
+            // Start with an array and a known version most of the time.
+            let mut doc = vec![0x96, 0x02];
+            doc.extend(v.into_iter().flatten());
+            doc
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(s in any::<String>()) {
+            let (ring, _) = ring_and_key();
+            let _ = ring.inspect(&s, &PayloadConfig::default());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in any::<Vec<u8>>()) {
+            let (ring, _) = ring_and_key();
+            let _ = ring.inspect(&String::from_utf8_lossy(&b), &PayloadConfig::default());
+            let _ = payload::decode(&b, &PayloadConfig::default());
+        }
+
+        #[test]
+        fn authenticated_garbage_never_panics(doc in msgpack_ish()) {
+            let (ring, key) = ring_and_key();
+            let t = encrypt(&key, &doc);
+            // The keys accept it; only the payload decoder can refuse it.
+            match ring.inspect(&t, &PayloadConfig::default()) {
+                Err(TokenError::Malformed(_) | TokenError::Unrecognized | TokenError::NoKeys) => {
+                    prop_assert!(false, "the Fernet layer refused a token of its own key");
+                }
+                _ => {}
+            }
+        }
+
+        #[test]
+        fn mutated_tokens_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<char>(), 0u8..3), 1..6),
+        ) {
+            let (ring, key) = ring_and_key();
+            let mut chars: Vec<char> = canary(&key).chars().collect();
+            for (at, c, op) in edits {
+                let i = at.index(chars.len().max(1));
+                match op {
+                    0 if !chars.is_empty() => chars[i] = c,
+                    1 if !chars.is_empty() => {
+                        chars.remove(i);
+                    }
+                    _ => chars.insert(i.min(chars.len()), c),
+                }
+            }
+            let s: String = chars.into_iter().collect();
+            let _ = ring.validate(&s, &PayloadConfig::default(), now());
+        }
+
+        #[test]
+        fn base64_decodes_what_it_should(b in prop::collection::vec(any::<u8>(), 0..300)) {
+            use base64::Engine as _;
+            let (ring, key) = ring_and_key();
+            let t = encrypt(&key, &b);
+            prop_assert_eq!(&ring.decrypt(&t).unwrap().plaintext, &b);
+            let std = base64::engine::general_purpose::STANDARD.encode(base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&t).unwrap());
+            prop_assert_eq!(&ring.decrypt(&std).unwrap().plaintext, &b);
+        }
     }
 }

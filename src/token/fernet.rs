@@ -11,6 +11,7 @@ use aes::cipher::block_padding::Pkcs7;
 use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecrypt, BlockEncryptMut, KeyInit, KeyIvInit};
 use aes::{Aes128, Aes128Dec};
+use base64::Engine as _;
 use sha2::digest::generic_array::GenericArray;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -230,7 +231,7 @@ impl Keyring {
         let ciphertext = &body[HEADER_LEN..];
         let plain = &mut scratch[..ciphertext.len()];
         for key in &self.keys {
-            if !bool::from(key.mac.mac(body).ct_eq(tag)) {
+            if !tags_equal(&key.mac.mac(body), tag) {
                 continue;
             }
             // cryptography rejects bad padding after a good HMAC as InvalidToken,
@@ -246,6 +247,17 @@ impl Keyring {
         }
         Err(TokenError::Unrecognized)
     }
+}
+
+/// Compares HMAC tags in constant time: the differences are OR-ed together
+/// without branching, and only the total goes through `subtle`'s optimisation
+/// barrier (once, rather than once per byte).
+fn tags_equal(mac: &[u8; MAC_LEN], tag: &[u8]) -> bool {
+    let mut diff = 0u8;
+    for (a, b) in mac.iter().zip(tag) {
+        diff |= a ^ b;
+    }
+    tag.len() == MAC_LEN && bool::from(diff.ct_eq(&0))
 }
 
 /// AES-128-CBC decryption with PKCS#7 unpadding; `None` on bad padding.
@@ -306,6 +318,13 @@ static DECODE: [u8; 256] = {
 /// Returns the number of bytes written to `out`.
 pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usize, TokenError> {
     let input = token.as_bytes();
+    // Fast path: the base64 crate's decoder, configured to accept exactly what
+    // Python accepts for strings of url-safe characters with canonical or no
+    // padding (Keystone's own form). Anything it refuses gets the faithful
+    // emulation below, which gives the same bytes or Python's error.
+    if let Ok(n) = KEYSTONE_FORM.decode_slice(input, out) {
+        return Ok(n);
+    }
     // Keystone counts characters, not bytes, when restoring padding.
     let chars = if input.is_ascii() {
         input.len()
@@ -314,6 +333,15 @@ pub(crate) fn decode_keystone_base64(token: &str, out: &mut [u8]) -> Result<usiz
     };
     a2b_base64(input, (4 - chars % 4) % 4, out)
 }
+
+/// Url-safe base64, padding optional, unused trailing bits ignored (Python never
+/// checks them).
+const KEYSTONE_FORM: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
 
 /// Python's non-strict `base64.urlsafe_b64decode` of `s` into `out` (which needs
 /// `s.len() / 4 * 3 + 3` bytes), returning the decoded length.
@@ -516,5 +544,58 @@ mod tests {
         // Stops at the first complete pad sequence.
         assert_eq!(dec("AA==AAEC").unwrap(), vec![0]);
         assert_eq!(dec("").unwrap(), Vec::<u8>::new());
+    }
+
+    proptest::proptest! {
+        /// The crate fast path gives what the emulation of Python gives.
+        #[test]
+        fn fast_path_agrees_with_emulation_on_any_input(s in "[A-Za-z0-9_=+/ -]{0,40}") {
+            let mut a = [0u8; 64];
+            let mut b = [0u8; 64];
+            let chars = s.chars().count();
+            let fast = decode_keystone_base64(&s, &mut a).map(|n| a[..n].to_vec());
+            let slow = a2b_base64(s.as_bytes(), (4 - chars % 4) % 4, &mut b).map(|n| b[..n].to_vec());
+            proptest::prop_assert_eq!(fast, slow);
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_with_emulation() {
+        let samples = [
+            "",
+            "A",
+            "AA",
+            "AAA",
+            "AAAA",
+            "AAE=",
+            "AA==",
+            "AB==",
+            "AAB",
+            "-_8",
+            "gAAAAABrDCGz",
+            "ab=c",
+            "abc==",
+        ];
+        for s in samples
+            .iter()
+            .map(|s| s.to_string())
+            .chain((0..200u32).map(|i| {
+                let chars = b"AZaz09-_=+/ ";
+                (0..(i % 13))
+                    .map(|j| chars[((i * 7 + j * 13) % chars.len() as u32) as usize] as char)
+                    .collect()
+            }))
+        {
+            let mut a = [0u8; 64];
+            let mut b = [0u8; 64];
+            let chars = s.chars().count();
+            let fast = decode_keystone_base64(&s, &mut a).map(|n| a[..n].to_vec());
+            let slow =
+                a2b_base64(s.as_bytes(), (4 - chars % 4) % 4, &mut b).map(|n| b[..n].to_vec());
+            assert_eq!(fast.is_ok(), slow.is_ok(), "{s:?}");
+            if let (Ok(f), Ok(s2)) = (&fast, &slow) {
+                assert_eq!(f, s2, "{s:?}");
+            }
+        }
     }
 }

@@ -123,7 +123,7 @@ impl LiveKeyring {
 
 /// When a directory modified at `modified` stops being "racy".
 fn racy_until(modified: SystemTime) -> Option<SystemTime> {
-    let until = modified + RACY_WINDOW;
+    let until = modified.checked_add(RACY_WINDOW)?;
     (SystemTime::now() < until).then_some(until)
 }
 

@@ -128,18 +128,6 @@ impl<'a> Reader<'a> {
             _ => return Err(MsgpackError::Unsupported),
         })
     }
-
-    /// Skips one whole value (an array with all its elements).
-    pub fn skip(&mut self) -> Result<(), MsgpackError> {
-        let mut pending = 1usize;
-        while pending > 0 {
-            pending -= 1;
-            if let Item::Array(n) = self.item()? {
-                pending = pending.checked_add(n).ok_or(MsgpackError::Truncated)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Builds a MessagePack document in the smallest encodings, as `msgpack.packb` does.

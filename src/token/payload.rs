@@ -336,11 +336,53 @@ struct Fields<'a> {
     r: Reader<'a>,
     /// Keystone's `unpackb(raw=True)` retry: every str is bytes.
     raw: bool,
+    /// A str read so far is not UTF-8 (so Keystone would have used `raw`).
+    bad_utf8: bool,
+    /// Top-level elements after the ones the version uses, which Keystone
+    /// ignores once `unpackb` accepted them.
+    rest: usize,
 }
 
 impl<'a> Fields<'a> {
+    fn new(buf: &'a [u8], raw: bool) -> Self {
+        Fields {
+            r: Reader::new(buf),
+            raw,
+            bad_utf8: false,
+            rest: 0,
+        }
+    }
+
     fn item(&mut self) -> Result<Item<'a>, TokenError> {
-        Ok(self.r.item()?)
+        let item = self.r.item()?;
+        if let Item::Str(s) = item {
+            self.bad_utf8 |= !self.raw && std::str::from_utf8(s).is_err();
+        }
+        Ok(item)
+    }
+
+    /// Skips `n` whole values.
+    fn skip(&mut self, n: usize) -> Result<(), TokenError> {
+        let mut pending = n;
+        while pending > 0 {
+            pending -= 1;
+            if let Item::Array(k) = self.item()? {
+                pending = pending
+                    .checked_add(k)
+                    .ok_or(bad("msgpack document ends early"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the ignored elements and checks that the document ends there.
+    fn finish(&mut self) -> Result<(), TokenError> {
+        self.skip(self.rest)?;
+        if self.r.is_at_end() {
+            Ok(())
+        } else {
+            Err(msgpack::MsgpackError::ExtraData.into())
+        }
     }
 
     /// Python truthiness of the next value, consuming it whole.
@@ -352,9 +394,7 @@ impl<'a> Fields<'a> {
             Item::Float(f) => f != 0.0,
             Item::Str(s) | Item::Bin(s) => !s.is_empty(),
             Item::Array(n) => {
-                for _ in 0..n {
-                    self.r.skip()?;
-                }
+                self.skip(n)?;
                 n > 0
             }
         })
@@ -565,20 +605,31 @@ fn py_bytes_repr(b: &[u8]) -> String {
 
 /// Decodes a token's plaintext as `TokenFormatter.validate_token` does.
 pub fn decode(plaintext: &[u8], config: &PayloadConfig) -> Result<Payload, TokenError> {
+    // One pass for the usual case: a well-formed document whose strs are all
+    // UTF-8 decodes the same whether `unpackb` ran first or not.
+    let mut f = Fields::new(plaintext, false);
+    if let Ok(p) = decode_fields(&mut f, config) {
+        if f.finish().is_ok() && !f.bad_utf8 {
+            return Ok(p);
+        }
+    }
+    // Exactly Keystone's order otherwise: `unpackb` checks the whole document
+    // (retrying with raw=True on bad UTF-8), then the payload class reads it.
     let raw = msgpack::scan(plaintext)?.invalid_utf8;
-    let mut f = Fields {
-        r: Reader::new(plaintext),
-        raw,
-    };
+    decode_fields(&mut Fields::new(plaintext, raw), config)
+}
+
+fn decode_fields(f: &mut Fields<'_>, config: &PayloadConfig) -> Result<Payload, TokenError> {
+    let raw = f.raw;
     let len = match f.item()? {
         Item::Array(n) if n > 0 => n,
         _ => return Err(bad("the payload is not a non-empty list")),
     };
     let version = version(f.item()?, raw)?;
     const FIELDS: [usize; 11] = [4, 5, 5, 6, 7, 8, 8, 6, 5, 6, 7];
-    if len - 1 < FIELDS[version as usize] {
-        return Err(bad("the payload has too few fields for its version"));
-    }
+    f.rest = (len - 1)
+        .checked_sub(FIELDS[version as usize])
+        .ok_or(bad("the payload has too few fields for its version"))?;
     let mut p = Payload {
         version,
         user_id: f.flagged()?,
