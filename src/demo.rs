@@ -525,7 +525,9 @@ fn cross_region_check(
         let verdict = if accepted.len() == keyrings.len() {
             "accepted everywhere".to_owned()
         } else if accepted.is_empty() {
-            format!("rejected everywhere: its key was purged (max_active_keys {DEMO_MAX_ACTIVE_KEYS})")
+            format!(
+                "rejected everywhere: its key was purged (max_active_keys {DEMO_MAX_ACTIVE_KEYS})"
+            )
         } else {
             format!("accepted only by {}", accepted.join(", "))
         };
