@@ -834,3 +834,78 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
     );
     assert!(!config.state_dir.exists(), "nothing was written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_region_is_back() {
+    use rustix::process::Signal;
+    let cluster = Cluster::configure(&["RegionOne", "RegionTwo"], agent_identity, None);
+    let mut config = cluster.rotator_config();
+    // Every second; 1 s tokens keep Keystone's formula at ceil(1/1) + 2 = 3 keys.
+    config.schedule.cron = "* * * * * *".into();
+    config.policy.token_expiration = Duration::from_secs(1);
+    std::fs::write(
+        &cluster.rotator_config,
+        toml::to_string(&config).expect("toml"),
+    )
+    .expect("write");
+    let mut cluster = cluster.launch().await;
+    let generation = |c: &Cluster| {
+        c.status().1["repositories"][0]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let start = generation(&cluster);
+    poll_until(
+        Duration::from_secs(20),
+        "three scheduled rotations",
+        || async { (generation(&cluster) >= start + 3).then_some(()) },
+    )
+    .await;
+
+    cluster.agent(1).signal(Signal::STOP);
+    // At most one more generation is committed, then the schedule is blocked.
+    let blocked = poll_until(
+        Duration::from_secs(20),
+        "the schedule blocked by RegionTwo",
+        || async {
+            let (_, status) = cluster.status();
+            let repo = &status["repositories"][0];
+            (repo["blocking_regions"] == serde_json::json!(["RegionTwo"]))
+                .then(|| repo["generation"].as_u64().unwrap_or(0))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        generation(&cluster),
+        blocked,
+        "no rotation while RegionTwo lags"
+    );
+    let held = cluster
+        .repo_state(1)
+        .primary_index()
+        .expect("RegionTwo has keys");
+    let ahead = cluster
+        .repo_state(0)
+        .primary_index()
+        .expect("RegionOne has keys");
+    assert!(ahead - held <= 1, "regions one generation apart at most");
+
+    cluster.agent(1).signal(Signal::CONT);
+    poll_until(
+        Duration::from_secs(20),
+        "the owed rotation after RegionTwo caught up",
+        || async { (generation(&cluster) > blocked).then_some(()) },
+    )
+    .await;
+    let status = cluster
+        .converged("both regions on the schedule again")
+        .await;
+    assert!(
+        status["repositories"][0]["next_rotation"].is_string(),
+        "{status:#}"
+    );
+    let mut keys = BTreeSet::new();
+    key_forms(&cluster.repo_state(0), &mut keys);
+    assert_no_keys_in_logs(&cluster.logs, &keys);
+}
