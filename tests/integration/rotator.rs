@@ -799,8 +799,36 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
     }
     // The imported repository itself is left as it was.
     assert_eq!(repository::load(&repo).expect("still readable"), before);
+    // The event stream of the Admin API narrates the first rotation.
+    let admin: AdminConfig = fernetd::config::load(&cluster.admin_config).expect("admin.toml");
+    let mut client = fernetd::admin::connect(&admin).expect("admin client");
+    let mut events = client
+        .watch(fernetd::pb::WatchRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
     // The first rotation keeps tokens of the imported primary valid everywhere.
-    cluster.rotate_ok();
+    let (g, _) = cluster.rotate_ok();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("an event");
+        if event.generation == g {
+            seen.push((event.kind, event.region));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("acknowledged".to_owned(), "RegionOne".to_owned()),
+            ("acknowledged".to_owned(), "RegionTwo".to_owned()),
+            ("rotated".to_owned(), String::new()),
+        ]
+    );
     for i in 0..cluster.agents.len() {
         let set = cluster.repo_state(i);
         key_forms(&set, &mut keys);
