@@ -186,6 +186,19 @@ impl Cluster {
         fernetd::config::load(&self.rotator_config).expect("rotator.toml")
     }
 
+    /// Rewrites rotator.toml with another schedule and token lifetime.
+    fn set_schedule(&self, cron: &str, token_expiration: Duration) -> RotatorConfig {
+        let mut config = self.rotator_config();
+        config.schedule.cron = cron.into();
+        config.policy.token_expiration = token_expiration;
+        std::fs::write(
+            &self.rotator_config,
+            toml::to_string(&config).expect("toml"),
+        )
+        .expect("write rotator.toml");
+        config
+    }
+
     /// `GET /metrics` from the rotator.
     fn metrics(&self) -> String {
         use std::io::{Read as _, Write as _};
@@ -840,15 +853,8 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
 #[test]
 fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum() {
     let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
-    let mut config = cluster.rotator_config();
     // Hourly rotation, 24 h tokens: Keystone needs ceil(24 h / 1 h) + 2 = 26 keys.
-    config.schedule.cron = "0 * * * *".into();
-    config.policy.token_expiration = Duration::from_secs(86_400);
-    std::fs::write(
-        &cluster.rotator_config,
-        toml::to_string(&config).expect("toml"),
-    )
-    .expect("write");
+    let config = cluster.set_schedule("0 * * * *", Duration::from_secs(86_400));
     let out = Command::new(crate::common::fernetd_bin())
         .args(["rotator", "--config"])
         .arg(&cluster.rotator_config)
@@ -867,15 +873,8 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
 async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_region_is_back() {
     use rustix::process::Signal;
     let cluster = Cluster::configure(&["RegionOne", "RegionTwo"], agent_identity, None);
-    let mut config = cluster.rotator_config();
     // Every second; 1 s tokens keep Keystone's formula at ceil(1/1) + 2 = 3 keys.
-    config.schedule.cron = "* * * * * *".into();
-    config.policy.token_expiration = Duration::from_secs(1);
-    std::fs::write(
-        &cluster.rotator_config,
-        toml::to_string(&config).expect("toml"),
-    )
-    .expect("write");
+    cluster.set_schedule("* * * * * *", Duration::from_secs(1));
     let mut cluster = cluster.launch().await;
     let generation = |c: &Cluster| {
         c.status().1["repositories"][0]["generation"]
