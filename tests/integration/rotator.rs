@@ -589,8 +589,9 @@ async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_it
             cluster.agent(victim).signal(Signal::STOP);
         }
         // Every region held the current generation: this rotation commits, and
-        // the victim is reported as not acknowledging it.
-        let (code, v) = cluster.admin_json(&["rotate", "--wait", "3"]);
+        // the victim is reported as not acknowledging it (the others have time
+        // enough to acknowledge even on a loaded machine).
+        let (code, v) = cluster.admin_json(&["rotate", "--wait", "8"]);
         assert_eq!(code, 1, "{v:#}");
         assert_eq!(v[0]["rotated"], true, "{v:#}");
         assert_eq!(
