@@ -473,7 +473,7 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
     keys_and_metrics.retain(|k| metrics.contains(k.as_str()));
     assert!(keys_and_metrics.is_empty(), "a key appears in the metrics");
     // SIGTERM: a clean exit that leaves the acknowledgements recorded.
-    let exit = cluster.rotator().stop();
+    let exit = cluster.rotator().stop().await;
     assert!(exit.success(), "{exit}");
     let state_dir = cluster.rotator_config().state_dir;
     let acks: Value = serde_json::from_str(
