@@ -167,8 +167,9 @@ pub struct DemoArgs {
     /// Only write the files and print the commands that start each process.
     #[arg(long)]
     pub config_only: bool,
-    /// Stop after this many rotations have reached every region.
-    #[arg(long, default_value_t = 3)]
+    /// Stop after this many rotations have reached every region (the fourth
+    /// shows the first demo token expiring with its key).
+    #[arg(long, default_value_t = 4)]
     pub rotations: u64,
 }
 
@@ -214,8 +215,11 @@ pub fn run(cli: Cli) -> ExitCode {
     let format = cli.log_format;
     // The agent may name its log format in its configuration file, so it
     // initialises logging itself once that file is read.
-    if !matches!(cli.command, Command::Agent(_)) {
-        init_logging(format);
+    match cli.command {
+        Command::Agent(_) => {}
+        // The demo narrates on standard output; its daemons' logs would drown it.
+        Command::Demo(_) => init_logging_with(format, "warn,notify=error"),
+        _ => init_logging(format),
     }
     match dispatch(cli.command, format) {
         Ok(Answer::Yes) => ExitCode::SUCCESS,
@@ -246,8 +250,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 pub(crate) fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info")
+}
+
+/// Logging with `default` as the filter when `FERNETD_LOG` is not set.
+fn init_logging_with(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -305,6 +305,9 @@ pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
     }
     let result = run(layout, args.rotations).await;
     if temporary {
+        // Let the stopped agents' file watchers wind down first, or they would
+        // report the directory's removal as drift.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.map_err(CliError::runtime)
@@ -366,8 +369,11 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
     if let Some(m) = rotator.metrics_listen {
         println!("  metrics:  http://{m}/metrics");
     }
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "fernetd".into());
     println!(
-        "  try:      fernetd admin --config {}/admin.toml status\n",
+        "  try:      {exe} admin --config {}/admin.toml status\n",
         dir.display()
     );
 
@@ -396,7 +402,7 @@ async fn watch_rotations(
     rotations: u64,
 ) -> Result<Answer, DemoError> {
     let mut client = crate::admin::connect(admin)?;
-    let call = |s: tonic::Status| DemoError::Call(s.message().to_owned());
+    let call = |s: tonic::Status| DemoError::Call(crate::admin::describe(&s));
     // The rotator is starting: poll its status until it answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -450,6 +456,8 @@ async fn watch_rotations(
                 );
                 acked.push(event.region);
             }
+            // Acknowledgements of the initial distribution, already shown above.
+            "acknowledged" => {}
             _ => {
                 let msg = if event.message.is_empty() {
                     String::new()
@@ -478,7 +486,8 @@ async fn watch_rotations(
         println!();
         target = 0;
     }
-    println!("{rotations} rotations reached every region; stopping.");
+    let plural = if rotations == 1 { "" } else { "s" };
+    println!("{rotations} rotation{plural} reached every region; stopping.");
     Ok(Answer::Yes)
 }
 
@@ -518,7 +527,9 @@ fn cross_region_check(
         let verdict = if accepted.len() == keyrings.len() {
             "accepted everywhere".to_owned()
         } else if accepted.is_empty() {
-            format!("expired with its key (max_active_keys {DEMO_MAX_ACTIVE_KEYS})")
+            format!(
+                "rejected everywhere: its key was purged (max_active_keys {DEMO_MAX_ACTIVE_KEYS})"
+            )
         } else {
             format!("accepted only by {}", accepted.join(", "))
         };

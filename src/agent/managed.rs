@@ -269,7 +269,9 @@ impl Disk {
                 .join("; ")
         });
         Disk {
-            keys: report.keys,
+            // An empty directory holds no set: report no digest rather than
+            // the digest of nothing.
+            keys: report.keys.filter(|keys| !keys.is_empty()),
             problem,
         }
     }
@@ -328,7 +330,7 @@ impl Managed {
             repository = %name,
             path = %path.display(),
             generation = desired.generation,
-            digest = ?view.digest,
+            digest = %view.digest.map_or_else(|| "none".to_string(), |d| d.to_hex()),
             drift = view.drift.is_some(),
             "managing repository"
         );

@@ -188,6 +188,19 @@ impl Cluster {
         fernetd::config::load(&self.rotator_config).expect("rotator.toml")
     }
 
+    /// Rewrites rotator.toml with another schedule and token lifetime.
+    fn set_schedule(&self, cron: &str, token_expiration: Duration) -> RotatorConfig {
+        let mut config = self.rotator_config();
+        config.schedule.cron = cron.into();
+        config.policy.token_expiration = token_expiration;
+        std::fs::write(
+            &self.rotator_config,
+            toml::to_string(&config).expect("toml"),
+        )
+        .expect("write rotator.toml");
+        config
+    }
+
     /// `GET /metrics` from the rotator.
     fn metrics(&self) -> String {
         use std::io::{Read as _, Write as _};
@@ -578,8 +591,9 @@ async fn a_stopped_or_killed_agent_blocks_the_next_rotation_and_catches_up_by_it
             cluster.agent(victim).signal(Signal::STOP);
         }
         // Every region held the current generation: this rotation commits, and
-        // the victim is reported as not acknowledging it.
-        let (code, v) = cluster.admin_json(&["rotate", "--wait", "3"]);
+        // the victim is reported as not acknowledging it (the others have time
+        // enough to acknowledge even on a loaded machine).
+        let (code, v) = cluster.admin_json(&["rotate", "--wait", "8"]);
         assert_eq!(code, 1, "{v:#}");
         assert_eq!(v[0]["rotated"], true, "{v:#}");
         assert_eq!(
@@ -801,8 +815,36 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
     }
     // The imported repository itself is left as it was.
     assert_eq!(repository::load(&repo).expect("still readable"), before);
+    // The event stream of the Admin API narrates the first rotation.
+    let admin: AdminConfig = fernetd::config::load(&cluster.admin_config).expect("admin.toml");
+    let mut client = fernetd::admin::connect(&admin).expect("admin client");
+    let mut events = client
+        .watch(fernetd::pb::WatchRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
     // The first rotation keeps tokens of the imported primary valid everywhere.
-    cluster.rotate_ok();
+    let (g, _) = cluster.rotate_ok();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("an event");
+        if event.generation == g {
+            seen.push((event.kind, event.region));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("acknowledged".to_owned(), "RegionOne".to_owned()),
+            ("acknowledged".to_owned(), "RegionTwo".to_owned()),
+            ("rotated".to_owned(), String::new()),
+        ]
+    );
     for i in 0..cluster.agents.len() {
         let set = cluster.repo_state(i);
         key_forms(&set, &mut keys);
@@ -814,15 +856,8 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
 #[test]
 fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum() {
     let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
-    let mut config = cluster.rotator_config();
     // Hourly rotation, 24 h tokens: Keystone needs ceil(24 h / 1 h) + 2 = 26 keys.
-    config.schedule.cron = "0 * * * *".into();
-    config.policy.token_expiration = Duration::from_secs(86_400);
-    std::fs::write(
-        &cluster.rotator_config,
-        toml::to_string(&config).expect("toml"),
-    )
-    .expect("write");
+    let config = cluster.set_schedule("0 * * * *", Duration::from_secs(86_400));
     let out = Command::new(crate::common::fernetd_bin())
         .args(["rotator", "--config"])
         .arg(&cluster.rotator_config)
@@ -835,4 +870,72 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
         "{stderr}"
     );
     assert!(!config.state_dir.exists(), "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_region_is_back() {
+    use rustix::process::Signal;
+    let cluster = Cluster::configure(&["RegionOne", "RegionTwo"], agent_identity, None);
+    // Every second; 1 s tokens keep Keystone's formula at ceil(1/1) + 2 = 3 keys.
+    cluster.set_schedule("* * * * * *", Duration::from_secs(1));
+    let mut cluster = cluster.launch().await;
+    let generation = |c: &Cluster| {
+        c.status().1["repositories"][0]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let start = generation(&cluster);
+    poll_until(
+        Duration::from_secs(20),
+        "three scheduled rotations",
+        || async { (generation(&cluster) >= start + 3).then_some(()) },
+    )
+    .await;
+
+    cluster.agent(1).signal(Signal::STOP);
+    // At most one more generation is committed, then the schedule is blocked.
+    let blocked = poll_until(
+        Duration::from_secs(20),
+        "the schedule blocked by RegionTwo",
+        || async {
+            let (_, status) = cluster.status();
+            let repo = &status["repositories"][0];
+            (repo["blocking_regions"] == serde_json::json!(["RegionTwo"]))
+                .then(|| repo["generation"].as_u64().unwrap_or(0))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        generation(&cluster),
+        blocked,
+        "no rotation while RegionTwo lags"
+    );
+    let held = cluster
+        .repo_state(1)
+        .primary_index()
+        .expect("RegionTwo has keys");
+    let ahead = cluster
+        .repo_state(0)
+        .primary_index()
+        .expect("RegionOne has keys");
+    assert!(ahead - held <= 1, "regions one generation apart at most");
+
+    cluster.agent(1).signal(Signal::CONT);
+    poll_until(
+        Duration::from_secs(20),
+        "the owed rotation after RegionTwo caught up",
+        || async { (generation(&cluster) > blocked).then_some(()) },
+    )
+    .await;
+    let status = cluster
+        .converged("both regions on the schedule again")
+        .await;
+    assert!(
+        status["repositories"][0]["next_rotation"].is_string(),
+        "{status:#}"
+    );
+    let mut keys = BTreeSet::new();
+    key_forms(&cluster.repo_state(0), &mut keys);
+    assert_no_keys_in_logs(&cluster.logs, &keys);
 }
