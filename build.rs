@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
+        // Key carries raw key bytes: its Debug is written by hand (src/agent/check.rs).
+        .skip_debug([".fernetd.v1.Key"])
         .compile_protos(&["proto/fernetd/v1/fernetd.proto"], &["proto"])?;
     Ok(())
 }

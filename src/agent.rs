@@ -1,11 +1,328 @@
 //! The regional agent: serves the Distribution API over mTLS, validates and
 //! atomically installs key sets (no rollback, no fork), proves the installed
 //! repository by decrypting canaries, and reports drift it did not cause.
+//!
+//! [`run`] takes its listeners and a shutdown future from the caller, so tests
+//! and `fernetd demo` can run an agent in-process on ports they chose; [`main`]
+//! is the thin `fernetd agent` entry that binds, waits for SIGTERM or SIGINT and
+//! drains.
 
-/// `fernetd agent --config FILE`: runs until SIGTERM or SIGINT.
-pub async fn main(config: &std::path::Path) -> Result<crate::cli::Answer, crate::cli::CliError> {
-    let _ = config;
-    Err(crate::cli::CliError::runtime(anyhow::anyhow!(
-        "`fernetd agent` is being built (issue 4)"
-    )))
+pub mod check;
+mod drift;
+mod managed;
+mod metrics;
+mod service;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{AgentConfig, AgentConfigError, DriftPolicy};
+use crate::install::{InstallError, Owner};
+use crate::pb::distribution_server::DistributionServer;
+
+pub use managed::{CanaryError, ProofError, Refusal};
+
+/// How long in-flight requests get to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent configuration")]
+    Config(#[from] AgentConfigError),
+    #[error("repository {name:?}: invalid owner {owner:?}")]
+    Owner {
+        name: String,
+        owner: String,
+        #[source]
+        source: InstallError,
+    },
+    #[error("repository {name:?}: cannot take charge of {path}")]
+    Open {
+        name: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: InstallError,
+    },
+    #[error("TLS set-up failed")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Drift(#[from] drift::DriftError),
+    #[error("this region's Keystone configuration")]
+    Keystone(#[from] crate::policy::PolicyError),
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("start-up task failed: {0}")]
+    Join(String),
+}
+
+impl AgentError {
+    /// Whether the operator must fix the configuration (exit 2) rather than
+    /// the environment (exit 3).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Config(_) | AgentError::Owner { .. } | AgentError::Keystone(_)
+        )
+    }
+}
+
+/// `fernetd agent --config FILE`: runs until SIGTERM or SIGINT. The
+/// configuration's `log_format` wins over the `--log-format` flag.
+pub async fn main(
+    config: &Path,
+    log_format: crate::cli::LogFormat,
+) -> Result<crate::cli::Answer, crate::cli::CliError> {
+    use crate::cli::CliError;
+    let loaded: Result<AgentConfig, _> = crate::config::load(config);
+    crate::cli::init_logging(
+        loaded
+            .as_ref()
+            .ok()
+            .and_then(|c| c.log_format)
+            .unwrap_or(log_format),
+    );
+    let config = loaded.map_err(CliError::usage)?;
+    config.validate().map_err(CliError::usage)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        CliError::runtime(
+            anyhow::Error::new(e).context(format!("cannot listen on {}", config.listen)),
+        )
+    })?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            CliError::runtime(anyhow::Error::new(e).context(format!("cannot listen on {addr}")))
+        })?),
+        None => None,
+    };
+    match run(config, listener, metrics, crate::cli::termination()).await {
+        Ok(()) => Ok(crate::cli::Answer::Yes),
+        Err(e) if e.is_config() => Err(CliError::usage(e)),
+        Err(e) => Err(CliError::runtime(e)),
+    }
+}
+
+/// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
+/// until `shutdown` resolves; in-flight installs complete before it returns.
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    if let Some(path) = &config.keystone_conf {
+        let repos: Vec<(&str, &Path)> = config
+            .repositories
+            .iter()
+            .map(|r| (r.name.as_str(), r.path.as_path()))
+            .collect();
+        for warning in crate::policy::KeystoneConf::load(path)?.check_agent(&repos)? {
+            tracing::warn!(keystone_conf = %path.display(), "{warning}");
+        }
+    }
+    let tls = crate::tls::ServerTls::load(&config.tls)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let agent_metrics = metrics::AgentMetrics::register(&mut registry);
+
+    let mut repositories = BTreeMap::new();
+    for repo in &config.repositories {
+        let owner = match &repo.owner {
+            None => None,
+            Some(text) => Some(Owner::parse(text).map_err(|source| AgentError::Owner {
+                name: repo.name.clone(),
+                owner: text.clone(),
+                source,
+            })?),
+        };
+        let (name, path, m) = (repo.name.clone(), repo.path.clone(), agent_metrics.clone());
+        let managed = tokio::task::spawn_blocking(move || {
+            managed::Managed::open(name.clone(), path.clone(), owner, m)
+                .map_err(|source| AgentError::Open { name, path, source })
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))??;
+        repositories.insert(repo.name.clone(), Arc::new(managed));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let _drift = drift::spawn(
+        repositories.values().cloned().collect(),
+        config.drift == DriftPolicy::Restore,
+        Duration::from_secs(config.drift_check_seconds),
+        stop_rx.clone(),
+    )?;
+
+    let metrics_task = metrics_listener.map(|listener| {
+        let registry = Arc::new(registry);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(listener, registry, async move {
+            // A closed channel means the agent is gone: stop as well.
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let quiesce: Vec<Arc<managed::Managed>> = repositories.values().cloned().collect();
+    let distribution = service::Distribution {
+        region: config.region.clone(),
+        rotator_identity: config.rotator_identity.clone(),
+        repositories,
+        metrics: agent_metrics,
+    };
+    health
+        .set_serving::<DistributionServer<service::Distribution>>()
+        .await;
+    let server =
+        DistributionServer::new(distribution).max_decoding_message_size(config.max_message_bytes);
+
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        region = %config.region,
+        listen = ?addr,
+        rotator = %config.rotator_identity,
+        drift = ?config.drift,
+        "agent serving"
+    );
+    let drain = async {
+        shutdown.await;
+        health
+            .set_not_serving::<DistributionServer<service::Distribution>>()
+            .await;
+        // Drift tasks stop now; the gRPC server finishes in-flight installs.
+        let _ = stop_tx.send(true);
+    };
+    let serve = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(server)
+        .serve_with_incoming_shutdown(tls.incoming(listener), drain);
+    tokio::pin!(serve);
+    let mut stopping = stop_rx.clone();
+    let served = tokio::select! {
+        served = &mut serve => served,
+        // A peer that never answers the GOAWAY (a stopped rotator) must not
+        // keep the agent from exiting.
+        () = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout: closing them");
+            Ok(())
+        }
+    };
+    // Also when the server failed on its own: nothing else may keep running.
+    let _ = stop_tx.send(true);
+    // Installs run to completion even when their connection was cut: taking
+    // each repository's install lock waits for the one in flight.
+    for repo in &quiesce {
+        repo.quiesce().await;
+    }
+    if let Some(task) = metrics_task {
+        task.await.map_err(|e| AgentError::Join(e.to_string()))?;
+    }
+    served.map_err(AgentError::Serve)?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        region = "region-one"
+        listen = "127.0.0.1:7443"
+        rotator_identity = "rotator.example.net"
+        [tls]
+        ca = "/etc/fernetd/ca.pem"
+        cert = "/etc/fernetd/agent.pem"
+        key = "/etc/fernetd/agent.key"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults_and_round_trips() {
+        let config: AgentConfig = toml::from_str(MINIMAL).expect("parse");
+        assert_eq!(config.drift, DriftPolicy::Report);
+        assert_eq!(
+            config.max_message_bytes,
+            crate::config::DEFAULT_MAX_MESSAGE_BYTES
+        );
+        assert_eq!(config.repositories.len(), 1);
+        assert_eq!(config.repositories[0].name, "tokens");
+        assert_eq!(config.metrics, None);
+        let with_metrics = MINIMAL.replace(
+            "rotator_identity",
+            "metrics_listen = \"127.0.0.1:9443\"\nrotator_identity",
+        );
+        let parsed: AgentConfig = toml::from_str(&with_metrics).expect("parse metrics_listen");
+        assert_eq!(
+            parsed.metrics,
+            Some("127.0.0.1:9443".parse().expect("addr"))
+        );
+        config.validate().expect("valid");
+        let again: AgentConfig =
+            toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn unknown_fields_and_policies_are_refused() {
+        assert!(toml::from_str::<AgentConfig>(&format!("surprise = 1\n{MINIMAL}")).is_err());
+        let policy = MINIMAL.replace("rotator_identity", "drift = \"ignore\"\nrotator_identity");
+        assert!(toml::from_str::<AgentConfig>(&policy).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let base: AgentConfig = toml::from_str(MINIMAL).expect("parse");
+        let repo = |name: &str, path: &str| crate::config::AgentRepository {
+            name: name.into(),
+            path: path.into(),
+            owner: None,
+        };
+        let cases = [
+            (vec![], AgentConfigError::NoRepository),
+            (
+                vec![repo("to kens", "/k")],
+                AgentConfigError::BadName("to kens".into()),
+            ),
+            (
+                vec![repo("tokens", "/k"), repo("tokens", "/r")],
+                AgentConfigError::DuplicateName("tokens".into()),
+            ),
+            (
+                vec![repo("tokens", "keys")],
+                AgentConfigError::RelativePath {
+                    name: "tokens".into(),
+                    path: "keys".into(),
+                },
+            ),
+            (
+                vec![repo("tokens", "/k"), repo("receipts", "/k/r")],
+                AgentConfigError::Overlap {
+                    a: "tokens".into(),
+                    b: "receipts".into(),
+                    path: "/k/r".into(),
+                },
+            ),
+        ];
+        for (repositories, expected) in cases {
+            let config = AgentConfig {
+                repositories,
+                ..base.clone()
+            };
+            assert_eq!(config.validate(), Err(expected));
+        }
+        let tiny = AgentConfig {
+            max_message_bytes: 10,
+            ..base.clone()
+        };
+        assert_eq!(tiny.validate(), Err(AgentConfigError::MessageSize(10)));
+    }
 }

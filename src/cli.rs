@@ -23,7 +23,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -166,6 +167,10 @@ pub struct DemoArgs {
     /// Only write the files and print the commands that start each process.
     #[arg(long)]
     pub config_only: bool,
+    /// Stop after this many rotations have reached every region (the fourth
+    /// shows the first demo token expiring with its key).
+    #[arg(long, default_value_t = 4)]
+    pub rotations: u64,
 }
 
 /// Why a command failed, and so which exit code it gets.
@@ -207,8 +212,16 @@ pub enum Answer {
 
 /// Runs a parsed command line to completion and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
-    match dispatch(cli.command) {
+    let format = cli.log_format;
+    // The agent may name its log format in its configuration file, so it
+    // initialises logging itself once that file is read.
+    match cli.command {
+        Command::Agent(_) => {}
+        // The demo narrates on standard output; its daemons' logs would drown it.
+        Command::Demo(_) => init_logging_with(format, "warn,notify=error"),
+        _ => init_logging(format),
+    }
+    match dispatch(cli.command, format) {
         Ok(Answer::Yes) => ExitCode::SUCCESS,
         Ok(Answer::No) => ExitCode::from(1),
         Err(error) => {
@@ -218,12 +231,12 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn dispatch(command: Command) -> Result<Answer, CliError> {
+fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError> {
     match command {
         Command::Repo(args) => repo::run(&args),
         Command::Token(args) => token::run(&args),
         Command::Rotator(args) => runtime()?.block_on(crate::rotator::main(&args.config)),
-        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config)),
+        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config, log_format)),
         Command::Admin(args) => runtime()?.block_on(crate::admin::main(&args)),
         Command::Demo(args) => runtime()?.block_on(crate::demo::main(&args)),
     }
@@ -236,9 +249,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(CliError::runtime)
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info")
+}
+
+/// Logging with `default` as the filter when `FERNETD_LOG` is not set.
+fn init_logging_with(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -53,6 +53,161 @@ pub struct TlsConfig {
 
 // ---------------------------------------------------------------- agent
 
+/// `agent.toml`: one regional agent. Serializable so `fernetd demo` and tests
+/// generate it from the type rather than from hand-written TOML.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The region this agent serves, reported in `GetState`.
+    pub region: String,
+    /// gRPC (mTLS) listen address.
+    pub listen: std::net::SocketAddr,
+    /// Prometheus endpoint (plain HTTP, `/metrics`); none when absent. The
+    /// TOML key is `metrics_listen`, as in `rotator.toml`.
+    #[serde(
+        default,
+        rename = "metrics_listen",
+        alias = "metrics",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The certificate SAN (DNS name) the rotator presents; only it may `Install`.
+    pub rotator_identity: String,
+    /// What to do when a repository changes behind the agent's back.
+    #[serde(default)]
+    pub drift: DriftPolicy,
+    /// Seconds between drift checks that back up file-system notifications.
+    #[serde(default = "default_drift_check_seconds")]
+    pub drift_check_seconds: u64,
+    /// Largest gRPC message accepted; an `Install` of 1,000 keys is about 40 KiB.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Log format; the `--log-format` flag applies when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<crate::cli::LogFormat>,
+    pub tls: TlsConfig,
+    /// Managed repositories; default: `tokens` at `/etc/keystone/fernet-keys`.
+    #[serde(default = "default_repositories")]
+    pub repositories: Vec<AgentRepository>,
+    /// This region's keystone.conf: when set, the agent refuses to start if a
+    /// repository it manages is not the one Keystone reads (`fernetd::policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystone_conf: Option<PathBuf>,
+}
+
+/// One repository the agent manages.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRepository {
+    /// The name the rotator pushes to (`tokens`, `receipts`, `credential`).
+    pub name: String,
+    /// Keystone's `key_repository` directory (absolute).
+    pub path: PathBuf,
+    /// `user:group` (names or numeric ids) owning the key files; default: the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// The agent's answer to a repository changed by someone else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Log it, count it, show it in `GetState`; the rotator's reconcile re-pushes.
+    #[default]
+    Report,
+    /// Also re-install the last set the agent installed, at once.
+    Restore,
+}
+
+fn default_drift_check_seconds() -> u64 {
+    60
+}
+
+/// 64 KiB: a thousand keys with canaries fit, a flood does not.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+fn default_repositories() -> Vec<AgentRepository> {
+    vec![AgentRepository {
+        name: "tokens".into(),
+        path: PathBuf::from("/etc/keystone/fernet-keys"),
+        owner: None,
+    }]
+}
+
+/// An agent configuration that parses but cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AgentConfigError {
+    #[error("no repository configured")]
+    NoRepository,
+    #[error("repository name {0:?} must be non-empty letters, digits, '-' or '_'")]
+    BadName(String),
+    #[error("repository {0:?} is configured twice")]
+    DuplicateName(String),
+    #[error("repository {name:?}: path {path} must be absolute")]
+    RelativePath { name: String, path: PathBuf },
+    #[error("repositories {a:?} and {b:?} overlap ({path})")]
+    Overlap { a: String, b: String, path: PathBuf },
+    #[error("rotator_identity must not be empty")]
+    NoRotatorIdentity,
+    #[error("max_message_bytes {0} is outside 4 KiB .. 16 MiB")]
+    MessageSize(usize),
+    #[error("drift_check_seconds must be at least 1")]
+    DriftInterval,
+}
+
+impl AgentConfig {
+    /// Checks what serde cannot: names, absolute and disjoint paths, limits.
+    pub fn validate(&self) -> Result<(), AgentConfigError> {
+        if self.rotator_identity.trim().is_empty() {
+            return Err(AgentConfigError::NoRotatorIdentity);
+        }
+        if !(4096..=16 << 20).contains(&self.max_message_bytes) {
+            return Err(AgentConfigError::MessageSize(self.max_message_bytes));
+        }
+        if self.drift_check_seconds == 0 {
+            return Err(AgentConfigError::DriftInterval);
+        }
+        if self.repositories.is_empty() {
+            return Err(AgentConfigError::NoRepository);
+        }
+        for (i, repo) in self.repositories.iter().enumerate() {
+            let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            if repo.name.is_empty() || !repo.name.chars().all(valid) {
+                return Err(AgentConfigError::BadName(repo.name.clone()));
+            }
+            if !repo.path.is_absolute() {
+                return Err(AgentConfigError::RelativePath {
+                    name: repo.name.clone(),
+                    path: repo.path.clone(),
+                });
+            }
+            for other in &self.repositories[..i] {
+                if other.name == repo.name {
+                    return Err(AgentConfigError::DuplicateName(repo.name.clone()));
+                }
+                if other.path.starts_with(&repo.path) || repo.path.starts_with(&other.path) {
+                    return Err(AgentConfigError::Overlap {
+                        a: other.name.clone(),
+                        b: repo.name.clone(),
+                        path: repo.path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------- rotator
+
+mod rotator;
+pub use self::rotator::{
+    AdminConfig, AgentEndpoint, FanoutConfig, PolicyConfig, RepositoryConfig, RotatorConfig,
+    ScheduleConfig, duration,
+};
 
 // ---------------------------------------------------------------- admin

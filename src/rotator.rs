@@ -1,11 +1,459 @@
 //! The rotator: owns the canonical repositories and their durable generation
 //! state, rotates on a cron schedule, pushes every generation to all agents, and
 //! never commits generation G+1 while an enrolled agent has not acknowledged G.
+//!
+//! [`run`] takes its listeners and a shutdown future so tests and `fernetd demo`
+//! can run it in-process; [`main`] is the thin `fernetd rotator` entry point.
+
+pub(crate) mod core;
+pub(crate) mod fanout;
+pub mod schedule;
+pub mod state;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use self::core::{AgentCollector, AgentSlot, Core, Generation, Metrics, RepoSlot};
+use self::schedule::{Schedule, ScheduleError};
+use self::state::{StateError, StateStore};
+use crate::cli::{Answer, CliError};
+use crate::config::{RotatorConfig, duration};
+
+/// What stops the rotator from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum RotatorError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error(
+        "repository `{repository}`: max_active_keys = {configured} is too small for this schedule and policy; \
+         Keystone's formula ceil((token_expiration + allow_expired_window) / rotation_interval) + 2 \
+         = ceil(({expiration} + {window}) / {interval}) + 2 requires at least {minimum}"
+    )]
+    Policy {
+        repository: String,
+        configured: usize,
+        minimum: usize,
+        expiration: String,
+        window: String,
+        interval: String,
+    },
+    #[error("Keystone's token policy")]
+    Keystone(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot import the existing repository {path} for `{repository}`")]
+    Import {
+        repository: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::repository::RepositoryError,
+    },
+    #[error(
+        "the repository to import for `{repository}` at {path} has no staged key 0 or fewer than two keys"
+    )]
+    ImportIncomplete {
+        repository: String,
+        path: std::path::PathBuf,
+    },
+    #[error("repository `{0}` lacks a staged or primary key")]
+    Incomplete(String),
+    #[error("cannot rotate")]
+    Rotate(#[from] crate::repository::RotateError),
+    #[error("no repository named `{0}`")]
+    UnknownRepository(String),
+    #[error("TLS set-up failed")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("agent `{region}`: bad endpoint `{endpoint}`: {reason}")]
+    Endpoint {
+        region: String,
+        endpoint: String,
+        reason: String,
+    },
+    #[error("cannot serve the Admin API")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl RotatorError {
+    /// Whether this is the operator's configuration to fix (exit 2).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            RotatorError::Config(_)
+                | RotatorError::Schedule(_)
+                | RotatorError::Policy { .. }
+                | RotatorError::Keystone(_)
+                | RotatorError::Import { .. }
+                | RotatorError::ImportIncomplete { .. }
+                | RotatorError::Endpoint { .. }
+                | RotatorError::Tls(_)
+        )
+    }
+}
+
+/// Requests queued per agent channel; see [`run`].
+const AGENT_CHANNEL_BUFFER: usize = 4;
+
+/// Checks what can be checked without touching the network or the state:
+/// names, the cron expression and Keystone's `max_active_keys` formula.
+pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
+    let schedule = Schedule::parse(&config.schedule.cron)?;
+    if config.repositories.is_empty() {
+        return Err(RotatorError::Config("no repositories configured".into()));
+    }
+    if config.admin_identities.is_empty() {
+        return Err(RotatorError::Config(
+            "admin_identities is empty: nobody could call the Admin API".into(),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for repo in &config.repositories {
+        if !names.insert(&repo.name) {
+            return Err(RotatorError::Config(format!(
+                "repository `{}` is listed twice",
+                repo.name
+            )));
+        }
+    }
+    let mut regions = std::collections::BTreeSet::new();
+    for agent in &config.agents {
+        if !regions.insert(&agent.region) {
+            return Err(RotatorError::Config(format!(
+                "agent region `{}` is listed twice",
+                agent.region
+            )));
+        }
+    }
+    if config.fanout.concurrency == 0 {
+        return Err(RotatorError::Config(
+            "fanout.concurrency must be at least 1".into(),
+        ));
+    }
+    // The tightest spacing the schedule produces is what ages keys fastest.
+    let interval = schedule
+        .min_interval(chrono::Utc::now())
+        .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
+    for repo in &config.repositories {
+        let minimum = crate::policy::min_active_keys(
+            config.policy.token_expiration,
+            config.policy.allow_expired_window,
+            interval,
+        );
+        if repo.max_active_keys < minimum {
+            return Err(RotatorError::Policy {
+                repository: repo.name.clone(),
+                configured: repo.max_active_keys,
+                minimum,
+                expiration: duration::format(&config.policy.token_expiration),
+                window: duration::format(&config.policy.allow_expired_window),
+                interval: duration::format(&interval),
+            });
+        }
+    }
+    if let Some(path) = &config.keystone_conf {
+        let repos: Vec<(&str, usize)> = config
+            .repositories
+            .iter()
+            .map(|r| (r.name.as_str(), r.max_active_keys))
+            .collect();
+        let warnings = crate::policy::KeystoneConf::load(path)?.check_rotator(
+            config.policy.token_expiration,
+            config.policy.allow_expired_window,
+            &repos,
+            interval,
+        )?;
+        for warning in warnings {
+            tracing::warn!(keystone_conf = %path.display(), "{warning}");
+        }
+    }
+    Ok(schedule)
+}
+
+/// Loads each repository's committed generation, adopting an existing Keystone
+/// repository (or creating a fresh set) on first start, and committing it.
+fn load_generations(
+    config: &RotatorConfig,
+    store: &StateStore,
+) -> Result<Vec<RepoSlot>, RotatorError> {
+    let mut slots = Vec::with_capacity(config.repositories.len());
+    for repo in &config.repositories {
+        let generation = match store.load(&repo.name)? {
+            Some(committed) => {
+                if repo.import.is_some() {
+                    tracing::info!(repository = %repo.name, "state exists; `import` is only used on first start");
+                }
+                tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "resumed from state");
+                Generation::build(&repo.name, committed.generation, committed.keys)?
+            }
+            None => {
+                let keys = match &repo.import {
+                    Some(path) => {
+                        let keys = crate::repository::load(path).map_err(|source| {
+                            RotatorError::Import {
+                                repository: repo.name.clone(),
+                                path: path.clone(),
+                                source,
+                            }
+                        })?;
+                        if keys.staged().is_none() || keys.len() < 2 {
+                            return Err(RotatorError::ImportIncomplete {
+                                repository: repo.name.clone(),
+                                path: path.clone(),
+                            });
+                        }
+                        tracing::info!(repository = %repo.name, path = %path.display(), indices = ?keys.indices(), "adopting existing Keystone repository as generation 1");
+                        keys
+                    }
+                    None => crate::repository::init(repo.max_active_keys)?,
+                };
+                let generation = Generation::build(&repo.name, 1, keys)?;
+                store.save(&repo.name, &generation.committed())?;
+                tracing::info!(repository = %repo.name, digest = %generation.digest, "committed generation 1");
+                generation
+            }
+        };
+        slots.push(RepoSlot::new(
+            repo.name.clone(),
+            repo.max_active_keys,
+            generation,
+        ));
+    }
+    Ok(slots)
+}
+
+/// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
+/// metrics on `metrics_listener`, the scheduler, the fan-out and the reconcile.
+pub async fn run(
+    config: RotatorConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RotatorError> {
+    let schedule = validate(&config)?;
+    let store = StateStore::open(&config.state_dir)?;
+    let blocking_store = store.clone();
+    let blocking_config = config.clone();
+    let repos =
+        tokio::task::spawn_blocking(move || load_generations(&blocking_config, &blocking_store))
+            .await
+            .map_err(|e| RotatorError::Task(e.to_string()))??;
+
+    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    let mut agents = Vec::with_capacity(config.agents.len());
+    for a in &config.agents {
+        let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
+            region: a.region.clone(),
+            endpoint: a.endpoint.clone(),
+            reason: crate::tls::error_chain(&e),
+        };
+        // The dispatcher has at most one call in flight per agent: a small request
+        // buffer keeps 10,000 idle channels cheap.
+        let channel = client_tls
+            .endpoint(&a.endpoint)
+            .map_err(endpoint_error)?
+            .buffer_size(AGENT_CHANNEL_BUFFER)
+            .connect_with_connector_lazy(
+                client_tls.connector(&a.identity).map_err(endpoint_error)?,
+            );
+        agents.push(AgentSlot::new(
+            a.region.clone(),
+            a.endpoint.clone(),
+            channel,
+            repos.len(),
+        ));
+    }
+    let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
+
+    let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
+    let metrics = Metrics::new(&mut registry);
+    let core = Arc::new(Core::new(
+        repos,
+        agents,
+        store.clone(),
+        config.fanout.clone(),
+        metrics,
+    ));
+    registry.register_collector(Box::new(AgentCollector {
+        core: Arc::downgrade(&core),
+    }));
+    let acks = store.load_acks().unwrap_or_else(|e| {
+        tracing::warn!(
+            "ignoring recorded acknowledgements: {}",
+            crate::tls::error_chain(&e)
+        );
+        Default::default()
+    });
+    core.restore_acks(&acks);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        agents = config.agents.len(),
+        repositories = config.repositories.len(),
+        schedule = schedule.expr(),
+        "rotator started"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(core.clone().dispatch(stop_rx.clone()));
+    // Read every agent back at start: acknowledgements on disk are only a hint.
+    core.reconcile_all(true);
+    tasks.spawn(reconcile_loop(core.clone(), stop_rx.clone()));
+    tasks.spawn(schedule_loop(core.clone(), schedule, stop_rx.clone()));
+    if let Some(metrics_listener) = metrics_listener {
+        let registry = Arc::new(registry);
+        let stop = stop_rx.clone();
+        tasks.spawn(crate::metrics::serve(
+            metrics_listener,
+            registry,
+            wait_stop(stop),
+        ));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<crate::pb::admin_server::AdminServer<crate::admin::AdminService>>()
+        .await;
+    let admin = crate::admin::AdminService::new(
+        core.clone(),
+        config.admin_identities.clone(),
+        stop_rx.clone(),
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(crate::pb::admin_server::AdminServer::new(admin))
+        .serve_with_incoming_shutdown(server_tls.incoming(listener), wait_stop(stop_rx.clone()))
+        .await;
+
+    // Drain: stop the background tasks and record the last acknowledgements.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    core.flush_acks().await;
+    tracing::info!("rotator stopped");
+    served.map_err(RotatorError::Serve)
+}
+
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    stopped(&mut stop).await;
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Periodic read-back of every agent, and lazy recording of acknowledgements.
+async fn reconcile_loop(core: Arc<Core>, stop: watch::Receiver<bool>) {
+    let mut reconcile = tokio::time::interval(core.fanout.reconcile_interval);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.tick().await;
+    let mut flush = tokio::time::interval(std::time::Duration::from_secs(1));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop_wait = stop.clone();
+    loop {
+        tokio::select! {
+            _ = reconcile.tick() => core.reconcile_all(false),
+            _ = flush.tick() => core.flush_acks().await,
+            _ = crate::rotator::stopped(&mut stop_wait) => return,
+        }
+    }
+}
+
+/// Rotates at each cron occurrence; a blocked scheduled rotation is owed and
+/// retried as soon as every agent has caught up.
+async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receiver<bool>) {
+    let mut progress = core.progress();
+    let mut stop_wait = stop.clone();
+    loop {
+        let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
+            tracing::warn!(
+                schedule = schedule.expr(),
+                "the schedule has no further occurrence"
+            );
+            return;
+        };
+        for repo in &core.repos {
+            repo.next_rotation_ms.store(
+                next.timestamp_millis(),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => {
+                    core.scheduled_rotation(false, stop.clone()).await;
+                    break;
+                }
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    core.refresh_blocked();
+                    let owed = core.repos.iter().enumerate().any(|(r, repo)| {
+                        repo.overdue.load(std::sync::atomic::Ordering::Acquire) && core.may_rotate(r)
+                    });
+                    if owed {
+                        tracing::info!("every agent caught up: performing the rotation that was blocked");
+                        core.scheduled_rotation(true, stop.clone()).await;
+                    }
+                }
+                _ = crate::rotator::stopped(&mut stop_wait) => return,
+            }
+        }
+    }
+}
 
 /// `fernetd rotator --config FILE`: runs until SIGTERM or SIGINT.
-pub async fn main(config: &std::path::Path) -> Result<crate::cli::Answer, crate::cli::CliError> {
-    let _ = config;
-    Err(crate::cli::CliError::runtime(anyhow::anyhow!(
-        "`fernetd rotator` is being built (issue 4)"
-    )))
+pub async fn main(config: &Path) -> Result<Answer, CliError> {
+    let config: RotatorConfig = crate::config::load(config).map_err(CliError::usage)?;
+    validate(&config).map_err(CliError::usage)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+        CliError::runtime(RotatorError::Bind {
+            addr: config.listen,
+            source,
+        })
+    })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| CliError::runtime(RotatorError::Bind { addr, source }))?,
+        ),
+        None => None,
+    };
+    run(
+        config,
+        listener,
+        metrics_listener,
+        crate::cli::termination(),
+    )
+    .await
+    .map_err(|e| {
+        if e.is_config() {
+            CliError::usage(e)
+        } else {
+            CliError::runtime(e)
+        }
+    })?;
+    Ok(Answer::Yes)
 }

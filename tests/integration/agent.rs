@@ -1,1 +1,924 @@
-//! Integration tests: agent.
+//! Integration tests: the real `fernetd agent` over mTLS. Every refusal is
+//! checked for its gRPC status and for the repository being byte-for-byte (and
+//! inode-for-inode) untouched; installs are checked by reloading the repository
+//! from disk; drift and certificate reload are observed from outside.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fernetd::agent::check::to_wire;
+use fernetd::config::{AgentConfig, AgentRepository, DriftPolicy};
+use fernetd::pb;
+use fernetd::pb::distribution_client::DistributionClient;
+use fernetd::repository::{Key, KeySet};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::daemon::{self, Daemon, free_addr, poll_until};
+use crate::common::pki::{Ca, Leaf, TlsFiles, client_tls, write_file};
+
+const ROTATOR: &str = "rotator.fernetd.test";
+const AGENT: &str = "region-one.agent.fernetd.test";
+
+/// The identities one test needs.
+struct Pki {
+    ca: Ca,
+    agent: Leaf,
+    rotator: Leaf,
+    /// A second CA, trusted by nobody, issuing a certificate with the rotator's name.
+    foreign: Leaf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca = Ca::new("fernetd test CA");
+        let other = Ca::new("another CA");
+        Pki {
+            agent: ca.issue(&[AGENT]),
+            rotator: ca.issue(&[ROTATOR]),
+            foreign: other.issue(&[ROTATOR]),
+            ca,
+        }
+    }
+}
+
+/// A running agent with one repository, `tokens`, in its own temp dir.
+struct Agent {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    config_path: PathBuf,
+    repo: PathBuf,
+    ca_pem: String,
+}
+
+impl Agent {
+    async fn start(pki: &Pki, drift: DriftPolicy) -> Agent {
+        Agent::start_with(pki, |c| c.drift = drift).await
+    }
+
+    /// Starts an agent on a configuration made by [`config`] and then `edit`ed.
+    async fn start_with(pki: &Pki, edit: impl FnOnce(&mut AgentConfig)) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(dir.path(), pki);
+        edit(&mut config);
+        let config_path = write_config(dir.path(), &config);
+        let mut agent = Agent {
+            daemon: spawn_agent(&config_path),
+            addr: config.listen,
+            metrics: config.metrics.expect("metrics address"),
+            config_path,
+            repo: config.repositories[0].path.clone(),
+            ca_pem: pki.ca.cert_pem().to_string(),
+            dir,
+        };
+        agent.wait_ready(&pki.rotator).await;
+        agent
+    }
+
+    async fn wait_ready(&mut self, leaf: &Leaf) {
+        let tls = client_tls(&self.ca_pem, Some(leaf), AGENT);
+        self.daemon
+            .wait_healthy(self.addr, tls, "fernetd.v1.Distribution")
+            .await;
+    }
+
+    /// Restarts the process on the same configuration and repository.
+    async fn restart(&mut self, pki: &Pki) {
+        let status = self.daemon.stop().await;
+        assert!(status.success(), "agent exited with {status} on SIGTERM");
+        self.daemon = spawn_agent(&self.config_path);
+        self.wait_ready(&pki.rotator).await;
+    }
+
+    async fn client(
+        &self,
+        leaf: Option<&Leaf>,
+    ) -> Result<DistributionClient<Channel>, tonic::transport::Error> {
+        let channel = daemon::connect(self.addr, client_tls(&self.ca_pem, leaf, AGENT)).await?;
+        Ok(DistributionClient::new(channel))
+    }
+
+    async fn rotator(&self, pki: &Pki) -> DistributionClient<Channel> {
+        self.client(Some(&pki.rotator))
+            .await
+            .expect("rotator connects")
+    }
+
+    /// One `Install` as the rotator.
+    async fn install(&self, pki: &Pki, request: pb::InstallRequest) -> pb::InstallResponse {
+        self.rotator(pki)
+            .await
+            .install(request)
+            .await
+            .expect("install")
+            .into_inner()
+    }
+
+    async fn state(&self, pki: &Pki) -> pb::RepositoryState {
+        let state = self
+            .rotator(pki)
+            .await
+            .get_state(pb::GetStateRequest {})
+            .await
+            .expect("GetState")
+            .into_inner();
+        assert_eq!(state.region, "region-one");
+        assert_eq!(state.version, fernetd::VERSION);
+        state
+            .repositories
+            .into_iter()
+            .find(|r| r.name == "tokens")
+            .expect("tokens state")
+    }
+
+    async fn metrics(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("connect metrics");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request metrics");
+        let mut body = String::new();
+        stream
+            .read_to_string(&mut body)
+            .await
+            .expect("read metrics");
+        body
+    }
+}
+
+/// A working configuration under `dir`: TLS files, an empty 0700 repository,
+/// loopback ports free now.
+fn config(dir: &Path, pki: &Pki) -> AgentConfig {
+    let tls = TlsFiles::write(&dir.join("tls"), "agent", &pki.ca, &pki.agent);
+    let repo = dir.join("keystone/fernet-keys");
+    std::fs::create_dir_all(&repo).expect("create repository");
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    AgentConfig {
+        region: "region-one".into(),
+        listen: free_addr(),
+        metrics: Some(free_addr()),
+        rotator_identity: ROTATOR.into(),
+        drift: DriftPolicy::Report,
+        drift_check_seconds: 60,
+        max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        log_format: None,
+        tls: tls.to_config(),
+        repositories: vec![AgentRepository {
+            name: "tokens".into(),
+            path: repo,
+            owner: None,
+        }],
+        keystone_conf: None,
+    }
+}
+
+/// Writes `agent.toml` from the type, as `fernetd demo` does.
+fn write_config(dir: &Path, config: &AgentConfig) -> PathBuf {
+    let path = dir.join("agent.toml");
+    write_file(
+        &path,
+        &toml::to_string(config).expect("serialize agent.toml"),
+    );
+    path
+}
+
+fn spawn_agent(config: &Path) -> Daemon {
+    Daemon::spawn(
+        "agent",
+        [
+            std::ffi::OsStr::new("agent"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
+}
+
+/// Every entry of the repository with its bytes and mode, and the directory's
+/// inode: a refused install that swapped in an identical copy still shows.
+fn snapshot(repo: &Path) -> (u64, BTreeMap<String, (u32, Vec<u8>)>) {
+    let meta = std::fs::metadata(repo).expect("repository metadata");
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(repo).expect("read repository") {
+        let entry = entry.expect("entry");
+        let meta = entry.metadata().expect("metadata");
+        files.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            (
+                meta.mode(),
+                std::fs::read(entry.path()).expect("read entry"),
+            ),
+        );
+    }
+    (meta.ino(), files)
+}
+
+fn new_set(indices: impl IntoIterator<Item = u32>) -> KeySet {
+    KeySet::from_keys(indices.into_iter().map(|i| (i, Key::generate())))
+}
+
+/// Keystone's rotation of `set`, with the same rules as the rotator.
+fn rotated(set: &KeySet, max_active: usize) -> KeySet {
+    let mut next = set.clone();
+    let primary = set.primary_index().expect("primary");
+    let staged = next.remove(0).expect("staged");
+    next.insert(primary + 1, staged);
+    next.insert(0, Key::generate());
+    while next.len() > max_active {
+        let lowest = next
+            .indices()
+            .into_iter()
+            .find(|i| *i != 0)
+            .expect("secondary");
+        next.remove(lowest);
+    }
+    next
+}
+
+/// Canaries minted with the set's primary and staged keys, as the rotator sends.
+fn canaries(set: &KeySet) -> Vec<pb::Canary> {
+    [set.primary_index().expect("primary"), 0]
+        .into_iter()
+        .map(|i| pb::Canary {
+            token: fernetd::token::canary(set.get(i).expect("key")),
+            key_index: i,
+        })
+        .collect()
+}
+
+fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
+    pb::InstallRequest {
+        repository: "tokens".into(),
+        generation,
+        keys: to_wire(set),
+        digest: set.digest().0.to_vec(),
+        canaries: canaries(set),
+        restore: false,
+    }
+}
+
+fn assert_on_disk(repo: &Path, set: &KeySet) {
+    let loaded = fernetd::repository::load(repo).expect("reload repository");
+    assert_eq!(
+        loaded.digest(),
+        set.digest(),
+        "on-disk keys differ from the installed set"
+    );
+}
+
+/// The log must not contain any key, in any encoding the agent could print.
+fn assert_no_keys(log: &str, sets: &[&KeySet]) {
+    for set in sets {
+        for (index, key) in set.iter() {
+            let b64 = key.to_base64();
+            let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            assert!(
+                !log.contains(b64.as_str()),
+                "key {index} appears (base64) in the log"
+            );
+            assert!(!log.contains(&hex), "key {index} appears (hex) in the log");
+            assert!(
+                !log.contains(&format!("{:?}", key.as_bytes())),
+                "key {index} appears (bytes) in the log"
+            );
+        }
+    }
+}
+
+fn code(result: Result<tonic::Response<pb::InstallResponse>, tonic::Status>) -> tonic::Status {
+    match result {
+        Ok(r) => panic!("install accepted: {:?}", r.into_inner()),
+        Err(status) => status,
+    }
+}
+
+#[tokio::test]
+async fn install_proves_canaries_is_idempotent_and_survives_restart() {
+    let pki = Pki::new();
+    let mut agent = Agent::start(&pki, DriftPolicy::Report).await;
+    let mut rotator = agent.rotator(&pki).await;
+
+    let g1 = new_set([0, 1, 2]);
+    let done = rotator
+        .install(request(&g1, 1))
+        .await
+        .expect("install g1")
+        .into_inner();
+    assert_eq!(
+        (done.generation, done.digest.as_slice()),
+        (1, &g1.digest().0[..])
+    );
+    assert!(done.canaries_valid && !done.unchanged);
+    assert_eq!(done.indices, vec![0, 1, 2]);
+    assert_on_disk(&agent.repo, &g1);
+
+    // The same push again, twice at once: cheap, acknowledged, nothing rewritten.
+    let before = snapshot(&agent.repo);
+    let (mut c1, mut c2) = (rotator.clone(), rotator.clone());
+    let (a, b) = tokio::join!(c1.install(request(&g1, 1)), c2.install(request(&g1, 1)));
+    for r in [a, b] {
+        let r = r.expect("re-push").into_inner();
+        assert!(r.unchanged && r.canaries_valid);
+        assert_eq!(r.generation, 1);
+    }
+    assert_eq!(
+        snapshot(&agent.repo),
+        before,
+        "an idempotent re-push rewrote the repository"
+    );
+
+    let g2 = rotated(&g1, 3);
+    let done = rotator
+        .install(request(&g2, 2))
+        .await
+        .expect("install g2")
+        .into_inner();
+    assert_eq!((done.generation, done.indices.clone()), (2, vec![0, 2, 3]));
+    assert_on_disk(&agent.repo, &g2);
+
+    let state = agent.state(&pki).await;
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
+    assert_eq!(state.indices, vec![0, 2, 3]);
+    assert!(state.last_install_unix_ms > 0 && !state.drift && state.problem.is_empty());
+
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics.contains("fernetd_agent_generation{repository=\"tokens\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_installs_total{repository=\"tokens\",outcome=\"installed\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_installs_total{repository=\"tokens\",outcome=\"unchanged\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fernetd_agent_canary_validations_total{repository=\"tokens\",outcome=\"ok\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fernetd_agent_install_duration_seconds_count{repository=\"tokens\"} 2"),
+        "{metrics}"
+    );
+
+    // SIGTERM drains and exits 0; the restarted agent recovers generation and
+    // digest from its stamp, so the rollback rule survives restarts.
+    agent.restart(&pki).await;
+    let state = agent.state(&pki).await;
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
+    let mut rotator = agent.rotator(&pki).await;
+    let status = code(rotator.install(request(&g1, 1)).await);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_on_disk(&agent.repo, &g2);
+    // An explicit restore may roll back.
+    let restore = pb::InstallRequest {
+        restore: true,
+        ..request(&g1, 1)
+    };
+    let done = rotator
+        .install(restore)
+        .await
+        .expect("explicit restore")
+        .into_inner();
+    assert_eq!(done.generation, 1);
+    assert_on_disk(&agent.repo, &g1);
+
+    let status = agent.daemon.stop().await;
+    assert!(status.success(), "agent exited with {status}");
+    assert!(agent.daemon.log().contains("agent stopped"));
+    assert_no_keys(&agent.daemon.log(), &[&g1, &g2]);
+}
+
+#[tokio::test]
+async fn every_refusal_has_a_clear_status_and_leaves_the_repository_untouched() {
+    let pki = Pki::new();
+    let agent = Agent::start(&pki, DriftPolicy::Report).await;
+    let mut rotator = agent.rotator(&pki).await;
+    let g1 = new_set([0, 1, 2]);
+    let g2 = rotated(&g1, 3);
+    rotator.install(request(&g1, 1)).await.expect("install g1");
+    rotator.install(request(&g2, 2)).await.expect("install g2");
+    let installed = snapshot(&agent.repo);
+    let g3 = rotated(&g2, 3);
+
+    let mut cases: Vec<(&str, pb::InstallRequest, Code, &str)> = Vec::new();
+    cases.push((
+        "rollback",
+        request(&g1, 1),
+        Code::FailedPrecondition,
+        "rollback refused",
+    ));
+    let fork = new_set([0, 2, 3]);
+    cases.push((
+        "fork",
+        request(&fork, 2),
+        Code::AlreadyExists,
+        "fork refused",
+    ));
+    let mut short = request(&g3, 3);
+    short.keys[1].material.truncate(16);
+    cases.push(("short key", short, Code::InvalidArgument, "is 16 bytes"));
+    let mut unstaged = request(&g3, 3);
+    unstaged.keys.retain(|k| k.index != 0);
+    let without_zero = KeySet::from_keys(
+        g3.iter()
+            .filter(|(i, _)| *i != 0)
+            .map(|(i, k)| (i, k.clone())),
+    );
+    unstaged.digest = without_zero.digest().0.to_vec();
+    unstaged.canaries.retain(|c| c.key_index != 0);
+    cases.push((
+        "missing staged key",
+        unstaged,
+        Code::InvalidArgument,
+        "no staged key",
+    ));
+    let mut wrong_digest = request(&g3, 3);
+    wrong_digest.digest = g2.digest().0.to_vec();
+    cases.push((
+        "wrong digest",
+        wrong_digest,
+        Code::InvalidArgument,
+        "digest mismatch",
+    ));
+    let mut unknown = request(&g3, 3);
+    unknown.repository = "receipts".into();
+    cases.push(("unknown repository", unknown, Code::NotFound, "not managed"));
+    let mut bad_canary = request(&g3, 3);
+    bad_canary.canaries[0].token = fernetd::token::canary(&Key::generate());
+    cases.push((
+        "canary no key decrypts",
+        bad_canary,
+        Code::InvalidArgument,
+        "does not decrypt",
+    ));
+    let mut misattributed = request(&g3, 3);
+    misattributed.canaries[0].key_index = 3;
+    cases.push((
+        "canary decrypted by another key",
+        misattributed,
+        Code::InvalidArgument,
+        "decrypted by key",
+    ));
+    let mut oversized = request(&g3, 3);
+    oversized.canaries.push(pb::Canary {
+        token: "g".repeat(80 * 1024),
+        key_index: 0,
+    });
+    cases.push((
+        "oversized message",
+        oversized,
+        Code::OutOfRange,
+        "too large",
+    ));
+
+    for (what, req, expected, words) in cases {
+        let status = code(rotator.install(req).await);
+        assert_eq!(status.code(), expected, "{what}: {status:?}");
+        assert!(
+            status.message().contains(words),
+            "{what}: {:?} lacks {words:?}",
+            status.message()
+        );
+        assert_eq!(
+            snapshot(&agent.repo),
+            installed,
+            "{what} changed the repository"
+        );
+    }
+
+    // A valid certificate of this CA with the wrong identity: the agent's own.
+    let mut impostor = agent
+        .client(Some(&pki.agent))
+        .await
+        .expect("TLS accepts a valid certificate");
+    let status = code(impostor.install(request(&g3, 3)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("not an allowed rotator identity"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        snapshot(&agent.repo),
+        installed,
+        "wrong identity changed the repository"
+    );
+
+    // No client certificate, and a certificate from another CA: the handshake
+    // itself fails, so no request ever reaches a handler.
+    for (what, leaf) in [("no certificate", None), ("another CA", Some(&pki.foreign))] {
+        let outcome = match agent.client(leaf).await {
+            Err(e) => format!("connect refused: {e:?}"),
+            Ok(mut client) => match client.install(request(&g3, 3)).await {
+                Ok(_) => panic!("{what}: install accepted"),
+                Err(status) => {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            Code::Unavailable | Code::Unknown | Code::Cancelled
+                        ),
+                        "{what}: {status:?}"
+                    );
+                    format!("{status:?}")
+                }
+            },
+        };
+        assert!(!outcome.is_empty());
+        assert_eq!(
+            snapshot(&agent.repo),
+            installed,
+            "{what} changed the repository"
+        );
+    }
+
+    // The agent says why it refused each handshake.
+    for reason in ["peer sent no certificates", "UnknownIssuer"] {
+        poll_until(Duration::from_secs(5), reason, || async {
+            agent.daemon.log().contains(reason).then_some(())
+        })
+        .await;
+    }
+
+    let state = agent.state(&pki).await;
+    assert_eq!(
+        (state.generation, state.digest.as_slice()),
+        (2, &g2.digest().0[..])
+    );
+    let metrics = agent.metrics().await;
+    for reason in [
+        "rollback",
+        "fork",
+        "malformed",
+        "digest",
+        "canary",
+        "permission",
+        "unknown_repository",
+    ] {
+        assert!(
+            metrics.contains(&format!("outcome=\"{reason}\"")),
+            "no {reason} refusal counted:\n{metrics}"
+        );
+    }
+    // The agent is still fine: the next generation installs.
+    rotator
+        .install(request(&g3, 3))
+        .await
+        .expect("install g3 after the refusals");
+    assert_on_disk(&agent.repo, &g3);
+    assert_no_keys(&agent.daemon.log(), &[&g1, &g2, &g3, &fork]);
+}
+
+/// An agent with generation 1 installed.
+async fn installed_agent(pki: &Pki, drift: DriftPolicy) -> (Agent, KeySet) {
+    let agent = Agent::start(pki, drift).await;
+    let g1 = new_set([0, 1, 2]);
+    agent.install(pki, request(&g1, 1)).await;
+    (agent, g1)
+}
+
+#[tokio::test]
+async fn drift_is_reported_and_counted() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    // Someone copies a key over by hand (the classic rsync of one node).
+    write_file(&agent.repo.join("1"), Key::generate().to_base64().as_str());
+    let state = poll_until(Duration::from_secs(10), "drift reported", || async {
+        let s = agent.state(&pki).await;
+        s.drift.then_some(s)
+    })
+    .await;
+    assert!(
+        state
+            .drift_detail
+            .contains("differs from installed generation 1"),
+        "{}",
+        state.drift_detail
+    );
+    assert_ne!(
+        state.digest,
+        g1.digest().0.to_vec(),
+        "GetState must show the digest on disk"
+    );
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fernetd_agent_drift{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
+    assert!(agent.daemon.log().contains("drift"), "drift not logged");
+    // Policy "report" leaves the repository as the operator made it; the
+    // rotator's re-push of the same generation repairs it.
+    let done = agent.install(&pki, request(&g1, 1)).await;
+    assert!(
+        !done.unchanged,
+        "a drifted repository must be re-installed, not called unchanged"
+    );
+    assert_on_disk(&agent.repo, &g1);
+    assert!(!agent.state(&pki).await.drift);
+}
+
+#[tokio::test]
+async fn drift_is_restored_under_the_restore_policy() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Restore).await;
+    std::fs::remove_file(agent.repo.join("2")).expect("delete the primary key");
+    poll_until(Duration::from_secs(10), "repository restored", || async {
+        let disk = fernetd::repository::load(&agent.repo).ok()?;
+        (disk.digest() == g1.digest()).then_some(())
+    })
+    .await;
+    poll_until(
+        Duration::from_secs(10),
+        "drift cleared in GetState",
+        || async { (!agent.state(&pki).await.drift).then_some(()) },
+    )
+    .await;
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics.contains("fernetd_agent_drift_events_total{repository=\"tokens\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outcome=\"restored\"} 1"), "{metrics}");
+    assert!(agent.daemon.log().contains("drift restored"));
+    assert_no_keys(&agent.daemon.log(), &[&g1]);
+}
+
+#[tokio::test]
+async fn certificates_are_reloaded_without_restart() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let pid = agent.daemon.pid();
+
+    // The operator moves the cloud to a new CA: new trust anchor, new agent
+    // certificate, new rotator certificate, all files replaced in place.
+    let ca2 = Ca::new("replacement CA");
+    let agent2 = ca2.issue(&[AGENT]);
+    let rotator2 = ca2.issue(&[ROTATOR]);
+    let tls_dir = agent.dir.path().join("tls");
+    TlsFiles::write(&tls_dir, "agent", &ca2, &agent2);
+
+    let new_tls = || client_tls(ca2.cert_pem(), Some(&rotator2), AGENT);
+    poll_until(Duration::from_secs(15), "the new CA accepted", || async {
+        let channel = daemon::connect(agent.addr, new_tls()).await.ok()?;
+        DistributionClient::new(channel)
+            .get_state(pb::GetStateRequest {})
+            .await
+            .ok()
+    })
+    .await;
+    let g2 = rotated(&g1, 3);
+    let channel = daemon::connect(agent.addr, new_tls())
+        .await
+        .expect("connect with the new CA");
+    DistributionClient::new(channel)
+        .install(request(&g2, 2))
+        .await
+        .expect("install through the reloaded certificates");
+    assert_on_disk(&agent.repo, &g2);
+    // The old rotator certificate is no longer trusted.
+    let refused = match agent.client(Some(&pki.rotator)).await {
+        Err(_) => true,
+        Ok(mut c) => c.get_state(pb::GetStateRequest {}).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a certificate of the replaced CA is still accepted"
+    );
+    assert_eq!(agent.daemon.pid(), pid, "the agent restarted");
+}
+
+/// A change to a working configuration.
+type Edit = Box<dyn Fn(&mut AgentConfig)>;
+
+#[tokio::test]
+async fn configuration_errors_exit_2_before_touching_anything() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = config(dir.path(), &pki);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "relative path",
+            Box::new(|c| c.repositories[0].path = "keys".into()),
+            "must be absolute",
+        ),
+        (
+            "unknown owner",
+            Box::new(|c| c.repositories[0].owner = Some("no-such-user-here:nogroup".into())),
+            "no such user",
+        ),
+        (
+            "no rotator identity",
+            Box::new(|c| c.rotator_identity = " ".into()),
+            "rotator_identity",
+        ),
+    ];
+    for (what, edit, words) in cases {
+        let mut config = good.clone();
+        edit(&mut config);
+        let mut daemon = spawn_agent(&write_config(dir.path(), &config));
+        let status = daemon.wait_exit(daemon::STARTUP).await.expect("exits");
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{what}: {status}; log:\n{}",
+            daemon.log()
+        );
+        assert!(
+            daemon.log().contains(words),
+            "{what}: log lacks {words:?}:\n{}",
+            daemon.log()
+        );
+    }
+    let path = write_config(dir.path(), &good);
+    let text = std::fs::read_to_string(&path).expect("read config");
+    write_file(&path, &format!("listen_on = \"x\"\n{text}"));
+    let mut daemon = spawn_agent(&path);
+    let status = daemon.wait_exit(daemon::STARTUP).await.expect("exits");
+    assert_eq!(status.code(), Some(2), "unknown key: {status}");
+    assert!(daemon.log().contains("listen_on"), "{}", daemon.log());
+    let repo = &good.repositories[0].path;
+    assert_eq!(
+        std::fs::read_dir(repo).expect("repository").count(),
+        0,
+        "a refused start wrote into the repository"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_when_the_configuration_asks() {
+    let pki = Pki::new();
+    let agent =
+        Agent::start_with(&pki, |c| c.log_format = Some(fernetd::cli::LogFormat::Json)).await;
+    let g1 = new_set([0, 1, 2]);
+    agent.install(&pki, request(&g1, 1)).await;
+    let log = agent.daemon.log();
+    let installed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "installed")
+        .unwrap_or_else(|| panic!("no JSON `installed` line in:\n{log}"));
+    assert_eq!(installed["fields"]["generation"], 1);
+    assert_eq!(installed["fields"]["repository"], "tokens");
+    assert_no_keys(&log, &[&g1]);
+}
+
+#[tokio::test]
+async fn repositories_are_managed_independently() {
+    let pki = Pki::new();
+    let agent = Agent::start_with(&pki, |c| {
+        let receipts = c.repositories[0].path.with_file_name("fernet-receipts");
+        c.repositories.push(AgentRepository {
+            name: "receipts".into(),
+            path: receipts,
+            owner: None,
+        });
+    })
+    .await;
+    let receipts_path = agent.repo.with_file_name("fernet-receipts");
+    let tokens = new_set([0, 1, 2]);
+    let receipts = new_set([0, 7, 8]);
+    agent.install(&pki, request(&tokens, 3)).await;
+    let done = agent
+        .install(
+            &pki,
+            pb::InstallRequest {
+                repository: "receipts".into(),
+                ..request(&receipts, 9)
+            },
+        )
+        .await;
+    assert_eq!((done.repository.as_str(), done.generation), ("receipts", 9));
+    assert_on_disk(&agent.repo, &tokens);
+    assert_on_disk(&receipts_path, &receipts);
+
+    // Generation rules are per repository: generation 4 is new for tokens
+    // even though receipts is at 9, and old for receipts.
+    let next = rotated(&tokens, 3);
+    agent.install(&pki, request(&next, 4)).await;
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(pb::InstallRequest {
+                repository: "receipts".into(),
+                ..request(&rotated(&receipts, 3), 4)
+            })
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_on_disk(&receipts_path, &receipts);
+
+    // Drift in one repository is not drift in the other.
+    std::fs::remove_file(receipts_path.join("7")).expect("remove a receipts key");
+    let states = poll_until(Duration::from_secs(10), "receipts drift", || async {
+        let state = agent
+            .rotator(&pki)
+            .await
+            .get_state(pb::GetStateRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        state
+            .repositories
+            .iter()
+            .any(|r| r.name == "receipts" && r.drift)
+            .then_some(state.repositories)
+    })
+    .await;
+    let by_name: BTreeMap<_, _> = states.iter().map(|r| (r.name.as_str(), r)).collect();
+    assert_eq!(by_name.len(), 2);
+    assert!(!by_name["tokens"].drift);
+    assert_eq!(by_name["tokens"].generation, 4);
+    assert_eq!(by_name["receipts"].generation, 9);
+    assert_no_keys(&agent.daemon.log(), &[&tokens, &next, &receipts]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_pushes_are_serialized_and_readers_never_see_a_mix() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let sets: Vec<KeySet> = (0..10).map(|_| new_set([0, 1, 2, 3])).collect();
+    let known: std::collections::HashSet<_> =
+        sets.iter().chain([&g1]).map(|s| s.digest()).collect();
+
+    // A reader doing what Keystone does on every request, for the whole storm.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (repo, stop, known) = (agent.repo.clone(), stop.clone(), known.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let set =
+                    fernetd::repository::load(&repo).expect("the repository is always readable");
+                assert!(
+                    known.contains(&set.digest()),
+                    "a reader saw a set nobody pushed"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // One connection per push, all connected before any is sent.
+    let mut pushes = Vec::new();
+    for (i, set) in sets.iter().enumerate() {
+        let (mut client, req) = (agent.rotator(&pki).await, request(set, 2 + i as u64));
+        pushes.push(async move { client.install(req).await });
+    }
+    let outcomes = futures_join_all(pushes).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("reader");
+    assert!(reads > 0);
+
+    let mut installed = 0;
+    for outcome in outcomes {
+        match outcome {
+            Ok(_) => installed += 1,
+            Err(status) => assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}"),
+        }
+    }
+    assert!(installed >= 1);
+    // Whatever the order, the highest generation wins and nothing older follows it.
+    assert_on_disk(&agent.repo, &sets[9]);
+    assert_eq!(agent.state(&pki).await.generation, 11);
+}
+
+/// Awaits every future concurrently (tokio has no `join_all`).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}

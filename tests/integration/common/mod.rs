@@ -9,3 +9,5 @@ use std::path::PathBuf;
 pub fn fernetd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fernetd"))
 }
+pub mod daemon;
+pub mod pki;

@@ -1,0 +1,311 @@
+//! Rotator fan-out at scale: the real `fernetd rotator` process pushing to N
+//! agents over mutual TLS, N = 1,000 by default (`FERNETD_BENCH_AGENTS=10000`).
+//!
+//! The agents are stand-ins served by this process (one TLS listener; each agent
+//! has its own loopback address 127.1.x.y, which is how the stand-in knows which
+//! region is asked), answering `Install` at once without touching a disk, so what
+//! is measured is the rotator: time from commit to every acknowledgement, its CPU
+//! time per rotation, and its memory with N open HTTP/2 connections. The real
+//! agent's own costs are measured by `benches/agent.rs`.
+//!
+//! Run: `cargo bench --bench fanout` (prints figures; no assertion).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fernetd::config::{
+    AdminConfig, AgentEndpoint, FanoutConfig, PolicyConfig, RepositoryConfig, RotatorConfig,
+    ScheduleConfig, TlsConfig,
+};
+use fernetd::pb;
+use fernetd::pb::distribution_server::{Distribution, DistributionServer};
+use tonic::{Request, Response, Status};
+
+const ROTATIONS: usize = 5;
+
+/// Agent `i` listens (as far as the rotator knows) on 127.1.x.y.
+fn agent_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        127,
+        1 + (i / 62_500) as u8,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 1) as u8,
+    )
+}
+
+fn agent_index(ip: Ipv4Addr) -> usize {
+    let [_, a, b, c] = ip.octets();
+    (a as usize - 1) * 62_500 + b as usize * 250 + (c as usize - 1)
+}
+
+/// What each stand-in agent holds: (generation, digest), one slot per agent.
+struct StandIns {
+    held: Vec<Mutex<(u64, Vec<u8>)>>,
+}
+
+impl StandIns {
+    fn who<T>(&self, request: &Request<T>) -> Result<usize, Status> {
+        match request.local_addr().map(|a| a.ip()) {
+            Some(IpAddr::V4(ip)) if agent_index(ip) < self.held.len() => Ok(agent_index(ip)),
+            _ => Err(Status::invalid_argument("unknown agent address")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Distribution for &'static StandIns {
+    async fn install(
+        &self,
+        request: Request<pb::InstallRequest>,
+    ) -> Result<Response<pb::InstallResponse>, Status> {
+        let i = self.who(&request)?;
+        let r = request.into_inner();
+        *self.held[i]
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))? = (r.generation, r.digest.clone());
+        Ok(Response::new(pb::InstallResponse {
+            repository: r.repository,
+            generation: r.generation,
+            digest: r.digest,
+            canaries_valid: !r.canaries.is_empty(),
+            indices: r.keys.iter().map(|k| k.index).collect(),
+            unchanged: false,
+            install_micros: 0,
+        }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        let i = self.who(&request)?;
+        let (generation, digest) = self.held[i]
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .clone();
+        Ok(Response::new(pb::GetStateResponse {
+            region: format!("r{i}"),
+            repositories: vec![pb::RepositoryState {
+                name: "tokens".into(),
+                generation,
+                digest,
+                ..Default::default()
+            }],
+            version: String::new(),
+        }))
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write bench file");
+}
+
+/// (user + system CPU seconds, VmRSS KiB, VmHWM KiB) of process `pid`.
+fn usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the command name: state is field 0, utime 11, stime 12 (clock ticks, 100/s).
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (cpu, kib("VmRSS:"), kib("VmHWM:"))
+}
+
+fn main() {
+    let n: usize = std::env::var("FERNETD_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(bench(n));
+}
+
+async fn bench(n: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = fernetd::tls::Authority::new("bench CA").expect("CA");
+    write(&d.join("ca.pem"), ca.cert_pem());
+    let tls = |name: &str, identity: &str| {
+        let issued = ca.issue(&[identity]).expect("certificate");
+        write(&d.join(format!("{name}.pem")), &issued.cert_pem);
+        write(&d.join(format!("{name}.key")), &issued.key_pem);
+        TlsConfig {
+            ca: d.join("ca.pem"),
+            cert: d.join(format!("{name}.pem")),
+            key: d.join(format!("{name}.key")),
+        }
+    };
+    let rotator_tls = tls("rotator", "rotator.bench");
+    let admin_tls = tls("admin", "admin.bench");
+    let agent_tls = tls("agent", "agent.bench");
+
+    // One TLS listener on every loopback address serves all stand-ins.
+    let stand_ins: &'static StandIns = Box::leak(Box::new(StandIns {
+        held: (0..n).map(|_| Mutex::new((0, Vec::new()))).collect(),
+    }));
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
+    let server_tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            read(&agent_tls.cert),
+            read(&agent_tls.key),
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(&agent_tls.ca)));
+    let server = tonic::transport::Server::builder()
+        .tls_config(server_tls)
+        .expect("server TLS")
+        .add_service(DistributionServer::new(stand_ins))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(server);
+
+    let rotator_addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let config = RotatorConfig {
+        listen: rotator_addr,
+        metrics_listen: None,
+        tls: rotator_tls,
+        admin_identities: vec!["admin.bench".into()],
+        state_dir: d.join("state"),
+        repositories: vec![RepositoryConfig {
+            name: "tokens".into(),
+            max_active_keys: 5,
+            import: None,
+        }],
+        schedule: ScheduleConfig {
+            cron: "0 0 1 1 *".into(),
+        },
+        policy: PolicyConfig {
+            token_expiration: Duration::from_secs(3600),
+            allow_expired_window: Duration::ZERO,
+        },
+        agents: (0..n)
+            .map(|i| AgentEndpoint {
+                region: format!("r{i}"),
+                endpoint: format!("https://{}", SocketAddr::new(IpAddr::V4(agent_ip(i)), port)),
+                identity: "agent.bench".into(),
+            })
+            .collect(),
+        fanout: FanoutConfig {
+            reconcile_interval: Duration::from_secs(3600),
+            ..FanoutConfig::default()
+        },
+        keystone_conf: None,
+    };
+    let rotator_toml = d.join("rotator.toml");
+    write(&rotator_toml, &toml::to_string(&config).expect("toml"));
+    let admin = AdminConfig {
+        rotator: format!("https://{rotator_addr}"),
+        rotator_identity: "rotator.bench".into(),
+        tls: admin_tls,
+    };
+    let log = std::fs::File::create(d.join("rotator.log")).expect("log");
+    let started = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fernetd"))
+        .args(["rotator", "--config"])
+        .arg(&rotator_toml)
+        .env("FERNETD_LOG", "warn")
+        .stderr(log)
+        .spawn()
+        .expect("spawn the rotator");
+    let pid = child.id();
+    let mut client = fernetd::admin::connect(&admin).expect("admin client");
+
+    // Start-up: every agent read back and given generation 1.
+    let converged = |s: &pb::StatusResponse| s.agents.iter().all(|a| a.digest_match);
+    loop {
+        if let Ok(s) = client.status(pb::StatusRequest {}).await
+            && converged(&s.into_inner())
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no convergence"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let startup = started.elapsed();
+    let (cpu0, rss0, _) = usage(pid);
+    println!("fan-out bench: {n} agents, one rotator process, {ROTATIONS} rotations");
+    println!(
+        "  start-up to every agent at generation 1: {:.2} s ({cpu0:.2} s CPU), RSS {} MiB",
+        startup.as_secs_f64(),
+        rss0 / 1024
+    );
+
+    let mut walls = Vec::new();
+    let mut cpus = Vec::new();
+    for _ in 0..ROTATIONS {
+        let (before, _, _) = usage(pid);
+        let t = Instant::now();
+        let response = client
+            .rotate(pb::RotateRequest {
+                wait_ms: 300_000,
+                ..Default::default()
+            })
+            .await
+            .expect("rotate")
+            .into_inner();
+        let wall = t.elapsed();
+        let outcome = &response.outcomes[0];
+        assert!(
+            outcome.rotated && outcome.pending_regions.is_empty(),
+            "{outcome:?}"
+        );
+        let held = stand_ins
+            .held
+            .iter()
+            .filter(|h| h.lock().is_ok_and(|h| h.0 == outcome.generation))
+            .count();
+        assert_eq!(held, n, "every stand-in holds the new generation");
+        walls.push(wall.as_secs_f64());
+        cpus.push(usage(pid).0 - before);
+    }
+    let (_, rss, hwm) = usage(pid);
+    walls.sort_by(f64::total_cmp);
+    cpus.sort_by(f64::total_cmp);
+    println!(
+        "  rotation, commit to every acknowledgement: median {:.0} ms, max {:.0} ms",
+        walls[ROTATIONS / 2] * 1000.0,
+        walls[ROTATIONS - 1] * 1000.0
+    );
+    println!(
+        "  rotator CPU per rotation: median {:.0} ms ({:.1} µs per agent)",
+        cpus[ROTATIONS / 2] * 1000.0,
+        cpus[ROTATIONS / 2] * 1e6 / n as f64
+    );
+    println!(
+        "  rotator memory: RSS {} MiB, peak {} MiB ({:.1} KiB per agent with its open connection)",
+        rss / 1024,
+        hwm / 1024,
+        rss as f64 / n as f64
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

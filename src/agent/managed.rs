@@ -1,0 +1,762 @@
+//! One repository under the agent's care: the generation rules (no rollback, no
+//! fork), the atomic install through `install::install`, the proof that the
+//! repository on disk works (reloaded the way Keystone reads it, digest
+//! recomputed, every canary decrypted by the key it names), and drift checks.
+//!
+//! Every write and every drift check of a repository holds its `desired` mutex,
+//! so installs are serialized, a drift check never mistakes the agent's own
+//! install for someone else's change, and the last installed set (kept for the
+//! `restore` policy) always matches the stamp on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Mutex;
+
+use super::check::{self, Malformed};
+use super::metrics::AgentMetrics;
+use crate::install::{self, InstallError, Owner, Stamp};
+use crate::pb;
+use crate::repository::{self, Digest, KeySet, RepositoryError};
+use crate::tls::error_chain;
+use crate::token::{Keyring, TokenError};
+
+/// Why a canary did not prove a key set.
+#[derive(Debug, thiserror::Error)]
+pub enum CanaryError {
+    #[error("canary #{position} names key {key_index}, which the set does not contain")]
+    NoSuchKey { position: usize, key_index: u32 },
+    #[error("canary #{position} (key {key_index}) does not decrypt with any key")]
+    Undecryptable {
+        position: usize,
+        key_index: u32,
+        #[source]
+        source: TokenError,
+    },
+    #[error("canary #{position} was decrypted by key {actual}, but it names key {key_index}")]
+    WrongKey {
+        position: usize,
+        key_index: u32,
+        actual: u32,
+    },
+}
+
+/// Why the repository on disk does not prove the set just installed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error("cannot reload the repository as Keystone would")]
+    Load(#[source] RepositoryError),
+    #[error("cannot read the generation stamp")]
+    Stamp(#[source] InstallError),
+    #[error("on-disk digest {found} differs from the installed set's {expected}")]
+    Digest { expected: Digest, found: Digest },
+    #[error("on-disk stamp says generation {found:?}, expected {expected}")]
+    StampMismatch { expected: u64, found: Option<u64> },
+    #[error(transparent)]
+    Canary(#[from] CanaryError),
+}
+
+/// Why an install was refused or failed. Messages name generations, digests,
+/// indices and lengths; never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("repository {0:?} is not managed by this agent")]
+    UnknownRepository(String),
+    #[error("malformed key set")]
+    Malformed(#[from] Malformed),
+    #[error("canary refused before installing; the repository was not touched")]
+    Canary(#[source] CanaryError),
+    #[error(
+        "rollback refused: generation {offered} is older than the installed generation {installed} (only an explicit restore may roll back)"
+    )]
+    Rollback { offered: u64, installed: u64 },
+    #[error(
+        "fork refused: generation {generation} is installed with digest {installed}, the request carries digest {offered}"
+    )]
+    Fork {
+        generation: u64,
+        installed: Digest,
+        offered: Digest,
+    },
+    #[error("install into {path} failed; the previous repository is still in place")]
+    Install {
+        path: PathBuf,
+        #[source]
+        source: InstallError,
+    },
+    #[error("the installed repository failed its proof ({restored})")]
+    Unproven {
+        restored: &'static str,
+        #[source]
+        source: ProofError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// The fixed word used as the `outcome` label of the refusal metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownRepository(_) => "unknown_repository",
+            Refusal::Malformed(Malformed::DigestMismatch { .. }) => "digest",
+            Refusal::Malformed(_) => "malformed",
+            Refusal::Canary(_) => "canary",
+            Refusal::Rollback { .. } => "rollback",
+            Refusal::Fork { .. } => "fork",
+            Refusal::Install { .. } => "install_failed",
+            Refusal::Unproven { .. } => "unproven",
+            Refusal::Internal(_) => "internal",
+        }
+    }
+
+    /// The gRPC status a client sees, carrying the whole error chain.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Refusal::UnknownRepository(_) => Code::NotFound,
+            Refusal::Malformed(_) | Refusal::Canary(_) => Code::InvalidArgument,
+            Refusal::Rollback { .. } => Code::FailedPrecondition,
+            Refusal::Fork { .. } => Code::AlreadyExists,
+            Refusal::Install { .. } | Refusal::Internal(_) => Code::Internal,
+            Refusal::Unproven { .. } => Code::DataLoss,
+        };
+        tonic::Status::new(code, error_chain(self))
+    }
+}
+
+/// Decrypts every canary with `keyring` and checks the key that did it.
+pub fn check_canaries(
+    keyring: &Keyring,
+    set: &KeySet,
+    canaries: &[pb::Canary],
+) -> Result<(), CanaryError> {
+    for (position, canary) in canaries.iter().enumerate() {
+        let key_index = canary.key_index;
+        if set.get(key_index).is_none() {
+            return Err(CanaryError::NoSuchKey {
+                position,
+                key_index,
+            });
+        }
+        let decrypted =
+            keyring
+                .decrypt(&canary.token)
+                .map_err(|source| CanaryError::Undecryptable {
+                    position,
+                    key_index,
+                    source,
+                })?;
+        if decrypted.key_index != key_index {
+            return Err(CanaryError::WrongKey {
+                position,
+                key_index,
+                actual: decrypted.key_index,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the repository on disk holds, proven to work.
+struct Proof {
+    set: KeySet,
+}
+
+/// Reloads `path` as Keystone does and checks it against what was installed.
+fn prove(path: &Path, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, ProofError> {
+    let set = repository::load(path).map_err(ProofError::Load)?;
+    let found = set.digest();
+    if found != stamp.digest {
+        return Err(ProofError::Digest {
+            expected: stamp.digest,
+            found,
+        });
+    }
+    let on_disk = install::read_stamp(path).map_err(ProofError::Stamp)?;
+    if on_disk.as_ref().map(|s| (s.generation, s.digest)) != Some((stamp.generation, stamp.digest))
+    {
+        return Err(ProofError::StampMismatch {
+            expected: stamp.generation,
+            found: on_disk.map(|s| s.generation),
+        });
+    }
+    check_canaries(&Keyring::new(&set), &set, canaries)?;
+    Ok(Proof { set })
+}
+
+/// The set the agent last installed (or found stamped at start), with its stamp.
+struct Desired {
+    generation: u64,
+    digest: Option<Digest>,
+    /// Kept for the `restore` drift policy; `Key` zeroizes itself when dropped.
+    set: Option<Arc<KeySet>>,
+}
+
+/// What `GetState` reports; refreshed after every install and drift check.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub generation: u64,
+    /// Digest of what is on disk now (None when unreadable or missing).
+    pub digest: Option<Digest>,
+    pub indices: Vec<u32>,
+    pub last_install_unix_ms: i64,
+    pub drift: Option<String>,
+    pub problem: Option<String>,
+}
+
+/// A successful install's answer.
+#[derive(Debug)]
+pub struct Installed {
+    pub generation: u64,
+    pub digest: Digest,
+    pub indices: Vec<u32>,
+    pub unchanged: bool,
+    pub canaries_valid: bool,
+    pub micros: u64,
+}
+
+/// A one-shot fault injected by unit tests.
+#[cfg(test)]
+type Fault = Box<dyn FnOnce(&Path) + Send>;
+
+/// One repository named in the agent's configuration.
+pub struct Managed {
+    pub name: String,
+    pub path: PathBuf,
+    owner: Option<Owner>,
+    desired: Mutex<Desired>,
+    view: StdMutex<View>,
+    metrics: AgentMetrics,
+    /// Fault injection for unit tests: runs once between the install and the
+    /// proof, standing in for another writer or a file system that lost data.
+    #[cfg(test)]
+    after_install: StdMutex<Option<Fault>>,
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Refusal::Internal(format!("blocking task failed: {e}")))
+}
+
+/// The repository as found on disk: the keys Keystone would use, and every
+/// problem `repository::verify` sees (what Keystone would trip on, modes,
+/// ownership, a stamp that does not match the keys).
+struct Disk {
+    keys: Option<KeySet>,
+    problem: Option<String>,
+}
+
+impl Disk {
+    fn read(path: &Path, owner: Option<Owner>) -> Disk {
+        let report = repository::verify(path, owner.map(|o| (o.uid, o.gid)));
+        let problem = (!report.problems.is_empty()).then(|| {
+            report
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        Disk {
+            // An empty directory holds no set: report no digest rather than
+            // the digest of nothing.
+            keys: report.keys.filter(|keys| !keys.is_empty()),
+            problem,
+        }
+    }
+
+    fn digest(&self) -> Option<Digest> {
+        self.keys.as_ref().map(KeySet::digest)
+    }
+}
+
+impl Managed {
+    /// Takes charge of a repository at start: removes leftovers of an
+    /// interrupted install, recovers generation and digest from the stamp and,
+    /// when the disk still matches the stamp, keeps that set for restores.
+    pub fn open(
+        name: String,
+        path: PathBuf,
+        owner: Option<Owner>,
+        metrics: AgentMetrics,
+    ) -> Result<Self, InstallError> {
+        if path.exists() {
+            let removed = install::clean_leftovers(&path)?;
+            if removed > 0 {
+                tracing::warn!(repository = %name, removed, "removed leftovers of an interrupted install");
+            }
+        }
+        let stamp = install::read_stamp(&path)?;
+        let disk = Disk::read(&path, owner);
+        let mut desired = Desired {
+            generation: 0,
+            digest: None,
+            set: None,
+        };
+        let mut view = View {
+            digest: disk.digest(),
+            indices: disk.keys.as_ref().map(KeySet::indices).unwrap_or_default(),
+            problem: disk.problem,
+            ..View::default()
+        };
+        if let Some(stamp) = stamp {
+            desired.generation = stamp.generation;
+            desired.digest = Some(stamp.digest);
+            view.generation = stamp.generation;
+            match disk.keys {
+                Some(set) if set.digest() == stamp.digest => desired.set = Some(Arc::new(set)),
+                _ => {
+                    let detail = drift_detail(&stamp, view.digest);
+                    tracing::warn!(repository = %name, %detail, "repository changed while the agent was down");
+                    metrics.drift_event(&name);
+                    view.drift = Some(detail);
+                }
+            }
+        }
+        metrics.set_generation(&name, desired.generation);
+        metrics.set_drifted(&name, view.drift.is_some());
+        tracing::info!(
+            repository = %name,
+            path = %path.display(),
+            generation = desired.generation,
+            digest = %view.digest.map_or_else(|| "none".to_string(), |d| d.to_hex()),
+            drift = view.drift.is_some(),
+            "managing repository"
+        );
+        Ok(Managed {
+            name,
+            path,
+            owner,
+            desired: Mutex::new(desired),
+            view: StdMutex::new(view),
+            metrics,
+            #[cfg(test)]
+            after_install: StdMutex::new(None),
+        })
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn update_view(&self, f: impl FnOnce(&mut View)) {
+        let mut guard = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard);
+    }
+
+    /// Validates, installs and proves one pushed key set.
+    pub async fn install(&self, mut request: pb::InstallRequest) -> Result<Installed, Refusal> {
+        let started = Instant::now();
+        let checked = check::key_set(request.generation, &mut request.keys, &request.digest)?;
+        let canaries = request.canaries;
+        let set = Arc::new(checked.set);
+        let stamp = Stamp {
+            generation: request.generation,
+            digest: checked.digest,
+        };
+        // A canary the pushed set itself cannot decrypt is refused before the
+        // repository is touched: Keystone never sees a set that was going to fail.
+        let preflight = {
+            let (set, canaries) = (set.clone(), canaries.clone());
+            blocking(move || check_canaries(&Keyring::new(&set), &set, &canaries)).await?
+        };
+        if let Err(e) = preflight {
+            self.metrics.canaries(&self.name, 0, 1);
+            return Err(Refusal::Canary(e));
+        }
+
+        let mut desired = self.desired.lock().await;
+        if let Some(installed) = desired.digest {
+            if stamp.generation < desired.generation && !request.restore {
+                return Err(Refusal::Rollback {
+                    offered: stamp.generation,
+                    installed: desired.generation,
+                });
+            }
+            if stamp.generation == desired.generation && stamp.digest != installed {
+                return Err(Refusal::Fork {
+                    generation: stamp.generation,
+                    installed,
+                    offered: stamp.digest,
+                });
+            }
+            if stamp.generation == desired.generation {
+                // A re-push of what is installed: answer from the disk when it
+                // still proves the set, re-install when it drifted.
+                let (path, s, c) = (self.path.clone(), stamp, canaries.clone());
+                if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
+                    self.metrics.canaries(&self.name, canaries.len() as u64, 0);
+                    self.metrics.installed(&self.name, "unchanged");
+                    return Ok(Installed {
+                        generation: stamp.generation,
+                        digest: stamp.digest,
+                        indices: proof.set.indices(),
+                        unchanged: true,
+                        canaries_valid: !canaries.is_empty(),
+                        micros: elapsed_micros(started),
+                    });
+                }
+            }
+        }
+
+        let previous = desired
+            .set
+            .clone()
+            .zip(desired.digest)
+            .map(|(set, digest)| {
+                (
+                    set,
+                    Stamp {
+                        generation: desired.generation,
+                        digest,
+                    },
+                )
+            });
+        let proof = self.write_and_prove(&set, &stamp, &canaries).await;
+        let proof = match proof {
+            Ok(proof) => proof,
+            Err(Refusal::Unproven { source, .. }) => {
+                self.metrics.canaries(
+                    &self.name,
+                    0,
+                    u64::from(matches!(source, ProofError::Canary(_))),
+                );
+                let restored = match previous {
+                    Some((set, prev)) => match self.write_and_prove(&set, &prev, &[]).await {
+                        Ok(_) => "the previous generation was restored",
+                        Err(e) => {
+                            tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring the previous generation failed");
+                            "restoring the previous generation failed too"
+                        }
+                    },
+                    None => "there was no previous generation to restore",
+                };
+                self.refresh_view().await;
+                return Err(Refusal::Unproven { restored, source });
+            }
+            Err(e) => return Err(e),
+        };
+        self.metrics.canaries(&self.name, canaries.len() as u64, 0);
+        desired.generation = stamp.generation;
+        desired.digest = Some(stamp.digest);
+        desired.set = Some(set);
+        let micros = elapsed_micros(started);
+        let indices = proof.set.indices();
+        self.update_view(|v| {
+            v.generation = stamp.generation;
+            v.last_install_unix_ms = now_unix_ms();
+            v.drift = None;
+        });
+        self.refresh_view().await;
+        self.metrics.set_generation(&self.name, stamp.generation);
+        self.metrics.set_drifted(&self.name, false);
+        self.metrics.installed(&self.name, "installed");
+        self.metrics
+            .observe_install(&self.name, micros as f64 / 1e6);
+        tracing::info!(
+            repository = %self.name,
+            generation = stamp.generation,
+            digest = %stamp.digest,
+            ?indices,
+            canaries = canaries.len(),
+            restore = request.restore,
+            micros,
+            "installed"
+        );
+        Ok(Installed {
+            generation: stamp.generation,
+            digest: stamp.digest,
+            indices,
+            unchanged: false,
+            canaries_valid: !canaries.is_empty(),
+            micros,
+        })
+    }
+
+    /// Installs `set` atomically with `stamp` and proves the result from disk.
+    async fn write_and_prove(
+        &self,
+        set: &Arc<KeySet>,
+        stamp: &Stamp,
+        canaries: &[pb::Canary],
+    ) -> Result<Proof, Refusal> {
+        let (path, owner, set, s, c) = (
+            self.path.clone(),
+            self.owner,
+            set.clone(),
+            *stamp,
+            canaries.to_vec(),
+        );
+        #[cfg(test)]
+        let fault = self
+            .after_install
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        blocking(move || {
+            install::install(&path, &set, Some(&s), owner).map_err(|source| Refusal::Install {
+                path: path.clone(),
+                source,
+            })?;
+            #[cfg(test)]
+            if let Some(fault) = fault {
+                fault(&path);
+            }
+            prove(&path, &s, &c).map_err(|source| Refusal::Unproven {
+                restored: "",
+                source,
+            })
+        })
+        .await?
+    }
+
+    /// Waits until no install or drift check is running on this repository.
+    pub async fn quiesce(&self) {
+        drop(self.desired.lock().await);
+    }
+
+    /// Compares the disk with what the agent installed; reports a change it did
+    /// not make and, with `restore`, puts its set back.
+    pub async fn check_drift(&self, restore: bool) {
+        let desired = self.desired.lock().await;
+        let Some(on_disk) = self.refresh_view().await else {
+            return;
+        };
+        let Some(expected) = desired.digest else {
+            // Never installed and no stamp: nothing to drift from.
+            return;
+        };
+        let stamp = Stamp {
+            generation: desired.generation,
+            digest: expected,
+        };
+        if on_disk == Some(expected) {
+            if self.view().drift.is_some() {
+                tracing::info!(repository = %self.name, generation = desired.generation, "drift cleared: the repository matches the installed set again");
+                self.update_view(|v| v.drift = None);
+                self.metrics.set_drifted(&self.name, false);
+            }
+            return;
+        }
+        let detail = drift_detail(&stamp, on_disk);
+        let first = self.view().drift.is_none();
+        self.update_view(|v| v.drift = Some(detail.clone()));
+        if first {
+            tracing::warn!(repository = %self.name, %detail, "drift: the repository was changed by someone else");
+            self.metrics.drift_event(&self.name);
+            self.metrics.set_drifted(&self.name, true);
+        }
+        if !restore {
+            return;
+        }
+        let Some(set) = desired.set.clone() else {
+            tracing::warn!(repository = %self.name, "cannot restore: the installed set is not known (it changed while the agent was down); waiting for the rotator to push it");
+            return;
+        };
+        match self.write_and_prove(&set, &stamp, &[]).await {
+            Ok(_) => {
+                tracing::info!(repository = %self.name, generation = stamp.generation, digest = %stamp.digest, "drift restored: re-installed the last installed set");
+                self.metrics.installed(&self.name, "restored");
+                self.metrics.set_drifted(&self.name, false);
+                self.update_view(|v| v.drift = None);
+                self.refresh_view().await;
+            }
+            Err(e) => {
+                tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring after drift failed");
+            }
+        }
+    }
+
+    /// Re-reads the disk into the `GetState` view; returns the on-disk digest
+    /// (inner `None`: no usable keys), or `None` when the read itself failed.
+    async fn refresh_view(&self) -> Option<Option<Digest>> {
+        let (path, owner) = (self.path.clone(), self.owner);
+        let disk = blocking(move || Disk::read(&path, owner)).await.ok()?;
+        let digest = disk.digest();
+        self.update_view(|v| {
+            v.digest = digest;
+            v.indices = disk.keys.as_ref().map(KeySet::indices).unwrap_or_default();
+            v.problem = disk.problem;
+        });
+        Some(digest)
+    }
+}
+
+fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
+    match on_disk {
+        Some(found) => format!(
+            "on-disk digest {found} differs from installed generation {} (digest {})",
+            stamp.generation, stamp.digest
+        ),
+        None => format!(
+            "the repository cannot be read; installed generation {} (digest {})",
+            stamp.generation, stamp.digest
+        ),
+    }
+}
+
+fn elapsed_micros(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::Key;
+
+    fn sample() -> KeySet {
+        KeySet::from_keys((0..3).map(|i| (i, Key::generate())))
+    }
+
+    fn canary(set: &KeySet, index: u32) -> pb::Canary {
+        pb::Canary {
+            token: crate::token::canary(set.get(index).expect("key")),
+            key_index: index,
+        }
+    }
+
+    fn installed(dir: &Path, set: &KeySet, generation: u64) -> Stamp {
+        let stamp = Stamp {
+            generation,
+            digest: set.digest(),
+        };
+        install::install(dir, set, Some(&stamp), None).expect("install");
+        stamp
+    }
+
+    #[test]
+    fn proof_reloads_the_disk_and_checks_digest_stamp_and_canaries() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let set = sample();
+        let stamp = installed(&repo, &set, 4);
+        let canaries = [canary(&set, 2), canary(&set, 0)];
+        prove(&repo, &stamp, &canaries).expect("the installed set proves itself");
+
+        let later = Stamp {
+            generation: 5,
+            ..stamp
+        };
+        assert!(matches!(
+            prove(&repo, &later, &canaries),
+            Err(ProofError::StampMismatch {
+                expected: 5,
+                found: Some(4)
+            })
+        ));
+        let wrong = [pb::Canary {
+            key_index: 1,
+            ..canary(&set, 2)
+        }];
+        assert!(matches!(
+            prove(&repo, &stamp, &wrong),
+            Err(ProofError::Canary(CanaryError::WrongKey {
+                key_index: 1,
+                actual: 2,
+                ..
+            }))
+        ));
+        std::fs::write(repo.join("1"), Key::generate().to_base64().as_bytes()).expect("tamper");
+        assert!(matches!(
+            prove(&repo, &stamp, &canaries),
+            Err(ProofError::Digest { .. })
+        ));
+    }
+
+    fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
+        pb::InstallRequest {
+            repository: "tokens".into(),
+            generation,
+            keys: check::to_wire(set),
+            digest: set.digest().0.to_vec(),
+            canaries: vec![
+                canary(set, set.primary_index().expect("primary")),
+                canary(set, 0),
+            ],
+            restore: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repository_that_fails_its_proof_is_put_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        let managed = Managed::open("tokens".into(), repo.clone(), None, metrics).expect("open");
+        let g1 = sample();
+        managed.install(request(&g1, 1)).await.expect("install g1");
+
+        // Between the swap and the proof, someone truncates the new primary.
+        let g2 = crate::repository::rotate(&g1, 3).expect("rotate");
+        *managed.after_install.lock().expect("hook") = Some(Box::new(|path: &Path| {
+            std::fs::write(path.join("3"), b"truncated").expect("tamper");
+        }));
+        let refusal = managed
+            .install(request(&g2, 2))
+            .await
+            .expect_err("unproven");
+        assert!(matches!(
+            refusal,
+            Refusal::Unproven {
+                restored: "the previous generation was restored",
+                source: ProofError::Load(_)
+            }
+        ));
+        assert_eq!(refusal.to_status().code(), tonic::Code::DataLoss);
+        assert_eq!(
+            repository::load(&repo).expect("reload").digest(),
+            g1.digest()
+        );
+        let stamp = install::read_stamp(&repo).expect("stamp").expect("stamped");
+        assert_eq!((stamp.generation, stamp.digest), (1, g1.digest()));
+        assert_eq!(managed.view().generation, 1);
+
+        // Nothing was lost: the same push succeeds once the disk behaves.
+        let done = managed.install(request(&g2, 2)).await.expect("install g2");
+        assert_eq!((done.generation, done.unchanged), (2, false));
+    }
+
+    #[test]
+    fn a_repository_changed_while_down_is_drift_at_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let set = sample();
+        installed(&repo, &set, 9);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+
+        let clean =
+            Managed::open("tokens".into(), repo.clone(), None, metrics.clone()).expect("open");
+        let view = clean.view();
+        assert_eq!(
+            (view.generation, view.digest, view.drift),
+            (9, Some(set.digest()), None)
+        );
+
+        std::fs::remove_file(repo.join("1")).expect("remove a key");
+        let drifted = Managed::open("tokens".into(), repo, None, metrics).expect("open");
+        let view = drifted.view();
+        assert_eq!(view.generation, 9);
+        assert!(
+            view.drift
+                .expect("drift")
+                .contains("differs from installed generation 9")
+        );
+        assert_eq!(view.indices, vec![0, 2]);
+    }
+}

@@ -1,0 +1,109 @@
+//! The gRPC face of the agent: `fernetd.v1.Distribution` (`Install`, `GetState`).
+//! Handlers authorize the caller by its verified certificate identity, route to
+//! the named repository, and turn refusals into gRPC statuses; the work itself
+//! lives in `managed`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::managed::{Managed, Refusal};
+use super::metrics::AgentMetrics;
+use crate::pb;
+use crate::tls::{self, error_chain};
+
+/// The Distribution service of one agent.
+pub struct Distribution {
+    pub region: String,
+    pub rotator_identity: String,
+    pub repositories: BTreeMap<String, Arc<Managed>>,
+    pub metrics: AgentMetrics,
+}
+
+impl Distribution {
+    /// The metric label for a requested repository name. Unknown names are not
+    /// used as labels: a client could otherwise create unbounded series.
+    fn label<'a>(&self, name: &'a str) -> &'a str {
+        if self.repositories.contains_key(name) {
+            name
+        } else {
+            ""
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::distribution_server::Distribution for Distribution {
+    async fn install(
+        &self,
+        request: Request<pb::InstallRequest>,
+    ) -> Result<Response<pb::InstallResponse>, Status> {
+        let name = request.get_ref().repository.clone();
+        let generation = request.get_ref().generation;
+        if let Err(status) = tls::authorize(
+            &request,
+            std::slice::from_ref(&self.rotator_identity),
+            "rotator",
+        ) {
+            self.metrics.refused(self.label(&name), "permission");
+            // Debug-quoted: the name comes from the client.
+            tracing::warn!(repository = ?name, generation, error = %status.message(), "install refused");
+            return Err(status);
+        }
+        let outcome = match self.repositories.get(&name) {
+            None => Err(Refusal::UnknownRepository(name.clone())),
+            Some(repo) => repo.install(request.into_inner()).await,
+        };
+        match outcome {
+            Ok(done) => Ok(Response::new(pb::InstallResponse {
+                repository: name,
+                generation: done.generation,
+                digest: done.digest.0.to_vec(),
+                canaries_valid: done.canaries_valid,
+                indices: done.indices,
+                unchanged: done.unchanged,
+                install_micros: done.micros,
+            })),
+            Err(refusal) => {
+                self.metrics.refused(self.label(&name), refusal.reason());
+                tracing::warn!(
+                    repository = ?name,
+                    generation,
+                    reason = refusal.reason(),
+                    error = %error_chain(&refusal),
+                    "install refused"
+                );
+                Err(refusal.to_status())
+            }
+        }
+    }
+
+    async fn get_state(
+        &self,
+        _request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        let repositories = self
+            .repositories
+            .values()
+            .map(|repo| {
+                let view = repo.view();
+                pb::RepositoryState {
+                    name: repo.name.clone(),
+                    generation: view.generation,
+                    digest: view.digest.map(|d| d.0.to_vec()).unwrap_or_default(),
+                    indices: view.indices,
+                    last_install_unix_ms: view.last_install_unix_ms,
+                    drift: view.drift.is_some(),
+                    drift_detail: view.drift.unwrap_or_default(),
+                    problem: view.problem.unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetStateResponse {
+            region: self.region.clone(),
+            repositories,
+            version: crate::VERSION.to_string(),
+        }))
+    }
+}

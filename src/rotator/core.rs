@@ -1,0 +1,1168 @@
+//! The rotator's shared state and its operations: the current generation of each
+//! repository, what each agent holds, the safety rule that gates a rotation,
+//! status views, events and metrics. The Admin service, the scheduler and the
+//! fan-out dispatcher all act through [`Core`].
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::{broadcast, watch};
+use tonic::transport::Channel;
+use zeroize::{Zeroize as _, Zeroizing};
+
+use super::RotatorError;
+use super::fanout::{EncodedInstall, Phase, WorkQueue};
+use super::schedule::Backoff;
+use super::state::{AckRecord, Acks, Committed, StateStore, parse_digest_hex};
+use crate::config::FanoutConfig;
+use crate::pb;
+use crate::repository::{self, Digest, KeySet};
+
+/// One committed generation of a repository, with its Install request encoded
+/// once for every push.
+pub(crate) struct Generation {
+    pub number: u64,
+    pub keys: KeySet,
+    pub digest: Digest,
+    encoded: Arc<EncodedInstall>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("number", &self.number)
+            .field("digest", &self.digest)
+            .field("indices", &self.keys.indices())
+            .finish()
+    }
+}
+
+impl Generation {
+    /// Encodes the Install request for `keys` as generation `number`, with
+    /// canary tokens made with the primary and the staged key.
+    pub(crate) fn build(repository: &str, number: u64, keys: KeySet) -> Result<Self, RotatorError> {
+        let (Some(primary_index), Some(primary), Some(staged)) =
+            (keys.primary_index(), keys.primary(), keys.staged())
+        else {
+            return Err(RotatorError::Incomplete(repository.to_owned()));
+        };
+        let digest = keys.digest();
+        let mut request = pb::InstallRequest {
+            repository: repository.to_owned(),
+            generation: number,
+            keys: keys
+                .iter()
+                .map(|(index, key)| pb::Key {
+                    index,
+                    material: key.as_bytes().to_vec(),
+                })
+                .collect(),
+            digest: digest.0.to_vec(),
+            canaries: vec![
+                pb::Canary {
+                    token: crate::token::canary(primary),
+                    key_index: primary_index,
+                },
+                pb::Canary {
+                    token: crate::token::canary(staged),
+                    key_index: 0,
+                },
+            ],
+            restore: false,
+        };
+        let encoded = Zeroizing::new(prost::Message::encode_to_vec(&request));
+        for key in &mut request.keys {
+            key.material.zeroize();
+        }
+        Ok(Generation {
+            number,
+            keys,
+            digest,
+            encoded: Arc::new(EncodedInstall(encoded)),
+        })
+    }
+
+    pub(crate) fn encoded(&self) -> Arc<EncodedInstall> {
+        self.encoded.clone()
+    }
+
+    pub(crate) fn committed(&self) -> Committed {
+        Committed {
+            generation: self.number,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+/// Why a repository's next rotation is held back.
+#[derive(Debug, Clone)]
+pub(crate) struct Blocked {
+    pub reason: String,
+    pub regions: Vec<String>,
+}
+
+/// One managed repository.
+pub(crate) struct RepoSlot {
+    pub name: String,
+    pub max_active_keys: usize,
+    current: RwLock<Arc<Generation>>,
+    blocked: Mutex<Option<Blocked>>,
+    /// A scheduled rotation was blocked and is owed once the agents catch up.
+    pub overdue: AtomicBool,
+    pub next_rotation_ms: AtomicI64,
+}
+
+impl RepoSlot {
+    pub(crate) fn new(name: String, max_active_keys: usize, generation: Generation) -> Self {
+        RepoSlot {
+            name,
+            max_active_keys,
+            current: RwLock::new(Arc::new(generation)),
+            blocked: Mutex::new(None),
+            overdue: AtomicBool::new(false),
+            next_rotation_ms: AtomicI64::new(0),
+        }
+    }
+
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_current(&self, generation: Generation) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+    }
+
+    pub(crate) fn blocked(&self) -> Option<Blocked> {
+        lock(&self.blocked).clone()
+    }
+
+    fn set_blocked(&self, blocked: Option<Blocked>) {
+        *lock(&self.blocked) = blocked;
+    }
+}
+
+/// What an agent was last seen holding for one repository.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Held {
+    pub generation: u64,
+    pub digest: Option<Digest>,
+    /// Unix time (ms) it was last confirmed; 0 = never.
+    pub unix_ms: i64,
+    /// The agent reported that its on-disk repository differs from what it installed.
+    pub drift: bool,
+}
+
+/// Per-agent mutable state: a few words, whatever the number of agents.
+#[derive(Debug)]
+pub(crate) struct AgentState {
+    pub phase: Phase,
+    /// Read the agent's state back before pushing.
+    pub probe: bool,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub connected: bool,
+    pub held: Vec<Held>,
+}
+
+/// One enrolled agent.
+pub(crate) struct AgentSlot {
+    pub region: String,
+    pub endpoint: String,
+    pub channel: Channel,
+    state: Mutex<AgentState>,
+}
+
+impl AgentSlot {
+    pub(crate) fn new(region: String, endpoint: String, channel: Channel, repos: usize) -> Self {
+        AgentSlot {
+            region,
+            endpoint,
+            channel,
+            state: Mutex::new(AgentState {
+                phase: Phase::Idle,
+                probe: true,
+                failures: 0,
+                last_error: None,
+                connected: false,
+                held: vec![Held::default(); repos],
+            }),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, AgentState> {
+        lock(&self.state)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RepoLabels {
+    repository: String,
+}
+
+/// The rotator's own metrics; per-agent figures are computed at scrape time by
+/// [`AgentCollector`].
+pub(crate) struct Metrics {
+    generation: Family<RepoLabels, Gauge>,
+    blocked: Family<RepoLabels, Gauge>,
+    rotations: Family<RepoLabels, Counter>,
+    pub push_seconds: Histogram,
+    pub push_failures: Counter,
+}
+
+impl Metrics {
+    pub(crate) fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            generation: Family::default(),
+            blocked: Family::default(),
+            rotations: Family::default(),
+            push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            push_failures: Counter::default(),
+        };
+        registry.register(
+            "generation",
+            "Current committed generation",
+            m.generation.clone(),
+        );
+        registry.register(
+            "rotation_blocked",
+            "1 while the next rotation waits for agents to acknowledge the current generation",
+            m.blocked.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Generations committed by this process",
+            m.rotations.clone(),
+        );
+        registry.register(
+            "push_duration_seconds",
+            "Time for an agent to install a generation and acknowledge it",
+            m.push_seconds.clone(),
+        );
+        registry.register(
+            "push_failures",
+            "Failed calls to agents",
+            m.push_failures.clone(),
+        );
+        m
+    }
+
+    fn repo(&self, name: &str) -> RepoLabels {
+        RepoLabels {
+            repository: name.to_owned(),
+        }
+    }
+}
+
+/// Per-agent lag and acknowledgement age, read from [`Core`] on every scrape.
+#[derive(Debug)]
+pub(crate) struct AgentCollector {
+    pub core: Weak<Core>,
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(core) = self.core.upgrade() else {
+            return Ok(());
+        };
+        let rows = core.agent_statuses();
+        type PerAgent = (
+            &'static str,
+            &'static str,
+            fn(&pb::AgentStatus) -> Option<f64>,
+        );
+        let gauges: [PerAgent; 3] = [
+            (
+                "agent_lag",
+                "Generations the agent is behind the rotator",
+                |a| Some(a.lag as f64),
+            ),
+            (
+                "agent_last_ack_age_seconds",
+                "Seconds since the agent last confirmed what it holds",
+                |a| (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0),
+            ),
+            (
+                "agent_connected",
+                "1 when the last call to the agent succeeded",
+                |a| Some(if a.connected { 1.0 } else { 0.0 }),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for row in &rows {
+                let Some(v) = value(row) else { continue };
+                let labels = [
+                    ("region", row.region.as_str()),
+                    ("repository", row.repository.as_str()),
+                ];
+                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything the rotator knows, shared by its tasks.
+pub(crate) struct Core {
+    pub repos: Vec<RepoSlot>,
+    pub agents: Vec<AgentSlot>,
+    pub store: StateStore,
+    pub fanout: FanoutConfig,
+    pub backoff: Backoff,
+    pub queue: WorkQueue,
+    pub metrics: Metrics,
+    events: broadcast::Sender<pb::Event>,
+    progress: watch::Sender<u64>,
+    rotation: tokio::sync::Mutex<()>,
+    acks_dirty: AtomicBool,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Core {
+    pub(crate) fn new(
+        repos: Vec<RepoSlot>,
+        agents: Vec<AgentSlot>,
+        store: StateStore,
+        fanout: FanoutConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let backoff = Backoff {
+            base: fanout.backoff_base,
+            max: fanout.backoff_max,
+        };
+        let core = Core {
+            queue: WorkQueue::new(fanout.concurrency),
+            repos,
+            agents,
+            store,
+            fanout,
+            backoff,
+            metrics,
+            events: broadcast::channel(1024).0,
+            progress: watch::channel(0).0,
+            rotation: tokio::sync::Mutex::new(()),
+            acks_dirty: AtomicBool::new(false),
+        };
+        for repo in &core.repos {
+            core.metrics
+                .generation
+                .get_or_create(&core.metrics.repo(&repo.name))
+                .set(repo.current().number as i64);
+            core.metrics
+                .blocked
+                .get_or_create(&core.metrics.repo(&repo.name))
+                .set(0);
+        }
+        core
+    }
+
+    /// Restores what agents acknowledged before a restart. Only a hint: every
+    /// agent's state is read back before the rotator relies on it.
+    pub(crate) fn restore_acks(&self, acks: &Acks) {
+        for (r, repo) in self.repos.iter().enumerate() {
+            let Some(by_region) = acks.get(&repo.name) else {
+                continue;
+            };
+            for agent in &self.agents {
+                if let Some(rec) = by_region.get(&agent.region) {
+                    agent.lock().held[r] = Held {
+                        generation: rec.generation,
+                        digest: parse_digest_hex(&rec.digest),
+                        unix_ms: rec.unix_ms,
+                        drift: false,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Writes acknowledgements when they changed since the last call.
+    pub(crate) async fn flush_acks(self: &Arc<Self>) {
+        if !self.acks_dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut acks = Acks::new();
+        for (r, repo) in self.repos.iter().enumerate() {
+            let by_region = acks.entry(repo.name.clone()).or_default();
+            for agent in &self.agents {
+                let held = agent.lock().held[r];
+                if let Some(digest) = held.digest {
+                    by_region.insert(
+                        agent.region.clone(),
+                        AckRecord {
+                            generation: held.generation,
+                            digest: digest.to_hex(),
+                            unix_ms: held.unix_ms,
+                        },
+                    );
+                }
+            }
+        }
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.save_acks(&acks)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.acks_dirty.store(true, Ordering::Release);
+                tracing::warn!(
+                    "cannot record acknowledgements: {}",
+                    crate::tls::error_chain(&e)
+                );
+            }
+            Err(e) => tracing::warn!("acknowledgement writer failed: {e}"),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    fn emit(&self, kind: &str, repository: &str, region: &str, generation: u64, message: String) {
+        let _ = self.events.send(pb::Event {
+            unix_ms: now_ms(),
+            kind: kind.to_owned(),
+            repository: repository.to_owned(),
+            region: region.to_owned(),
+            generation,
+            message,
+        });
+    }
+
+    fn bump_progress(&self) {
+        self.progress.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Whether agent `i` holds `generation` of repository `r` (same number and digest).
+    pub(crate) fn agent_holds(&self, i: usize, r: usize, generation: &Generation) -> bool {
+        let held = self.agents[i].lock().held[r];
+        held.generation == generation.number
+            && held.digest == Some(generation.digest)
+            && !held.drift
+    }
+
+    /// A reason not to push: the agent holds a newer generation than the
+    /// rotator (lost rotator state, or a second rotator), or the same number with
+    /// other keys. Pushing would be refused; an operator must look.
+    pub(crate) fn agent_ahead(
+        &self,
+        i: usize,
+        r: usize,
+        generation: &Generation,
+    ) -> Option<String> {
+        let held = self.agents[i].lock().held[r];
+        if held.generation > generation.number {
+            Some(format!(
+                "agent holds generation {} of `{}`, newer than the rotator's {}: restore the rotator's state or restore the agent",
+                held.generation, self.repos[r].name, generation.number
+            ))
+        } else if held.generation == generation.number
+            && held.digest.is_some_and(|d| d != generation.digest)
+        {
+            Some(format!(
+                "agent holds generation {} of `{}` with another digest (fork)",
+                held.generation, self.repos[r].name
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn record_held(&self, i: usize, r: usize, held: Held) {
+        let agent = &self.agents[i];
+        let repo = &self.repos[r];
+        let current = repo.current();
+        let now_holds =
+            held.generation == current.number && held.digest == Some(current.digest) && !held.drift;
+        let previously = std::mem::replace(&mut agent.lock().held[r], held);
+        self.acks_dirty.store(true, Ordering::Release);
+        if now_holds
+            && (previously.generation != held.generation || previously.digest != held.digest)
+        {
+            tracing::info!(region = %agent.region, repository = %repo.name, generation = held.generation, "agent acknowledged");
+            self.emit(
+                "acknowledged",
+                &repo.name,
+                &agent.region,
+                held.generation,
+                String::new(),
+            );
+        }
+        self.bump_progress();
+    }
+
+    /// Learns from an agent's `GetState` answer what it holds.
+    pub(crate) fn observe_state(
+        &self,
+        i: usize,
+        state: &pb::GetStateResponse,
+    ) -> Result<(), String> {
+        let agent = &self.agents[i];
+        if state.region != agent.region {
+            return Err(format!(
+                "agent at {} answers as region `{}`, enrolled as `{}`",
+                agent.endpoint, state.region, agent.region
+            ));
+        }
+        for (r, repo) in self.repos.iter().enumerate() {
+            let Some(rs) = state.repositories.iter().find(|s| s.name == repo.name) else {
+                return Err(format!("agent does not manage repository `{}`", repo.name));
+            };
+            if rs.drift && !agent.lock().held[r].drift {
+                tracing::warn!(region = %agent.region, repository = %repo.name, "agent reports drift: {}", rs.drift_detail);
+                self.emit(
+                    "drift",
+                    &repo.name,
+                    &agent.region,
+                    rs.generation,
+                    rs.drift_detail.clone(),
+                );
+            }
+            self.record_held(
+                i,
+                r,
+                Held {
+                    generation: rs.generation,
+                    digest: Digest::from_slice(&rs.digest),
+                    unix_ms: now_ms(),
+                    drift: rs.drift,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks an Install answer against what was sent and records the acknowledgement.
+    pub(crate) fn observe_install(
+        &self,
+        i: usize,
+        r: usize,
+        generation: &Generation,
+        response: &pb::InstallResponse,
+    ) -> Result<(), String> {
+        let digest = Digest::from_slice(&response.digest);
+        if response.generation != generation.number || digest != Some(generation.digest) {
+            return Err(format!(
+                "agent answered generation {} digest {} for generation {} digest {}",
+                response.generation,
+                digest.map(|d| d.to_hex()).unwrap_or_default(),
+                generation.number,
+                generation.digest
+            ));
+        }
+        if !response.canaries_valid {
+            return Err(format!(
+                "agent installed generation {} but could not decrypt the canaries",
+                generation.number
+            ));
+        }
+        self.record_held(
+            i,
+            r,
+            Held {
+                generation: generation.number,
+                digest,
+                unix_ms: now_ms(),
+                drift: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Regions that do not hold `generation` of repository `r`.
+    fn regions_missing(&self, r: usize, generation: &Generation) -> Vec<String> {
+        (0..self.agents.len())
+            .filter(|&i| !self.agent_holds(i, r, generation))
+            .map(|i| self.agents[i].region.clone())
+            .collect()
+    }
+
+    /// Whether repository `r` may rotate now under the safety rule.
+    pub(crate) fn may_rotate(&self, r: usize) -> bool {
+        let current = self.repos[r].current();
+        (0..self.agents.len()).all(|i| self.agent_holds(i, r, &current))
+    }
+
+    /// Rotates the selected repositories (all when `request.repositories` is
+    /// empty), one after another, and waits for acknowledgements unless told not to.
+    pub(crate) async fn rotate(
+        self: &Arc<Self>,
+        request: &pb::RotateRequest,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<pb::RotateResponse, RotatorError> {
+        let selected = self.select(&request.repositories)?;
+        let mut outcomes = Vec::with_capacity(selected.len());
+        let mut committed = Vec::new();
+        {
+            let _one_at_a_time = self.rotation.lock().await;
+            for r in selected {
+                let outcome = self.rotate_one(r, request.force, request.dry_run).await?;
+                if outcome.rotated {
+                    committed.push((r, outcomes.len()));
+                }
+                outcomes.push(outcome);
+            }
+        }
+        if !request.no_wait && !request.dry_run && !committed.is_empty() {
+            let wait = match request.wait_ms {
+                0 => self.fanout.ack_wait,
+                ms => Duration::from_millis(ms),
+            };
+            let repos: Vec<usize> = committed.iter().map(|(r, _)| *r).collect();
+            self.wait_in_sync(&repos, wait, false, shutdown).await;
+            for (r, o) in committed {
+                let generation = self.repos[r].current();
+                if generation.number == outcomes[o].generation {
+                    outcomes[o].pending_regions = self.regions_missing(r, &generation);
+                }
+            }
+        }
+        Ok(pb::RotateResponse { outcomes })
+    }
+
+    fn select(&self, names: &[String]) -> Result<Vec<usize>, RotatorError> {
+        if names.is_empty() {
+            return Ok((0..self.repos.len()).collect());
+        }
+        names
+            .iter()
+            .map(|n| {
+                self.repos
+                    .iter()
+                    .position(|r| &r.name == n)
+                    .ok_or_else(|| RotatorError::UnknownRepository(n.clone()))
+            })
+            .collect()
+    }
+
+    async fn rotate_one(
+        &self,
+        r: usize,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<pb::RotateOutcome, RotatorError> {
+        let repo = &self.repos[r];
+        let current = repo.current();
+        let missing = self.regions_missing(r, &current);
+        let mut outcome = pb::RotateOutcome {
+            repository: repo.name.clone(),
+            generation: current.number,
+            digest: current.digest.0.to_vec(),
+            indices: current.keys.indices(),
+            ..Default::default()
+        };
+        if !missing.is_empty() && !force {
+            let reason = format!(
+                "{} of {} regions have not acknowledged generation {}: {}",
+                missing.len(),
+                self.agents.len(),
+                current.number,
+                missing.join(", ")
+            );
+            outcome.message = format!("blocked: {reason}");
+            outcome.pending_regions = missing.clone();
+            if !dry_run {
+                let was_blocked = repo.blocked().is_some();
+                repo.set_blocked(Some(Blocked {
+                    reason: reason.clone(),
+                    regions: missing,
+                }));
+                self.metrics
+                    .blocked
+                    .get_or_create(&self.metrics.repo(&repo.name))
+                    .set(1);
+                if !was_blocked {
+                    tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
+                }
+                self.emit("blocked", &repo.name, "", current.number, reason);
+            }
+            return Ok(outcome);
+        }
+        let next_keys = repository::rotate(&current.keys, repo.max_active_keys)?;
+        let next_number = current.number + 1;
+        if force {
+            outcome.rejecting_regions = missing.clone();
+        }
+        if dry_run {
+            outcome.generation = next_number;
+            outcome.digest.clear();
+            outcome.indices = next_keys.indices();
+            outcome.message = format!(
+                "dry run: would commit generation {next_number} with indices {:?}{}",
+                next_keys.indices(),
+                rejecting_note(&missing, force)
+            );
+            return Ok(outcome);
+        }
+        let next = Generation::build(&repo.name, next_number, next_keys)?;
+        // Durable before anything is sent: what an agent may hold is on disk.
+        let store = self.store.clone();
+        let name = repo.name.clone();
+        let committed = next.committed();
+        tokio::task::spawn_blocking(move || store.save(&name, &committed))
+            .await
+            .map_err(|e| RotatorError::Task(e.to_string()))??;
+        outcome.generation = next.number;
+        outcome.digest = next.digest.0.to_vec();
+        outcome.indices = next.keys.indices();
+        outcome.rotated = true;
+        outcome.message = format!(
+            "committed generation {}{}",
+            next.number,
+            rejecting_note(&missing, force)
+        );
+        tracing::info!(
+            repository = %repo.name,
+            generation = next.number,
+            digest = %next.digest,
+            indices = ?outcome.indices,
+            forced = force && !missing.is_empty(),
+            "rotated"
+        );
+        if force && !missing.is_empty() {
+            tracing::warn!(
+                repository = %repo.name,
+                "forced rotation: {} will reject tokens made with the new primary until they catch up",
+                missing.join(", ")
+            );
+        }
+        self.emit(
+            "rotated",
+            &repo.name,
+            "",
+            next.number,
+            outcome.message.clone(),
+        );
+        repo.set_current(next);
+        repo.set_blocked(None);
+        repo.overdue.store(false, Ordering::Release);
+        self.metrics
+            .blocked
+            .get_or_create(&self.metrics.repo(&repo.name))
+            .set(0);
+        self.metrics
+            .generation
+            .get_or_create(&self.metrics.repo(&repo.name))
+            .set(next_number as i64);
+        self.metrics
+            .rotations
+            .get_or_create(&self.metrics.repo(&repo.name))
+            .inc();
+        self.bump_progress();
+        self.push_all();
+        Ok(outcome)
+    }
+
+    /// Waits until every agent holds the current generation of every repository
+    /// in `repos` (after a fresh read-back when `fresh`), or `wait` passes.
+    pub(crate) async fn wait_in_sync(
+        &self,
+        repos: &[usize],
+        wait: Duration,
+        fresh: bool,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> bool {
+        let mut progress = self.progress();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            progress.borrow_and_update();
+            let done = (0..self.agents.len()).all(|i| {
+                (!fresh || !self.agents[i].lock().probe)
+                    && repos
+                        .iter()
+                        .all(|&r| self.agent_holds(i, r, &self.repos[r].current()))
+            });
+            if done {
+                return true;
+            }
+            tokio::select! {
+                changed = progress.changed() => if changed.is_err() { return false },
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = crate::rotator::stopped(&mut shutdown) => return false,
+            }
+        }
+    }
+
+    /// Reads every agent back now and re-pushes where needed; waits up to `wait`.
+    pub(crate) async fn sync(
+        &self,
+        wait: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<pb::AgentStatus> {
+        self.reconcile_all(true);
+        let all: Vec<usize> = (0..self.repos.len()).collect();
+        self.wait_in_sync(&all, wait, true, shutdown).await;
+        self.agent_statuses()
+    }
+
+    /// A scheduled rotation, or a retry of one that was blocked. Never forced.
+    pub(crate) async fn scheduled_rotation(
+        self: &Arc<Self>,
+        only_overdue: bool,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let names: Vec<String> = self
+            .repos
+            .iter()
+            .filter(|r| !only_overdue || r.overdue.load(Ordering::Acquire))
+            .map(|r| r.name.clone())
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        let request = pb::RotateRequest {
+            no_wait: true,
+            repositories: names,
+            ..Default::default()
+        };
+        match self.rotate(&request, shutdown).await {
+            Ok(response) => {
+                for o in response.outcomes {
+                    if let Some(repo) = self.repos.iter().find(|r| r.name == o.repository) {
+                        repo.overdue.store(!o.rotated, Ordering::Release);
+                    }
+                }
+            }
+            Err(e) => tracing::error!("scheduled rotation failed: {}", crate::tls::error_chain(&e)),
+        }
+    }
+
+    /// One row per (agent, repository).
+    pub(crate) fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
+        let now = now_ms();
+        let currents: Vec<Arc<Generation>> = self.repos.iter().map(RepoSlot::current).collect();
+        let mut rows = Vec::with_capacity(self.agents.len() * self.repos.len());
+        for agent in &self.agents {
+            let st = agent.lock();
+            for (r, repo) in self.repos.iter().enumerate() {
+                let held = st.held[r];
+                let current = &currents[r];
+                rows.push(pb::AgentStatus {
+                    region: agent.region.clone(),
+                    endpoint: agent.endpoint.clone(),
+                    repository: repo.name.clone(),
+                    acked_generation: held.generation,
+                    digest_match: held.generation == current.number
+                        && held.digest == Some(current.digest)
+                        && !held.drift,
+                    lag: current.number.saturating_sub(held.generation),
+                    last_ack_age_ms: if held.unix_ms == 0 {
+                        -1
+                    } else {
+                        (now - held.unix_ms).max(0)
+                    },
+                    last_error: st.last_error.clone().unwrap_or_default(),
+                    connected: st.connected,
+                });
+            }
+        }
+        rows
+    }
+
+    pub(crate) fn status(&self) -> pb::StatusResponse {
+        let repositories = self
+            .repos
+            .iter()
+            .map(|repo| {
+                let current = repo.current();
+                let blocked = repo.blocked();
+                pb::RepositoryStatus {
+                    name: repo.name.clone(),
+                    generation: current.number,
+                    digest: current.digest.0.to_vec(),
+                    indices: current.keys.indices(),
+                    blocked_reason: blocked
+                        .as_ref()
+                        .map(|b| b.reason.clone())
+                        .unwrap_or_default(),
+                    blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
+                    next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
+                }
+            })
+            .collect();
+        pb::StatusResponse {
+            repositories,
+            agents: self.agent_statuses(),
+            version: crate::VERSION.to_owned(),
+        }
+    }
+
+    /// Re-evaluates blocked repositories: cleared once every agent caught up.
+    pub(crate) fn refresh_blocked(&self) {
+        for (r, repo) in self.repos.iter().enumerate() {
+            if repo.blocked().is_some() && self.may_rotate(r) {
+                repo.set_blocked(None);
+                self.metrics
+                    .blocked
+                    .get_or_create(&self.metrics.repo(&repo.name))
+                    .set(0);
+                tracing::info!(repository = %repo.name, "no longer blocked: every agent holds the current generation");
+            }
+        }
+    }
+}
+
+fn rejecting_note(missing: &[String], force: bool) -> String {
+    if force && !missing.is_empty() {
+        format!(
+            "; forced: {} will reject tokens made with the new primary until they catch up",
+            missing.join(", ")
+        )
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::rotator::state::StateStore;
+
+    /// A core with `regions` agents behind channels that are never dialled (no
+    /// dispatcher runs), so the tests drive acknowledgements by hand.
+    pub(crate) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
+        let store = StateStore::open(dir).expect("state dir");
+        let keys = repository::init(3).expect("init");
+        let first = Generation::build("tokens", 1, keys).expect("build");
+        store.save("tokens", &first.committed()).expect("save");
+        let repos = vec![RepoSlot::new("tokens".into(), 3, first)];
+        let agents = regions
+            .iter()
+            .map(|r| {
+                let channel =
+                    tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+                AgentSlot::new((*r).into(), "https://127.0.0.1:9".into(), channel, 1)
+            })
+            .collect();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        Arc::new(Core::new(
+            repos,
+            agents,
+            store,
+            FanoutConfig::default(),
+            metrics,
+        ))
+    }
+
+    fn ack(core: &Core, i: usize) {
+        let current = core.repos[0].current();
+        let response = pb::InstallResponse {
+            repository: "tokens".into(),
+            generation: current.number,
+            digest: current.digest.0.to_vec(),
+            canaries_valid: true,
+            ..Default::default()
+        };
+        core.observe_install(i, 0, &current, &response)
+            .expect("acknowledged");
+    }
+
+    fn request(force: bool, dry_run: bool) -> pb::RotateRequest {
+        pb::RotateRequest {
+            force,
+            dry_run,
+            no_wait: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn no_rotation_while_a_region_has_not_acknowledged_the_current_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne", "RegionTwo"]);
+        let (_stop, stop) = watch::channel(false);
+        ack(&core, 0);
+        let r = core
+            .rotate(&request(false, false), stop.clone())
+            .await
+            .expect("rotate");
+        let o = &r.outcomes[0];
+        assert!(!o.rotated);
+        assert_eq!(o.generation, 1);
+        assert_eq!(o.pending_regions, vec!["RegionTwo".to_owned()]);
+        assert_eq!(core.repos[0].current().number, 1);
+        let status = core.status();
+        assert!(status.repositories[0].blocked_reason.contains("RegionTwo"));
+        assert_eq!(
+            status.repositories[0].blocking_regions,
+            vec!["RegionTwo".to_owned()]
+        );
+        // Nothing was written: the state still holds generation 1.
+        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        assert_eq!(on_disk.generation, 1);
+
+        ack(&core, 1);
+        core.refresh_blocked();
+        assert!(core.status().repositories[0].blocked_reason.is_empty());
+        let r = core
+            .rotate(&request(false, false), stop)
+            .await
+            .expect("rotate");
+        assert!(r.outcomes[0].rotated);
+        assert_eq!(r.outcomes[0].generation, 2);
+        // Durable before anything could be sent.
+        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        assert_eq!(on_disk.generation, 2);
+        assert_eq!(on_disk.keys.digest(), core.repos[0].current().digest);
+    }
+
+    #[tokio::test]
+    async fn dry_run_changes_nothing_and_force_names_the_regions_that_will_reject_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne", "RegionTwo", "RegionThree"]);
+        let (_stop, stop) = watch::channel(false);
+        ack(&core, 0);
+        let before = core.repos[0].current().digest;
+        let r = core
+            .rotate(&request(true, true), stop.clone())
+            .await
+            .expect("dry run");
+        let o = &r.outcomes[0];
+        assert!(!o.rotated && o.message.starts_with("dry run"), "{o:?}");
+        assert_eq!(
+            o.rejecting_regions,
+            vec!["RegionTwo".to_owned(), "RegionThree".to_owned()]
+        );
+        assert_eq!(core.repos[0].current().digest, before);
+        assert_eq!(
+            core.store
+                .load("tokens")
+                .expect("load")
+                .expect("state")
+                .generation,
+            1
+        );
+
+        let r = core
+            .rotate(&request(true, false), stop)
+            .await
+            .expect("forced");
+        let o = &r.outcomes[0];
+        assert!(o.rotated);
+        assert_eq!(
+            o.rejecting_regions,
+            vec!["RegionTwo".to_owned(), "RegionThree".to_owned()]
+        );
+        assert!(
+            o.message
+                .contains("RegionTwo, RegionThree will reject tokens"),
+            "{}",
+            o.message
+        );
+        assert_eq!(core.repos[0].current().number, 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_does_not_match_what_was_sent_is_not_an_acknowledgement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let good = pb::InstallResponse {
+            repository: "tokens".into(),
+            generation: 1,
+            digest: current.digest.0.to_vec(),
+            canaries_valid: true,
+            ..Default::default()
+        };
+        let wrong_digest = pb::InstallResponse {
+            digest: vec![0; 32],
+            ..good.clone()
+        };
+        let no_canaries = pb::InstallResponse {
+            canaries_valid: false,
+            ..good.clone()
+        };
+        assert!(core.observe_install(0, 0, &current, &wrong_digest).is_err());
+        assert!(core.observe_install(0, 0, &current, &no_canaries).is_err());
+        assert!(!core.agent_holds(0, 0, &current));
+        core.observe_install(0, 0, &current, &good)
+            .expect("acknowledged");
+        assert!(core.agent_holds(0, 0, &current));
+        let row = &core.agent_statuses()[0];
+        assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
+    }
+
+    #[tokio::test]
+    async fn an_agent_ahead_of_the_rotator_or_forked_is_reported_not_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let state = |generation: u64, digest: Vec<u8>| pb::GetStateResponse {
+            region: "RegionOne".into(),
+            repositories: vec![pb::RepositoryState {
+                name: "tokens".into(),
+                generation,
+                digest,
+                ..Default::default()
+            }],
+            version: String::new(),
+        };
+        core.observe_state(0, &state(7, vec![1; 32]))
+            .expect("observed");
+        assert!(
+            core.agent_ahead(0, 0, &current)
+                .is_some_and(|r| r.contains("newer"))
+        );
+        core.observe_state(0, &state(1, vec![1; 32]))
+            .expect("observed");
+        assert!(
+            core.agent_ahead(0, 0, &current)
+                .is_some_and(|r| r.contains("fork"))
+        );
+        let wrong_region = pb::GetStateResponse {
+            region: "RegionNine".into(),
+            ..state(1, current.digest.0.to_vec())
+        };
+        assert!(core.observe_state(0, &wrong_region).is_err());
+        core.observe_state(0, &state(1, current.digest.0.to_vec()))
+            .expect("observed");
+        assert!(core.agent_holds(0, 0, &current));
+    }
+
+    #[test]
+    fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
+        let keys = repository::init(3).expect("init");
+        let g = Generation::build("tokens", 4, keys.clone()).expect("build");
+        let decoded: pb::InstallRequest =
+            prost::Message::decode(&g.encoded().0[..]).expect("decodes");
+        assert_eq!(decoded.generation, 4);
+        assert_eq!(decoded.digest, keys.digest().0.to_vec());
+        assert_eq!(decoded.keys.len(), keys.len());
+        let ring = crate::token::Keyring::new(&keys);
+        let indices: Vec<u32> = decoded.canaries.iter().map(|c| c.key_index).collect();
+        assert_eq!(indices, vec![keys.primary_index().expect("primary"), 0]);
+        for c in &decoded.canaries {
+            assert_eq!(
+                ring.decrypt(&c.token).expect("decrypts").key_index,
+                c.key_index
+            );
+        }
+        assert!(!format!("{g:?}").contains(keys.staged().expect("staged").to_base64().as_str()));
+    }
+}

@@ -1,0 +1,418 @@
+//! Fan-out: getting every generation onto every agent. One dispatcher task owns
+//! a ready queue and a timer heap of agent indices; it starts at most
+//! `concurrency` short-lived call tasks at a time (a semaphore), so 10,000 agents
+//! cost 10,000 small fixed-size records and a lazily connected HTTP/2 channel
+//! each, not 10,000 idle tasks. A failed agent waits out an exponential backoff
+//! with jitter; a reconcile pass reads every agent's state back (`GetState`) and
+//! re-pushes to any whose digest differs. Each generation's `InstallRequest` is
+//! encoded once and the same bytes are written to every agent (a codec that
+//! sends pre-encoded bytes).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prost::bytes::BufMut as _;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use zeroize::Zeroizing;
+
+use super::core::{Core, Generation};
+use crate::pb;
+
+/// An `InstallRequest` encoded once, shared by every push of its generation. It
+/// holds key material: wiped when the last push and the generation are gone.
+pub struct EncodedInstall(pub(super) Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for EncodedInstall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncodedInstall({} bytes)", self.0.len())
+    }
+}
+
+/// Sends [`EncodedInstall`] bytes as they are and decodes the response with prost.
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncodedCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncodedEncoder;
+
+type ResponseDecoder =
+    <tonic_prost::ProstCodec<pb::InstallRequest, pb::InstallResponse> as Codec>::Decoder;
+
+impl Codec for PreEncodedCodec {
+    type Encode = Arc<EncodedInstall>;
+    type Decode = pb::InstallResponse;
+    type Encoder = PreEncodedEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<pb::InstallRequest, pb::InstallResponse>::default().decoder()
+    }
+}
+
+impl Encoder for PreEncodedEncoder {
+    type Item = Arc<EncodedInstall>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+}
+
+/// Where an agent is in the dispatcher's hands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Nothing to do, in no queue.
+    Idle,
+    /// In the ready queue.
+    Queued,
+    /// In the timer heap until this instant (backoff).
+    Waiting(Instant),
+    /// A call task is running; `again` = more work arrived meanwhile.
+    Running { again: bool },
+}
+
+/// The dispatcher's queues.
+pub(crate) struct WorkQueue {
+    ready: Mutex<VecDeque<usize>>,
+    delayed: Mutex<BinaryHeap<Reverse<(Instant, usize)>>>,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these small locks leaves consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WorkQueue {
+    pub(super) fn new(concurrency: usize) -> Self {
+        WorkQueue {
+            ready: Mutex::new(VecDeque::new()),
+            delayed: Mutex::new(BinaryHeap::new()),
+            wake: Notify::new(),
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+}
+
+impl Core {
+    /// Asks for agent `i` to be worked on: now when `urgent` (a new generation,
+    /// an admin sync), or after its current backoff otherwise.
+    pub(super) fn enqueue(&self, i: usize, urgent: bool) {
+        let mut st = self.agents[i].lock();
+        match st.phase {
+            Phase::Idle => {}
+            Phase::Queued => return,
+            Phase::Waiting(_) if urgent => {}
+            Phase::Waiting(_) => return,
+            Phase::Running { .. } => {
+                st.phase = Phase::Running { again: true };
+                return;
+            }
+        }
+        st.phase = Phase::Queued;
+        drop(st);
+        lock(&self.queue.ready).push_back(i);
+        self.queue.wake.notify_one();
+    }
+
+    /// Marks every agent for a state read-back and queues it.
+    pub(super) fn reconcile_all(&self, urgent: bool) {
+        for i in 0..self.agents.len() {
+            self.agents[i].lock().probe = true;
+            self.enqueue(i, urgent);
+        }
+    }
+
+    /// Queues every agent that does not hold the current generation of every
+    /// repository.
+    pub(super) fn push_all(&self) {
+        for i in 0..self.agents.len() {
+            self.enqueue(i, true);
+        }
+    }
+
+    /// The dispatcher: runs until `shutdown` turns true.
+    pub(super) async fn dispatch(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let next_timer = self.release_due_timers();
+            loop {
+                let Some(i) = lock(&self.queue.ready).pop_front() else {
+                    break;
+                };
+                let permit = tokio::select! {
+                    p = self.queue.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = crate::rotator::stopped(&mut shutdown) => return,
+                };
+                {
+                    let mut st = self.agents[i].lock();
+                    if st.phase != Phase::Queued {
+                        continue;
+                    }
+                    st.phase = Phase::Running { again: false };
+                }
+                let core = self.clone();
+                tokio::spawn(async move {
+                    let outcome = core.work(i).await;
+                    core.finish(i, outcome);
+                    drop(permit);
+                });
+            }
+            let sleep = async {
+                match next_timer {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.queue.wake.notified() => {}
+                _ = sleep => {}
+                _ = crate::rotator::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Moves agents whose backoff has passed to the ready queue; returns when the
+    /// next one is due.
+    fn release_due_timers(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut heap = lock(&self.queue.delayed);
+        while let Some(Reverse((t, i))) = heap.peek().copied() {
+            if t > now {
+                return Some(t);
+            }
+            heap.pop();
+            let mut st = self.agents[i].lock();
+            // A stale entry (the agent was requeued urgently since) is skipped.
+            if st.phase == Phase::Waiting(t) {
+                st.phase = Phase::Queued;
+                drop(st);
+                lock(&self.queue.ready).push_back(i);
+            }
+        }
+        None
+    }
+
+    /// Records the end of a call task: requeue, back off, or go idle.
+    fn finish(&self, i: usize, outcome: Result<(), String>) {
+        let mut st = self.agents[i].lock();
+        let again = matches!(st.phase, Phase::Running { again: true });
+        match outcome {
+            Ok(()) => {
+                st.failures = 0;
+                st.last_error = None;
+                if again {
+                    st.phase = Phase::Queued;
+                    drop(st);
+                    lock(&self.queue.ready).push_back(i);
+                    self.queue.wake.notify_one();
+                } else {
+                    st.phase = Phase::Idle;
+                }
+            }
+            Err(error) => {
+                st.failures = st.failures.saturating_add(1);
+                let delay = self.backoff.delay_random(st.failures);
+                let at = Instant::now() + delay;
+                tracing::warn!(
+                    region = %self.agents[i].region,
+                    failures = st.failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "agent call failed: {error}"
+                );
+                st.last_error = Some(error);
+                st.phase = Phase::Waiting(at);
+                drop(st);
+                lock(&self.queue.delayed).push(Reverse((at, i)));
+                self.queue.wake.notify_one();
+                self.metrics.push_failures.inc();
+            }
+        }
+    }
+
+    /// One visit to agent `i`: read its state back if asked, then push every
+    /// repository it does not hold at the current generation.
+    async fn work(&self, i: usize) -> Result<(), String> {
+        let agent = &self.agents[i];
+        let probe = agent.lock().probe;
+        if probe {
+            let state = self
+                .get_state(i)
+                .await
+                .inspect_err(|_| agent.lock().connected = false)?;
+            agent.lock().connected = true;
+            self.observe_state(i, &state)?;
+            agent.lock().probe = false;
+        }
+        for r in 0..self.repos.len() {
+            let generation = self.repos[r].current();
+            if self.agent_holds(i, r, &generation) {
+                continue;
+            }
+            if let Some(reason) = self.agent_ahead(i, r, &generation) {
+                return Err(reason);
+            }
+            let started = std::time::Instant::now();
+            let result = self.install(i, &generation).await;
+            agent.lock().connected = result.is_ok();
+            let response = result?;
+            self.metrics
+                .push_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.observe_install(i, r, &generation, &response)?;
+        }
+        Ok(())
+    }
+
+    async fn install(
+        &self,
+        i: usize,
+        generation: &Generation,
+    ) -> Result<pb::InstallResponse, String> {
+        let channel = self.agents[i].channel.clone();
+        let timeout = self.fanout.call_timeout;
+        let call = async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.map_err(|e| format!("connect: {e}"))?;
+            let mut request = tonic::Request::new(generation.encoded());
+            request.set_timeout(timeout);
+            request
+                .extensions_mut()
+                .insert(tonic::GrpcMethod::new("fernetd.v1.Distribution", "Install"));
+            let path = http::uri::PathAndQuery::from_static("/fernetd.v1.Distribution/Install");
+            grpc.unary(request, path, PreEncodedCodec)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| crate::admin::describe(&s))
+        };
+        with_deadline(timeout, "Install", call).await
+    }
+
+    async fn get_state(&self, i: usize) -> Result<pb::GetStateResponse, String> {
+        let mut client =
+            pb::distribution_client::DistributionClient::new(self.agents[i].channel.clone());
+        let timeout = self.fanout.call_timeout;
+        let call = async move {
+            let mut request = tonic::Request::new(pb::GetStateRequest {});
+            request.set_timeout(timeout);
+            client
+                .get_state(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| crate::admin::describe(&s))
+        };
+        with_deadline(timeout, "GetState", call).await
+    }
+}
+
+async fn with_deadline<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{what}: no answer within {}ms",
+                timeout.as_millis()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_described_with_their_code() {
+        let s = tonic::Status::failed_precondition("generation 3 is older than 5");
+        assert_eq!(
+            crate::admin::describe(&s),
+            "FailedPrecondition: generation 3 is older than 5"
+        );
+    }
+
+    /// With the clock paused: a failed agent waits out a jittered, doubling,
+    /// capped delay before the dispatcher takes it again; an urgent request
+    /// (a new generation) does not wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_agent_is_retried_after_a_growing_jittered_backoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = crate::rotator::core::tests::core(dir.path(), &["RegionOne"]);
+        let base = core.fanout.backoff_base;
+        let max = core.fanout.backoff_max;
+        let mut expected_nominal = base;
+        for failure in 1..=10u32 {
+            core.agents[0].lock().phase = Phase::Running { again: false };
+            let failed_at = Instant::now();
+            core.finish(0, Err("unreachable".into()));
+            let Phase::Waiting(at) = core.agents[0].lock().phase else {
+                panic!("not waiting after failure {failure}");
+            };
+            let delay = at - failed_at;
+            assert!(
+                delay >= expected_nominal / 2 && delay <= expected_nominal,
+                "failure {failure}: {delay:?} outside [{:?}, {expected_nominal:?}]",
+                expected_nominal / 2
+            );
+            // Not released before its time, released at it.
+            tokio::time::advance(delay / 2).await;
+            assert_eq!(core.release_due_timers(), Some(at));
+            assert_eq!(lock(&core.queue.ready).len(), 0);
+            tokio::time::advance(at - Instant::now()).await;
+            assert_eq!(core.release_due_timers(), None);
+            assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+            assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+            expected_nominal = (expected_nominal * 2).min(max);
+        }
+        assert_eq!(core.agents[0].lock().failures, 10);
+        assert_eq!(
+            core.agents[0].lock().last_error.as_deref(),
+            Some("unreachable")
+        );
+
+        // A new generation while backing off: queued at once, the old timer ignored.
+        core.agents[0].lock().phase = Phase::Running { again: false };
+        core.finish(0, Err("unreachable".into()));
+        core.enqueue(0, true);
+        assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+        assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+        tokio::time::advance(max).await;
+        core.release_due_timers();
+        assert!(
+            lock(&core.queue.ready).is_empty(),
+            "the stale timer released nothing"
+        );
+
+        // Success clears the failure count and the error.
+        core.agents[0].lock().phase = Phase::Running { again: true };
+        core.finish(0, Ok(()));
+        let st = core.agents[0].lock();
+        assert_eq!(
+            (st.failures, st.last_error.is_none(), st.phase),
+            (0, true, Phase::Queued)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_answer_fails_at_its_deadline() {
+        let started = Instant::now();
+        let r: Result<(), String> =
+            with_deadline(Duration::from_secs(3), "Install", std::future::pending()).await;
+        assert_eq!(r, Err("Install: no answer within 3000ms".to_owned()));
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,391 @@
+//! The rotator's durable state. Per repository one file `<name>.state` (mode
+//! 0600) holding the committed generation, its digest and its keys; one file
+//! `agents.json` holding what each agent last acknowledged. Every write is a
+//! temporary file, fsync, rename over the old one, fsync of the directory, so a
+//! crash leaves the old or the new state, never a torn one. A generation is
+//! written here before it is sent to any agent: what an agent may hold is always
+//! on disk, so after a crash the rotator resumes from it and a generation number
+//! can never come back with other keys.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::repository::{self, Digest, KeySet};
+
+const MAGIC: &str = "fernetd-rotator-state 1";
+const ACKS_FILE: &str = "agents.json";
+
+/// What went wrong reading or writing the state directory. Never carries keys.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot access state {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("invalid repository name `{0}`: use letters, digits, `-` and `_`")]
+    BadName(String),
+    #[error("another rotator is using the state directory {0} (it holds its lock)")]
+    Locked(PathBuf),
+}
+
+/// One committed generation of a repository.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub generation: u64,
+    pub keys: KeySet,
+}
+
+/// What an agent last acknowledged for one repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRecord {
+    pub generation: u64,
+    /// Hex digest of the acknowledged set.
+    pub digest: String,
+    /// Unix time (ms) of the acknowledgement.
+    pub unix_ms: i64,
+}
+
+/// Acknowledgements by repository, then by region.
+pub type Acks = BTreeMap<String, BTreeMap<String, AckRecord>>;
+
+/// The state directory, locked (flock) for as long as a copy of this value
+/// lives: two rotators on one state would fork generations.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+    _lock: std::sync::Arc<File>,
+}
+
+impl StateStore {
+    /// Opens (creating with mode 0700 when missing) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let io = |source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+        let meta = fs::metadata(dir).map_err(io)?;
+        if !meta.is_dir() {
+            return Err(io(std::io::Error::other("not a directory")));
+        }
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| StateError::Io {
+                path: lock_path,
+                source,
+            })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| StateError::Locked(dir.to_path_buf()))?;
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+            _lock: std::sync::Arc::new(lock),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn repository_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(StateError::BadName(name.to_owned()));
+        }
+        Ok(self.dir.join(format!("{name}.state")))
+    }
+
+    /// The committed generation of `name`, or `None` before the first commit.
+    pub fn load(&self, name: &str) -> Result<Option<Committed>, StateError> {
+        let path = self.repository_path(name)?;
+        let content = match fs::read(&path) {
+            Ok(c) => Zeroizing::new(c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        parse_state(&content, name)
+            .map(Some)
+            .map_err(|reason| StateError::Corrupt { path, reason })
+    }
+
+    /// Durably records `committed` as the current generation of `name`.
+    pub fn save(&self, name: &str, committed: &Committed) -> Result<(), StateError> {
+        let path = self.repository_path(name)?;
+        let mut text = Zeroizing::new(String::with_capacity(128 + 60 * committed.keys.len()));
+        text.push_str(MAGIC);
+        text.push('\n');
+        text.push_str(&format!("repository {name}\n"));
+        text.push_str(&format!("generation {}\n", committed.generation));
+        text.push_str(&format!("digest {}\n", committed.keys.digest()));
+        for (index, key) in committed.keys.iter() {
+            text.push_str("key ");
+            text.push_str(&index.to_string());
+            text.push(' ');
+            text.push_str(&key.to_base64());
+            text.push('\n');
+        }
+        write_atomic(&self.dir, &path, text.as_bytes())
+    }
+
+    /// The acknowledgements recorded by [`StateStore::save_acks`]; empty when none.
+    pub fn load_acks(&self) -> Result<Acks, StateError> {
+        let path = self.dir.join(ACKS_FILE);
+        match fs::read(&path) {
+            Ok(c) => serde_json::from_slice(&c).map_err(|e| StateError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Acks::new()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Records acknowledgements. They only speed up a restart (the rotator reads
+    /// every agent's state back anyway), so they are written lazily.
+    pub fn save_acks(&self, acks: &Acks) -> Result<(), StateError> {
+        let path = self.dir.join(ACKS_FILE);
+        let json = serde_json::to_vec_pretty(acks).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir, &path, &json)
+    }
+}
+
+fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
+    let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
+    let mut lines = text.lines();
+    if lines.next() != Some(MAGIC) {
+        return Err(format!("does not start with `{MAGIC}`"));
+    }
+    let mut generation = None;
+    let mut digest = None;
+    let mut keys = KeySet::new();
+    for (n, line) in lines.enumerate() {
+        let lineno = n + 2;
+        let mut fields = line.splitn(3, ' ');
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some("repository"), Some(r), None) if r == name => {}
+            (Some("repository"), Some(r), None) => {
+                return Err(format!(
+                    "line {lineno}: holds repository `{r}`, expected `{name}`"
+                ));
+            }
+            (Some("generation"), Some(g), None) => {
+                generation = Some(
+                    g.parse::<u64>()
+                        .map_err(|_| format!("line {lineno}: bad generation"))?,
+                );
+            }
+            (Some("digest"), Some(d), None) => digest = Some(d.to_owned()),
+            (Some("key"), Some(i), Some(k)) => {
+                let index = i
+                    .parse::<u32>()
+                    .map_err(|_| format!("line {lineno}: bad key index"))?;
+                // The reason names the defect, never the content.
+                let key = repository::parse_key(k.as_bytes())
+                    .map_err(|r| format!("line {lineno}: key {index} {r}"))?;
+                if keys.insert(index, key).is_some() {
+                    return Err(format!("line {lineno}: key {index} appears twice"));
+                }
+            }
+            _ => return Err(format!("line {lineno}: unrecognised")),
+        }
+    }
+    let generation = generation.ok_or("no generation")?;
+    let digest = digest.ok_or("no digest")?;
+    if keys.staged().is_none() || keys.len() < 2 {
+        return Err("fewer than two keys, or no staged key 0".into());
+    }
+    let actual = keys.digest();
+    if actual.to_hex() != digest {
+        return Err(format!("keys hash to {actual}, the file says {digest}"));
+    }
+    Ok(Committed { generation, keys })
+}
+
+/// Hex digest to [`Digest`].
+pub fn parse_digest_hex(hex: &str) -> Option<Digest> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(Digest(out))
+}
+
+/// Temporary file (0600, exclusive), write, fsync, rename, fsync directory.
+fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    // A leftover from a crash during a previous write holds nothing we need.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&tmp)(e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    // An umask or an inherited ACL must not widen it.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io(&tmp))?;
+    file.write_all(content).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::Key;
+
+    fn set(n: u32) -> KeySet {
+        KeySet::from_keys((0..n).map(|i| (i, Key::generate())))
+    }
+
+    #[test]
+    fn a_saved_generation_loads_back_identically_with_mode_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(&dir.path().join("state")).expect("open");
+        assert!(store.load("tokens").expect("load").is_none());
+        let keys = set(3);
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 7,
+                    keys: keys.clone(),
+                },
+            )
+            .expect("save");
+        let back = store.load("tokens").expect("load").expect("present");
+        assert_eq!(back.generation, 7);
+        assert_eq!(back.keys, keys);
+        let mode = fs::metadata(dir.path().join("state/tokens.state"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = fs::metadata(dir.path().join("state"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_corrupt_state_is_refused_without_showing_its_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let keys = set(3);
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 2,
+                    keys,
+                },
+            )
+            .expect("save");
+        let path = dir.path().join("tokens.state");
+        let text = fs::read_to_string(&path).expect("read");
+        let secret = text
+            .lines()
+            .last()
+            .expect("a key line")
+            .rsplit(' ')
+            .next()
+            .expect("key")
+            .to_owned();
+        // Another key under the same digest: the digest check catches it.
+        let tampered = text.replace(&secret, &Key::generate().to_base64());
+        fs::write(&path, tampered).expect("write");
+        let e = store.load("tokens").expect_err("tampered");
+        let shown = format!("{e} {e:?}");
+        assert!(shown.contains("hash to"), "{shown}");
+        assert!(!shown.contains(&secret));
+        fs::write(&path, "fernetd-rotator-state 1\ngeneration 1\n").expect("write");
+        assert!(store.load("tokens").is_err());
+    }
+
+    #[test]
+    fn a_second_rotator_cannot_open_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = StateStore::open(dir.path()).expect("open");
+        let second = StateStore::open(dir.path()).expect_err("locked");
+        assert!(matches!(second, StateError::Locked(_)), "{second}");
+        drop(first);
+        StateStore::open(dir.path()).expect("free again");
+    }
+
+    #[test]
+    fn names_cannot_escape_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        assert!(matches!(store.load("../x"), Err(StateError::BadName(_))));
+    }
+
+    #[test]
+    fn acks_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        assert!(store.load_acks().expect("empty").is_empty());
+        let mut acks = Acks::new();
+        acks.entry("tokens".into()).or_default().insert(
+            "RegionOne".into(),
+            AckRecord {
+                generation: 3,
+                digest: "ab".into(),
+                unix_ms: 5,
+            },
+        );
+        store.save_acks(&acks).expect("save");
+        assert_eq!(store.load_acks().expect("load"), acks);
+    }
+
+    #[test]
+    fn hex_digests_parse() {
+        let d = set(2).digest();
+        assert_eq!(parse_digest_hex(&d.to_hex()), Some(d));
+        assert_eq!(parse_digest_hex("zz"), None);
+    }
+}
