@@ -104,7 +104,8 @@ pub async fn main(
 }
 
 /// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
-/// until `shutdown` resolves; in-flight installs complete before it returns.
+/// until `shutdown` resolves; in-flight installs complete and the drift watch is
+/// stopped (no check runs, no file is watched) before it returns.
 pub async fn run(
     config: AgentConfig,
     listener: TcpListener,
@@ -137,7 +138,7 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let _drift = drift::spawn(
+    let drift = drift::spawn(
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
         Duration::from_secs(config.drift_check_seconds),
@@ -208,6 +209,9 @@ pub async fn run(
     for repo in &quiesce {
         repo.quiesce().await;
     }
+    // No drift check may outlive `run`: a caller may remove the repository as
+    // soon as it returns (tests, the demo's temporary directory).
+    drift.stop().await;
     if let Some(task) = metrics_task {
         task.await.map_err(|e| AgentError::Join(e.to_string()))?;
     }

@@ -303,9 +303,7 @@ pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
     }
     let result = run(layout, args.rotations).await;
     if temporary {
-        // Let the stopped agents' file watchers wind down first, or they would
-        // report the directory's removal as drift.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Safe at once: `agent::run` returns only after its file watches are gone.
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.map_err(CliError::runtime)

@@ -302,6 +302,10 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                         // Editors and copy tools write in several steps: let them finish.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         while events.try_recv().is_ok() {}
+                        // Nobody left to serve (the files' owner may be removing them).
+                        if tx.is_closed() {
+                            return;
+                        }
                     }
                     _ = poll.tick() => {}
                 }
