@@ -141,7 +141,7 @@ pub async fn run(
     let drift = drift::spawn(
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
-        Duration::from_secs(config.drift_check_seconds),
+        config.drift_check,
         stop_rx.clone(),
     )?;
 
@@ -258,6 +258,35 @@ mod tests {
         let again: AgentConfig =
             toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");
         assert_eq!(again, config);
+    }
+
+    #[test]
+    fn drift_check_is_a_duration_with_the_old_key_as_alias() {
+        let parse = |line: &str| {
+            toml::from_str::<AgentConfig>(
+                &MINIMAL.replace("rotator_identity", &format!("{line}\nrotator_identity")),
+            )
+        };
+        let default: AgentConfig = toml::from_str(MINIMAL).expect("parse");
+        assert_eq!(default.drift_check, Duration::from_secs(60));
+        let text = toml::to_string(&default).expect("serialize");
+        assert!(text.contains("drift_check = \"60s\""), "{text}");
+        for (line, expected) in [
+            ("drift_check = \"30s\"", Duration::from_secs(30)),
+            ("drift_check = \"5m\"", Duration::from_secs(300)),
+            ("drift_check_seconds = 45", Duration::from_secs(45)),
+        ] {
+            assert_eq!(parse(line).expect(line).drift_check, expected, "{line}");
+        }
+        assert!(parse("drift_check = \"soon\"").is_err());
+        for line in ["drift_check = \"0s\"", "drift_check = \"500ms\""] {
+            let config = parse(line).expect(line);
+            assert_eq!(
+                config.validate(),
+                Err(AgentConfigError::DriftInterval),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
             metrics: Some(addr(&metrics)?),
             rotator_identity: ROTATOR_IDENTITY.into(),
             drift: Default::default(),
-            drift_check_seconds: 60,
+            drift_check: Duration::from_secs(60),
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
             log_format: None,
             tls,

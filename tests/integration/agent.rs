@@ -167,7 +167,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         metrics: Some(free_addr()),
         rotator_identity: ROTATOR.into(),
         drift: DriftPolicy::Report,
-        drift_check_seconds: 60,
+        drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
         log_format: None,
         tls: tls.to_config(),

@@ -94,7 +94,7 @@ impl Cluster {
                 metrics: None,
                 rotator_identity: ROTATOR_ID.into(),
                 drift: Default::default(),
-                drift_check_seconds: 60,
+                drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
                 log_format: None,
                 tls: tls_files(&pki, &ca, &leaf, &region.to_lowercase()),
