@@ -64,7 +64,11 @@ impl AgentError {
     /// Whether the operator must fix the configuration (exit 2) rather than
     /// the environment (exit 3).
     pub fn is_config(&self) -> bool {
-        matches!(self, AgentError::Config(_) | AgentError::Owner { .. })
+        match self {
+            AgentError::Config(_) | AgentError::Owner { .. } => true,
+            AgentError::Tls(e) => e.is_config(),
+            _ => false,
+        }
     }
 }
 

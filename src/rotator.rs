@@ -88,6 +88,9 @@ pub enum RotatorError {
 impl RotatorError {
     /// Whether this is the operator's configuration to fix (exit 2).
     pub fn is_config(&self) -> bool {
+        if let RotatorError::Tls(e) = self {
+            return e.is_config();
+        }
         matches!(
             self,
             RotatorError::Config(_)
@@ -96,7 +99,6 @@ impl RotatorError {
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::Tls(_)
         )
     }
 }

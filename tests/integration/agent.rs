@@ -719,7 +719,20 @@ async fn configuration_errors_exit_2_before_touching_anything() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let good = config(dir.path(), &pki);
-    let cases: [(&str, Edit, &str); 3] = [
+    let not_a_key = dir.path().join("not-a-key.pem");
+    write_file(&not_a_key, "this is no PEM\n");
+    let missing = dir.path().join("tls/missing.pem");
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "missing certificate",
+            Box::new(move |c| c.tls.cert = missing.clone()),
+            "missing.pem",
+        ),
+        (
+            "unparseable key",
+            Box::new(move |c| c.tls.key = not_a_key.clone()),
+            "not-a-key.pem",
+        ),
         (
             "relative path",
             Box::new(|c| c.repositories[0].path = "keys".into()),

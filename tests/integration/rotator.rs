@@ -870,6 +870,27 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
     assert!(!config.state_dir.exists(), "nothing was written");
 }
 
+#[test]
+fn an_unreadable_certificate_is_a_configuration_error() {
+    let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    let mut config = cluster.rotator_config();
+    let missing = config.tls.cert.with_file_name("missing.pem");
+    config.tls.cert = missing.clone();
+    std::fs::write(
+        &cluster.rotator_config,
+        toml::to_string(&config).expect("toml"),
+    )
+    .expect("write rotator.toml");
+    let out = Command::new(crate::common::fernetd_bin())
+        .args(["rotator", "--config"])
+        .arg(&cluster.rotator_config)
+        .output()
+        .expect("run the rotator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&*missing.to_string_lossy()), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_region_is_back() {
     use rustix::process::Signal;
