@@ -89,6 +89,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
             path: tmp.path().join("fernet-keys"),
             owner: None,
         }],
+        keystone_conf: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(fernetd::agent::run(config, listener, None, async {

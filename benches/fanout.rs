@@ -215,6 +215,7 @@ async fn bench(n: usize) {
             reconcile_interval: Duration::from_secs(3600),
             ..FanoutConfig::default()
         },
+        keystone_conf: None,
     };
     let rotator_toml = d.join("rotator.toml");
     write(&rotator_toml, &toml::to_string(&config).expect("toml"));

@@ -54,6 +54,8 @@ pub enum AgentError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Drift(#[from] drift::DriftError),
+    #[error("this region's Keystone configuration")]
+    Keystone(#[from] crate::policy::PolicyError),
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("start-up task failed: {0}")]
@@ -65,7 +67,7 @@ impl AgentError {
     /// the environment (exit 3).
     pub fn is_config(&self) -> bool {
         match self {
-            AgentError::Config(_) | AgentError::Owner { .. } => true,
+            AgentError::Config(_) | AgentError::Owner { .. } | AgentError::Keystone(_) => true,
             AgentError::Tls(e) => e.is_config(),
             _ => false,
         }
@@ -117,6 +119,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    if let Some(path) = &config.keystone_conf {
+        let repos: Vec<(&str, &Path)> = config
+            .repositories
+            .iter()
+            .map(|r| (r.name.as_str(), r.path.as_path()))
+            .collect();
+        for warning in crate::policy::KeystoneConf::load(path)?.check_agent(&repos)? {
+            tracing::warn!(keystone_conf = %path.display(), "{warning}");
+        }
+    }
     let tls = crate::tls::ServerTls::load(&config.tls)?;
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);

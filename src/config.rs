@@ -95,6 +95,10 @@ pub struct AgentConfig {
     /// Managed repositories; default: `tokens` at `/etc/keystone/fernet-keys`.
     #[serde(default = "default_repositories")]
     pub repositories: Vec<AgentRepository>,
+    /// This region's keystone.conf: when set, the agent refuses to start if a
+    /// repository it manages is not the one Keystone reads (`fernetd::policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystone_conf: Option<PathBuf>,
 }
 
 /// One repository the agent manages.

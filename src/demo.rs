@@ -176,6 +176,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
                 path: repo,
                 owner: None,
             }],
+            keystone_conf: None,
         };
         let path = dir.join("agents").join(format!("{region}.toml"));
         write_file(
@@ -220,6 +221,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
             ack_wait: Duration::from_secs(10),
             ..FanoutConfig::default()
         },
+        keystone_conf: None,
     };
     let path = dir.join("rotator.toml");
     write_file(

@@ -304,6 +304,108 @@ impl KeystoneConf {
         }
         Ok(())
     }
+
+    /// The rotator's start-up check against the Keystone it serves. Refuses
+    /// (`Err`, a configuration error) when fernetd's token lifetimes differ from
+    /// Keystone's or when a repository keeps too few keys for the schedule by
+    /// Keystone's formula; returns warnings for what is merely inconsistent: a
+    /// `max_active_keys` that differs from keystone.conf's (Keystone only uses it
+    /// in `keystone-manage fernet_rotate`), a token cache that could outlive a
+    /// key, a provider other than fernet.
+    pub fn check_rotator(
+        &self,
+        token_expiration: Duration,
+        allow_expired_window: Duration,
+        repositories: &[(&str, usize)],
+        rotation_interval: Duration,
+    ) -> Result<Vec<String>, PolicyError> {
+        for (option, keystone, fernetd) in [
+            ("expiration", self.policy.token_expiration, token_expiration),
+            (
+                "allow_expired_window",
+                self.policy.allow_expired_window,
+                allow_expired_window,
+            ),
+        ] {
+            if keystone != fernetd {
+                return Err(PolicyError::LifetimeMismatch {
+                    path: self.path.clone(),
+                    option,
+                    keystone: Seconds(keystone),
+                    fernetd: Seconds(fernetd),
+                });
+            }
+        }
+        let mut warnings = self.provider_warning().into_iter().collect::<Vec<_>>();
+        for &(name, max_active_keys) in repositories {
+            self.policy.check_keys(max_active_keys, rotation_interval)?;
+            let keystone_keys = match name {
+                "tokens" => Some(("fernet_tokens", self.policy.max_active_keys)),
+                "receipts" => Some(("fernet_receipts", self.receipt_max_active_keys)),
+                _ => None,
+            };
+            if let Some((section, keys)) =
+                keystone_keys.filter(|&(_, keys)| keys != max_active_keys)
+            {
+                warnings.push(format!(
+                    "repository `{name}` keeps {max_active_keys} keys but {} sets [{section}] \
+                     max_active_keys = {keys}; only keystone-manage fernet_rotate reads it, set it \
+                     to {max_active_keys} so the two cannot be confused",
+                    self.path.display()
+                ));
+            }
+            if name == "tokens" {
+                if let Err(e) = self.check_cache(max_active_keys, rotation_interval) {
+                    warnings.push(e.to_string());
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The agent's start-up check against its region's Keystone: every managed
+    /// repository Keystone knows by name (`tokens`, `receipts`, `credential`)
+    /// must be the directory Keystone reads, or Keystone would go on using keys
+    /// nobody updates. Returns warnings for what does not stop it.
+    pub fn check_agent(&self, repositories: &[(&str, &Path)]) -> Result<Vec<String>, PolicyError> {
+        for &(name, target) in repositories {
+            let (section, keystone) = match name {
+                "tokens" => ("fernet_tokens", &self.token_key_repository),
+                "receipts" => ("fernet_receipts", &self.receipt_key_repository),
+                "credential" => ("credential", &self.credential_key_repository),
+                _ => continue,
+            };
+            if !same_dir(target, keystone) {
+                return Err(PolicyError::RepositoryMismatch {
+                    path: self.path.clone(),
+                    name: name.to_owned(),
+                    section,
+                    agent: target.to_owned(),
+                    keystone: keystone.clone(),
+                });
+            }
+        }
+        Ok(self.provider_warning().into_iter().collect())
+    }
+
+    fn provider_warning(&self) -> Option<String> {
+        (self.token_provider != "fernet").then(|| {
+            format!(
+                "{} sets [token] provider = {}: Keystone does not use the fernet keys for tokens",
+                self.path.display(),
+                self.token_provider
+            )
+        })
+    }
+}
+
+/// Whether two spellings name the same directory: by identity when both exist
+/// (symlinks, `..`), else lexically up to trailing slashes.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a.components().eq(b.components()),
+    }
 }
 
 /// Why a keystone.conf could not be used, or why a schedule breaks its policy.
@@ -358,6 +460,31 @@ pub enum PolicyError {
     },
     #[error("the rotation interval is zero: a schedule must leave time between rotations")]
     ZeroInterval,
+    #[error(
+        "{} sets [token] {option} = {keystone} but fernetd's policy says {fernetd}: \
+         the schedule would be checked against the wrong token lifetime; make them equal",
+        path.display()
+    )]
+    LifetimeMismatch {
+        path: PathBuf,
+        option: &'static str,
+        keystone: Seconds,
+        fernetd: Seconds,
+    },
+    #[error(
+        "repository `{name}` is written to {} but Keystone reads [{section}] key_repository = {} \
+         (from {}): Keystone would never see the keys fernetd installs",
+        agent.display(),
+        keystone.display(),
+        path.display()
+    )]
+    RepositoryMismatch {
+        path: PathBuf,
+        name: String,
+        section: &'static str,
+        agent: PathBuf,
+        keystone: PathBuf,
+    },
 }
 
 /// One option's raw value and the line it started on.
@@ -774,6 +901,109 @@ mod tests {
         );
         // Without a cache there is nothing to outlive.
         assert!(parse("").unwrap().check_cache(3, DAY).is_ok());
+    }
+
+    #[test]
+    fn rotator_refuses_other_lifetimes_and_too_few_keys() {
+        let conf = parse("[token]\nexpiration = 7200\nallow_expired_window = 0\n[fernet_tokens]\nmax_active_keys = 4\n").unwrap();
+        let two_h = Duration::from_secs(7200);
+        // Same lifetimes, 4 keys every hour: ceil(2 h / 1 h) + 2 = 4, fine, nothing to say.
+        assert_eq!(
+            conf.check_rotator(two_h, Duration::ZERO, &[("tokens", 4)], HOUR)
+                .unwrap(),
+            Vec::<String>::new()
+        );
+        let err = conf
+            .check_rotator(HOUR, Duration::ZERO, &[("tokens", 4)], HOUR)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PolicyError::LifetimeMismatch {
+                    option: "expiration",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("7200 s") && err.to_string().contains("3600 s"),
+            "{err}"
+        );
+        let err = conf
+            .check_rotator(two_h, HOUR, &[("tokens", 4)], HOUR)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PolicyError::LifetimeMismatch {
+                    option: "allow_expired_window",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = conf
+            .check_rotator(two_h, Duration::ZERO, &[("tokens", 3)], HOUR)
+            .unwrap_err();
+        assert!(
+            matches!(err, PolicyError::TooFewKeys { minimum: 4, .. }),
+            "{err}"
+        );
+        // More keys than keystone.conf says: works, but say so.
+        let warnings = conf
+            .check_rotator(two_h, Duration::ZERO, &[("tokens", 6)], HOUR)
+            .unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("max_active_keys = 4"), "{warnings:?}");
+    }
+
+    #[test]
+    fn rotator_warns_about_a_cache_that_outlives_keys() {
+        let conf = parse("[token]\nexpiration = 3600\nallow_expired_window = 0\ncache_time = 600\n[fernet_tokens]\nmax_active_keys = 3\n[cache]\nenabled = true\n").unwrap();
+        let warnings = conf
+            .check_rotator(HOUR, Duration::ZERO, &[("tokens", 3)], HOUR)
+            .unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("at least 4"), "{warnings:?}");
+    }
+
+    #[test]
+    fn agent_refuses_a_repository_keystone_does_not_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = tmp.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&tokens, &link).unwrap();
+        let text = format!(
+            "[fernet_tokens]\nkey_repository = {}/\n[token]\nprovider = jws\n",
+            link.display()
+        );
+        let conf = parse(&text).unwrap();
+        // The same directory through a symlink and a trailing slash.
+        let warnings = conf
+            .check_agent(&[("tokens", &tokens), ("other", Path::new("/x"))])
+            .unwrap();
+        assert_eq!(warnings.len(), 1, "the jws provider: {warnings:?}");
+        let err = conf
+            .check_agent(&[("tokens", &tmp.path().join("elsewhere"))])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PolicyError::RepositoryMismatch {
+                    section: "fernet_tokens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Keystone's defaults for receipts and credentials apply when unset.
+        let err = conf.check_agent(&[("credential", &tokens)]).unwrap_err();
+        assert!(
+            err.to_string().contains("/etc/keystone/credential-keys/"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub enum RotatorError {
         window: String,
         interval: String,
     },
+    #[error("Keystone's token policy")]
+    Keystone(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("cannot import the existing repository {path} for `{repository}`")]
@@ -96,6 +98,7 @@ impl RotatorError {
             RotatorError::Config(_)
                 | RotatorError::Schedule(_)
                 | RotatorError::Policy { .. }
+                | RotatorError::Keystone(_)
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
@@ -160,6 +163,22 @@ pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
                 window: duration::format(&config.policy.allow_expired_window),
                 interval: duration::format(&interval),
             });
+        }
+    }
+    if let Some(path) = &config.keystone_conf {
+        let repos: Vec<(&str, usize)> = config
+            .repositories
+            .iter()
+            .map(|r| (r.name.as_str(), r.max_active_keys))
+            .collect();
+        let warnings = crate::policy::KeystoneConf::load(path)?.check_rotator(
+            config.policy.token_expiration,
+            config.policy.allow_expired_window,
+            &repos,
+            interval,
+        )?;
+        for warning in warnings {
+            tracing::warn!(keystone_conf = %path.display(), "{warning}");
         }
     }
     Ok(schedule)

@@ -36,6 +36,11 @@ pub struct RotatorConfig {
     pub agents: Vec<AgentEndpoint>,
     #[serde(default)]
     pub fanout: FanoutConfig,
+    /// A keystone.conf with the regions' token policy: when set, start-up refuses
+    /// `[policy]` lifetimes that differ from Keystone's and warns about its
+    /// `max_active_keys` and token cache (`fernetd::policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystone_conf: Option<PathBuf>,
 }
 
 /// One managed repository (`[[repositories]]`).

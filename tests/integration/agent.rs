@@ -176,6 +176,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
             path: repo,
             owner: None,
         }],
+        keystone_conf: None,
     }
 }
 

@@ -6,5 +6,5 @@ mod common;
 mod keystone_e2e;
 mod repo;
 mod rotator;
-mod token;
 mod systemd;
+mod token;

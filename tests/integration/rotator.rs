@@ -103,6 +103,7 @@ impl Cluster {
                     path: repo.clone(),
                     owner: None,
                 }],
+                keystone_conf: None,
             };
             let path = dir.path().join(format!("{region}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
@@ -149,6 +150,7 @@ impl Cluster {
                 reconcile_interval: Duration::from_secs(1),
                 ack_wait: Duration::from_secs(20),
             },
+            keystone_conf: None,
         };
         let rotator_config = dir.path().join("rotator.toml");
         std::fs::write(&rotator_config, toml::to_string(&rotator).expect("toml"))

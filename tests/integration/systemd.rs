@@ -5,11 +5,11 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use crate::common::fernetd_bin;
-use crate::common::keystone::bundle;
+use crate::common::keystone::{bundle, run_ok as run};
 
 /// The installed paths the units name, and what stands in for them here:
 /// `verify` refuses a unit whose ExecStart binary does not exist.
@@ -59,18 +59,6 @@ fn systemd_tool(name: &str) -> PathBuf {
         );
     });
     find().unwrap_or_else(|| panic!("{name} not found even after installing systemd"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// Copies the units into `dir` with the installed paths rewritten to this build.

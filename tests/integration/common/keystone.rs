@@ -69,40 +69,43 @@ pub fn bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("keystone")
 }
 
+/// Runs `cmd` to completion, panicking with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Renders the bundle's template with `keystone/render-conf.sh NAME=VALUE...` into
 /// `out`, then appends `extra` (test-only sections; oslo.config merges repeated
 /// sections, later values winning).
 pub fn render_conf(out: &Path, values: &[(&str, &str)], extra: &str) {
-    let rendered = Command::new("bash")
-        .arg(bundle().join("render-conf.sh"))
-        .args(values.iter().map(|(k, v)| format!("{k}={v}")))
-        .output()
-        .expect("run keystone/render-conf.sh");
-    assert!(
-        rendered.status.success(),
-        "render-conf.sh failed ({}): {}",
-        rendered.status,
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let mut text = rendered.stdout;
+    let mut text = run_ok(
+        Command::new("bash")
+            .arg(bundle().join("render-conf.sh"))
+            .args(values.iter().map(|(k, v)| format!("{k}={v}"))),
+    )
+    .stdout;
     text.extend_from_slice(extra.as_bytes());
     std::fs::write(out, text).expect("write keystone.conf");
 }
 
 /// Runs `keystone-manage --config-file CONF ARGS...`, panicking with its output on failure.
 pub fn manage(conf: &Path, args: &[&str]) {
-    let out = Command::new(keystone_manage())
-        .arg("--config-file")
-        .arg(conf)
-        .args(args)
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .expect("start keystone-manage");
-    assert!(
-        out.status.success(),
-        "keystone-manage {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(keystone_manage())
+            .arg("--config-file")
+            .arg(conf)
+            .args(args)
+            .env("PYTHONWARNINGS", "ignore"),
     );
 }
 
@@ -203,6 +206,23 @@ impl Keystone {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A client for this Keystone (copyable to other threads).
+    pub fn client(&self) -> Client {
+        Client::new(self.addr)
+    }
+}
+
+/// Talks to one Keystone's public API.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client { addr }
     }
 
     /// Issues a token for the bootstrap admin by password: project-scoped to
@@ -346,11 +366,13 @@ pub struct Regions {
 }
 
 impl Regions {
-    pub fn start(dir: &Path, repos: &[PathBuf], policy: TestPolicy, workers: u32) -> Regions {
+    /// Renders one keystone.conf per region, each reading its own repository
+    /// and all sharing `dir/keystone.db` and `dir/credential-keys`.
+    pub fn configure(dir: &Path, repos: &[PathBuf], policy: TestPolicy) -> Vec<PathBuf> {
         let db = dir.join("keystone.db");
         let credential = dir.join("credential-keys");
         std::fs::create_dir_all(&credential).expect("create credential repository");
-        let confs: Vec<PathBuf> = repos
+        repos
             .iter()
             .enumerate()
             .map(|(i, repo)| {
@@ -358,9 +380,11 @@ impl Regions {
                 render_conf(
                     &conf,
                     &[
+                        // Every password login writes `last_active_at`; with three Keystones on one
+                        // SQLite file, writers must wait for the lock rather than fail after 5 s.
                         (
                             "DATABASE_CONNECTION",
-                            &format!("sqlite:///{}", db.display()),
+                            &format!("sqlite:///{}?timeout=60", db.display()),
                         ),
                         ("KEY_REPOSITORY", &repo.display().to_string()),
                         (
@@ -381,7 +405,12 @@ impl Regions {
                 );
                 conf
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sets up the shared database through the first region's configuration
+    /// (whose repository must hold keys by now) and starts every Keystone.
+    pub fn launch(dir: &Path, confs: Vec<PathBuf>, workers: u32) -> Regions {
         let user = nix::unistd::User::from_uid(nix::unistd::getuid())
             .ok()
             .flatten()
@@ -405,7 +434,35 @@ impl Regions {
             .iter()
             .enumerate()
             .map(|(i, conf)| Keystone::start(conf, &dir.join(format!("keystone-{i}.log")), workers))
-            .collect();
+            .collect::<Vec<_>>();
+        // One login per region, one at a time, before any concurrent traffic: the
+        // first login of the day writes the user's `last_active_at`, and three
+        // first logins at once deadlock on the shared SQLite file ("database is
+        // locked", HTTP 500) — a test artefact a real shared database does not have.
+        for k in &keystones {
+            if let Err(e) = k.client().issue(None) {
+                panic!("warm-up login at {}: {e}", k.addr);
+            }
+        }
         Regions { confs, keystones }
     }
+
+    /// [`Regions::configure`] then [`Regions::launch`].
+    pub fn start(dir: &Path, repos: &[PathBuf], policy: TestPolicy, workers: u32) -> Regions {
+        let confs = Regions::configure(dir, repos, policy);
+        Regions::launch(dir, confs, workers)
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.keystones.iter().map(|k| k.addr).collect()
+    }
+}
+
+/// Serializes the tests that run several Keystones: on two cores, two of them
+/// at once would starve each other into timeouts.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
