@@ -31,7 +31,8 @@ pub enum DriftError {
 }
 
 /// The running watch: the `notify` watcher and one check task per repository.
-/// [`DriftWatch::stop`] ends both; dropping it without `stop` only detaches them.
+/// [`DriftWatch::stop`] ends both in order; dropping it instead aborts the tasks
+/// at their next await and leaves the watches to notify's thread to remove.
 pub struct DriftWatch {
     watcher: Arc<Mutex<RecommendedWatcher>>,
     /// Every path handed to `watch`, so `stop` can unwatch them all.
