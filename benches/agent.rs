@@ -80,7 +80,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         metrics: None,
         rotator_identity: "rotator.bench".into(),
         drift: DriftPolicy::Report,
-        drift_check_seconds: 60,
+        drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
         log_format: None,
         tls: agent_tls,

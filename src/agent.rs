@@ -66,10 +66,11 @@ impl AgentError {
     /// Whether the operator must fix the configuration (exit 2) rather than
     /// the environment (exit 3).
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            AgentError::Config(_) | AgentError::Owner { .. } | AgentError::Keystone(_)
-        )
+        match self {
+            AgentError::Config(_) | AgentError::Owner { .. } | AgentError::Keystone(_) => true,
+            AgentError::Tls(e) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
@@ -109,7 +110,8 @@ pub async fn main(
 }
 
 /// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
-/// until `shutdown` resolves; in-flight installs complete before it returns.
+/// until `shutdown` resolves; in-flight installs complete and the drift watch is
+/// stopped (no check runs, no file is watched) before it returns.
 pub async fn run(
     config: AgentConfig,
     listener: TcpListener,
@@ -152,10 +154,10 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let _drift = drift::spawn(
+    let drift = drift::spawn(
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
-        Duration::from_secs(config.drift_check_seconds),
+        config.drift_check,
         stop_rx.clone(),
     )?;
 
@@ -223,6 +225,9 @@ pub async fn run(
     for repo in &quiesce {
         repo.quiesce().await;
     }
+    // No drift check may outlive `run`: a caller may remove the repository as
+    // soon as it returns (tests, the demo's temporary directory).
+    drift.stop().await;
     if let Some(task) = metrics_task {
         task.await.map_err(|e| AgentError::Join(e.to_string()))?;
     }
@@ -269,6 +274,35 @@ mod tests {
         let again: AgentConfig =
             toml::from_str(&toml::to_string(&config).expect("serialize")).expect("reparse");
         assert_eq!(again, config);
+    }
+
+    #[test]
+    fn drift_check_is_a_duration_with_the_old_key_as_alias() {
+        let parse = |line: &str| {
+            toml::from_str::<AgentConfig>(
+                &MINIMAL.replace("rotator_identity", &format!("{line}\nrotator_identity")),
+            )
+        };
+        let default: AgentConfig = toml::from_str(MINIMAL).expect("parse");
+        assert_eq!(default.drift_check, Duration::from_secs(60));
+        let text = toml::to_string(&default).expect("serialize");
+        assert!(text.contains("drift_check = \"60s\""), "{text}");
+        for (line, expected) in [
+            ("drift_check = \"30s\"", Duration::from_secs(30)),
+            ("drift_check = \"5m\"", Duration::from_secs(300)),
+            ("drift_check_seconds = 45", Duration::from_secs(45)),
+        ] {
+            assert_eq!(parse(line).expect(line).drift_check, expected, "{line}");
+        }
+        assert!(parse("drift_check = \"soon\"").is_err());
+        for line in ["drift_check = \"0s\"", "drift_check = \"500ms\""] {
+            let config = parse(line).expect(line);
+            assert_eq!(
+                config.validate(),
+                Err(AgentConfigError::DriftInterval),
+                "{line}"
+            );
+        }
     }
 
     #[test]

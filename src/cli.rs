@@ -250,7 +250,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 pub(crate) fn init_logging(format: LogFormat) {
-    init_logging_with(format, "info")
+    // notify logs its own bookkeeping at info and warn ("unable to remove watch
+    // descriptor") whenever a watched directory is swapped out, i.e. on every
+    // install; the watch errors that matter reach us as `Result`s instead.
+    init_logging_with(format, "info,notify=error")
 }
 
 /// Logging with `default` as the filter when `FERNETD_LOG` is not set.

@@ -76,9 +76,15 @@ pub struct AgentConfig {
     /// What to do when a repository changes behind the agent's back.
     #[serde(default)]
     pub drift: DriftPolicy,
-    /// Seconds between drift checks that back up file-system notifications.
-    #[serde(default = "default_drift_check_seconds")]
-    pub drift_check_seconds: u64,
+    /// Interval of the drift checks that back up file-system notifications,
+    /// written like the rotator's durations (`"60s"`, `"5m"`). The key
+    /// `drift_check_seconds` (a number of seconds) is accepted as an alias.
+    #[serde(
+        with = "duration",
+        default = "default_drift_check",
+        alias = "drift_check_seconds"
+    )]
+    pub drift_check: std::time::Duration,
     /// Largest gRPC message accepted; an `Install` of 1,000 keys is about 40 KiB.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -119,8 +125,8 @@ pub enum DriftPolicy {
     Restore,
 }
 
-fn default_drift_check_seconds() -> u64 {
-    60
+fn default_drift_check() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 /// 64 KiB: a thousand keys with canaries fit, a flood does not.
@@ -155,7 +161,7 @@ pub enum AgentConfigError {
     NoRotatorIdentity,
     #[error("max_message_bytes {0} is outside 4 KiB .. 16 MiB")]
     MessageSize(usize),
-    #[error("drift_check_seconds must be at least 1")]
+    #[error("drift_check must be at least 1s")]
     DriftInterval,
 }
 
@@ -168,7 +174,7 @@ impl AgentConfig {
         if !(4096..=16 << 20).contains(&self.max_message_bytes) {
             return Err(AgentConfigError::MessageSize(self.max_message_bytes));
         }
-        if self.drift_check_seconds == 0 {
+        if self.drift_check < std::time::Duration::from_secs(1) {
             return Err(AgentConfigError::DriftInterval);
         }
         if self.repositories.is_empty() {

@@ -167,7 +167,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
             metrics: Some(addr(&metrics)?),
             rotator_identity: ROTATOR_IDENTITY.into(),
             drift: Default::default(),
-            drift_check_seconds: 60,
+            drift_check: Duration::from_secs(60),
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
             log_format: None,
             tls,
@@ -305,9 +305,7 @@ pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
     }
     let result = run(layout, args.rotations).await;
     if temporary {
-        // Let the stopped agents' file watchers wind down first, or they would
-        // report the directory's removal as drift.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Safe at once: `agent::run` returns only after its file watches are gone.
         let _ = std::fs::remove_dir_all(&dir);
     }
     result.map_err(CliError::runtime)

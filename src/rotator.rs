@@ -90,6 +90,9 @@ pub enum RotatorError {
 impl RotatorError {
     /// Whether this is the operator's configuration to fix (exit 2).
     pub fn is_config(&self) -> bool {
+        if let RotatorError::Tls(e) = self {
+            return e.is_config();
+        }
         matches!(
             self,
             RotatorError::Config(_)
@@ -99,7 +102,6 @@ impl RotatorError {
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::Tls(_)
         )
     }
 }
@@ -243,6 +245,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RotatorError> {
     let schedule = validate(&config)?;
+    // TLS files are configuration too: refuse them before creating any state.
+    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let store = StateStore::open(&config.state_dir)?;
     let blocking_store = store.clone();
     let blocking_config = config.clone();
@@ -251,7 +256,6 @@ pub async fn run(
             .await
             .map_err(|e| RotatorError::Task(e.to_string()))??;
 
-    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
         let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
@@ -275,7 +279,6 @@ pub async fn run(
             repos.len(),
         ));
     }
-    let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
     let metrics = Metrics::new(&mut registry);

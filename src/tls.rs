@@ -73,6 +73,16 @@ pub enum TlsError {
     Watch(#[source] notify::Error),
 }
 
+impl TlsError {
+    /// Whether the operator must fix the configuration (exit 2): a certificate,
+    /// key or CA named there is missing, unreadable, unparseable or mismatched,
+    /// or an endpoint is malformed. Only failing to watch the files (an inotify
+    /// limit, say) is the environment's fault (exit 3).
+    pub fn is_config(&self) -> bool {
+        !matches!(self, TlsError::Watch(_))
+    }
+}
+
 /// The names a verified peer certificate carries: its DNS and URI subject
 /// alternative names. Roles are granted by these names (DESIGN.md, Security).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +312,10 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                         // Editors and copy tools write in several steps: let them finish.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         while events.try_recv().is_ok() {}
+                        // Nobody left to serve (the files' owner may be removing them).
+                        if tx.is_closed() {
+                            return;
+                        }
                     }
                     _ = poll.tick() => {}
                 }

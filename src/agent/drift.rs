@@ -30,9 +30,36 @@ pub enum DriftError {
     },
 }
 
-/// Keeps the watcher alive; dropping it stops the watch.
+/// The running watch: the `notify` watcher and one check task per repository.
+/// [`DriftWatch::stop`] ends both in order; dropping it instead aborts the tasks
+/// at their next await and leaves the watches to notify's thread to remove.
 pub struct DriftWatch {
-    _watcher: Arc<Mutex<RecommendedWatcher>>,
+    watcher: Arc<Mutex<RecommendedWatcher>>,
+    /// Every path handed to `watch`, so `stop` can unwatch them all.
+    paths: Vec<PathBuf>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl DriftWatch {
+    /// Waits for the check tasks (the caller has already turned `shutdown`
+    /// true), then removes every watch before returning. `unwatch` is answered
+    /// by notify's event thread, so once this returns no event of ours is in
+    /// flight: a repository removed afterwards (a test, the demo's temporary
+    /// directory) is neither checked nor reported, and notify does not try to
+    /// remove watches the kernel already dropped.
+    pub async fn stop(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        let (watcher, paths) = (self.watcher, std::mem::take(&mut self.paths));
+        // `unwatch` blocks on a reply from notify's thread; keep it off the runtime.
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
+            for path in &paths {
+                // Already gone (an install swapped the directory): nothing to undo.
+                let _ = w.unwatch(path);
+            }
+        })
+        .await;
+    }
 }
 
 /// Whether an event can mean a change: opening or reading a key (Keystone does
@@ -80,28 +107,40 @@ pub fn spawn(
     })
     .map_err(DriftError::Watcher)?;
     let watcher = Arc::new(Mutex::new(watcher));
+    let mut paths = Vec::with_capacity(repos.len() * 2);
     for repo in &repos {
         let parent = repo.path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
         w.watch(&parent, RecursiveMode::NonRecursive)
             .map_err(|source| DriftError::Watch {
-                path: parent,
+                path: parent.clone(),
                 source,
             })?;
         // The repository itself may not exist yet (first install creates it).
         let _ = w.watch(&repo.path, RecursiveMode::NonRecursive);
+        paths.extend([parent, repo.path.clone()]);
     }
+    let mut tasks = tokio::task::JoinSet::new();
     for (repo, (_, waker)) in repos.into_iter().zip(wakers) {
         let watcher = watcher.clone();
         let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // Biased: once stopping, a pending event or tick must not win
+                // the draw and start one more check.
                 tokio::select! {
-                    _ = waker.notified() => tokio::time::sleep(SETTLE).await,
-                    _ = tick.tick() => {}
+                    biased;
                     _ = stopped(&mut shutdown) => break,
+                    _ = waker.notified() => {
+                        tokio::select! {
+                            biased;
+                            _ = stopped(&mut shutdown) => break,
+                            _ = tokio::time::sleep(SETTLE) => {}
+                        }
+                    }
+                    _ = tick.tick() => {}
                 }
                 repo.check_drift(restore).await;
                 // An install swaps the directory inode; watch the one now in place.
@@ -110,5 +149,45 @@ pub fn spawn(
             }
         });
     }
-    Ok(DriftWatch { _watcher: watcher })
+    Ok(DriftWatch {
+        watcher,
+        paths,
+        tasks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::metrics::AgentMetrics;
+    use crate::install::{self, Stamp};
+    use crate::repository::{Key, KeySet};
+
+    /// Once `stop` returns, no check task holds the repository any more, so
+    /// nothing can check (or report) it again however soon it is removed; and a
+    /// change pending as the stop arrives starts no further check.
+    #[tokio::test]
+    async fn stop_ends_every_check_before_returning() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("keys");
+        let set = KeySet::from_keys((0..3).map(|i| (i, Key::generate())));
+        let stamp = Stamp {
+            generation: 1,
+            digest: set.digest(),
+        };
+        install::install(&path, &set, Some(&stamp), None).expect("install");
+        let metrics = AgentMetrics::register(&mut Default::default());
+        let repo =
+            Arc::new(Managed::open("tokens".into(), path.clone(), None, metrics).expect("open"));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watch =
+            spawn(vec![repo.clone()], false, Duration::from_secs(60), stop_rx).expect("watch");
+        // Drift the checks would report, and the interval's first tick, are both
+        // ready when the stop arrives: the stop must win.
+        std::fs::remove_file(path.join("1")).expect("remove a key");
+        stop_tx.send(true).expect("send stop");
+        watch.stop().await;
+        assert_eq!(Arc::strong_count(&repo), 1, "a check task outlived stop");
+        assert_eq!(repo.view().drift, None, "a check ran after the stop");
+    }
 }

@@ -167,7 +167,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         metrics: Some(free_addr()),
         rotator_identity: ROTATOR.into(),
         drift: DriftPolicy::Report,
-        drift_check_seconds: 60,
+        drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
         log_format: None,
         tls: tls.to_config(),
@@ -720,7 +720,20 @@ async fn configuration_errors_exit_2_before_touching_anything() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let good = config(dir.path(), &pki);
-    let cases: [(&str, Edit, &str); 3] = [
+    let not_a_key = dir.path().join("not-a-key.pem");
+    write_file(&not_a_key, "this is no PEM\n");
+    let missing = dir.path().join("tls/missing.pem");
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "missing certificate",
+            Box::new(move |c| c.tls.cert = missing.clone()),
+            "missing.pem",
+        ),
+        (
+            "unparseable key",
+            Box::new(move |c| c.tls.key = not_a_key.clone()),
+            "not-a-key.pem",
+        ),
         (
             "relative path",
             Box::new(|c| c.repositories[0].path = "keys".into()),
@@ -921,4 +934,81 @@ where
         out.push(handle.await.expect("task"));
     }
     out
+}
+
+/// Log lines of the tracing events on this thread, for in-process runs.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `agent::run` returns only once its drift watch is gone, so a repository
+/// removed right after (as `fernetd demo` removes its temporary directory) is
+/// never checked or reported, even by a check woken just before the stop.
+/// In-process on a current-thread runtime, so the agent's tasks log to this
+/// thread's subscriber.
+#[tokio::test]
+async fn no_drift_is_reported_after_run_returns() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = config(dir.path(), &pki);
+    config.metrics = None;
+    let repo = config.repositories[0].path.clone();
+    let set = new_set([0, 1, 2]);
+    let stamp = fernetd::install::Stamp {
+        generation: 1,
+        digest: set.digest(),
+    };
+    fernetd::install::install(&repo, &set, Some(&stamp), None).expect("install generation 1");
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .expect("bind");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(fernetd::agent::run(config, listener, None, async {
+        let _ = stopped.await;
+    }));
+    poll_until(Duration::from_secs(10), "agent serving", || async {
+        logs.text().contains("agent serving").then_some(())
+    })
+    .await;
+    // A change next to the repository wakes its check, which waits for the
+    // burst to settle (100 ms): the stop arrives during that wait.
+    write_file(&repo.with_file_name("unrelated"), "x");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    stop.send(()).expect("agent still running");
+    agent.await.expect("join").expect("agent run");
+    std::fs::remove_dir_all(&repo).expect("remove the repository");
+    // Absence cannot be polled for: give a surviving check well over its
+    // 100 ms settle delay to report.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = logs.text();
+    assert!(text.contains("agent stopped"), "{text}");
+    assert!(
+        !text.contains(" WARN ") && !text.contains("drift:"),
+        "drift reported after run returned:\n{text}"
+    );
 }

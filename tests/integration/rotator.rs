@@ -94,7 +94,7 @@ impl Cluster {
                 metrics: None,
                 rotator_identity: ROTATOR_ID.into(),
                 drift: Default::default(),
-                drift_check_seconds: 60,
+                drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
                 log_format: None,
                 tls: tls_files(&pki, &ca, &leaf, &region.to_lowercase()),
@@ -193,12 +193,26 @@ impl Cluster {
         let mut config = self.rotator_config();
         config.schedule.cron = cron.into();
         config.policy.token_expiration = token_expiration;
-        std::fs::write(
-            &self.rotator_config,
-            toml::to_string(&config).expect("toml"),
-        )
-        .expect("write rotator.toml");
+        self.write_rotator_config(&config);
         config
+    }
+
+    fn write_rotator_config(&self, config: &RotatorConfig) {
+        std::fs::write(&self.rotator_config, toml::to_string(config).expect("toml"))
+            .expect("write rotator.toml");
+    }
+
+    /// Starts the rotator on its configuration, expecting it to refuse with
+    /// exit 2 (a configuration error); returns what it said.
+    fn refused_start(&self) -> String {
+        let out = Command::new(crate::common::fernetd_bin())
+            .args(["rotator", "--config"])
+            .arg(&self.rotator_config)
+            .output()
+            .expect("run the rotator");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
     }
 
     /// `GET /metrics` from the rotator.
@@ -858,17 +872,23 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
     let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
     // Hourly rotation, 24 h tokens: Keystone needs ceil(24 h / 1 h) + 2 = 26 keys.
     let config = cluster.set_schedule("0 * * * *", Duration::from_secs(86_400));
-    let out = Command::new(crate::common::fernetd_bin())
-        .args(["rotator", "--config"])
-        .arg(&cluster.rotator_config)
-        .output()
-        .expect("run the rotator");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = cluster.refused_start();
     assert!(
         stderr.contains("requires at least 26") && stderr.contains("max_active_keys = 4"),
         "{stderr}"
     );
+    assert!(!config.state_dir.exists(), "nothing was written");
+}
+
+#[test]
+fn an_unreadable_certificate_is_a_configuration_error() {
+    let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    let mut config = cluster.rotator_config();
+    let missing = config.tls.cert.with_file_name("missing.pem");
+    config.tls.cert = missing.clone();
+    cluster.write_rotator_config(&config);
+    let stderr = cluster.refused_start();
+    assert!(stderr.contains(&*missing.to_string_lossy()), "{stderr}");
     assert!(!config.state_dir.exists(), "nothing was written");
 }
 
