@@ -383,6 +383,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(dir.path()).expect("open");
         assert!(matches!(store.load("../x"), Err(StateError::BadName(_))));
+        assert!(matches!(check_name("../x"), Err(StateError::BadName(_))));
+        assert!(matches!(
+            is_fresh(dir.path(), "a/b"),
+            Err(StateError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn freshness_is_read_without_creating_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        assert!(is_fresh(&state, "tokens").expect("fresh"));
+        assert!(!state.exists(), "looking created the directory");
+        let store = StateStore::open(&state).expect("open");
+        assert!(is_fresh(&state, "tokens").expect("still fresh"));
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 1,
+                    keys: set(3),
+                },
+            )
+            .expect("save");
+        assert!(!is_fresh(&state, "tokens").expect("committed"));
+        assert!(is_fresh(&state, "receipts").expect("other repository"));
     }
 
     #[test]
