@@ -43,6 +43,12 @@ pub enum AgentError {
         #[source]
         source: InstallError,
     },
+    #[error("repository {name:?}: {path}: {reason}")]
+    Parent {
+        name: String,
+        path: std::path::PathBuf,
+        reason: &'static str,
+    },
     #[error("repository {name:?}: cannot take charge of {path}")]
     Open {
         name: String,
@@ -67,7 +73,10 @@ impl AgentError {
     /// the environment (exit 3).
     pub fn is_config(&self) -> bool {
         match self {
-            AgentError::Config(_) | AgentError::Owner { .. } | AgentError::Keystone(_) => true,
+            AgentError::Config(_)
+            | AgentError::Owner { .. }
+            | AgentError::Parent { .. }
+            | AgentError::Keystone(_) => true,
             AgentError::Tls(e) => e.is_config(),
             _ => false,
         }
@@ -133,16 +142,22 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);
 
-    let mut repositories = BTreeMap::new();
+    // Every repository is checked before any is opened: opening removes
+    // leftovers, and a refused configuration must change nothing.
+    let mut owners = Vec::with_capacity(config.repositories.len());
     for repo in &config.repositories {
-        let owner = match &repo.owner {
+        check_parent(repo)?;
+        owners.push(match &repo.owner {
             None => None,
             Some(text) => Some(Owner::parse(text).map_err(|source| AgentError::Owner {
                 name: repo.name.clone(),
                 owner: text.clone(),
                 source,
             })?),
-        };
+        });
+    }
+    let mut repositories = BTreeMap::new();
+    for (repo, owner) in config.repositories.iter().zip(owners) {
         let (name, path, m) = (repo.name.clone(), repo.path.clone(), agent_metrics.clone());
         let managed = tokio::task::spawn_blocking(move || {
             managed::Managed::open(name.clone(), path.clone(), owner, m)
@@ -234,6 +249,32 @@ pub async fn run(
     served.map_err(AgentError::Serve)?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The first install creates the repository itself, but never its parent: a
+/// parent that is missing or no directory is a wrong `path` (exit 2), found
+/// before anything is opened. Any other failure to look (permissions) is left
+/// to opening the repository, which reports it as the environment's (exit 3).
+fn check_parent(repo: &crate::config::AgentRepository) -> Result<(), AgentError> {
+    let refused = |reason| AgentError::Parent {
+        name: repo.name.clone(),
+        path: repo.path.clone(),
+        reason,
+    };
+    let Some(parent) = repo.path.parent() else {
+        return Err(refused("the file system root cannot be a repository"));
+    };
+    match std::fs::metadata(parent) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(refused("its parent is not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(refused("its parent directory does not exist"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(refused("its parent is not a directory"))
+        }
+        Err(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ impl RotatorError {
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
+                | RotatorError::State(StateError::BadName(_))
         )
     }
 }
@@ -123,6 +124,7 @@ pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
     }
     let mut names = std::collections::BTreeSet::new();
     for repo in &config.repositories {
+        state::check_name(&repo.name)?;
         if !names.insert(&repo.name) {
             return Err(RotatorError::Config(format!(
                 "repository `{}` is listed twice",
@@ -184,14 +186,53 @@ pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
     Ok(schedule)
 }
 
+/// Reads and checks the existing Keystone repository `repo` adopts on its
+/// first start, as generation 1.
+fn import_generation(
+    repo: &crate::config::RepositoryConfig,
+    path: &Path,
+) -> Result<Generation, RotatorError> {
+    let keys = crate::repository::load(path).map_err(|source| RotatorError::Import {
+        repository: repo.name.clone(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if keys.staged().is_none() || keys.len() < 2 {
+        return Err(RotatorError::ImportIncomplete {
+            repository: repo.name.clone(),
+            path: path.to_path_buf(),
+        });
+    }
+    Generation::build(&repo.name, 1, keys)
+}
+
+/// The imports a first start will adopt, by repository position, read before
+/// the state is opened so that a bad `import` leaves no state behind. A
+/// repository that already has state ignores `import`, so it is not read.
+fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<Generation>>, RotatorError> {
+    let mut imports = Vec::with_capacity(config.repositories.len());
+    for repo in &config.repositories {
+        let import = match &repo.import {
+            Some(path) if state::is_fresh(&config.state_dir, &repo.name)? => {
+                Some(import_generation(repo, path)?)
+            }
+            _ => None,
+        };
+        imports.push(import);
+    }
+    Ok(imports)
+}
+
 /// Loads each repository's committed generation, adopting an existing Keystone
-/// repository (or creating a fresh set) on first start, and committing it.
+/// repository (`imports`, from [`prepare_imports`]) or creating a fresh set on
+/// first start, and committing it.
 fn load_generations(
     config: &RotatorConfig,
     store: &StateStore,
+    imports: Vec<Option<Generation>>,
 ) -> Result<Vec<RepoSlot>, RotatorError> {
     let mut slots = Vec::with_capacity(config.repositories.len());
-    for repo in &config.repositories {
+    for (repo, import) in config.repositories.iter().zip(imports) {
         let generation = match store.load(&repo.name)? {
             Some(committed) => {
                 if repo.import.is_some() {
@@ -201,27 +242,19 @@ fn load_generations(
                 Generation::build(&repo.name, committed.generation, committed.keys)?
             }
             None => {
-                let keys = match &repo.import {
-                    Some(path) => {
-                        let keys = crate::repository::load(path).map_err(|source| {
-                            RotatorError::Import {
-                                repository: repo.name.clone(),
-                                path: path.clone(),
-                                source,
-                            }
-                        })?;
-                        if keys.staged().is_none() || keys.len() < 2 {
-                            return Err(RotatorError::ImportIncomplete {
-                                repository: repo.name.clone(),
-                                path: path.clone(),
-                            });
-                        }
-                        tracing::info!(repository = %repo.name, path = %path.display(), indices = ?keys.indices(), "adopting existing Keystone repository as generation 1");
-                        keys
-                    }
-                    None => crate::repository::init(repo.max_active_keys)?,
+                let generation = match (import, &repo.import) {
+                    (Some(generation), _) => generation,
+                    // The state vanished since `prepare_imports` looked.
+                    (None, Some(path)) => import_generation(repo, path)?,
+                    (None, None) => Generation::build(
+                        &repo.name,
+                        1,
+                        crate::repository::init(repo.max_active_keys)?,
+                    )?,
                 };
-                let generation = Generation::build(&repo.name, 1, keys)?;
+                if let Some(path) = &repo.import {
+                    tracing::info!(repository = %repo.name, path = %path.display(), indices = ?generation.keys.indices(), "adopting existing Keystone repository as generation 1");
+                }
                 store.save(&repo.name, &generation.committed())?;
                 tracing::info!(repository = %repo.name, digest = %generation.digest, "committed generation 1");
                 generation
@@ -236,26 +269,12 @@ fn load_generations(
     Ok(slots)
 }
 
-/// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
-/// metrics on `metrics_listener`, the scheduler, the fan-out and the reconcile.
-pub async fn run(
-    config: RotatorConfig,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), RotatorError> {
-    let schedule = validate(&config)?;
-    // TLS files are configuration too: refuse them before creating any state.
-    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
-    let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
-    let store = StateStore::open(&config.state_dir)?;
-    let blocking_store = store.clone();
-    let blocking_config = config.clone();
-    let repos =
-        tokio::task::spawn_blocking(move || load_generations(&blocking_config, &blocking_store))
-            .await
-            .map_err(|e| RotatorError::Task(e.to_string()))??;
-
+/// One lazy mTLS channel per agent: a bad endpoint or identity is refused
+/// here, before any state exists, and nothing connects yet.
+fn agent_slots(
+    config: &RotatorConfig,
+    client_tls: &crate::tls::ClientTls,
+) -> Result<Vec<AgentSlot>, RotatorError> {
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
         let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
@@ -276,9 +295,35 @@ pub async fn run(
             a.region.clone(),
             a.endpoint.clone(),
             channel,
-            repos.len(),
+            config.repositories.len(),
         ));
     }
+    Ok(agents)
+}
+
+/// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
+/// metrics on `metrics_listener`, the scheduler, the fan-out and the reconcile.
+pub async fn run(
+    config: RotatorConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RotatorError> {
+    // Every configuration check comes before the state is opened: a refused
+    // configuration creates no directory, lock or generation.
+    let schedule = validate(&config)?;
+    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    let agents = agent_slots(&config, &client_tls)?;
+    let blocking_config = config.clone();
+    let (store, repos) = tokio::task::spawn_blocking(move || {
+        let imports = prepare_imports(&blocking_config)?;
+        let store = StateStore::open(&blocking_config.state_dir)?;
+        let repos = load_generations(&blocking_config, &store, imports)?;
+        Ok::<_, RotatorError>((store, repos))
+    })
+    .await
+    .map_err(|e| RotatorError::Task(e.to_string()))??;
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
     let metrics = Metrics::new(&mut registry);

@@ -58,6 +58,35 @@ pub struct AckRecord {
 /// Acknowledgements by repository, then by region.
 pub type Acks = BTreeMap<String, BTreeMap<String, AckRecord>>;
 
+/// Refuses a repository name that could not be a file name in the state
+/// directory (or could escape it).
+pub fn check_name(name: &str) -> Result<(), StateError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(StateError::BadName(name.to_owned()))
+    }
+}
+
+fn state_path(dir: &Path, name: &str) -> Result<PathBuf, StateError> {
+    check_name(name)?;
+    Ok(dir.join(format!("{name}.state")))
+}
+
+/// Whether `dir` certainly holds no committed generation of `name`, found
+/// without creating or locking anything: the rotator checks what a first start
+/// will import before it opens (and so creates) its state. When the answer is
+/// unknown (an unreadable directory) this says `false`, and opening the state
+/// reports the real problem.
+pub fn is_fresh(dir: &Path, name: &str) -> Result<bool, StateError> {
+    Ok(matches!(state_path(dir, name)?.try_exists(), Ok(false)))
+}
+
 /// The state directory, locked (flock) for as long as a copy of this value
 /// lives: two rotators on one state would fork generations.
 #[derive(Debug, Clone)]
@@ -108,15 +137,7 @@ impl StateStore {
     }
 
     fn repository_path(&self, name: &str) -> Result<PathBuf, StateError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid {
-            return Err(StateError::BadName(name.to_owned()));
-        }
-        Ok(self.dir.join(format!("{name}.state")))
+        state_path(&self.dir, name)
     }
 
     /// The committed generation of `name`, or `None` before the first commit.
@@ -362,6 +383,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(dir.path()).expect("open");
         assert!(matches!(store.load("../x"), Err(StateError::BadName(_))));
+        assert!(matches!(check_name("../x"), Err(StateError::BadName(_))));
+        assert!(matches!(
+            is_fresh(dir.path(), "a/b"),
+            Err(StateError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn freshness_is_read_without_creating_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        assert!(is_fresh(&state, "tokens").expect("fresh"));
+        assert!(!state.exists(), "looking created the directory");
+        let store = StateStore::open(&state).expect("open");
+        assert!(is_fresh(&state, "tokens").expect("still fresh"));
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 1,
+                    keys: set(3),
+                },
+            )
+            .expect("save");
+        assert!(!is_fresh(&state, "tokens").expect("committed"));
+        assert!(is_fresh(&state, "receipts").expect("other repository"));
     }
 
     #[test]

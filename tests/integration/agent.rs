@@ -723,7 +723,9 @@ async fn configuration_errors_exit_2_before_touching_anything() {
     let not_a_key = dir.path().join("not-a-key.pem");
     write_file(&not_a_key, "this is no PEM\n");
     let missing = dir.path().join("tls/missing.pem");
-    let cases: [(&str, Edit, &str); 5] = [
+    let orphan = dir.path().join("no-such-parent/fernet-keys");
+    let under_a_file = not_a_key.join("fernet-keys");
+    let cases: [(&str, Edit, &str); 7] = [
         (
             "missing certificate",
             Box::new(move |c| c.tls.cert = missing.clone()),
@@ -738,6 +740,16 @@ async fn configuration_errors_exit_2_before_touching_anything() {
             "relative path",
             Box::new(|c| c.repositories[0].path = "keys".into()),
             "must be absolute",
+        ),
+        (
+            "missing parent directory",
+            Box::new(move |c| c.repositories[0].path = orphan.clone()),
+            "no-such-parent/fernet-keys: its parent directory does not exist",
+        ),
+        (
+            "parent is a file",
+            Box::new(move |c| c.repositories[0].path = under_a_file.clone()),
+            "not-a-key.pem/fernet-keys: its parent is not a directory",
         ),
         (
             "unknown owner",
@@ -774,6 +786,10 @@ async fn configuration_errors_exit_2_before_touching_anything() {
     let status = daemon.wait_exit(daemon::STARTUP).await.expect("exits");
     assert_eq!(status.code(), Some(2), "unknown key: {status}");
     assert!(daemon.log().contains("listen_on"), "{}", daemon.log());
+    assert!(
+        !dir.path().join("no-such-parent").exists(),
+        "a refused start created a missing parent"
+    );
     let repo = &good.repositories[0].path;
     assert_eq!(
         std::fs::read_dir(repo).expect("repository").count(),

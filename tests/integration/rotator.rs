@@ -881,6 +881,59 @@ fn a_schedule_that_would_drop_keys_of_valid_tokens_is_refused_with_the_minimum()
 }
 
 #[test]
+fn a_bad_configuration_is_refused_before_any_state_is_written() {
+    let cluster = Cluster::configure(&["RegionOne", "RegionTwo"], agent_identity, None);
+    let good = cluster.rotator_config();
+    let missing_import = cluster.dir.path().join("no-such-repository");
+    type Breakage = Box<dyn Fn(&mut RotatorConfig)>;
+    let cases: Vec<(&str, Breakage, Vec<String>)> = vec![
+        (
+            "a bad agent endpoint",
+            Box::new(|c: &mut RotatorConfig| c.agents[1].endpoint = "ftp://region-two/".into()),
+            vec!["RegionTwo".into(), "ftp://region-two/".into()],
+        ),
+        (
+            "a bad agent identity",
+            Box::new(|c: &mut RotatorConfig| c.agents[0].identity = "not a host name".into()),
+            vec!["RegionOne".into(), "not a host name".into()],
+        ),
+        (
+            "a duplicate region",
+            Box::new(|c: &mut RotatorConfig| c.agents[1].region = c.agents[0].region.clone()),
+            vec!["agent region `RegionOne` is listed twice".into()],
+        ),
+        (
+            "an import that does not exist",
+            Box::new({
+                let missing = missing_import.clone();
+                move |c: &mut RotatorConfig| c.repositories[0].import = Some(missing.clone())
+            }),
+            vec![missing_import.to_string_lossy().into_owned()],
+        ),
+        (
+            "a repository name that cannot be a state file",
+            Box::new(|c: &mut RotatorConfig| c.repositories[0].name = "../tokens".into()),
+            vec!["`../tokens`".into()],
+        ),
+    ];
+    for (what, breakage, expected) in cases {
+        let mut config = good.clone();
+        breakage(&mut config);
+        cluster.write_rotator_config(&config);
+        let stderr = cluster.refused_start();
+        for needle in &expected {
+            assert!(stderr.contains(needle.as_str()), "{what}: {stderr}");
+        }
+        assert!(
+            !config.state_dir.exists(),
+            "{what}: the state directory was created: {:?}",
+            std::fs::read_dir(&config.state_dir)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+    }
+}
+
+#[test]
 fn an_unreadable_certificate_is_a_configuration_error() {
     let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
     let mut config = cluster.rotator_config();
