@@ -46,11 +46,19 @@ fn systemd_tool(name: &str) -> PathBuf {
         return path;
     }
     INSTALLED.get_or_init(|| {
-        let out = Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "systemd"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .expect("run apt-get to install systemd (needed to verify the units)");
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "systemd"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output()
+                .expect("run apt-get to install systemd (needed to verify the units)")
+        };
+        let mut out = install();
+        if !out.status.success() {
+            // A fresh machine has no package lists yet: fetch them once and retry.
+            let _ = Command::new("apt-get").arg("update").output();
+            out = install();
+        }
         assert!(
             out.status.success(),
             "apt-get install systemd failed ({}); install systemd to run this test:\n{}",
