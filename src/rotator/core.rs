@@ -22,7 +22,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 use super::RotatorError;
 use super::fanout::{EncodedInstall, Phase, WorkQueue};
 use super::schedule::Backoff;
-use super::state::{AckRecord, Acks, Committed, StateStore, parse_digest_hex};
+use super::state::{AckRecord, Acks, Committed, StateStore};
 use crate::config::FanoutConfig;
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
@@ -389,7 +389,7 @@ impl Core {
                 if let Some(rec) = by_region.get(&agent.region) {
                     agent.lock().held[r] = Held {
                         generation: rec.generation,
-                        digest: parse_digest_hex(&rec.digest),
+                        digest: Digest::from_hex(&rec.digest),
                         unix_ms: rec.unix_ms,
                         drift: false,
                     };

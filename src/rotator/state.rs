@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::repository::{self, Digest, KeySet};
+use crate::repository::{self, KeySet};
 
 const MAGIC: &str = "fernetd-rotator-state 1";
 const ACKS_FILE: &str = "agents.json";
@@ -249,18 +249,6 @@ fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
     Ok(Committed { generation, keys })
 }
 
-/// Hex digest to [`Digest`].
-pub fn parse_digest_hex(hex: &str) -> Option<Digest> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(Digest(out))
-}
-
 /// Temporary file (0600, exclusive), write, fsync, rename, fsync directory.
 fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateError> {
     let io = |path: &Path| {
@@ -297,6 +285,7 @@ fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repository::Digest;
     use crate::repository::Key;
 
     fn set(n: u32) -> KeySet {
@@ -432,7 +421,7 @@ mod tests {
     #[test]
     fn hex_digests_parse() {
         let d = set(2).digest();
-        assert_eq!(parse_digest_hex(&d.to_hex()), Some(d));
-        assert_eq!(parse_digest_hex("zz"), None);
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(Digest::from_hex("zz"), None);
     }
 }
