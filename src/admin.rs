@@ -58,7 +58,7 @@ fn status_of(e: crate::rotator::RotatorError) -> Status {
     use crate::rotator::RotatorError as E;
     match e {
         E::UnknownRepository(_) => Status::not_found(e.to_string()),
-        other => Status::internal(crate::tls::error_chain(&other)),
+        other => Status::internal(crate::error_chain(&other)),
     }
 }
 

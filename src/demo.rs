@@ -386,7 +386,7 @@ pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
     let _ = stop_tx.send(true);
     while let Some(joined) = tasks.join_next().await {
         if let Ok(Err(e)) = joined {
-            tracing::warn!("while stopping: {}", crate::tls::error_chain(&e));
+            tracing::warn!("while stopping: {}", crate::error_chain(&e));
         }
     }
     watched
@@ -503,7 +503,7 @@ fn cross_region_check(
             continue;
         };
         let set = crate::repository::load(&repo.path)
-            .map_err(|e| DemoError::Regions(crate::tls::error_chain(&e)))?;
+            .map_err(|e| DemoError::Regions(crate::error_chain(&e)))?;
         keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
     }
     let Some((first, _, first_set)) = keyrings.first() else {

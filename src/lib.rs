@@ -23,5 +23,18 @@ pub mod pb {
     tonic::include_proto!("fernetd.v1");
 }
 
+/// Formats an error with its sources on one line, for log fields and gRPC
+/// status messages (module errors keep their causes in `#[source]`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
 /// The version every daemon reports in `GetState` and `Status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -280,7 +280,7 @@ fn agent_slots(
         let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
             region: a.region.clone(),
             endpoint: a.endpoint.clone(),
-            reason: crate::tls::error_chain(&e),
+            reason: crate::error_chain(&e),
         };
         // The dispatcher has at most one call in flight per agent: a small request
         // buffer keeps 10,000 idle channels cheap.
@@ -340,7 +340,7 @@ pub async fn run(
     let acks = store.load_acks().unwrap_or_else(|e| {
         tracing::warn!(
             "ignoring recorded acknowledgements: {}",
-            crate::tls::error_chain(&e)
+            crate::error_chain(&e)
         );
         Default::default()
     });

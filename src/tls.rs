@@ -330,7 +330,7 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                         tracing::info!(cert = %files.cert.display(), "TLS certificates reloaded");
                     }
                     Err(error) => {
-                        tracing::warn!(error = %error_chain(&error), "TLS certificate change not applied; keeping the previous certificates");
+                        tracing::warn!(error = %crate::error_chain(&error), "TLS certificate change not applied; keeping the previous certificates");
                     }
                 }
             }
@@ -357,18 +357,6 @@ async fn fingerprint_of(files: &TlsConfig) -> Fingerprint {
     tokio::task::spawn_blocking(move || fingerprint(&files))
         .await
         .unwrap_or_default()
-}
-
-/// Formats an error with its sources, for log fields.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 /// The server side: TLS 1.3 only, client certificates required and verified

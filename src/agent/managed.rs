@@ -16,10 +16,10 @@ use tokio::sync::Mutex;
 
 use super::check::{self, Malformed};
 use super::metrics::AgentMetrics;
+use crate::error_chain;
 use crate::install::{self, InstallError, Owner, Stamp};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet, RepositoryError};
-use crate::tls::error_chain;
 use crate::token::{Keyring, TokenError};
 
 /// Why a canary did not prove a key set.

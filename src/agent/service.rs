@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status};
 
 use super::managed::{Managed, Refusal};
 use super::metrics::AgentMetrics;
+use crate::error_chain;
 use crate::pb;
-use crate::tls::{self, error_chain};
+use crate::tls;
 
 /// The Distribution service of one agent.
 pub struct Distribution {

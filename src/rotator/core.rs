@@ -426,10 +426,7 @@ impl Core {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.acks_dirty.store(true, Ordering::Release);
-                tracing::warn!(
-                    "cannot record acknowledgements: {}",
-                    crate::tls::error_chain(&e)
-                );
+                tracing::warn!("cannot record acknowledgements: {}", crate::error_chain(&e));
             }
             Err(e) => tracing::warn!("acknowledgement writer failed: {e}"),
         }
@@ -848,7 +845,7 @@ impl Core {
                     }
                 }
             }
-            Err(e) => tracing::error!("scheduled rotation failed: {}", crate::tls::error_chain(&e)),
+            Err(e) => tracing::error!("scheduled rotation failed: {}", crate::error_chain(&e)),
         }
     }
 
