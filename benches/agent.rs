@@ -92,7 +92,8 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         keystone_conf: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(fernetd::agent::run(config, listener, None, async {
+    let checked = fernetd::agent::check(config).expect("valid agent configuration");
+    let agent = tokio::spawn(fernetd::agent::run(checked, listener, None, async {
         let _ = stopped.await;
     }));
     let channel =

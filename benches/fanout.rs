@@ -234,7 +234,7 @@ async fn bench(n: usize) {
         .spawn()
         .expect("spawn the rotator");
     let pid = child.id();
-    let mut client = fernetd::admin::connect(&admin).expect("admin client");
+    let mut client = fernetd::rotator::admin::connect(&admin).expect("admin client");
 
     // Start-up: every agent read back and given generation 1.
     let converged = |s: &pb::StatusResponse| s.agents.iter().all(|a| a.digest_match);

@@ -2,10 +2,10 @@
 //! atomically installs key sets (no rollback, no fork), proves the installed
 //! repository by decrypting canaries, and reports drift it did not cause.
 //!
-//! [`run`] takes its listeners and a shutdown future from the caller, so tests
-//! and `fernetd demo` can run an agent in-process on ports they chose; [`main`]
-//! is the thin `fernetd agent` entry that binds, waits for SIGTERM or SIGINT and
-//! drains.
+//! [`check`] runs every start-up check once; [`run`] takes the checked
+//! configuration, its listeners and a shutdown future from the caller, so tests,
+//! `fernetd demo` and the `fernetd agent` command run the same code on ports they
+//! chose.
 
 pub mod check;
 mod drift;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, AgentConfigError, DriftPolicy};
 use crate::install::{InstallError, Owner};
@@ -83,50 +83,24 @@ impl AgentError {
     }
 }
 
-/// `fernetd agent --config FILE`: runs until SIGTERM or SIGINT. The
-/// configuration's `log_format` wins over the `--log-format` flag.
-pub async fn main(
-    config: &Path,
-    log_format: crate::cli::LogFormat,
-) -> Result<crate::cli::Answer, crate::cli::CliError> {
-    use crate::cli::CliError;
-    let loaded: Result<AgentConfig, _> = crate::config::load(config);
-    crate::cli::init_logging(
-        loaded
-            .as_ref()
-            .ok()
-            .and_then(|c| c.log_format)
-            .unwrap_or(log_format),
-    );
-    let config = loaded.map_err(CliError::usage)?;
-    config.validate().map_err(CliError::usage)?;
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
-        CliError::runtime(
-            anyhow::Error::new(e).context(format!("cannot listen on {}", config.listen)),
-        )
-    })?;
-    let metrics = match config.metrics {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-            CliError::runtime(anyhow::Error::new(e).context(format!("cannot listen on {addr}")))
-        })?),
-        None => None,
-    };
-    match run(config, listener, metrics, crate::cli::termination()).await {
-        Ok(()) => Ok(crate::cli::Answer::Yes),
-        Err(e) if e.is_config() => Err(CliError::usage(e)),
-        Err(e) => Err(CliError::runtime(e)),
+/// A configuration that passed every start-up check: its values, Keystone's
+/// agreement, each repository's parent directory and owner. Only [`check`]
+/// makes one, so [`run`] never checks twice.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    config: AgentConfig,
+    owners: Vec<Option<Owner>>,
+}
+
+impl Checked {
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
     }
 }
 
-/// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
-/// until `shutdown` resolves; in-flight installs complete and the drift watch is
-/// stopped (no check runs, no file is watched) before it returns.
-pub async fn run(
-    config: AgentConfig,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AgentError> {
+/// Every check that can be made before anything is opened or bound: a refused
+/// configuration changes nothing on disk. Keystone's warnings are logged here.
+pub fn check(config: AgentConfig) -> Result<Checked, AgentError> {
     config.validate()?;
     if let Some(path) = &config.keystone_conf {
         let repos: Vec<(&str, &Path)> = config
@@ -138,10 +112,6 @@ pub async fn run(
             tracing::warn!(keystone_conf = %path.display(), "{warning}");
         }
     }
-    let tls = crate::tls::ServerTls::load(&config.tls)?;
-    let mut registry = prometheus_client::registry::Registry::default();
-    let agent_metrics = metrics::AgentMetrics::register(&mut registry);
-
     // Every repository is checked before any is opened: opening removes
     // leftovers, and a refused configuration must change nothing.
     let mut owners = Vec::with_capacity(config.repositories.len());
@@ -156,6 +126,23 @@ pub async fn run(
             })?),
         });
     }
+    Ok(Checked { config, owners })
+}
+
+/// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
+/// until `shutdown` resolves; in-flight installs complete and the drift watch is
+/// stopped (no check runs, no file is watched) before it returns.
+pub async fn run(
+    checked: Checked,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let Checked { config, owners } = checked;
+    let tls = crate::tls::ServerTls::load(&config.tls)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let agent_metrics = metrics::AgentMetrics::register(&mut registry);
+
     let mut repositories = BTreeMap::new();
     for (repo, owner) in config.repositories.iter().zip(owners) {
         let (name, path, m) = (repo.name.clone(), repo.path.clone(), agent_metrics.clone());
@@ -168,21 +155,21 @@ pub async fn run(
         repositories.insert(repo.name.clone(), Arc::new(managed));
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
     let drift = drift::spawn(
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
         config.drift_check,
-        stop_rx.clone(),
+        stop.clone(),
     )?;
 
     let metrics_task = metrics_listener.map(|listener| {
         let registry = Arc::new(registry);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(crate::metrics::serve(listener, registry, async move {
-            // A closed channel means the agent is gone: stop as well.
-            let _ = stop.wait_for(|s| *s).await;
-        }))
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            registry,
+            stop.clone().cancelled_owned(),
+        ))
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -213,20 +200,19 @@ pub async fn run(
             .set_not_serving::<DistributionServer<service::Distribution>>()
             .await;
         // Drift tasks stop now; the gRPC server finishes in-flight installs.
-        let _ = stop_tx.send(true);
+        stop.cancel();
     };
     let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server)
         .serve_with_incoming_shutdown(tls.incoming(listener), drain);
     tokio::pin!(serve);
-    let mut stopping = stop_rx.clone();
     let served = tokio::select! {
         served = &mut serve => served,
         // A peer that never answers the GOAWAY (a stopped rotator) must not
         // keep the agent from exiting.
         () = async {
-            let _ = stopping.wait_for(|s| *s).await;
+            stop.cancelled().await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;
         } => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout: closing them");
@@ -234,7 +220,7 @@ pub async fn run(
         }
     };
     // Also when the server failed on its own: nothing else may keep running.
-    let _ = stop_tx.send(true);
+    stop.cancel();
     // Installs run to completion even when their connection was cut: taking
     // each repository's install lock waits for the one in flight.
     for repo in &quiesce {

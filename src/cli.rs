@@ -1,14 +1,24 @@
-//! The command line: argument types (clap derive), logging set-up, and the mapping
-//! of outcomes to exit codes (0 success, 1 a negative answer, 2 usage or
-//! configuration error, 3 runtime failure). This is the binary's edge, the one
-//! place where module errors are erased into `anyhow`.
+//! The command line: argument types (clap derive), one `main` per subcommand
+//! (`cli/*.rs`), the daemons' shared bootstrap (`cli/daemon.rs`: logging,
+//! listeners, signals) and the mapping of outcomes to exit codes (0 success,
+//! 1 a negative answer, 2 usage or configuration error, 3 runtime failure).
+//! This is the binary's edge: the only module that knows clap, `anyhow` and exit
+//! codes, and nothing in the library imports it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+use clap::{Args, Parser, Subcommand};
 
+use crate::config::LogFormat;
+
+mod admin;
+mod agent;
+mod daemon;
+mod demo;
 mod repo;
+mod rotator;
 mod token;
 
 /// Rotate Keystone Fernet keys and distribute them to every region, safely.
@@ -16,18 +26,20 @@ mod token;
 #[command(name = "fernetd", version, about)]
 pub struct Cli {
     /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERNETD_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "FERNETD_LOG_FORMAT",
+        value_parser = PossibleValuesParser::new(["text", "json"]).map(|s| match s.as_str() {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        })
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,11 +205,38 @@ impl CliError {
         CliError::Runtime(e.into())
     }
 
+    /// A role's error: the operator's configuration to fix when it says so
+    /// (exit 2), the environment's otherwise (exit 3).
+    fn role<E: RoleError>(e: E) -> Self {
+        if e.is_config() {
+            CliError::Usage(e.into())
+        } else {
+            CliError::Runtime(e.into())
+        }
+    }
+
     fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
             CliError::Runtime(_) => 3,
         }
+    }
+}
+
+/// A role's error, which knows whether the configuration is at fault.
+trait RoleError: std::error::Error + Send + Sync + 'static {
+    fn is_config(&self) -> bool;
+}
+
+impl RoleError for crate::rotator::RotatorError {
+    fn is_config(&self) -> bool {
+        crate::rotator::RotatorError::is_config(self)
+    }
+}
+
+impl RoleError for crate::agent::AgentError {
+    fn is_config(&self) -> bool {
+        crate::agent::AgentError::is_config(self)
     }
 }
 
@@ -218,8 +257,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Agent(_) => {}
         // The demo narrates on standard output; its daemons' logs would drown it.
-        Command::Demo(_) => init_logging_with(format, "warn,notify=error"),
-        _ => init_logging(format),
+        Command::Demo(_) => daemon::init_logging_with(format, "warn,notify=error"),
+        _ => daemon::init_logging(format),
     }
     match dispatch(cli.command, format) {
         Ok(Answer::Yes) => ExitCode::SUCCESS,
@@ -235,53 +274,9 @@ fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError>
     match command {
         Command::Repo(args) => repo::run(&args),
         Command::Token(args) => token::run(&args),
-        Command::Rotator(args) => runtime()?.block_on(crate::rotator::main(&args.config)),
-        Command::Agent(args) => runtime()?.block_on(crate::agent::main(&args.config, log_format)),
-        Command::Admin(args) => runtime()?.block_on(crate::admin::main(&args)),
-        Command::Demo(args) => runtime()?.block_on(crate::demo::main(&args)),
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::runtime)
-}
-
-pub(crate) fn init_logging(format: LogFormat) {
-    // notify logs its own bookkeeping at info and warn ("unable to remove watch
-    // descriptor") whenever a watched directory is swapped out, i.e. on every
-    // install; the watch errors that matter reach us as `Result`s instead.
-    init_logging_with(format, "info,notify=error")
-}
-
-/// Logging with `default` as the filter when `FERNETD_LOG` is not set.
-fn init_logging_with(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second initialisation (tests calling `run` twice) is harmless: keep the first.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-/// Resolves on SIGTERM or SIGINT: what the daemons pass as their shutdown future.
-pub async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still ends on the default action.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        Command::Rotator(args) => daemon::runtime()?.block_on(rotator::main(&args.config)),
+        Command::Agent(args) => daemon::runtime()?.block_on(agent::main(&args.config, log_format)),
+        Command::Admin(args) => daemon::runtime()?.block_on(admin::main(&args)),
+        Command::Demo(args) => daemon::runtime()?.block_on(demo::main(&args)),
     }
 }

@@ -39,6 +39,86 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     })
 }
 
+/// How a daemon writes its log lines on standard error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Serde for durations written as `"250ms"`, `"90s"`, `"15m"`, `"1h"`, `"2d"`
+/// (humantime's syntax, so `"1h 30m"` too) or a bare integer number of seconds.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses humantime text, or digits alone as seconds.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text
+                .parse()
+                .map(Duration::from_secs)
+                .map_err(|_| format!("`{text}` is too long"));
+        }
+        humantime::parse_duration(text).map_err(|e| {
+            format!("`{text}` is not a duration such as \"90s\", \"15m\", \"1h\": {e}")
+        })
+    }
+
+    /// Whole seconds (`"90s"`), or milliseconds when there is a fraction
+    /// (`"1500ms"`): one unit, so generated files and messages compare easily.
+    pub fn format(d: &Duration) -> String {
+        if d.subsec_millis() != 0 {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{}s", d.as_secs())
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn durations_parse_and_round_trip() {
+            assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+            assert_eq!(parse("90s"), Ok(Duration::from_secs(90)));
+            assert_eq!(parse("15m"), Ok(Duration::from_secs(900)));
+            assert_eq!(parse("2d"), Ok(Duration::from_secs(172_800)));
+            assert_eq!(parse("7"), Ok(Duration::from_secs(7)));
+            assert_eq!(parse("1h 30m"), Ok(Duration::from_secs(5400)));
+            assert!(parse("1 fortnight").is_err());
+            assert!(parse("h").is_err());
+            for d in [Duration::from_millis(1500), Duration::from_secs(3600)] {
+                assert_eq!(parse(&format(&d)), Ok(d));
+            }
+        }
+    }
+}
+
 /// The PEM files of one TLS identity and the CA that peers must chain to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,7 +170,7 @@ pub struct AgentConfig {
     pub max_message_bytes: usize,
     /// Log format; the `--log-format` flag applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<crate::cli::LogFormat>,
+    pub log_format: Option<LogFormat>,
     pub tls: TlsConfig,
     /// Managed repositories; default: `tokens` at `/etc/keystone/fernet-keys`.
     #[serde(default = "default_repositories")]
@@ -213,7 +293,7 @@ impl AgentConfig {
 mod rotator;
 pub use self::rotator::{
     AdminConfig, AgentEndpoint, FanoutConfig, PolicyConfig, RepositoryConfig, RotatorConfig,
-    ScheduleConfig, duration,
+    ScheduleConfig,
 };
 
 // ---------------------------------------------------------------- admin

@@ -1,8 +1,8 @@
-//! `fernetd demo`: a throwaway CA, a rotator and N agents on loopback, rotating on
-//! a short schedule; or, with `--config-only`, the same files written to disk with
-//! the commands that start each process. Everything it runs is the real code path:
-//! the same `rotator::run` and `agent::run` as the daemons, mTLS on every
-//! connection, and the admin client to watch it.
+//! The demo fleet: a throwaway CA, a rotator and N agents on loopback, rotating
+//! on a short schedule ([`prepare`] writes the files, [`Fleet::start`] runs them
+//! in this process). Everything it runs is the real code path: the same
+//! `rotator::run` and `agent::run` as the daemons, with mTLS on every connection.
+//! The command line (`fernetd demo`) narrates it through the Admin API.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -11,14 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Answer, CliError, DemoArgs};
 use crate::config::{
     AdminConfig, AgentConfig, AgentEndpoint, AgentRepository, FanoutConfig, PolicyConfig,
     RepositoryConfig, RotatorConfig, ScheduleConfig, TlsConfig,
 };
-use crate::pb;
 use crate::tls::Authority;
 
 /// The identities the demo's certificates carry.
@@ -26,7 +24,7 @@ const ROTATOR_IDENTITY: &str = "rotator.fernetd.demo";
 const ADMIN_IDENTITY: &str = "admin.fernetd.demo";
 /// Every 5 seconds: the demo is meant to be watched.
 const DEMO_CRON: &str = "*/5 * * * * *";
-const DEMO_MAX_ACTIVE_KEYS: usize = 4;
+pub const DEMO_MAX_ACTIVE_KEYS: usize = 4;
 
 /// What stops the demo.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +49,8 @@ pub enum DemoError {
         #[source]
         source: Box<crate::agent::AgentError>,
     },
-    #[error("cannot reach the rotator")]
-    Admin(#[from] crate::admin::AdminError),
-    #[error("the rotator did not answer: {0}")]
-    Call(String),
+    #[error("the rotator's configuration")]
+    Config(#[source] Box<crate::rotator::RotatorError>),
     #[error("{0}")]
     Regions(String),
 }
@@ -274,264 +270,148 @@ impl Layout {
     }
 }
 
-/// `fernetd demo ...`.
-pub async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
-    if args.regions == 0 || args.regions > 100 {
-        return Err(CliError::usage(anyhow::anyhow!(
-            "--regions must be between 1 and 100"
-        )));
-    }
-    let (dir, temporary) = match &args.dir {
-        Some(d) => (d.clone(), false),
-        None if args.config_only => {
-            return Err(CliError::usage(anyhow::anyhow!(
-                "--config-only needs --dir DIR"
-            )));
+/// The rotator and agents of a [`Layout`], running as tasks of this process.
+pub struct Fleet {
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<Result<(), DemoError>>,
+}
+
+impl Fleet {
+    /// Starts every agent and the rotator on the listeners the layout reserved.
+    pub fn start(layout: Layout) -> Result<(Fleet, Running), DemoError> {
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let Layout {
+            dir,
+            rotator,
+            admin,
+            agents,
+            listeners,
+            rotator_listeners,
+        } = layout;
+        let tokio_listener =
+            |l: std::net::TcpListener| TcpListener::from_std(l).map_err(DemoError::Port);
+        for (agent, (grpc, metrics)) in agents.iter().cloned().zip(listeners) {
+            let (grpc, metrics) = (tokio_listener(grpc)?, tokio_listener(metrics)?);
+            let region = agent.region.clone();
+            let shutdown = stop.clone().cancelled_owned();
+            let failed = move |source| DemoError::Agent {
+                region,
+                source: Box::new(source),
+            };
+            let checked = match crate::agent::check(agent) {
+                Ok(checked) => checked,
+                Err(e) => return Err(failed(e)),
+            };
+            tasks.spawn(async move {
+                crate::agent::run(checked, grpc, Some(metrics), shutdown)
+                    .await
+                    .map_err(failed)
+            });
         }
-        None => (
-            std::env::temp_dir().join(format!("fernetd-demo-{}", std::process::id())),
-            true,
-        ),
-    };
-    let layout = prepare(&dir, args.regions).map_err(CliError::runtime)?;
-    if args.config_only {
-        println!(
-            "Wrote the demo CA, certificates and configuration to {}.",
-            layout.dir.display()
+        let (grpc, metrics) = (
+            tokio_listener(rotator_listeners.0)?,
+            tokio_listener(rotator_listeners.1)?,
         );
-        println!("Start each process (the ports were free a moment ago):\n");
-        print!("{}", layout.commands());
-        return Ok(Answer::Yes);
-    }
-    let result = run(layout, args.rotations).await;
-    if temporary {
-        // Safe at once: `agent::run` returns only after its file watches are gone.
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    result.map_err(CliError::runtime)
-}
-
-/// Runs the layout in this process until `rotations` rotations have reached
-/// every region, or Ctrl-C.
-pub async fn run(layout: Layout, rotations: u64) -> Result<Answer, DemoError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = |rx: watch::Receiver<bool>| async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    let Layout {
-        dir,
-        rotator,
-        admin,
-        agents,
-        listeners,
-        rotator_listeners,
-    } = layout;
-    let tokio_listener =
-        |l: std::net::TcpListener| TcpListener::from_std(l).map_err(DemoError::Port);
-    for (agent, (grpc, metrics)) in agents.iter().cloned().zip(listeners) {
-        let (grpc, metrics) = (tokio_listener(grpc)?, tokio_listener(metrics)?);
-        let region = agent.region.clone();
-        let shutdown = stop(stop_rx.clone());
+        let checked =
+            crate::rotator::check(rotator.clone()).map_err(|e| DemoError::Config(Box::new(e)))?;
+        let shutdown = stop.clone().cancelled_owned();
         tasks.spawn(async move {
-            crate::agent::run(agent, grpc, Some(metrics), shutdown)
+            crate::rotator::run(checked, grpc, Some(metrics), shutdown)
                 .await
-                .map_err(|source| DemoError::Agent {
-                    region,
-                    source: Box::new(source),
-                })
+                .map_err(|e| DemoError::Rotator(Box::new(e)))
         });
+        let running = Running {
+            dir,
+            rotator,
+            admin,
+            agents,
+        };
+        Ok((Fleet { stop, tasks }, running))
     }
-    let (grpc, metrics) = (
-        tokio_listener(rotator_listeners.0)?,
-        tokio_listener(rotator_listeners.1)?,
-    );
-    let shutdown = stop(stop_rx.clone());
-    let rotator_config = rotator.clone();
-    tasks.spawn(async move {
-        crate::rotator::run(rotator_config, grpc, Some(metrics), shutdown)
-            .await
-            .map_err(|e| DemoError::Rotator(Box::new(e)))
-    });
 
-    println!(
-        "fernetd demo: a rotator and {} agents on loopback, mutual TLS everywhere",
-        agents.len()
-    );
-    println!("  files:    {}", dir.display());
-    println!(
-        "  schedule: `{}` (UTC), max_active_keys {}",
-        rotator.schedule.cron, DEMO_MAX_ACTIVE_KEYS
-    );
-    if let Some(m) = rotator.metrics_listen {
-        println!("  metrics:  http://{m}/metrics");
-    }
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "fernetd".into());
-    println!(
-        "  try:      {exe} admin --config {}/admin.toml status\n",
-        dir.display()
-    );
-
-    let watched = tokio::select! {
-        r = watch_rotations(&admin, &agents, rotations) => r,
-        _ = tokio::signal::ctrl_c() => {
-            println!("\ninterrupted");
-            Ok(Answer::Yes)
-        }
-        Some(Ok(Err(e))) = tasks.join_next() => Err(e),
-    };
-    let _ = stop_tx.send(true);
-    while let Some(joined) = tasks.join_next().await {
-        if let Ok(Err(e)) = joined {
-            tracing::warn!("while stopping: {}", crate::error_chain(&e));
+    /// Resolves with the error of the first task that fails; pending while all run.
+    pub async fn failed(&mut self) -> DemoError {
+        loop {
+            match self.tasks.join_next().await {
+                Some(Ok(Err(e))) => return e,
+                Some(_) => continue,
+                None => std::future::pending::<()>().await,
+            }
         }
     }
-    watched
+
+    /// Stops every task and waits for them; errors while stopping are logged.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = joined {
+                tracing::warn!("while stopping: {}", crate::error_chain(&e));
+            }
+        }
+    }
 }
 
-/// Follows the rotator's events, printing each rotation and, once every region
-/// holds it, the status table and a cross-region token check.
-async fn watch_rotations(
-    admin: &AdminConfig,
-    agents: &[AgentConfig],
-    rotations: u64,
-) -> Result<Answer, DemoError> {
-    let mut client = crate::admin::connect(admin)?;
-    let call = |s: tonic::Status| DemoError::Call(crate::admin::describe(&s));
-    // The rotator is starting: poll its status until it answers.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        match client.status(pb::StatusRequest {}).await {
-            Ok(r) => break r.into_inner(),
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(call(e)),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
-    let mut events = client
-        .watch(pb::WatchRequest {})
-        .await
-        .map_err(call)?
-        .into_inner();
-    let synced = client
-        .sync(pb::SyncRequest { wait_ms: 10_000 })
-        .await
-        .map_err(call)?
-        .into_inner();
-    println!(
-        "initial distribution (generation {}):",
-        status.repositories.first().map_or(0, |r| r.generation)
-    );
-    let mut out = String::new();
-    crate::admin::render_agents(&mut out, &synced.agents);
-    println!("{out}");
-
-    let mut tokens: Vec<(u64, String)> = Vec::new();
-    let mut seen = 0;
-    // The generation being distributed and the regions that acknowledged it.
-    let mut target = 0;
-    let mut acked: Vec<String> = Vec::new();
-    while seen < rotations {
-        let event = match events.message().await.map_err(call)? {
-            Some(e) => e,
-            None => return Err(DemoError::Call("the event stream ended".into())),
-        };
-        let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(event.unix_ms)
-            .map(|t| t.format("%H:%M:%S%.3f").to_string())
-            .unwrap_or_default();
-        match event.kind.as_str() {
-            "rotated" => {
-                println!("{time}  rotated to generation {}", event.generation);
-                target = event.generation;
-                acked.clear();
-            }
-            "acknowledged" if event.generation == target => {
-                println!(
-                    "{time}    {} installed it and decrypted the canaries",
-                    event.region
-                );
-                acked.push(event.region);
-            }
-            // Acknowledgements of the initial distribution, already shown above.
-            "acknowledged" => {}
-            _ => {
-                let msg = if event.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", event.message)
-                };
-                println!(
-                    "{time}  {} {} generation {}{msg}",
-                    event.kind, event.region, event.generation
-                );
-            }
-        }
-        if target == 0 || acked.len() < agents.len() {
-            continue;
-        }
-        seen += 1;
-        let status = client
-            .status(pb::StatusRequest {})
-            .await
-            .map_err(call)?
-            .into_inner();
-        let mut out = String::new();
-        crate::admin::render_status(&mut out, &status);
-        println!("\n{out}");
-        cross_region_check(agents, target, &mut tokens)?;
-        println!();
-        target = 0;
-    }
-    let plural = if rotations == 1 { "" } else { "s" };
-    println!("{rotations} rotation{plural} reached every region; stopping.");
-    Ok(Answer::Yes)
+/// What a started [`Fleet`] runs with.
+pub struct Running {
+    pub dir: PathBuf,
+    pub rotator: RotatorConfig,
+    pub admin: AdminConfig,
+    pub agents: Vec<AgentConfig>,
 }
 
-/// Issues a token with the first region's primary key, as its Keystone would,
-/// and decrypts it and every earlier demo token with each region's repository
-/// as read from disk.
-fn cross_region_check(
-    agents: &[AgentConfig],
-    generation: u64,
-    tokens: &mut Vec<(u64, String)>,
-) -> Result<(), DemoError> {
-    let mut keyrings = Vec::with_capacity(agents.len());
-    for a in agents {
-        let Some(repo) = a.repositories.first() else {
-            continue;
+/// Whether each region's repository on disk accepts one token.
+pub struct Verdict {
+    pub generation: u64,
+    /// The regions whose repository decrypts the token.
+    pub accepted_by: Vec<String>,
+}
+
+/// Issues tokens with the first region's primary key, as its Keystone would, and
+/// checks them with every region's repository as read from disk.
+#[derive(Default)]
+pub struct CrossRegion {
+    tokens: Vec<(u64, String)>,
+}
+
+impl CrossRegion {
+    /// Issues one token for `generation` in the first region, then checks it and
+    /// every earlier one against each region. Returns the first region's name and
+    /// a verdict per token.
+    pub fn check(
+        &mut self,
+        agents: &[AgentConfig],
+        generation: u64,
+    ) -> Result<(String, Vec<Verdict>), DemoError> {
+        let mut keyrings = Vec::with_capacity(agents.len());
+        for a in agents {
+            let Some(repo) = a.repositories.first() else {
+                continue;
+            };
+            let set = crate::repository::load(&repo.path)
+                .map_err(|e| DemoError::Regions(crate::error_chain(&e)))?;
+            keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
+        }
+        let Some((first, _, first_set)) = keyrings.first() else {
+            return Ok((String::new(), Vec::new()));
         };
-        let set = crate::repository::load(&repo.path)
-            .map_err(|e| DemoError::Regions(crate::error_chain(&e)))?;
-        keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
-    }
-    let Some((first, _, first_set)) = keyrings.first() else {
-        return Ok(());
-    };
-    let Some(primary) = first_set.primary() else {
-        return Err(DemoError::Regions(format!("{first} has no primary key")));
-    };
-    tokens.push((generation, crate::token::canary(primary)));
-    println!(
-        "tokens issued in {first} (by generation), accepted by every region's repository on disk:"
-    );
-    for (g, token) in tokens.iter() {
-        let accepted: Vec<&str> = keyrings
+        let Some(primary) = first_set.primary() else {
+            return Err(DemoError::Regions(format!("{first} has no primary key")));
+        };
+        self.tokens
+            .push((generation, crate::token::canary(primary)));
+        let verdicts = self
+            .tokens
             .iter()
-            .filter(|(_, ring, _)| ring.decrypt(token).is_ok())
-            .map(|(r, _, _)| *r)
+            .map(|(g, token)| Verdict {
+                generation: *g,
+                accepted_by: keyrings
+                    .iter()
+                    .filter(|(_, ring, _)| ring.decrypt(token).is_ok())
+                    .map(|(r, _, _)| (*r).to_owned())
+                    .collect(),
+            })
             .collect();
-        let verdict = if accepted.len() == keyrings.len() {
-            "accepted everywhere".to_owned()
-        } else if accepted.is_empty() {
-            format!(
-                "rejected everywhere: its key was purged (max_active_keys {DEMO_MAX_ACTIVE_KEYS})"
-            )
-        } else {
-            format!("accepted only by {}", accepted.join(", "))
-        };
-        println!("  generation {g:>3}: {verdict}");
+        Ok(((*first).to_owned(), verdicts))
     }
-    Ok(())
 }

@@ -22,11 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
-use crate::repository::{self, Digest, KeySet};
-
-/// The file, inside a repository, that records its generation and digest.
-/// Keystone ignores it because its name is not an integer.
-pub const STAMP_FILE: &str = ".fernetd-stamp";
+use crate::repository::{self, Digest, KeySet, STAMP_FILE, Stamp};
 
 /// Mode of every key file and of the stamp, as `keystone-manage` makes them.
 const FILE_MODE: u32 = 0o600;
@@ -77,39 +73,6 @@ impl Owner {
             None => primary_gid.ok_or_else(|| bad("a numeric user needs a group: USER:GROUP"))?,
         };
         Ok(Owner { uid, gid })
-    }
-}
-
-/// The generation and digest a repository holds, recorded in [`STAMP_FILE`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    pub generation: u64,
-    pub digest: Digest,
-}
-
-#[derive(serde::Deserialize)]
-struct StampFile {
-    generation: u64,
-    digest: String,
-}
-
-impl Stamp {
-    /// One line of JSON, as `StampFile` reads it back.
-    fn encode(&self) -> Vec<u8> {
-        format!(
-            "{{\"generation\":{},\"digest\":\"{}\"}}\n",
-            self.generation, self.digest
-        )
-        .into_bytes()
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Stamp, String> {
-        let file: StampFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let digest = Digest::from_hex(&file.digest).ok_or("digest is not 64 hex digits")?;
-        Ok(Stamp {
-            generation: file.generation,
-            digest,
-        })
     }
 }
 
@@ -169,8 +132,8 @@ pub enum InstallError {
         #[source]
         source: io::Error,
     },
-    #[error("stamp file {path} is malformed: {reason}")]
-    BadStamp { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Stamp(#[from] repository::StampError),
     #[error("invalid owner {spec:?}: {reason}")]
     Owner { spec: String, reason: String },
 }
@@ -633,18 +596,6 @@ fn update_in_place(
     Ok(())
 }
 
-/// Reads the generation and digest recorded in the repository, if any.
-pub fn read_stamp(target: &Path) -> Result<Option<Stamp>, InstallError> {
-    let path = target.join(STAMP_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => Stamp::decode(&bytes)
-            .map(Some)
-            .map_err(|reason| InstallError::BadStamp { path, reason }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("read", &path)(e)),
-    }
-}
-
 /// Removes what an interrupted install left behind: temporary sibling
 /// directories and symlinks, data directories the repository symlink no longer
 /// points at, and temporary files of an in-place update. Returns how many
@@ -703,7 +654,7 @@ pub fn owner_of(path: &Path) -> io::Result<(u32, u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repository::Key;
+    use crate::repository::{Key, read_stamp};
 
     fn set_of(indices: &[u32]) -> KeySet {
         KeySet::from_keys(indices.iter().map(|&i| (i, Key::generate())))

@@ -1,10 +1,11 @@
 //! fernetd rotates OpenStack Keystone Fernet keys on one rotator and distributes
 //! every generation over mutual-TLS gRPC to an agent in each region, promoting a key
-//! only once every region holds it. See DESIGN.md for the contract; each module
-//! below owns one responsibility.
+//! only once every region holds it. Each module below owns one responsibility, and
+//! dependencies run one way (ARCHITECTURE.md): formats (`repository`, `token`,
+//! `policy`, `config`) → mechanisms (`install`, `tls`, `metrics`) → roles
+//! (`rotator`, `agent`) → `demo` → `cli`, the binary's edge.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -34,6 +35,23 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out
+}
+
+/// A gRPC status as one line: code, message, and the root cause when the
+/// message does not already say it (a refused certificate shows up there).
+pub fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut root = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        root = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(root) = root.filter(|r| !text.contains(r.as_str())) {
+        text.push_str(": ");
+        text.push_str(&root);
+    }
+    text
 }
 
 /// The version every daemon reports in `GetState` and `Status`.

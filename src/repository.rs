@@ -15,6 +15,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use sha2::{Digest as _, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+mod stamp;
+pub use stamp::{STAMP_FILE, Stamp, StampError, read_stamp};
+
 /// Length of a Fernet key: 16 bytes signing key, 16 bytes encryption key.
 pub const KEY_LEN: usize = 32;
 
@@ -93,7 +96,7 @@ pub struct Digest(pub [u8; 32]);
 
 impl Digest {
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
@@ -102,16 +105,8 @@ impl Digest {
 
     /// Parses 64 hex digits (either case).
     pub fn from_hex(hex: &str) -> Option<Self> {
-        let hex = hex.as_bytes();
-        if hex.len() != 64 {
-            return None;
-        }
         let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            *byte = u8::try_from(hi * 16 + lo).ok()?;
-        }
+        hex::decode_to_slice(hex, &mut out).ok()?;
         Some(Digest(out))
     }
 }
@@ -760,7 +755,7 @@ pub fn verify(dir: &Path, owner: Option<(u32, u32)>) -> Report {
     if !by_index_has_zero(&entries) {
         problems.push(Problem::MissingStagedKey);
     }
-    match crate::install::read_stamp(dir) {
+    match read_stamp(dir) {
         Ok(Some(stamp)) if usable && stamp.digest != set.digest() => {
             problems.push(Problem::StampMismatch {
                 generation: stamp.generation,

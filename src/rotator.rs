@@ -2,11 +2,15 @@
 //! state, rotates on a cron schedule, pushes every generation to all agents, and
 //! never commits generation G+1 while an enrolled agent has not acknowledged G.
 //!
-//! [`run`] takes its listeners and a shutdown future so tests and `fernetd demo`
-//! can run it in-process; [`main`] is the thin `fernetd rotator` entry point.
+//! [`check`] runs every start-up check once; [`run`] takes the checked
+//! configuration, its listeners and a shutdown future, so tests, `fernetd demo`
+//! and the `fernetd rotator` command run the same code in-process. The Admin
+//! API it serves lives in [`admin`], its metrics in `metrics`.
 
-pub(crate) mod core;
-pub(crate) mod fanout;
+pub mod admin;
+mod core;
+mod fanout;
+mod metrics;
 pub mod schedule;
 pub mod state;
 
@@ -15,12 +19,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use self::core::{AgentCollector, AgentSlot, Core, Generation, Metrics, RepoSlot};
+use self::core::{AgentSlot, Core, Generation, RepoSlot};
+use self::metrics::{AgentCollector, Metrics};
 use self::schedule::{Schedule, ScheduleError};
 use self::state::{StateError, StateStore};
-use crate::cli::{Answer, CliError};
 use crate::config::{RotatorConfig, duration};
 
 /// What stops the rotator from starting or running.
@@ -77,12 +81,6 @@ pub enum RotatorError {
     },
     #[error("cannot serve the Admin API")]
     Serve(#[source] tonic::transport::Error),
-    #[error("cannot listen on {addr}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -110,9 +108,29 @@ impl RotatorError {
 /// Requests queued per agent channel; see [`run`].
 const AGENT_CHANNEL_BUFFER: usize = 4;
 
+/// A configuration that passed every start-up check that needs neither the
+/// network nor the state; only [`check`] makes one, so [`run`] never checks twice.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    config: RotatorConfig,
+    schedule: Schedule,
+}
+
+impl Checked {
+    pub fn config(&self) -> &RotatorConfig {
+        &self.config
+    }
+}
+
 /// Checks what can be checked without touching the network or the state:
-/// names, the cron expression and Keystone's `max_active_keys` formula.
-pub fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
+/// names, the cron expression, Keystone's `max_active_keys` formula and, when
+/// configured, keystone.conf's agreement (its warnings are logged here, once).
+pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
+    let schedule = validate(&config)?;
+    Ok(Checked { config, schedule })
+}
+
+fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
     let schedule = Schedule::parse(&config.schedule.cron)?;
     if config.repositories.is_empty() {
         return Err(RotatorError::Config("no repositories configured".into()));
@@ -304,14 +322,14 @@ fn agent_slots(
 /// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
 /// metrics on `metrics_listener`, the scheduler, the fan-out and the reconcile.
 pub async fn run(
-    config: RotatorConfig,
+    checked: Checked,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RotatorError> {
-    // Every configuration check comes before the state is opened: a refused
-    // configuration creates no directory, lock or generation.
-    let schedule = validate(&config)?;
+    // Every configuration check came before the state is opened (`check`): a
+    // refused configuration creates no directory, lock or generation.
+    let Checked { config, schedule } = checked;
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let agents = agent_slots(&config, &client_tls)?;
@@ -346,10 +364,11 @@ pub async fn run(
     });
     core.restore_acks(&acks);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        trigger.cancel();
     });
 
     tracing::info!(
@@ -361,34 +380,33 @@ pub async fn run(
     );
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(core.clone().dispatch(stop_rx.clone()));
+    tasks.spawn(core.clone().dispatch(stop.clone()));
     // Read every agent back at start: acknowledgements on disk are only a hint.
     core.reconcile_all(true);
-    tasks.spawn(reconcile_loop(core.clone(), stop_rx.clone()));
-    tasks.spawn(schedule_loop(core.clone(), schedule, stop_rx.clone()));
+    tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
+    tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
     if let Some(metrics_listener) = metrics_listener {
         let registry = Arc::new(registry);
-        let stop = stop_rx.clone();
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
             registry,
-            wait_stop(stop),
+            stop.clone().cancelled_owned(),
         ));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<crate::pb::admin_server::AdminServer<crate::admin::AdminService>>()
+        .set_serving::<crate::pb::admin_server::AdminServer<admin::AdminService>>()
         .await;
-    let admin = crate::admin::AdminService::new(
-        core.clone(),
-        config.admin_identities.clone(),
-        stop_rx.clone(),
-    );
+    let admin =
+        admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone());
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(crate::pb::admin_server::AdminServer::new(admin))
-        .serve_with_incoming_shutdown(server_tls.incoming(listener), wait_stop(stop_rx.clone()))
+        .serve_with_incoming_shutdown(
+            server_tls.incoming(listener),
+            stop.clone().cancelled_owned(),
+        )
         .await;
 
     // Drain: stop the background tasks and record the last acknowledgements.
@@ -399,37 +417,26 @@ pub async fn run(
     served.map_err(RotatorError::Serve)
 }
 
-async fn wait_stop(mut stop: watch::Receiver<bool>) {
-    stopped(&mut stop).await;
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Periodic read-back of every agent, and lazy recording of acknowledgements.
-async fn reconcile_loop(core: Arc<Core>, stop: watch::Receiver<bool>) {
+async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
     let mut reconcile = tokio::time::interval(core.fanout.reconcile_interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile.tick().await;
     let mut flush = tokio::time::interval(std::time::Duration::from_secs(1));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stop_wait = stop.clone();
     loop {
         tokio::select! {
             _ = reconcile.tick() => core.reconcile_all(false),
             _ = flush.tick() => core.flush_acks().await,
-            _ = crate::rotator::stopped(&mut stop_wait) => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
 /// Rotates at each cron occurrence; a blocked scheduled rotation is owed and
 /// retried as soon as every agent has caught up.
-async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receiver<bool>) {
+async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationToken) {
     let mut progress = core.progress();
-    let mut stop_wait = stop.clone();
     loop {
         let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
             tracing::warn!(
@@ -465,43 +472,8 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: watch::Receive
                         core.scheduled_rotation(true, stop.clone()).await;
                     }
                 }
-                _ = crate::rotator::stopped(&mut stop_wait) => return,
+                _ = stop.cancelled() => return,
             }
         }
     }
-}
-
-/// `fernetd rotator --config FILE`: runs until SIGTERM or SIGINT.
-pub async fn main(config: &Path) -> Result<Answer, CliError> {
-    let config: RotatorConfig = crate::config::load(config).map_err(CliError::usage)?;
-    validate(&config).map_err(CliError::usage)?;
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-        CliError::runtime(RotatorError::Bind {
-            addr: config.listen,
-            source,
-        })
-    })?;
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| CliError::runtime(RotatorError::Bind { addr, source }))?,
-        ),
-        None => None,
-    };
-    run(
-        config,
-        listener,
-        metrics_listener,
-        crate::cli::termination(),
-    )
-    .await
-    .map_err(|e| {
-        if e.is_config() {
-            CliError::usage(e)
-        } else {
-            CliError::runtime(e)
-        }
-    })?;
-    Ok(Answer::Yes)
 }

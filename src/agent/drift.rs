@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::managed::Managed;
 
@@ -41,8 +42,8 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// Waits for the check tasks (the caller has already turned `shutdown`
-    /// true), then removes every watch before returning. `unwatch` is answered
+    /// Waits for the check tasks (the caller has already cancelled `shutdown`),
+    /// then removes every watch before returning. `unwatch` is answered
     /// by notify's event thread, so once this returns no event of ours is in
     /// flight: a repository removed afterwards (a test, the demo's temporary
     /// directory) is neither checked nor reported, and notify does not try to
@@ -77,17 +78,12 @@ fn concerns(event_path: &Path, repo: &Path) -> bool {
     event_path.starts_with(repo) || event_path.parent() == repo.parent()
 }
 
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // A closed channel means the agent is gone: stop as well.
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Starts watching every repository; checks run until `shutdown` turns true.
+/// Starts watching every repository; checks run until `shutdown` is cancelled.
 pub fn spawn(
     repos: Vec<Arc<Managed>>,
     restore: bool,
     poll: Duration,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<DriftWatch, DriftError> {
     let wakers: Vec<(PathBuf, Arc<Notify>)> = repos
         .iter()
@@ -123,7 +119,7 @@ pub fn spawn(
     let mut tasks = tokio::task::JoinSet::new();
     for (repo, (_, waker)) in repos.into_iter().zip(wakers) {
         let watcher = watcher.clone();
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,11 +128,11 @@ pub fn spawn(
                 // the draw and start one more check.
                 tokio::select! {
                     biased;
-                    _ = stopped(&mut shutdown) => break,
+                    _ = shutdown.cancelled() => break,
                     _ = waker.notified() => {
                         tokio::select! {
                             biased;
-                            _ = stopped(&mut shutdown) => break,
+                            _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(SETTLE) => {}
                         }
                     }
@@ -160,7 +156,8 @@ pub fn spawn(
 mod tests {
     use super::*;
     use crate::agent::metrics::AgentMetrics;
-    use crate::install::{self, Stamp};
+    use crate::install;
+    use crate::repository::Stamp;
     use crate::repository::{Key, KeySet};
 
     /// Once `stop` returns, no check task holds the repository any more, so
@@ -179,13 +176,18 @@ mod tests {
         let metrics = AgentMetrics::register(&mut Default::default());
         let repo =
             Arc::new(Managed::open("tokens".into(), path.clone(), None, metrics).expect("open"));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let watch =
-            spawn(vec![repo.clone()], false, Duration::from_secs(60), stop_rx).expect("watch");
+        let stop = CancellationToken::new();
+        let watch = spawn(
+            vec![repo.clone()],
+            false,
+            Duration::from_secs(60),
+            stop.clone(),
+        )
+        .expect("watch");
         // Drift the checks would report, and the interval's first tick, are both
         // ready when the stop arrives: the stop must win.
         std::fs::remove_file(path.join("1")).expect("remove a key");
-        stop_tx.send(true).expect("send stop");
+        stop.cancel();
         watch.stop().await;
         assert_eq!(Arc::strong_count(&repo), 1, "a check task outlived stop");
         assert_eq!(repo.view().drift, None, "a check ran after the stop");

@@ -17,9 +17,9 @@ use tokio::sync::Mutex;
 use super::check::{self, Malformed};
 use super::metrics::AgentMetrics;
 use crate::error_chain;
-use crate::install::{self, InstallError, Owner, Stamp};
+use crate::install::{self, InstallError, Owner};
 use crate::pb;
-use crate::repository::{self, Digest, KeySet, RepositoryError};
+use crate::repository::{self, Digest, KeySet, RepositoryError, Stamp, StampError};
 use crate::token::{Keyring, TokenError};
 
 /// Why a canary did not prove a key set.
@@ -48,7 +48,7 @@ pub enum ProofError {
     #[error("cannot reload the repository as Keystone would")]
     Load(#[source] RepositoryError),
     #[error("cannot read the generation stamp")]
-    Stamp(#[source] InstallError),
+    Stamp(#[source] StampError),
     #[error("on-disk digest {found} differs from the installed set's {expected}")]
     Digest { expected: Digest, found: Digest },
     #[error("on-disk stamp says generation {found:?}, expected {expected}")]
@@ -174,7 +174,7 @@ fn prove(path: &Path, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, P
             found,
         });
     }
-    let on_disk = install::read_stamp(path).map_err(ProofError::Stamp)?;
+    let on_disk = repository::read_stamp(path).map_err(ProofError::Stamp)?;
     if on_disk.as_ref().map(|s| (s.generation, s.digest)) != Some((stamp.generation, stamp.digest))
     {
         return Err(ProofError::StampMismatch {
@@ -297,7 +297,7 @@ impl Managed {
                 tracing::warn!(repository = %name, removed, "removed leftovers of an interrupted install");
             }
         }
-        let stamp = install::read_stamp(&path)?;
+        let stamp = repository::read_stamp(&path)?;
         let disk = Disk::read(&path, owner);
         let mut desired = Desired {
             generation: 0,
@@ -722,7 +722,9 @@ mod tests {
             repository::load(&repo).expect("reload").digest(),
             g1.digest()
         );
-        let stamp = install::read_stamp(&repo).expect("stamp").expect("stamped");
+        let stamp = repository::read_stamp(&repo)
+            .expect("stamp")
+            .expect("stamped");
         assert_eq!((stamp.generation, stamp.digest), (1, g1.digest()));
         assert_eq!(managed.view().generation, 1);
 

@@ -9,8 +9,8 @@ use anyhow::{Context as _, anyhow};
 use serde_json::json;
 
 use super::{Answer, CliError, RepoArgs, RepoCommand};
-use crate::install::{self, InstallOutcome, Owner, Stamp};
-use crate::repository::{self, KeySet, Severity};
+use crate::install::{self, InstallOutcome, Owner};
+use crate::repository::{self, KeySet, Severity, Stamp};
 
 pub fn run(args: &RepoArgs) -> Result<Answer, CliError> {
     let dir = args
@@ -122,7 +122,7 @@ fn write(
     }
     // The generation keeps moving when fernetd already stamped this repository;
     // a fresh repository starts at 1, a Keystone-made one stays unstamped.
-    let previous = install::read_stamp(dir).map_err(CliError::runtime)?;
+    let previous = repository::read_stamp(dir).map_err(CliError::runtime)?;
     let generation = match (previous, action) {
         (Some(s), _) => Some(
             s.generation
@@ -171,7 +171,7 @@ fn show(dir: &Path, as_json: bool) -> Result<Answer, CliError> {
     let set = repository::load(dir)
         .with_context(|| format!("cannot read {}; see `fernetd repo verify`", dir.display()))
         .map_err(CliError::runtime)?;
-    let stamp = install::read_stamp(dir).map_err(CliError::runtime)?;
+    let stamp = repository::read_stamp(dir).map_err(CliError::runtime)?;
     if as_json {
         println!(
             "{}",

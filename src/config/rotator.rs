@@ -1,15 +1,15 @@
 //! The rotator's `rotator.toml` and the admin client's `admin.toml`: what each
 //! field means is documented on the field (and in the README's configuration
 //! reference). Durations are written as `"90s"`, `"15m"`, `"1h"`, `"2d"`,
-//! `"250ms"` or a bare number of seconds.
+//! `"250ms"` (humantime) or a bare number of seconds.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use super::TlsConfig;
+use super::{TlsConfig, duration};
 
 /// `rotator.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -145,80 +145,4 @@ pub struct AdminConfig {
     pub rotator_identity: String,
     /// The admin's certificate and key, and the CA that signed the rotator's.
     pub tls: TlsConfig,
-}
-
-/// Serde for durations written as `"250ms"`, `"90s"`, `"15m"`, `"1h"`, `"2d"` or
-/// a bare integer number of seconds.
-pub mod duration {
-    use super::*;
-
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration such as \"90s\", \"15m\", \"1h\""))?;
-        let seconds = |factor: u64| {
-            n.checked_mul(factor)
-                .map(Duration::from_secs)
-                .ok_or_else(|| format!("`{text}` is too long"))
-        };
-        match unit.trim() {
-            "ms" => Ok(Duration::from_millis(n)),
-            "" | "s" => seconds(1),
-            "m" => seconds(60),
-            "h" => seconds(3600),
-            "d" => seconds(86_400),
-            other => Err(format!(
-                "unknown unit `{other}` in `{text}` (use ms, s, m, h or d)"
-            )),
-        }
-    }
-
-    pub fn format(d: &Duration) -> String {
-        if d.subsec_millis() != 0 {
-            format!("{}ms", d.as_millis())
-        } else {
-            format!("{}s", d.as_secs())
-        }
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Seconds(n) => Ok(Duration::from_secs(n)),
-            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_and_round_trip() {
-        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration::parse("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(duration::parse("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(duration::parse("2d"), Ok(Duration::from_secs(172_800)));
-        assert_eq!(duration::parse("7"), Ok(Duration::from_secs(7)));
-        assert!(duration::parse("1 week").is_err());
-        assert!(duration::parse("h").is_err());
-        for d in [Duration::from_millis(1500), Duration::from_secs(3600)] {
-            assert_eq!(duration::parse(&duration::format(&d)), Ok(d));
-        }
-    }
 }

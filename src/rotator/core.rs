@@ -1,26 +1,21 @@
 //! The rotator's shared state and its operations: the current generation of each
-//! repository, what each agent holds, the safety rule that gates a rotation,
-//! status views, events and metrics. The Admin service, the scheduler and the
-//! fan-out dispatcher all act through [`Core`].
+//! repository, what each agent holds, the safety rule that gates a rotation, and
+//! the events it emits. The Admin service, the scheduler, the metrics and the
+//! fan-out dispatcher all act through [`Core`]; its fields stay private to the
+//! rotator's modules.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
 use super::fanout::{EncodedInstall, Phase, WorkQueue};
+use super::metrics::Metrics;
 use super::schedule::Backoff;
 use super::state::{AckRecord, Acks, Committed, StateStore};
 use crate::config::FanoutConfig;
@@ -29,10 +24,10 @@ use crate::repository::{self, Digest, KeySet};
 
 /// One committed generation of a repository, with its Install request encoded
 /// once for every push.
-pub(crate) struct Generation {
-    pub number: u64,
-    pub keys: KeySet,
-    pub digest: Digest,
+pub(super) struct Generation {
+    pub(super) number: u64,
+    pub(super) keys: KeySet,
+    pub(super) digest: Digest,
     encoded: Arc<EncodedInstall>,
 }
 
@@ -49,7 +44,7 @@ impl std::fmt::Debug for Generation {
 impl Generation {
     /// Encodes the Install request for `keys` as generation `number`, with
     /// canary tokens made with the primary and the staged key.
-    pub(crate) fn build(repository: &str, number: u64, keys: KeySet) -> Result<Self, RotatorError> {
+    pub(super) fn build(repository: &str, number: u64, keys: KeySet) -> Result<Self, RotatorError> {
         let (Some(primary_index), Some(primary), Some(staged)) =
             (keys.primary_index(), keys.primary(), keys.staged())
         else {
@@ -91,11 +86,11 @@ impl Generation {
         })
     }
 
-    pub(crate) fn encoded(&self) -> Arc<EncodedInstall> {
+    pub(super) fn encoded(&self) -> Arc<EncodedInstall> {
         self.encoded.clone()
     }
 
-    pub(crate) fn committed(&self) -> Committed {
+    pub(super) fn committed(&self) -> Committed {
         Committed {
             generation: self.number,
             keys: self.keys.clone(),
@@ -105,24 +100,24 @@ impl Generation {
 
 /// Why a repository's next rotation is held back.
 #[derive(Debug, Clone)]
-pub(crate) struct Blocked {
-    pub reason: String,
-    pub regions: Vec<String>,
+pub(super) struct Blocked {
+    pub(super) reason: String,
+    pub(super) regions: Vec<String>,
 }
 
 /// One managed repository.
-pub(crate) struct RepoSlot {
-    pub name: String,
-    pub max_active_keys: usize,
+pub(super) struct RepoSlot {
+    pub(super) name: String,
+    pub(super) max_active_keys: usize,
     current: RwLock<Arc<Generation>>,
     blocked: Mutex<Option<Blocked>>,
     /// A scheduled rotation was blocked and is owed once the agents catch up.
-    pub overdue: AtomicBool,
-    pub next_rotation_ms: AtomicI64,
+    pub(super) overdue: AtomicBool,
+    pub(super) next_rotation_ms: AtomicI64,
 }
 
 impl RepoSlot {
-    pub(crate) fn new(name: String, max_active_keys: usize, generation: Generation) -> Self {
+    pub(super) fn new(name: String, max_active_keys: usize, generation: Generation) -> Self {
         RepoSlot {
             name,
             max_active_keys,
@@ -133,7 +128,7 @@ impl RepoSlot {
         }
     }
 
-    pub(crate) fn current(&self) -> Arc<Generation> {
+    pub(super) fn current(&self) -> Arc<Generation> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -144,7 +139,7 @@ impl RepoSlot {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
     }
 
-    pub(crate) fn blocked(&self) -> Option<Blocked> {
+    pub(super) fn blocked(&self) -> Option<Blocked> {
         lock(&self.blocked).clone()
     }
 
@@ -155,37 +150,37 @@ impl RepoSlot {
 
 /// What an agent was last seen holding for one repository.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Held {
-    pub generation: u64,
-    pub digest: Option<Digest>,
+pub(super) struct Held {
+    pub(super) generation: u64,
+    pub(super) digest: Option<Digest>,
     /// Unix time (ms) it was last confirmed; 0 = never.
-    pub unix_ms: i64,
+    pub(super) unix_ms: i64,
     /// The agent reported that its on-disk repository differs from what it installed.
-    pub drift: bool,
+    pub(super) drift: bool,
 }
 
 /// Per-agent mutable state: a few words, whatever the number of agents.
 #[derive(Debug)]
-pub(crate) struct AgentState {
-    pub phase: Phase,
+pub(super) struct AgentState {
+    pub(super) phase: Phase,
     /// Read the agent's state back before pushing.
-    pub probe: bool,
-    pub failures: u32,
-    pub last_error: Option<String>,
-    pub connected: bool,
-    pub held: Vec<Held>,
+    pub(super) probe: bool,
+    pub(super) failures: u32,
+    pub(super) last_error: Option<String>,
+    pub(super) connected: bool,
+    pub(super) held: Vec<Held>,
 }
 
 /// One enrolled agent.
-pub(crate) struct AgentSlot {
-    pub region: String,
-    pub endpoint: String,
-    pub channel: Channel,
+pub(super) struct AgentSlot {
+    pub(super) region: String,
+    pub(super) endpoint: String,
+    pub(super) channel: Channel,
     state: Mutex<AgentState>,
 }
 
 impl AgentSlot {
-    pub(crate) fn new(region: String, endpoint: String, channel: Channel, repos: usize) -> Self {
+    pub(super) fn new(region: String, endpoint: String, channel: Channel, repos: usize) -> Self {
         AgentSlot {
             region,
             endpoint,
@@ -201,7 +196,7 @@ impl AgentSlot {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, AgentState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, AgentState> {
         lock(&self.state)
     }
 }
@@ -210,130 +205,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RepoLabels {
-    repository: String,
-}
-
-/// The rotator's own metrics; per-agent figures are computed at scrape time by
-/// [`AgentCollector`].
-pub(crate) struct Metrics {
-    generation: Family<RepoLabels, Gauge>,
-    blocked: Family<RepoLabels, Gauge>,
-    rotations: Family<RepoLabels, Counter>,
-    pub push_seconds: Histogram,
-    pub push_failures: Counter,
-}
-
-impl Metrics {
-    pub(crate) fn new(registry: &mut Registry) -> Self {
-        let m = Metrics {
-            generation: Family::default(),
-            blocked: Family::default(),
-            rotations: Family::default(),
-            push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            push_failures: Counter::default(),
-        };
-        registry.register(
-            "generation",
-            "Current committed generation",
-            m.generation.clone(),
-        );
-        registry.register(
-            "rotation_blocked",
-            "1 while the next rotation waits for agents to acknowledge the current generation",
-            m.blocked.clone(),
-        );
-        registry.register(
-            "rotations",
-            "Generations committed by this process",
-            m.rotations.clone(),
-        );
-        registry.register(
-            "push_duration_seconds",
-            "Time for an agent to install a generation and acknowledge it",
-            m.push_seconds.clone(),
-        );
-        registry.register(
-            "push_failures",
-            "Failed calls to agents",
-            m.push_failures.clone(),
-        );
-        m
-    }
-
-    fn repo(&self, name: &str) -> RepoLabels {
-        RepoLabels {
-            repository: name.to_owned(),
-        }
-    }
-}
-
-/// Per-agent lag and acknowledgement age, read from [`Core`] on every scrape.
-#[derive(Debug)]
-pub(crate) struct AgentCollector {
-    pub core: Weak<Core>,
-}
-
-impl Collector for AgentCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(core) = self.core.upgrade() else {
-            return Ok(());
-        };
-        let rows = core.agent_statuses();
-        type PerAgent = (
-            &'static str,
-            &'static str,
-            fn(&pb::AgentStatus) -> Option<f64>,
-        );
-        let gauges: [PerAgent; 3] = [
-            (
-                "agent_lag",
-                "Generations the agent is behind the rotator",
-                |a| Some(a.lag as f64),
-            ),
-            (
-                "agent_last_ack_age_seconds",
-                "Seconds since the agent last confirmed what it holds",
-                |a| (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0),
-            ),
-            (
-                "agent_connected",
-                "1 when the last call to the agent succeeded",
-                |a| Some(if a.connected { 1.0 } else { 0.0 }),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for row in &rows {
-                let Some(v) = value(row) else { continue };
-                let labels = [
-                    ("region", row.region.as_str()),
-                    ("repository", row.repository.as_str()),
-                ];
-                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Everything the rotator knows, shared by its tasks.
-pub(crate) struct Core {
-    pub repos: Vec<RepoSlot>,
-    pub agents: Vec<AgentSlot>,
-    pub store: StateStore,
-    pub fanout: FanoutConfig,
-    pub backoff: Backoff,
-    pub queue: WorkQueue,
-    pub metrics: Metrics,
+pub(super) struct Core {
+    pub(super) repos: Vec<RepoSlot>,
+    pub(super) agents: Vec<AgentSlot>,
+    pub(super) store: StateStore,
+    pub(super) fanout: FanoutConfig,
+    pub(super) backoff: Backoff,
+    pub(super) queue: WorkQueue,
+    pub(super) metrics: Metrics,
     events: broadcast::Sender<pb::Event>,
     progress: watch::Sender<u64>,
     rotation: tokio::sync::Mutex<()>,
     acks_dirty: AtomicBool,
 }
 
-pub(crate) fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -341,7 +228,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl Core {
-    pub(crate) fn new(
+    pub(super) fn new(
         repos: Vec<RepoSlot>,
         agents: Vec<AgentSlot>,
         store: StateStore,
@@ -367,20 +254,15 @@ impl Core {
         };
         for repo in &core.repos {
             core.metrics
-                .generation
-                .get_or_create(&core.metrics.repo(&repo.name))
-                .set(repo.current().number as i64);
-            core.metrics
-                .blocked
-                .get_or_create(&core.metrics.repo(&repo.name))
-                .set(0);
+                .set_generation(&repo.name, repo.current().number);
+            core.metrics.set_blocked(&repo.name, false);
         }
         core
     }
 
     /// Restores what agents acknowledged before a restart. Only a hint: every
     /// agent's state is read back before the rotator relies on it.
-    pub(crate) fn restore_acks(&self, acks: &Acks) {
+    pub(super) fn restore_acks(&self, acks: &Acks) {
         for (r, repo) in self.repos.iter().enumerate() {
             let Some(by_region) = acks.get(&repo.name) else {
                 continue;
@@ -399,7 +281,7 @@ impl Core {
     }
 
     /// Writes acknowledgements when they changed since the last call.
-    pub(crate) async fn flush_acks(self: &Arc<Self>) {
+    pub(super) async fn flush_acks(self: &Arc<Self>) {
         if !self.acks_dirty.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -432,11 +314,11 @@ impl Core {
         }
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
         self.events.subscribe()
     }
 
-    pub(crate) fn progress(&self) -> watch::Receiver<u64> {
+    pub(super) fn progress(&self) -> watch::Receiver<u64> {
         self.progress.subscribe()
     }
 
@@ -456,7 +338,7 @@ impl Core {
     }
 
     /// Whether agent `i` holds `generation` of repository `r` (same number and digest).
-    pub(crate) fn agent_holds(&self, i: usize, r: usize, generation: &Generation) -> bool {
+    pub(super) fn agent_holds(&self, i: usize, r: usize, generation: &Generation) -> bool {
         let held = self.agents[i].lock().held[r];
         held.generation == generation.number
             && held.digest == Some(generation.digest)
@@ -466,7 +348,7 @@ impl Core {
     /// A reason not to push: the agent holds a newer generation than the
     /// rotator (lost rotator state, or a second rotator), or the same number with
     /// other keys. Pushing would be refused; an operator must look.
-    pub(crate) fn agent_ahead(
+    pub(super) fn agent_ahead(
         &self,
         i: usize,
         r: usize,
@@ -514,7 +396,7 @@ impl Core {
     }
 
     /// Learns from an agent's `GetState` answer what it holds.
-    pub(crate) fn observe_state(
+    pub(super) fn observe_state(
         &self,
         i: usize,
         state: &pb::GetStateResponse,
@@ -555,7 +437,7 @@ impl Core {
     }
 
     /// Checks an Install answer against what was sent and records the acknowledgement.
-    pub(crate) fn observe_install(
+    pub(super) fn observe_install(
         &self,
         i: usize,
         r: usize,
@@ -600,17 +482,17 @@ impl Core {
     }
 
     /// Whether repository `r` may rotate now under the safety rule.
-    pub(crate) fn may_rotate(&self, r: usize) -> bool {
+    pub(super) fn may_rotate(&self, r: usize) -> bool {
         let current = self.repos[r].current();
         (0..self.agents.len()).all(|i| self.agent_holds(i, r, &current))
     }
 
     /// Rotates the selected repositories (all when `request.repositories` is
     /// empty), one after another, and waits for acknowledgements unless told not to.
-    pub(crate) async fn rotate(
+    pub(super) async fn rotate(
         self: &Arc<Self>,
         request: &pb::RotateRequest,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
         let selected = self.select(&request.repositories)?;
         let mut outcomes = Vec::with_capacity(selected.len());
@@ -689,10 +571,7 @@ impl Core {
                     reason: reason.clone(),
                     regions: missing,
                 }));
-                self.metrics
-                    .blocked
-                    .get_or_create(&self.metrics.repo(&repo.name))
-                    .set(1);
+                self.metrics.set_blocked(&repo.name, true);
                 if !was_blocked {
                     tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
                 }
@@ -758,18 +637,9 @@ impl Core {
         repo.set_current(next);
         repo.set_blocked(None);
         repo.overdue.store(false, Ordering::Release);
-        self.metrics
-            .blocked
-            .get_or_create(&self.metrics.repo(&repo.name))
-            .set(0);
-        self.metrics
-            .generation
-            .get_or_create(&self.metrics.repo(&repo.name))
-            .set(next_number as i64);
-        self.metrics
-            .rotations
-            .get_or_create(&self.metrics.repo(&repo.name))
-            .inc();
+        self.metrics.set_blocked(&repo.name, false);
+        self.metrics.set_generation(&repo.name, next_number);
+        self.metrics.count_rotation(&repo.name);
         self.bump_progress();
         self.push_all();
         Ok(outcome)
@@ -777,12 +647,12 @@ impl Core {
 
     /// Waits until every agent holds the current generation of every repository
     /// in `repos` (after a fresh read-back when `fresh`), or `wait` passes.
-    pub(crate) async fn wait_in_sync(
+    pub(super) async fn wait_in_sync(
         &self,
         repos: &[usize],
         wait: Duration,
         fresh: bool,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> bool {
         let mut progress = self.progress();
         let deadline = tokio::time::Instant::now() + wait;
@@ -800,16 +670,16 @@ impl Core {
             tokio::select! {
                 changed = progress.changed() => if changed.is_err() { return false },
                 _ = tokio::time::sleep_until(deadline) => return false,
-                _ = crate::rotator::stopped(&mut shutdown) => return false,
+                _ = shutdown.cancelled() => return false,
             }
         }
     }
 
     /// Reads every agent back now and re-pushes where needed; waits up to `wait`.
-    pub(crate) async fn sync(
+    pub(super) async fn sync(
         &self,
         wait: Duration,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Vec<pb::AgentStatus> {
         self.reconcile_all(true);
         let all: Vec<usize> = (0..self.repos.len()).collect();
@@ -818,10 +688,10 @@ impl Core {
     }
 
     /// A scheduled rotation, or a retry of one that was blocked. Never forced.
-    pub(crate) async fn scheduled_rotation(
+    pub(super) async fn scheduled_rotation(
         self: &Arc<Self>,
         only_overdue: bool,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         let names: Vec<String> = self
             .repos
@@ -849,75 +719,12 @@ impl Core {
         }
     }
 
-    /// One row per (agent, repository).
-    pub(crate) fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
-        let now = now_ms();
-        let currents: Vec<Arc<Generation>> = self.repos.iter().map(RepoSlot::current).collect();
-        let mut rows = Vec::with_capacity(self.agents.len() * self.repos.len());
-        for agent in &self.agents {
-            let st = agent.lock();
-            for (r, repo) in self.repos.iter().enumerate() {
-                let held = st.held[r];
-                let current = &currents[r];
-                rows.push(pb::AgentStatus {
-                    region: agent.region.clone(),
-                    endpoint: agent.endpoint.clone(),
-                    repository: repo.name.clone(),
-                    acked_generation: held.generation,
-                    digest_match: held.generation == current.number
-                        && held.digest == Some(current.digest)
-                        && !held.drift,
-                    lag: current.number.saturating_sub(held.generation),
-                    last_ack_age_ms: if held.unix_ms == 0 {
-                        -1
-                    } else {
-                        (now - held.unix_ms).max(0)
-                    },
-                    last_error: st.last_error.clone().unwrap_or_default(),
-                    connected: st.connected,
-                });
-            }
-        }
-        rows
-    }
-
-    pub(crate) fn status(&self) -> pb::StatusResponse {
-        let repositories = self
-            .repos
-            .iter()
-            .map(|repo| {
-                let current = repo.current();
-                let blocked = repo.blocked();
-                pb::RepositoryStatus {
-                    name: repo.name.clone(),
-                    generation: current.number,
-                    digest: current.digest.0.to_vec(),
-                    indices: current.keys.indices(),
-                    blocked_reason: blocked
-                        .as_ref()
-                        .map(|b| b.reason.clone())
-                        .unwrap_or_default(),
-                    blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
-                    next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
-                }
-            })
-            .collect();
-        pb::StatusResponse {
-            repositories,
-            agents: self.agent_statuses(),
-            version: crate::VERSION.to_owned(),
-        }
-    }
-
     /// Re-evaluates blocked repositories: cleared once every agent caught up.
-    pub(crate) fn refresh_blocked(&self) {
+    pub(super) fn refresh_blocked(&self) {
         for (r, repo) in self.repos.iter().enumerate() {
             if repo.blocked().is_some() && self.may_rotate(r) {
                 repo.set_blocked(None);
-                self.metrics
-                    .blocked
-                    .get_or_create(&self.metrics.repo(&repo.name))
-                    .set(0);
+                self.metrics.set_blocked(&repo.name, false);
                 tracing::info!(repository = %repo.name, "no longer blocked: every agent holds the current generation");
             }
         }
@@ -936,13 +743,13 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rotator::state::StateStore;
 
     /// A core with `regions` agents behind channels that are never dialled (no
     /// dispatcher runs), so the tests drive acknowledgements by hand.
-    pub(crate) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
+    pub(in crate::rotator) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
         let store = StateStore::open(dir).expect("state dir");
         let keys = repository::init(3).expect("init");
         let first = Generation::build("tokens", 1, keys).expect("build");
@@ -956,7 +763,7 @@ pub(crate) mod tests {
                 AgentSlot::new((*r).into(), "https://127.0.0.1:9".into(), channel, 1)
             })
             .collect();
-        let mut registry = Registry::default();
+        let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut registry);
         Arc::new(Core::new(
             repos,
@@ -993,7 +800,7 @@ pub(crate) mod tests {
     async fn no_rotation_while_a_region_has_not_acknowledged_the_current_generation() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path(), &["RegionOne", "RegionTwo"]);
-        let (_stop, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         ack(&core, 0);
         let r = core
             .rotate(&request(false, false), stop.clone())
@@ -1033,7 +840,7 @@ pub(crate) mod tests {
     async fn dry_run_changes_nothing_and_force_names_the_regions_that_will_reject_tokens() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path(), &["RegionOne", "RegionTwo", "RegionThree"]);
-        let (_stop, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         ack(&core, 0);
         let before = core.repos[0].current().digest;
         let r = core

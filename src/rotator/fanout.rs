@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prost::bytes::BufMut as _;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use zeroize::Zeroizing;
 
@@ -69,7 +70,7 @@ impl Encoder for PreEncodedEncoder {
 
 /// Where an agent is in the dispatcher's hands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub(super) enum Phase {
     /// Nothing to do, in no queue.
     Idle,
     /// In the ready queue.
@@ -81,7 +82,7 @@ pub(crate) enum Phase {
 }
 
 /// The dispatcher's queues.
-pub(crate) struct WorkQueue {
+pub(super) struct WorkQueue {
     ready: Mutex<VecDeque<usize>>,
     delayed: Mutex<BinaryHeap<Reverse<(Instant, usize)>>>,
     wake: Notify,
@@ -142,7 +143,7 @@ impl Core {
     }
 
     /// The dispatcher: runs until `shutdown` turns true.
-    pub(super) async fn dispatch(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(super) async fn dispatch(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let next_timer = self.release_due_timers();
             loop {
@@ -154,7 +155,7 @@ impl Core {
                         Ok(p) => p,
                         Err(_) => return,
                     },
-                    _ = crate::rotator::stopped(&mut shutdown) => return,
+                    _ = shutdown.cancelled() => return,
                 };
                 {
                     let mut st = self.agents[i].lock();
@@ -179,7 +180,7 @@ impl Core {
             tokio::select! {
                 _ = self.queue.wake.notified() => {}
                 _ = sleep => {}
-                _ = crate::rotator::stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }
@@ -295,7 +296,7 @@ impl Core {
             grpc.unary(request, path, PreEncodedCodec)
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| crate::admin::describe(&s))
+                .map_err(|s| crate::describe_status(&s))
         };
         with_deadline(timeout, "Install", call).await
     }
@@ -311,7 +312,7 @@ impl Core {
                 .get_state(request)
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| crate::admin::describe(&s))
+                .map_err(|s| crate::describe_status(&s))
         };
         with_deadline(timeout, "GetState", call).await
     }
@@ -340,7 +341,7 @@ mod tests {
     fn statuses_are_described_with_their_code() {
         let s = tonic::Status::failed_precondition("generation 3 is older than 5");
         assert_eq!(
-            crate::admin::describe(&s),
+            crate::describe_status(&s),
             "FailedPrecondition: generation 3 is older than 5"
         );
     }

@@ -801,8 +801,10 @@ async fn configuration_errors_exit_2_before_touching_anything() {
 #[tokio::test]
 async fn json_logs_when_the_configuration_asks() {
     let pki = Pki::new();
-    let agent =
-        Agent::start_with(&pki, |c| c.log_format = Some(fernetd::cli::LogFormat::Json)).await;
+    let agent = Agent::start_with(&pki, |c| {
+        c.log_format = Some(fernetd::config::LogFormat::Json)
+    })
+    .await;
     let g1 = new_set([0, 1, 2]);
     agent.install(&pki, request(&g1, 1)).await;
     let log = agent.daemon.log();
@@ -988,7 +990,7 @@ async fn no_drift_is_reported_after_run_returns() {
     config.metrics = None;
     let repo = config.repositories[0].path.clone();
     let set = new_set([0, 1, 2]);
-    let stamp = fernetd::install::Stamp {
+    let stamp = fernetd::repository::Stamp {
         generation: 1,
         digest: set.digest(),
     };
@@ -1004,7 +1006,8 @@ async fn no_drift_is_reported_after_run_returns() {
         .await
         .expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(fernetd::agent::run(config, listener, None, async {
+    let checked = fernetd::agent::check(config).expect("valid agent configuration");
+    let agent = tokio::spawn(fernetd::agent::run(checked, listener, None, async {
         let _ = stopped.await;
     }));
     poll_until(Duration::from_secs(10), "agent serving", || async {

@@ -354,7 +354,7 @@ fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<
 
 /// The generation recorded in a repository by its agent (0 = none yet).
 fn installed_generation(repo: &Path) -> u64 {
-    fernetd::install::read_stamp(repo)
+    fernetd::repository::read_stamp(repo)
         .ok()
         .flatten()
         .map_or(0, |s| s.generation)

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fernetd::install::{self, InstallError, Stamp};
+use fernetd::install::{self, InstallError};
+use fernetd::repository::Stamp;
 use fernetd::repository::{self, Key, KeySet};
 use sha2::{Digest as _, Sha256};
 
@@ -91,7 +92,7 @@ fn copy_repo(from: &Path, to: &Path) {
 fn key_names(dir: &Path) -> Vec<String> {
     names(dir)
         .into_iter()
-        .filter(|n| n != install::STAMP_FILE)
+        .filter(|n| n != fernetd::repository::STAMP_FILE)
         .collect()
 }
 
@@ -464,7 +465,7 @@ fn crash_consistency_under_sigkill() {
             panic!("kill {kill}: neither the old nor the new set: {on_disk:?}");
         }
         assert_eq!(
-            install::read_stamp(&target).expect("stamp"),
+            fernetd::repository::read_stamp(&target).expect("stamp"),
             Some(stamp_for(&on_disk)),
             "kill {kill}: keys and stamp disagree"
         );
@@ -903,7 +904,7 @@ fn a_mounted_repository_under_a_read_only_parent_is_updated_in_place() {
         0o700
     );
     assert_eq!(
-        install::read_stamp(&repo)
+        fernetd::repository::read_stamp(&repo)
             .expect("stamp")
             .map(|s| s.generation),
         Some(4)

@@ -831,7 +831,7 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
     assert_eq!(repository::load(&repo).expect("still readable"), before);
     // The event stream of the Admin API narrates the first rotation.
     let admin: AdminConfig = fernetd::config::load(&cluster.admin_config).expect("admin.toml");
-    let mut client = fernetd::admin::connect(&admin).expect("admin client");
+    let mut client = fernetd::rotator::admin::connect(&admin).expect("admin client");
     let mut events = client
         .watch(fernetd::pb::WatchRequest {})
         .await

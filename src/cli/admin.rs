@@ -1,197 +1,29 @@
-//! The rotator's Admin gRPC service and the `fernetd admin` client: status,
-//! rotation (with `--force`, `--dry-run`, waiting for acknowledgements), sync,
-//! agent listing and the event stream. Only the certificate identities listed in
-//! `admin_identities` may call it.
+//! `fernetd admin`: the operator's client of the rotator's Admin API, and the
+//! rendering of its answers as tables or `--json` (the demo shares the tables).
 
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::Duration;
 
+use anyhow::{Context as _, anyhow};
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, watch};
-use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-use crate::cli::{AdminArgs, AdminCommand, Answer, CliError};
+use super::{AdminArgs, AdminCommand, Answer, CliError};
 use crate::config::AdminConfig;
 use crate::pb;
-use crate::pb::admin_client::AdminClient;
-use crate::rotator::core::Core;
-
-/// The Admin service, served by the rotator next to the health service.
-pub struct AdminService {
-    core: Arc<Core>,
-    admins: Vec<String>,
-    shutdown: watch::Receiver<bool>,
-}
-
-impl AdminService {
-    pub(crate) fn new(
-        core: Arc<Core>,
-        admins: Vec<String>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        AdminService {
-            core,
-            admins,
-            shutdown,
-        }
-    }
-
-    /// The caller's identity when it is a configured admin; PERMISSION_DENIED
-    /// naming what was presented otherwise.
-    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
-        match crate::tls::authorize(request, &self.admins, "admin") {
-            Ok(identity) => {
-                tracing::debug!(admin = %identity, method, "admin call");
-                Ok(identity.to_string())
-            }
-            Err(status) => {
-                tracing::warn!(method, "admin call refused: {}", status.message());
-                Err(status)
-            }
-        }
-    }
-}
-
-fn status_of(e: crate::rotator::RotatorError) -> Status {
-    use crate::rotator::RotatorError as E;
-    match e {
-        E::UnknownRepository(_) => Status::not_found(e.to_string()),
-        other => Status::internal(crate::error_chain(&other)),
-    }
-}
-
-#[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
-    async fn status(
-        &self,
-        request: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.authorize(&request, "Status")?;
-        Ok(Response::new(self.core.status()))
-    }
-
-    async fn rotate(
-        &self,
-        request: Request<pb::RotateRequest>,
-    ) -> Result<Response<pb::RotateResponse>, Status> {
-        let admin = self.authorize(&request, "Rotate")?;
-        let r = request.into_inner();
-        tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
-        let response = self
-            .core
-            .rotate(&r, self.shutdown.clone())
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(response))
-    }
-
-    async fn sync(
-        &self,
-        request: Request<pb::SyncRequest>,
-    ) -> Result<Response<pb::SyncResponse>, Status> {
-        let admin = self.authorize(&request, "Sync")?;
-        tracing::info!(admin = %admin, "sync requested");
-        let wait = match request.get_ref().wait_ms {
-            0 => self.core.fanout.ack_wait,
-            ms => Duration::from_millis(ms),
-        };
-        let agents = self.core.sync(wait, self.shutdown.clone()).await;
-        Ok(Response::new(pb::SyncResponse { agents }))
-    }
-
-    async fn list_agents(
-        &self,
-        request: Request<pb::ListAgentsRequest>,
-    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        self.authorize(&request, "ListAgents")?;
-        Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.core.agent_statuses(),
-        }))
-    }
-
-    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
-
-    async fn watch(
-        &self,
-        request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        self.authorize(&request, "Watch")?;
-        let mut events = self.core.subscribe();
-        let mut shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(64);
-        // Ends with the client or the rotator, so a graceful shutdown never waits
-        // on an open stream.
-        tokio::spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    e = events.recv() => match e {
-                        Ok(event) => Ok(event),
-                        Err(broadcast::error::RecvError::Lagged(n)) => Ok(pb::Event {
-                            unix_ms: crate::rotator::core::now_ms(),
-                            kind: "lagged".into(),
-                            message: format!("{n} events dropped: this watcher was too slow"),
-                            ..Default::default()
-                        }),
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = crate::rotator::stopped(&mut shutdown) => return,
-                    _ = tx.closed() => return,
-                };
-                if tx.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
-    }
-}
-
-// ---------------------------------------------------------------- client
-
-/// What stops `fernetd admin` from talking to the rotator.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("TLS set-up failed")]
-    Tls(#[source] crate::tls::TlsError),
-    /// The status, described on one line (its transport causes included).
-    #[error("call to the rotator failed: {0}")]
-    Call(String),
-}
-
-/// A gRPC status as one line: code, message, and the root cause when the
-/// message does not already say it (a refused certificate shows up there).
-pub(crate) fn describe(status: &Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut root = None;
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        root = Some(s.to_string());
-        source = s.source();
-    }
-    if let Some(root) = root.filter(|r| !text.contains(r.as_str())) {
-        let _ = write!(text, ": {root}");
-    }
-    text
-}
-
-/// A client of the rotator's Admin API over mTLS, as `admin.toml` describes.
-pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, AdminError> {
-    let tls = crate::tls::ClientTls::load(&config.tls).map_err(AdminError::Tls)?;
-    let channel = tls
-        .channel(&config.rotator, &config.rotator_identity)
-        .map_err(AdminError::Tls)?;
-    Ok(AdminClient::new(channel))
-}
+use crate::rotator::admin::connect;
 
 /// `fernetd admin ...`.
-pub async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
+pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     let config: AdminConfig = crate::config::load(&args.config).map_err(CliError::usage)?;
-    let mut client = connect(&config).map_err(CliError::usage)?;
-    let call = |s: Status| CliError::runtime(AdminError::Call(describe(&s)));
+    let mut client = connect(&config)
+        .context("TLS set-up failed")
+        .map_err(CliError::usage)?;
+    let call = |s: Status| {
+        CliError::runtime(anyhow!(
+            "call to the rotator failed: {}",
+            crate::describe_status(&s)
+        ))
+    };
     let mut out = String::new();
     let answer = match &args.command {
         AdminCommand::Status => {
@@ -288,10 +120,6 @@ fn json<T: Serialize>(value: &T) -> String {
     s
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unix_ms_to_rfc3339(ms: i64) -> Option<String> {
     (ms > 0)
         .then(|| chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms))
@@ -376,7 +204,7 @@ impl From<&pb::StatusResponse> for StatusView {
                 .map(|r| RepositoryView {
                     name: r.name.clone(),
                     generation: r.generation,
-                    digest: hex(&r.digest),
+                    digest: hex::encode(&r.digest),
                     indices: r.indices.clone(),
                     blocked_reason: non_empty(&r.blocked_reason),
                     blocking_regions: r.blocking_regions.clone(),
@@ -394,7 +222,7 @@ impl From<&pb::RotateOutcome> for OutcomeView {
             repository: o.repository.clone(),
             rotated: o.rotated,
             generation: o.generation,
-            digest: hex(&o.digest),
+            digest: hex::encode(&o.digest),
             indices: o.indices.clone(),
             pending_regions: o.pending_regions.clone(),
             rejecting_regions: o.rejecting_regions.clone(),
@@ -415,7 +243,7 @@ fn age(ms: i64) -> String {
 /// Renders `admin status` as text.
 pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
     for r in &status.repositories {
-        let digest = hex(&r.digest);
+        let digest = hex::encode(&r.digest);
         let _ = writeln!(
             out,
             "repository {}: generation {}, digest {}, keys {:?}",

@@ -1,0 +1,74 @@
+//! What `fernetd rotator` and `fernetd agent` share before and after their role
+//! runs: logging, the tokio runtime, binding listeners, and the shutdown future
+//! that SIGTERM or SIGINT resolves.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use super::CliError;
+use crate::config::LogFormat;
+
+/// A multi-threaded runtime for the network commands.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)
+}
+
+pub(super) fn init_logging(format: LogFormat) {
+    // notify logs its own bookkeeping at info and warn ("unable to remove watch
+    // descriptor") whenever a watched directory is swapped out, i.e. on every
+    // install; the watch errors that matter reach us as `Result`s instead.
+    init_logging_with(format, "info,notify=error")
+}
+
+/// Logging with `default` as the filter when `FERNETD_LOG` is not set.
+pub(super) fn init_logging_with(format: LogFormat, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FERNETD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests calling `run` twice) is harmless: keep the first.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Binds a listener; a taken or forbidden address is the environment's (exit 3).
+pub(super) async fn bind(addr: SocketAddr) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+        .map_err(CliError::runtime)
+}
+
+/// Binds the optional metrics listener.
+pub(super) async fn bind_optional(
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, CliError> {
+    match addr {
+        Some(addr) => bind(addr).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT: what the daemons get as their shutdown future.
+pub(super) async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still ends on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

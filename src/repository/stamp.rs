@@ -1,0 +1,70 @@
+//! The stamp: a small JSON file inside a repository that records the
+//! generation and digest of the key set it holds. Keystone skips it because its
+//! name is not an integer; the installer writes it with the keys, so keys and
+//! generation always change together.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::Digest;
+
+/// The file, inside a repository, that records its generation and digest.
+pub const STAMP_FILE: &str = ".fernetd-stamp";
+
+/// The generation and digest a repository holds, recorded in [`STAMP_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub generation: u64,
+    pub digest: Digest,
+}
+
+#[derive(serde::Deserialize)]
+struct StampFile {
+    generation: u64,
+    digest: String,
+}
+
+/// Why a repository's stamp cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StampError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("stamp file {path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+}
+
+impl Stamp {
+    /// One line of JSON, as [`read_stamp`] reads it back.
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "{{\"generation\":{},\"digest\":\"{}\"}}\n",
+            self.generation, self.digest
+        )
+        .into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Stamp, String> {
+        let file: StampFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let digest = Digest::from_hex(&file.digest).ok_or("digest is not 64 hex digits")?;
+        Ok(Stamp {
+            generation: file.generation,
+            digest,
+        })
+    }
+}
+
+/// Reads the generation and digest recorded in the repository, if any.
+pub fn read_stamp(target: &Path) -> Result<Option<Stamp>, StampError> {
+    let path = target.join(STAMP_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Stamp::decode(&bytes)
+            .map(Some)
+            .map_err(|reason| StampError::Malformed { path, reason }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StampError::Read { path, source }),
+    }
+}

@@ -1,0 +1,218 @@
+//! The rotator's Admin API: the gRPC service (status, rotation with `--force`
+//! and `--dry-run`, sync, agent listing, the event stream) and the protobuf views
+//! of [`Core`] it answers with, plus [`connect`], the client constructor that the
+//! command line and the demo share. Only the certificate identities listed in
+//! `admin_identities` may call it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::RotatorError;
+use super::core::{Core, Generation, RepoSlot, now_ms};
+use crate::config::AdminConfig;
+use crate::pb;
+use crate::pb::admin_client::AdminClient;
+use crate::tls::{ClientTls, TlsError};
+
+/// The Admin service, served by the rotator next to the health service.
+pub struct AdminService {
+    core: Arc<Core>,
+    admins: Vec<String>,
+    shutdown: CancellationToken,
+}
+
+impl AdminService {
+    pub(super) fn new(core: Arc<Core>, admins: Vec<String>, shutdown: CancellationToken) -> Self {
+        AdminService {
+            core,
+            admins,
+            shutdown,
+        }
+    }
+
+    /// The caller's identity when it is a configured admin; PERMISSION_DENIED
+    /// naming what was presented otherwise.
+    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
+        match crate::tls::authorize(request, &self.admins, "admin") {
+            Ok(identity) => {
+                tracing::debug!(admin = %identity, method, "admin call");
+                Ok(identity.to_string())
+            }
+            Err(status) => {
+                tracing::warn!(method, "admin call refused: {}", status.message());
+                Err(status)
+            }
+        }
+    }
+}
+
+fn status_of(e: RotatorError) -> Status {
+    use RotatorError as E;
+    match e {
+        E::UnknownRepository(_) => Status::not_found(e.to_string()),
+        other => Status::internal(crate::error_chain(&other)),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.authorize(&request, "Status")?;
+        Ok(Response::new(self.core.status()))
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let admin = self.authorize(&request, "Rotate")?;
+        let r = request.into_inner();
+        tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
+        let response = self
+            .core
+            .rotate(&r, self.shutdown.clone())
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(response))
+    }
+
+    async fn sync(
+        &self,
+        request: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        let admin = self.authorize(&request, "Sync")?;
+        tracing::info!(admin = %admin, "sync requested");
+        let wait = match request.get_ref().wait_ms {
+            0 => self.core.fanout.ack_wait,
+            ms => Duration::from_millis(ms),
+        };
+        let agents = self.core.sync(wait, self.shutdown.clone()).await;
+        Ok(Response::new(pb::SyncResponse { agents }))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.authorize(&request, "ListAgents")?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: self.core.agent_statuses(),
+        }))
+    }
+
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&request, "Watch")?;
+        let mut events = self.core.subscribe();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        // Ends with the client or the rotator, so a graceful shutdown never waits
+        // on an open stream.
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    e = events.recv() => match e {
+                        Ok(event) => Ok(event),
+                        Err(broadcast::error::RecvError::Lagged(n)) => Ok(pb::Event {
+                            unix_ms: now_ms(),
+                            kind: "lagged".into(),
+                            message: format!("{n} events dropped: this watcher was too slow"),
+                            ..Default::default()
+                        }),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+/// A client of the rotator's Admin API over mTLS, as `admin.toml` describes.
+pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, TlsError> {
+    let tls = ClientTls::load(&config.tls)?;
+    let channel = tls.channel(&config.rotator, &config.rotator_identity)?;
+    Ok(AdminClient::new(channel))
+}
+
+impl Core {
+    /// One row per (agent, repository).
+    pub(super) fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
+        let now = now_ms();
+        let currents: Vec<Arc<Generation>> = self.repos.iter().map(RepoSlot::current).collect();
+        let mut rows = Vec::with_capacity(self.agents.len() * self.repos.len());
+        for agent in &self.agents {
+            let st = agent.lock();
+            for (r, repo) in self.repos.iter().enumerate() {
+                let held = st.held[r];
+                let current = &currents[r];
+                rows.push(pb::AgentStatus {
+                    region: agent.region.clone(),
+                    endpoint: agent.endpoint.clone(),
+                    repository: repo.name.clone(),
+                    acked_generation: held.generation,
+                    digest_match: held.generation == current.number
+                        && held.digest == Some(current.digest)
+                        && !held.drift,
+                    lag: current.number.saturating_sub(held.generation),
+                    last_ack_age_ms: if held.unix_ms == 0 {
+                        -1
+                    } else {
+                        (now - held.unix_ms).max(0)
+                    },
+                    last_error: st.last_error.clone().unwrap_or_default(),
+                    connected: st.connected,
+                });
+            }
+        }
+        rows
+    }
+
+    pub(super) fn status(&self) -> pb::StatusResponse {
+        let repositories = self
+            .repos
+            .iter()
+            .map(|repo| {
+                let current = repo.current();
+                let blocked = repo.blocked();
+                pb::RepositoryStatus {
+                    name: repo.name.clone(),
+                    generation: current.number,
+                    digest: current.digest.0.to_vec(),
+                    indices: current.keys.indices(),
+                    blocked_reason: blocked
+                        .as_ref()
+                        .map(|b| b.reason.clone())
+                        .unwrap_or_default(),
+                    blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
+                    next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
+                }
+            })
+            .collect();
+        pb::StatusResponse {
+            repositories,
+            agents: self.agent_statuses(),
+            version: crate::VERSION.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The rotator's Prometheus metrics: its own counters and gauges, updated as
+//! it rotates and pushes, and per-agent gauges (lag, acknowledgement age,
+//! connection) computed from [`Core`] at scrape time, so 10,000 agents cost no
+//! series bookkeeping between scrapes.
+
+use std::sync::Weak;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::core::Core;
+use crate::pb;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoLabels {
+    repository: String,
+}
+
+/// The rotator's own metrics; per-agent figures are computed at scrape time by
+/// [`AgentCollector`].
+pub(super) struct Metrics {
+    generation: Family<RepoLabels, Gauge>,
+    blocked: Family<RepoLabels, Gauge>,
+    rotations: Family<RepoLabels, Counter>,
+    pub(super) push_seconds: Histogram,
+    pub(super) push_failures: Counter,
+}
+
+impl Metrics {
+    pub(super) fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            generation: Family::default(),
+            blocked: Family::default(),
+            rotations: Family::default(),
+            push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            push_failures: Counter::default(),
+        };
+        registry.register(
+            "generation",
+            "Current committed generation",
+            m.generation.clone(),
+        );
+        registry.register(
+            "rotation_blocked",
+            "1 while the next rotation waits for agents to acknowledge the current generation",
+            m.blocked.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Generations committed by this process",
+            m.rotations.clone(),
+        );
+        registry.register(
+            "push_duration_seconds",
+            "Time for an agent to install a generation and acknowledge it",
+            m.push_seconds.clone(),
+        );
+        registry.register(
+            "push_failures",
+            "Failed calls to agents",
+            m.push_failures.clone(),
+        );
+        m
+    }
+
+    fn repo(name: &str) -> RepoLabels {
+        RepoLabels {
+            repository: name.to_owned(),
+        }
+    }
+
+    pub(super) fn set_generation(&self, repository: &str, generation: u64) {
+        self.generation
+            .get_or_create(&Self::repo(repository))
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    pub(super) fn set_blocked(&self, repository: &str, blocked: bool) {
+        self.blocked
+            .get_or_create(&Self::repo(repository))
+            .set(i64::from(blocked));
+    }
+
+    pub(super) fn count_rotation(&self, repository: &str) {
+        self.rotations.get_or_create(&Self::repo(repository)).inc();
+    }
+}
+
+/// Per-agent lag and acknowledgement age, read from [`Core`] on every scrape.
+#[derive(Debug)]
+pub(super) struct AgentCollector {
+    pub(super) core: Weak<Core>,
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(core) = self.core.upgrade() else {
+            return Ok(());
+        };
+        let rows = core.agent_statuses();
+        type PerAgent = (
+            &'static str,
+            &'static str,
+            fn(&pb::AgentStatus) -> Option<f64>,
+        );
+        let gauges: [PerAgent; 3] = [
+            (
+                "agent_lag",
+                "Generations the agent is behind the rotator",
+                |a| Some(a.lag as f64),
+            ),
+            (
+                "agent_last_ack_age_seconds",
+                "Seconds since the agent last confirmed what it holds",
+                |a| (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0),
+            ),
+            (
+                "agent_connected",
+                "1 when the last call to the agent succeeded",
+                |a| Some(if a.connected { 1.0 } else { 0.0 }),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for row in &rows {
+                let Some(v) = value(row) else { continue };
+                let labels = [
+                    ("region", row.region.as_str()),
+                    ("repository", row.repository.as_str()),
+                ];
+                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
