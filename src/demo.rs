@@ -281,14 +281,7 @@ impl Fleet {
     pub fn start(layout: Layout) -> Result<(Fleet, Running), DemoError> {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let Layout {
-            dir,
-            rotator,
-            admin,
-            agents,
-            listeners,
-            rotator_listeners,
-        } = layout;
+        let (agents, listeners) = (layout.agents, layout.listeners);
         let tokio_listener =
             |l: std::net::TcpListener| TcpListener::from_std(l).map_err(DemoError::Port);
         for (agent, (grpc, metrics)) in agents.iter().cloned().zip(listeners) {
@@ -310,11 +303,11 @@ impl Fleet {
             });
         }
         let (grpc, metrics) = (
-            tokio_listener(rotator_listeners.0)?,
-            tokio_listener(rotator_listeners.1)?,
+            tokio_listener(layout.rotator_listeners.0)?,
+            tokio_listener(layout.rotator_listeners.1)?,
         );
-        let checked =
-            crate::rotator::check(rotator.clone()).map_err(|e| DemoError::Config(Box::new(e)))?;
+        let checked = crate::rotator::check(layout.rotator.clone())
+            .map_err(|e| DemoError::Config(Box::new(e)))?;
         let shutdown = stop.clone().cancelled_owned();
         tasks.spawn(async move {
             crate::rotator::run(checked, grpc, Some(metrics), shutdown)
@@ -322,9 +315,9 @@ impl Fleet {
                 .map_err(|e| DemoError::Rotator(Box::new(e)))
         });
         let running = Running {
-            dir,
-            rotator,
-            admin,
+            dir: layout.dir,
+            rotator: layout.rotator,
+            admin: layout.admin,
             agents,
         };
         Ok((Fleet { stop, tasks }, running))

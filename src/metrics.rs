@@ -14,6 +14,29 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// The `repository` label that both daemons' per-repository metrics carry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RepoLabel {
+    pub repository: String,
+}
+
+impl RepoLabel {
+    pub fn new(repository: &str) -> Self {
+        RepoLabel {
+            repository: repository.to_owned(),
+        }
+    }
+}
+
+/// Registers a clone of each metric (clones share their values) in a registry:
+/// `register!(registry, metric => "name", "help"; ...)`, one line per metric.
+macro_rules! register {
+    ($registry:expr, $($metric:expr => $name:literal, $help:literal;)+) => {
+        $($registry.register($name, $help, $metric.clone());)+
+    };
+}
+pub(crate) use register;
+
 /// Serves `registry` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,

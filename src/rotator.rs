@@ -464,7 +464,7 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
                         return;
                     }
                     core.refresh_blocked();
-                    let owed = core.repos.iter().enumerate().any(|(r, repo)| {
+                    let owed = core.repos().any(|(r, repo)| {
                         repo.overdue.load(std::sync::atomic::Ordering::Acquire) && core.may_rotate(r)
                     });
                     if owed {

@@ -84,7 +84,7 @@ impl TlsError {
 }
 
 /// The names a verified peer certificate carries: its DNS and URI subject
-/// alternative names. Roles are granted by these names (DESIGN.md, Security).
+/// alternative names. Roles are granted by these names (ARCHITECTURE.md, "Identities").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
     names: Vec<String>,

@@ -9,10 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RepoLabel {
-    pub repository: String,
-}
+use crate::metrics::RepoLabel;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -58,44 +55,17 @@ impl AgentMetrics {
             drift_events: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("fernetd_agent");
-        r.register(
-            "generation",
-            "Generation installed in each repository (0 = never installed)",
-            m.generation.clone(),
-        );
-        r.register(
-            "drift",
-            "1 while the repository differs from what the agent installed",
-            m.drifted.clone(),
-        );
-        r.register(
-            "install_duration_seconds",
-            "Time to validate, install, reload and check canaries",
-            m.install_seconds.clone(),
-        );
-        r.register(
-            "installs",
-            "Acknowledged installs by outcome",
-            m.installs.clone(),
-        );
-        r.register("refusals", "Refused installs by reason", m.refusals.clone());
-        r.register(
-            "canary_validations",
-            "Canary tokens checked against the installed repository",
-            m.canaries.clone(),
-        );
-        r.register(
-            "drift_events",
-            "Changes to a repository the agent did not make",
-            m.drift_events.clone(),
+        #[rustfmt::skip]
+        crate::metrics::register!(r,
+            m.generation => "generation", "Generation installed in each repository (0 = never installed)";
+            m.drifted => "drift", "1 while the repository differs from what the agent installed";
+            m.install_seconds => "install_duration_seconds", "Time to validate, install, reload and check canaries";
+            m.installs => "installs", "Acknowledged installs by outcome";
+            m.refusals => "refusals", "Refused installs by reason";
+            m.canaries => "canary_validations", "Canary tokens checked against the installed repository";
+            m.drift_events => "drift_events", "Changes to a repository the agent did not make";
         );
         m
-    }
-
-    fn repo(name: &str) -> RepoLabel {
-        RepoLabel {
-            repository: name.to_string(),
-        }
     }
 
     fn outcome(name: &str, outcome: &str) -> OutcomeLabels {
@@ -107,19 +77,19 @@ impl AgentMetrics {
 
     pub fn set_generation(&self, repository: &str, generation: u64) {
         self.generation
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     pub fn set_drifted(&self, repository: &str, drifted: bool) {
         self.drifted
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .set(i64::from(drifted));
     }
 
     pub fn observe_install(&self, repository: &str, seconds: f64) {
         self.install_seconds
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .observe(seconds);
     }
 
@@ -150,7 +120,7 @@ impl AgentMetrics {
 
     pub fn drift_event(&self, repository: &str) {
         self.drift_events
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .inc();
     }
 }

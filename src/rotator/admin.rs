@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::RotatorError;
-use super::core::{Core, Generation, RepoSlot, now_ms};
+use super::core::{Core, Generation, RepoId, RepoSlot, now_ms};
 use crate::config::AdminConfig;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
@@ -159,13 +159,15 @@ impl Core {
     /// One row per (agent, repository).
     pub(super) fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
         let now = now_ms();
-        let currents: Vec<Arc<Generation>> = self.repos.iter().map(RepoSlot::current).collect();
+        let currents: Vec<(RepoId, &RepoSlot, Arc<Generation>)> = self
+            .repos()
+            .map(|(r, repo)| (r, repo, repo.current()))
+            .collect();
         let mut rows = Vec::with_capacity(self.agents.len() * self.repos.len());
         for agent in &self.agents {
             let st = agent.lock();
-            for (r, repo) in self.repos.iter().enumerate() {
-                let held = st.held[r];
-                let current = &currents[r];
+            for (r, repo, current) in &currents {
+                let held = st.held[*r];
                 rows.push(pb::AgentStatus {
                     region: agent.region.clone(),
                     endpoint: agent.endpoint.clone(),

@@ -205,6 +205,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An enrolled agent: its position in [`Core`]'s agents, fixed for the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct AgentId(usize);
+
+/// A managed repository: its position in [`Core`]'s repositories and in every
+/// agent's [`Held`] row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct RepoId(usize);
+
+impl std::ops::Index<AgentId> for Vec<AgentSlot> {
+    type Output = AgentSlot;
+    fn index(&self, id: AgentId) -> &AgentSlot {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<RepoId> for Vec<RepoSlot> {
+    type Output = RepoSlot;
+    fn index(&self, id: RepoId) -> &RepoSlot {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<RepoId> for Vec<Held> {
+    type Output = Held;
+    fn index(&self, id: RepoId) -> &Held {
+        &self[id.0]
+    }
+}
+
+impl std::ops::IndexMut<RepoId> for Vec<Held> {
+    fn index_mut(&mut self, id: RepoId) -> &mut Held {
+        &mut self[id.0]
+    }
+}
+
 /// Everything the rotator knows, shared by its tasks.
 pub(super) struct Core {
     pub(super) repos: Vec<RepoSlot>,
@@ -260,10 +296,23 @@ impl Core {
         core
     }
 
+    /// Every enrolled agent.
+    pub(super) fn agent_ids(&self) -> impl Iterator<Item = AgentId> + use<> {
+        (0..self.agents.len()).map(AgentId)
+    }
+
+    /// Every managed repository, with its slot.
+    pub(super) fn repos(&self) -> impl Iterator<Item = (RepoId, &RepoSlot)> {
+        self.repos
+            .iter()
+            .enumerate()
+            .map(|(r, repo)| (RepoId(r), repo))
+    }
+
     /// Restores what agents acknowledged before a restart. Only a hint: every
     /// agent's state is read back before the rotator relies on it.
     pub(super) fn restore_acks(&self, acks: &Acks) {
-        for (r, repo) in self.repos.iter().enumerate() {
+        for (r, repo) in self.repos() {
             let Some(by_region) = acks.get(&repo.name) else {
                 continue;
             };
@@ -286,7 +335,7 @@ impl Core {
             return;
         }
         let mut acks = Acks::new();
-        for (r, repo) in self.repos.iter().enumerate() {
+        for (r, repo) in self.repos() {
             let by_region = acks.entry(repo.name.clone()).or_default();
             for agent in &self.agents {
                 let held = agent.lock().held[r];
@@ -338,7 +387,7 @@ impl Core {
     }
 
     /// Whether agent `i` holds `generation` of repository `r` (same number and digest).
-    pub(super) fn agent_holds(&self, i: usize, r: usize, generation: &Generation) -> bool {
+    pub(super) fn agent_holds(&self, i: AgentId, r: RepoId, generation: &Generation) -> bool {
         let held = self.agents[i].lock().held[r];
         held.generation == generation.number
             && held.digest == Some(generation.digest)
@@ -350,8 +399,8 @@ impl Core {
     /// other keys. Pushing would be refused; an operator must look.
     pub(super) fn agent_ahead(
         &self,
-        i: usize,
-        r: usize,
+        i: AgentId,
+        r: RepoId,
         generation: &Generation,
     ) -> Option<String> {
         let held = self.agents[i].lock().held[r];
@@ -372,7 +421,7 @@ impl Core {
         }
     }
 
-    fn record_held(&self, i: usize, r: usize, held: Held) {
+    fn record_held(&self, i: AgentId, r: RepoId, held: Held) {
         let agent = &self.agents[i];
         let repo = &self.repos[r];
         let current = repo.current();
@@ -398,7 +447,7 @@ impl Core {
     /// Learns from an agent's `GetState` answer what it holds.
     pub(super) fn observe_state(
         &self,
-        i: usize,
+        i: AgentId,
         state: &pb::GetStateResponse,
     ) -> Result<(), String> {
         let agent = &self.agents[i];
@@ -408,7 +457,7 @@ impl Core {
                 agent.endpoint, state.region, agent.region
             ));
         }
-        for (r, repo) in self.repos.iter().enumerate() {
+        for (r, repo) in self.repos() {
             let Some(rs) = state.repositories.iter().find(|s| s.name == repo.name) else {
                 return Err(format!("agent does not manage repository `{}`", repo.name));
             };
@@ -439,8 +488,8 @@ impl Core {
     /// Checks an Install answer against what was sent and records the acknowledgement.
     pub(super) fn observe_install(
         &self,
-        i: usize,
-        r: usize,
+        i: AgentId,
+        r: RepoId,
         generation: &Generation,
         response: &pb::InstallResponse,
     ) -> Result<(), String> {
@@ -474,17 +523,17 @@ impl Core {
     }
 
     /// Regions that do not hold `generation` of repository `r`.
-    fn regions_missing(&self, r: usize, generation: &Generation) -> Vec<String> {
-        (0..self.agents.len())
+    fn regions_missing(&self, r: RepoId, generation: &Generation) -> Vec<String> {
+        self.agent_ids()
             .filter(|&i| !self.agent_holds(i, r, generation))
             .map(|i| self.agents[i].region.clone())
             .collect()
     }
 
     /// Whether repository `r` may rotate now under the safety rule.
-    pub(super) fn may_rotate(&self, r: usize) -> bool {
+    pub(super) fn may_rotate(&self, r: RepoId) -> bool {
         let current = self.repos[r].current();
-        (0..self.agents.len()).all(|i| self.agent_holds(i, r, &current))
+        self.agent_ids().all(|i| self.agent_holds(i, r, &current))
     }
 
     /// Rotates the selected repositories (all when `request.repositories` is
@@ -512,7 +561,7 @@ impl Core {
                 0 => self.fanout.ack_wait,
                 ms => Duration::from_millis(ms),
             };
-            let repos: Vec<usize> = committed.iter().map(|(r, _)| *r).collect();
+            let repos: Vec<RepoId> = committed.iter().map(|(r, _)| *r).collect();
             self.wait_in_sync(&repos, wait, false, shutdown).await;
             for (r, o) in committed {
                 let generation = self.repos[r].current();
@@ -524,16 +573,16 @@ impl Core {
         Ok(pb::RotateResponse { outcomes })
     }
 
-    fn select(&self, names: &[String]) -> Result<Vec<usize>, RotatorError> {
+    fn select(&self, names: &[String]) -> Result<Vec<RepoId>, RotatorError> {
         if names.is_empty() {
-            return Ok((0..self.repos.len()).collect());
+            return Ok(self.repos().map(|(r, _)| r).collect());
         }
         names
             .iter()
             .map(|n| {
-                self.repos
-                    .iter()
-                    .position(|r| &r.name == n)
+                self.repos()
+                    .find(|(_, repo)| &repo.name == n)
+                    .map(|(r, _)| r)
                     .ok_or_else(|| RotatorError::UnknownRepository(n.clone()))
             })
             .collect()
@@ -541,7 +590,7 @@ impl Core {
 
     async fn rotate_one(
         &self,
-        r: usize,
+        r: RepoId,
         force: bool,
         dry_run: bool,
     ) -> Result<pb::RotateOutcome, RotatorError> {
@@ -649,7 +698,7 @@ impl Core {
     /// in `repos` (after a fresh read-back when `fresh`), or `wait` passes.
     pub(super) async fn wait_in_sync(
         &self,
-        repos: &[usize],
+        repos: &[RepoId],
         wait: Duration,
         fresh: bool,
         shutdown: CancellationToken,
@@ -658,7 +707,7 @@ impl Core {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             progress.borrow_and_update();
-            let done = (0..self.agents.len()).all(|i| {
+            let done = self.agent_ids().all(|i| {
                 (!fresh || !self.agents[i].lock().probe)
                     && repos
                         .iter()
@@ -682,7 +731,7 @@ impl Core {
         shutdown: CancellationToken,
     ) -> Vec<pb::AgentStatus> {
         self.reconcile_all(true);
-        let all: Vec<usize> = (0..self.repos.len()).collect();
+        let all: Vec<RepoId> = self.repos().map(|(r, _)| r).collect();
         self.wait_in_sync(&all, wait, true, shutdown).await;
         self.agent_statuses()
     }
@@ -721,7 +770,7 @@ impl Core {
 
     /// Re-evaluates blocked repositories: cleared once every agent caught up.
     pub(super) fn refresh_blocked(&self) {
-        for (r, repo) in self.repos.iter().enumerate() {
+        for (r, repo) in self.repos() {
             if repo.blocked().is_some() && self.may_rotate(r) {
                 repo.set_blocked(None);
                 self.metrics.set_blocked(&repo.name, false);
@@ -774,7 +823,7 @@ pub(super) mod tests {
         ))
     }
 
-    fn ack(core: &Core, i: usize) {
+    fn ack(core: &Core, i: AgentId) {
         let current = core.repos[0].current();
         let response = pb::InstallResponse {
             repository: "tokens".into(),
@@ -783,7 +832,7 @@ pub(super) mod tests {
             canaries_valid: true,
             ..Default::default()
         };
-        core.observe_install(i, 0, &current, &response)
+        core.observe_install(i, RepoId(0), &current, &response)
             .expect("acknowledged");
     }
 
@@ -801,7 +850,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path(), &["RegionOne", "RegionTwo"]);
         let stop = CancellationToken::new();
-        ack(&core, 0);
+        ack(&core, AgentId(0));
         let r = core
             .rotate(&request(false, false), stop.clone())
             .await
@@ -821,7 +870,7 @@ pub(super) mod tests {
         let on_disk = core.store.load("tokens").expect("load").expect("state");
         assert_eq!(on_disk.generation, 1);
 
-        ack(&core, 1);
+        ack(&core, AgentId(1));
         core.refresh_blocked();
         assert!(core.status().repositories[0].blocked_reason.is_empty());
         let r = core
@@ -841,7 +890,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path(), &["RegionOne", "RegionTwo", "RegionThree"]);
         let stop = CancellationToken::new();
-        ack(&core, 0);
+        ack(&core, AgentId(0));
         let before = core.repos[0].current().digest;
         let r = core
             .rotate(&request(true, true), stop.clone())
@@ -902,12 +951,18 @@ pub(super) mod tests {
             canaries_valid: false,
             ..good.clone()
         };
-        assert!(core.observe_install(0, 0, &current, &wrong_digest).is_err());
-        assert!(core.observe_install(0, 0, &current, &no_canaries).is_err());
-        assert!(!core.agent_holds(0, 0, &current));
-        core.observe_install(0, 0, &current, &good)
+        assert!(
+            core.observe_install(AgentId(0), RepoId(0), &current, &wrong_digest)
+                .is_err()
+        );
+        assert!(
+            core.observe_install(AgentId(0), RepoId(0), &current, &no_canaries)
+                .is_err()
+        );
+        assert!(!core.agent_holds(AgentId(0), RepoId(0), &current));
+        core.observe_install(AgentId(0), RepoId(0), &current, &good)
             .expect("acknowledged");
-        assert!(core.agent_holds(0, 0, &current));
+        assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
         let row = &core.agent_statuses()[0];
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
     }
@@ -927,26 +982,26 @@ pub(super) mod tests {
             }],
             version: String::new(),
         };
-        core.observe_state(0, &state(7, vec![1; 32]))
+        core.observe_state(AgentId(0), &state(7, vec![1; 32]))
             .expect("observed");
         assert!(
-            core.agent_ahead(0, 0, &current)
+            core.agent_ahead(AgentId(0), RepoId(0), &current)
                 .is_some_and(|r| r.contains("newer"))
         );
-        core.observe_state(0, &state(1, vec![1; 32]))
+        core.observe_state(AgentId(0), &state(1, vec![1; 32]))
             .expect("observed");
         assert!(
-            core.agent_ahead(0, 0, &current)
+            core.agent_ahead(AgentId(0), RepoId(0), &current)
                 .is_some_and(|r| r.contains("fork"))
         );
         let wrong_region = pb::GetStateResponse {
             region: "RegionNine".into(),
             ..state(1, current.digest.0.to_vec())
         };
-        assert!(core.observe_state(0, &wrong_region).is_err());
-        core.observe_state(0, &state(1, current.digest.0.to_vec()))
+        assert!(core.observe_state(AgentId(0), &wrong_region).is_err());
+        core.observe_state(AgentId(0), &state(1, current.digest.0.to_vec()))
             .expect("observed");
-        assert!(core.agent_holds(0, 0, &current));
+        assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use zeroize::Zeroizing;
 
-use super::core::{Core, Generation};
+use super::core::{AgentId, Core, Generation};
 use crate::pb;
 
 /// An `InstallRequest` encoded once, shared by every push of its generation. It
@@ -83,8 +83,8 @@ pub(super) enum Phase {
 
 /// The dispatcher's queues.
 pub(super) struct WorkQueue {
-    ready: Mutex<VecDeque<usize>>,
-    delayed: Mutex<BinaryHeap<Reverse<(Instant, usize)>>>,
+    ready: Mutex<VecDeque<AgentId>>,
+    delayed: Mutex<BinaryHeap<Reverse<(Instant, AgentId)>>>,
     wake: Notify,
     permits: Arc<Semaphore>,
 }
@@ -108,7 +108,7 @@ impl WorkQueue {
 impl Core {
     /// Asks for agent `i` to be worked on: now when `urgent` (a new generation,
     /// an admin sync), or after its current backoff otherwise.
-    pub(super) fn enqueue(&self, i: usize, urgent: bool) {
+    pub(super) fn enqueue(&self, i: AgentId, urgent: bool) {
         let mut st = self.agents[i].lock();
         match st.phase {
             Phase::Idle => {}
@@ -128,7 +128,7 @@ impl Core {
 
     /// Marks every agent for a state read-back and queues it.
     pub(super) fn reconcile_all(&self, urgent: bool) {
-        for i in 0..self.agents.len() {
+        for i in self.agent_ids() {
             self.agents[i].lock().probe = true;
             self.enqueue(i, urgent);
         }
@@ -137,7 +137,7 @@ impl Core {
     /// Queues every agent that does not hold the current generation of every
     /// repository.
     pub(super) fn push_all(&self) {
-        for i in 0..self.agents.len() {
+        for i in self.agent_ids() {
             self.enqueue(i, true);
         }
     }
@@ -207,7 +207,7 @@ impl Core {
     }
 
     /// Records the end of a call task: requeue, back off, or go idle.
-    fn finish(&self, i: usize, outcome: Result<(), String>) {
+    fn finish(&self, i: AgentId, outcome: Result<(), String>) {
         let mut st = self.agents[i].lock();
         let again = matches!(st.phase, Phase::Running { again: true });
         match outcome {
@@ -245,7 +245,7 @@ impl Core {
 
     /// One visit to agent `i`: read its state back if asked, then push every
     /// repository it does not hold at the current generation.
-    async fn work(&self, i: usize) -> Result<(), String> {
+    async fn work(&self, i: AgentId) -> Result<(), String> {
         let agent = &self.agents[i];
         let probe = agent.lock().probe;
         if probe {
@@ -257,8 +257,8 @@ impl Core {
             self.observe_state(i, &state)?;
             agent.lock().probe = false;
         }
-        for r in 0..self.repos.len() {
-            let generation = self.repos[r].current();
+        for (r, repo) in self.repos() {
+            let generation = repo.current();
             if self.agent_holds(i, r, &generation) {
                 continue;
             }
@@ -279,7 +279,7 @@ impl Core {
 
     async fn install(
         &self,
-        i: usize,
+        i: AgentId,
         generation: &Generation,
     ) -> Result<pb::InstallResponse, String> {
         let channel = self.agents[i].channel.clone();
@@ -301,7 +301,7 @@ impl Core {
         with_deadline(timeout, "Install", call).await
     }
 
-    async fn get_state(&self, i: usize) -> Result<pb::GetStateResponse, String> {
+    async fn get_state(&self, i: AgentId) -> Result<pb::GetStateResponse, String> {
         let mut client =
             pb::distribution_client::DistributionClient::new(self.agents[i].channel.clone());
         let timeout = self.fanout.call_timeout;
@@ -353,13 +353,14 @@ mod tests {
     async fn a_failed_agent_is_retried_after_a_growing_jittered_backoff() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = crate::rotator::core::tests::core(dir.path(), &["RegionOne"]);
+        let first = core.agent_ids().next().expect("one agent");
         let base = core.fanout.backoff_base;
         let max = core.fanout.backoff_max;
         let mut expected_nominal = base;
         for failure in 1..=10u32 {
             core.agents[0].lock().phase = Phase::Running { again: false };
             let failed_at = Instant::now();
-            core.finish(0, Err("unreachable".into()));
+            core.finish(first, Err("unreachable".into()));
             let Phase::Waiting(at) = core.agents[0].lock().phase else {
                 panic!("not waiting after failure {failure}");
             };
@@ -375,7 +376,7 @@ mod tests {
             assert_eq!(lock(&core.queue.ready).len(), 0);
             tokio::time::advance(at - Instant::now()).await;
             assert_eq!(core.release_due_timers(), None);
-            assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+            assert_eq!(lock(&core.queue.ready).pop_front(), Some(first));
             assert_eq!(core.agents[0].lock().phase, Phase::Queued);
             expected_nominal = (expected_nominal * 2).min(max);
         }
@@ -387,10 +388,10 @@ mod tests {
 
         // A new generation while backing off: queued at once, the old timer ignored.
         core.agents[0].lock().phase = Phase::Running { again: false };
-        core.finish(0, Err("unreachable".into()));
-        core.enqueue(0, true);
+        core.finish(first, Err("unreachable".into()));
+        core.enqueue(first, true);
         assert_eq!(core.agents[0].lock().phase, Phase::Queued);
-        assert_eq!(lock(&core.queue.ready).pop_front(), Some(0));
+        assert_eq!(lock(&core.queue.ready).pop_front(), Some(first));
         tokio::time::advance(max).await;
         core.release_due_timers();
         assert!(
@@ -400,7 +401,7 @@ mod tests {
 
         // Success clears the failure count and the error.
         core.agents[0].lock().phase = Phase::Running { again: true };
-        core.finish(0, Ok(()));
+        core.finish(first, Ok(()));
         let st = core.agents[0].lock();
         assert_eq!(
             (st.failures, st.last_error.is_none(), st.phase),

@@ -6,7 +6,7 @@
 use std::sync::Weak;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,19 +15,15 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::core::Core;
+use crate::metrics::RepoLabel;
 use crate::pb;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RepoLabels {
-    repository: String,
-}
 
 /// The rotator's own metrics; per-agent figures are computed at scrape time by
 /// [`AgentCollector`].
 pub(super) struct Metrics {
-    generation: Family<RepoLabels, Gauge>,
-    blocked: Family<RepoLabels, Gauge>,
-    rotations: Family<RepoLabels, Counter>,
+    generation: Family<RepoLabel, Gauge>,
+    blocked: Family<RepoLabel, Gauge>,
+    rotations: Family<RepoLabel, Counter>,
     pub(super) push_seconds: Histogram,
     pub(super) push_failures: Counter,
 }
@@ -41,54 +37,38 @@ impl Metrics {
             push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             push_failures: Counter::default(),
         };
-        registry.register(
-            "generation",
-            "Current committed generation",
-            m.generation.clone(),
+        // Per repository: where the rotation stands.
+        #[rustfmt::skip]
+        crate::metrics::register!(registry,
+            m.generation => "generation", "Current committed generation";
+            m.blocked => "rotation_blocked", "1 while the next rotation waits for agents to acknowledge the current generation";
+            m.rotations => "rotations", "Generations committed by this process";
         );
-        registry.register(
-            "rotation_blocked",
-            "1 while the next rotation waits for agents to acknowledge the current generation",
-            m.blocked.clone(),
-        );
-        registry.register(
-            "rotations",
-            "Generations committed by this process",
-            m.rotations.clone(),
-        );
-        registry.register(
-            "push_duration_seconds",
-            "Time for an agent to install a generation and acknowledge it",
-            m.push_seconds.clone(),
-        );
-        registry.register(
-            "push_failures",
-            "Failed calls to agents",
-            m.push_failures.clone(),
+        // The fan-out, all agents together; per-agent gauges come from `AgentCollector`.
+        #[rustfmt::skip]
+        crate::metrics::register!(registry,
+            m.push_seconds => "push_duration_seconds", "Time for an agent to install a generation and acknowledge it";
+            m.push_failures => "push_failures", "Failed calls to agents";
         );
         m
     }
 
-    fn repo(name: &str) -> RepoLabels {
-        RepoLabels {
-            repository: name.to_owned(),
-        }
-    }
-
     pub(super) fn set_generation(&self, repository: &str, generation: u64) {
         self.generation
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     pub(super) fn set_blocked(&self, repository: &str, blocked: bool) {
         self.blocked
-            .get_or_create(&Self::repo(repository))
+            .get_or_create(&RepoLabel::new(repository))
             .set(i64::from(blocked));
     }
 
     pub(super) fn count_rotation(&self, repository: &str) {
-        self.rotations.get_or_create(&Self::repo(repository)).inc();
+        self.rotations
+            .get_or_create(&RepoLabel::new(repository))
+            .inc();
     }
 }
 

@@ -278,7 +278,7 @@ fn assert_no_keys(log: &str, sets: &[&KeySet]) {
     for set in sets {
         for (index, key) in set.iter() {
             let b64 = key.to_base64();
-            let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = hex::encode(key.as_bytes());
             assert!(
                 !log.contains(b64.as_str()),
                 "key {index} appears (base64) in the log"

@@ -64,11 +64,7 @@ fn names(dir: &Path) -> Vec<String> {
 
 /// A short fingerprint of a key, so key material stays out of test output.
 fn fingerprint(key: &Key) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
 /// The keys of a repository read by fernetd, in Keystone's order, as fingerprints.

@@ -358,7 +358,7 @@ fn key_forms(set: &KeySet, into: &mut BTreeSet<String>) {
     for (_, key) in set.iter() {
         into.insert(key.to_base64().to_string());
         into.insert(base64::engine::general_purpose::STANDARD.encode(key.as_bytes()));
-        into.insert(key.as_bytes().iter().map(|b| format!("{b:02x}")).collect());
+        into.insert(hex::encode(key.as_bytes()));
     }
 }
 
@@ -413,10 +413,7 @@ fn keystone_view(set: &KeySet) -> (String, usize) {
     for (_, key) in set.keystone_order() {
         h.update(key.to_base64().as_bytes());
     }
-    (
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
-        set.len(),
-    )
+    (hex::encode(h.finalize()), set.len())
 }
 
 /// Copies a repository (key files only) so Keystone can read it later.

@@ -67,7 +67,7 @@ impl Gen {
     }
 
     fn hex(&mut self) -> String {
-        self.bytes16().iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.bytes16())
     }
 
     fn key_set(&mut self, n: u32) -> KeySet {
@@ -367,11 +367,7 @@ fn every_vector_decodes_as_keystone_said() {
         let name = vector["name"].as_str().unwrap();
         let t = vector["token"].as_str().unwrap();
         let decrypted = ring.decrypt(t).unwrap();
-        let hex: String = decrypted
-            .plaintext
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = hex::encode(&decrypted.plaintext);
         assert_eq!(hex, vector["msgpack_hex"].as_str().unwrap(), "{name}");
         let want_key: u32 = vector["encrypted_with_key_file"]
             .as_str()
