@@ -672,6 +672,7 @@ mod tests {
         Stamp {
             generation,
             digest: set.digest(),
+            promoted: Default::default(),
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
         let stamp = Stamp {
             generation: 1,
             digest: set.digest(),
+            promoted: Default::default(),
         };
         install::install(&path, &set, Some(&stamp), None).expect("install");
         let metrics = AgentMetrics::register(&mut Default::default());

@@ -367,6 +367,7 @@ impl Managed {
         let stamp = Stamp {
             generation: request.generation,
             digest: checked.digest,
+            promoted: Default::default(),
         };
         // A canary the pushed set itself cannot decrypt is refused before the
         // repository is touched: Keystone never sees a set that was going to fail.
@@ -397,7 +398,7 @@ impl Managed {
             if stamp.generation == desired.generation {
                 // A re-push of what is installed: answer from the disk when it
                 // still proves the set, re-install when it drifted.
-                let (path, s, c) = (self.path.clone(), stamp, canaries.clone());
+                let (path, s, c) = (self.path.clone(), stamp.clone(), canaries.clone());
                 if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
                     self.metrics.canaries(&self.name, canaries.len() as u64, 0);
                     self.metrics.installed(&self.name, "unchanged");
@@ -423,6 +424,7 @@ impl Managed {
                     Stamp {
                         generation: desired.generation,
                         digest,
+                        promoted: Default::default(),
                     },
                 )
             });
@@ -498,7 +500,7 @@ impl Managed {
             self.path.clone(),
             self.owner,
             set.clone(),
-            *stamp,
+            stamp.clone(),
             canaries.to_vec(),
         );
         #[cfg(test)]
@@ -543,6 +545,7 @@ impl Managed {
         let stamp = Stamp {
             generation: desired.generation,
             digest: expected,
+            promoted: Default::default(),
         };
         if on_disk == Some(expected) {
             if self.view().drift.is_some() {
@@ -633,6 +636,7 @@ mod tests {
         let stamp = Stamp {
             generation,
             digest: set.digest(),
+            promoted: Default::default(),
         };
         install::install(dir, set, Some(&stamp), None).expect("install");
         stamp
@@ -649,7 +653,7 @@ mod tests {
 
         let later = Stamp {
             generation: 5,
-            ..stamp
+            ..stamp.clone()
         };
         assert!(matches!(
             prove(&repo, &later, &canaries),

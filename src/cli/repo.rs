@@ -135,6 +135,7 @@ fn write(
     let stamp = generation.map(|generation| Stamp {
         generation,
         digest: set.digest(),
+        promoted: Default::default(),
     });
     let outcome: InstallOutcome =
         install::install(dir, set, stamp.as_ref(), owner).map_err(CliError::runtime)?;
@@ -178,8 +179,8 @@ fn show(dir: &Path, as_json: bool) -> Result<Answer, CliError> {
             json!({
                 "repository": dir,
                 "digest": set.digest().to_hex(),
-                "generation": stamp.map(|s| s.generation),
-                "stamp_matches": stamp.map(|s| s.digest == set.digest()),
+                "generation": stamp.as_ref().map(|s| s.generation),
+                "stamp_matches": stamp.as_ref().map(|s| s.digest == set.digest()),
                 "keys": keys_json(&set),
             })
         );

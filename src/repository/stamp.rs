@@ -3,6 +3,7 @@
 //! name is not an integer; the installer writes it with the keys, so keys and
 //! generation always change together.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -11,17 +12,23 @@ use super::Digest;
 /// The file, inside a repository, that records its generation and digest.
 pub const STAMP_FILE: &str = ".fernetd-stamp";
 
-/// The generation and digest a repository holds, recorded in [`STAMP_FILE`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The generation and digest a repository holds, recorded in [`STAMP_FILE`],
+/// and when each of its keys became primary (as far as the rotator knows).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
     pub generation: u64,
     pub digest: Digest,
+    /// Key index → Unix time (seconds) it was first promoted to primary. A key
+    /// that is still staged, or whose time is unknown, has no entry.
+    pub promoted: BTreeMap<u32, i64>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, serde::Serialize)]
 struct StampFile {
     generation: u64,
     digest: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    promoted: BTreeMap<u32, i64>,
 }
 
 /// Why a repository's stamp cannot be read.
@@ -40,11 +47,24 @@ pub enum StampError {
 impl Stamp {
     /// One line of JSON, as [`read_stamp`] reads it back.
     pub fn encode(&self) -> Vec<u8> {
-        format!(
-            "{{\"generation\":{},\"digest\":\"{}\"}}\n",
-            self.generation, self.digest
-        )
-        .into_bytes()
+        let file = StampFile {
+            generation: self.generation,
+            digest: self.digest.to_hex(),
+            promoted: self.promoted.clone(),
+        };
+        // A struct of numbers and strings always serializes.
+        let mut line = serde_json::to_vec(&file).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+
+    /// The key that was primary at `unix` (seconds), when the stamp knows.
+    pub fn primary_at(&self, unix: i64) -> Option<u32> {
+        self.promoted
+            .iter()
+            .filter(|(_, at)| **at <= unix)
+            .max_by_key(|(index, at)| (**at, **index))
+            .map(|(index, _)| *index)
     }
 
     fn decode(bytes: &[u8]) -> Result<Stamp, String> {
@@ -53,6 +73,7 @@ impl Stamp {
         Ok(Stamp {
             generation: file.generation,
             digest,
+            promoted: file.promoted,
         })
     }
 }

@@ -993,6 +993,7 @@ async fn no_drift_is_reported_after_run_returns() {
     let stamp = fernetd::repository::Stamp {
         generation: 1,
         digest: set.digest(),
+        promoted: Default::default(),
     };
     fernetd::install::install(&repo, &set, Some(&stamp), None).expect("install generation 1");
     let logs = Captured::default();

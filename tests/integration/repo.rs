@@ -389,6 +389,7 @@ fn stamp_for(set: &KeySet) -> Stamp {
     Stamp {
         generation: if *set == set_a() { 1 } else { 2 },
         digest: set.digest(),
+        promoted: Default::default(),
     }
 }
 
