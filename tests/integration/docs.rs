@@ -465,9 +465,9 @@ mod keys {
     }
 
     macro_rules! answer {
-        ($($method:ident => $visit:ident($value:expr);)*) => {
+        ($($method:ident => $visit:ident($($value:expr)?);)*) => {
             $(fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-                visitor.$visit($value)
+                visitor.$visit($($value)?)
             })*
         };
     }
