@@ -294,9 +294,8 @@ fn section<'p>(page: &'p str, file: &str) -> &'p str {
         }
         offset += line.len();
     }
-    let from = start.unwrap_or_else(|| {
-        panic!("docs/configuration.md has no `## ` heading naming {heading}")
-    });
+    let from = start
+        .unwrap_or_else(|| panic!("docs/configuration.md has no `## ` heading naming {heading}"));
     &page[from..]
 }
 
@@ -681,7 +680,8 @@ mod keys {
             self,
             seed: S,
         ) -> Result<(S::Value, Tracer<'t>), Error> {
-            let value = seed.deserialize(IntoDeserializer::<Error>::into_deserializer(self.name))?;
+            let value =
+                seed.deserialize(IntoDeserializer::<Error>::into_deserializer(self.name))?;
             Ok((value, self.tracer))
         }
     }
@@ -745,7 +745,11 @@ fn every_relative_link_resolves() {
     let mut checked = 0;
     for file in markdown_files() {
         let text = std::fs::read_to_string(&file).expect("read markdown");
-        let shown = file.strip_prefix(&root).unwrap_or(&file).display().to_string();
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
         for (line, target) in links(&text) {
             if target.starts_with("http://")
                 || target.starts_with("https://")
@@ -950,7 +954,10 @@ fn link_checker_finds_links_and_anchors() {
                 See [a](docs/x.md#the-cache-rule-again) and ![b](img.png \"t\") but \
                 not `[c](code.md)`.\n[ref]: ../y.md\n## Title\n";
     let found: Vec<String> = links(text).into_iter().map(|(_, t)| t).collect();
-    assert_eq!(found, ["docs/x.md#the-cache-rule-again", "img.png", "../y.md"]);
+    assert_eq!(
+        found,
+        ["docs/x.md#the-cache-rule-again", "img.png", "../y.md"]
+    );
     let anchors = anchors(text);
     for expected in ["title", "title-1", "the-cache-rule-again"] {
         assert!(anchors.contains(expected), "{expected} in {anchors:?}");
@@ -963,7 +970,10 @@ fn link_checker_finds_links_and_anchors() {
 fn readme_is_short_and_opens_with_the_two_commands() {
     let readme = read("README.md");
     let lines = readme.lines().count();
-    assert!(lines < 200, "README.md has {lines} lines; keep it under 200");
+    assert!(
+        lines < 200,
+        "README.md has {lines} lines; keep it under 200"
+    );
     let mut body = readme
         .lines()
         .skip_while(|l| l.starts_with("# ") || l.trim().is_empty());
