@@ -1,5 +1,5 @@
 //! The rotator's `rotator.toml` and the admin client's `admin.toml`: what each
-//! field means is documented on the field (and in the README's configuration
+//! field means is documented on the field (and in docs/configuration.md, the configuration
 //! reference). Durations are written as `"90s"`, `"15m"`, `"1h"`, `"2d"`,
 //! `"250ms"` (humantime) or a bare number of seconds.
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod common;
+mod docs;
 mod keystone_e2e;
 mod repo;
 mod rotator;
