@@ -64,6 +64,7 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
         digest: set.digest().0.to_vec(),
         canaries,
         restore: false,
+        promoted_unix: Default::default(),
     }
 }
 

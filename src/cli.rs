@@ -83,15 +83,42 @@ pub enum AdminCommand {
     Status,
     /// Rotate now.
     Rotate {
-        /// Rotate although some agents have not acknowledged the current generation.
+        /// Rotate although some agents have not acknowledged the current
+        /// generation (they will reject tokens of the new primary); asks for
+        /// confirmation unless --yes.
         #[arg(long)]
         force: bool,
+        /// Confirm --force without a prompt.
+        #[arg(long)]
+        yes: bool,
+        /// Only this repository (repeatable); default: every repository.
+        #[arg(long = "repository", value_name = "NAME")]
+        repositories: Vec<String>,
         /// Say what would happen without changing anything.
         #[arg(long)]
         dry_run: bool,
         /// Return once committed, without waiting for acknowledgements.
         #[arg(long)]
         no_wait: bool,
+        /// How long to wait for every acknowledgement, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Emergency: remove one (compromised) key from every region now. Every
+    /// token it signed stops validating; asks for confirmation unless --yes.
+    PurgeKey {
+        /// The repository holding the key.
+        #[arg(long)]
+        repository: String,
+        /// The key's index (its file name).
+        #[arg(long)]
+        index: u32,
+        /// Confirm without a prompt.
+        #[arg(long)]
+        yes: bool,
+        /// Purge although some agents have not acknowledged the current generation.
+        #[arg(long)]
+        force: bool,
         /// How long to wait for every acknowledgement, in seconds.
         #[arg(long, default_value_t = 60)]
         wait: u64,
@@ -113,9 +140,17 @@ pub struct RepoArgs {
     /// The key repository directory.
     #[arg(long, global = true)]
     pub repository: Option<PathBuf>,
-    /// Keys to keep, the staged key included (Keystone's `max_active_keys`).
-    #[arg(long, global = true, default_value_t = 3)]
-    pub max_active_keys: usize,
+    /// Keys to keep, the staged key included (Keystone's `max_active_keys`;
+    /// default: keystone.conf's with --keystone-conf, else 3).
+    #[arg(long, global = true)]
+    pub max_active_keys: Option<usize>,
+    /// The region's keystone.conf: `max_active_keys` is read from it.
+    #[arg(long, global = true)]
+    pub keystone_conf: Option<PathBuf>,
+    /// Rotate a repository a fernetd agent manages (it carries its stamp): the
+    /// stamp is dropped and the rotator's next push puts its generation back.
+    #[arg(long, global = true)]
+    pub force: bool,
     /// Owner of written files, as USER:GROUP (names or numeric ids).
     #[arg(long, global = true)]
     pub owner: Option<String>,

@@ -10,6 +10,7 @@
 pub mod admin;
 mod core;
 mod fanout;
+pub mod ledger;
 mod metrics;
 pub mod schedule;
 pub mod state;
@@ -22,10 +23,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use self::core::{AgentSlot, Core, Generation, RepoSlot};
+use self::ledger::Ledger;
 use self::metrics::{AgentCollector, Metrics};
 use self::schedule::{Schedule, ScheduleError};
 use self::state::{StateError, StateStore};
 use crate::config::{RotatorConfig, duration};
+use crate::repository::KeySet;
 
 /// What stops the rotator from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,12 @@ pub enum RotatorError {
     Rotate(#[from] crate::repository::RotateError),
     #[error("no repository named `{0}`")]
     UnknownRepository(String),
+    #[error("repository `{repository}` has no key {index} (its keys: {indices:?})")]
+    UnknownKey {
+        repository: String,
+        index: u32,
+        indices: Vec<u32>,
+    },
     #[error("TLS set-up failed")]
     Tls(#[source] crate::tls::TlsError),
     #[error("agent `{region}`: bad endpoint `{endpoint}`: {reason}")]
@@ -114,11 +123,18 @@ const AGENT_CHANNEL_BUFFER: usize = 4;
 pub struct Checked {
     config: RotatorConfig,
     schedule: Schedule,
+    key_lifetime: std::time::Duration,
 }
 
 impl Checked {
     pub fn config(&self) -> &RotatorConfig {
         &self.config
+    }
+
+    /// How long after its last token a key must stay everywhere: token
+    /// expiration + `allow_expired_window` + keystone.conf's token cache time.
+    pub fn key_lifetime(&self) -> std::time::Duration {
+        self.key_lifetime
     }
 }
 
@@ -126,11 +142,17 @@ impl Checked {
 /// names, the cron expression, Keystone's `max_active_keys` formula and, when
 /// configured, keystone.conf's agreement (its warnings are logged here, once).
 pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
-    let schedule = validate(&config)?;
-    Ok(Checked { config, schedule })
+    let (schedule, cache) = validate(&config)?;
+    let key_lifetime = config.policy.token_expiration + config.policy.allow_expired_window + cache;
+    Ok(Checked {
+        config,
+        schedule,
+        key_lifetime,
+    })
 }
 
-fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
+/// The schedule, and the token cache time keystone.conf gives (zero without).
+fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), RotatorError> {
     let schedule = Schedule::parse(&config.schedule.cron)?;
     if config.repositories.is_empty() {
         return Err(RotatorError::Config("no repositories configured".into()));
@@ -164,6 +186,22 @@ fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
             "fanout.concurrency must be at least 1".into(),
         ));
     }
+    let fanout = &config.fanout;
+    for (key, value) in [
+        ("fanout.call_timeout", fanout.call_timeout),
+        ("fanout.backoff_base", fanout.backoff_base),
+        ("fanout.backoff_max", fanout.backoff_max),
+        ("fanout.reconcile_interval", fanout.reconcile_interval),
+    ] {
+        if value.is_zero() {
+            return Err(RotatorError::Config(format!("{key} must be more than 0s")));
+        }
+    }
+    if fanout.backoff_max < fanout.backoff_base {
+        return Err(RotatorError::Config(
+            "fanout.backoff_max must not be shorter than fanout.backoff_base".into(),
+        ));
+    }
     // The tightest spacing the schedule produces is what ages keys fastest.
     let interval = schedule
         .min_interval(chrono::Utc::now())
@@ -185,13 +223,15 @@ fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
             });
         }
     }
+    let mut cache = std::time::Duration::ZERO;
     if let Some(path) = &config.keystone_conf {
         let repos: Vec<(&str, usize)> = config
             .repositories
             .iter()
             .map(|r| (r.name.as_str(), r.max_active_keys))
             .collect();
-        let warnings = crate::policy::KeystoneConf::load(path)?.check_rotator(
+        let keystone = crate::policy::KeystoneConf::load(path)?;
+        let warnings = keystone.check_rotator(
             config.policy.token_expiration,
             config.policy.allow_expired_window,
             &repos,
@@ -200,16 +240,18 @@ fn validate(config: &RotatorConfig) -> Result<Schedule, RotatorError> {
         for warning in warnings {
             tracing::warn!(keystone_conf = %path.display(), "{warning}");
         }
+        // A cached "valid" outlives the token by the cache time: keys wait for it too.
+        cache = keystone.token_cache_ttl.unwrap_or_default();
     }
-    Ok(schedule)
+    Ok((schedule, cache))
 }
 
 /// Reads and checks the existing Keystone repository `repo` adopts on its
 /// first start, as generation 1.
-fn import_generation(
+fn import_keys(
     repo: &crate::config::RepositoryConfig,
     path: &Path,
-) -> Result<Generation, RotatorError> {
+) -> Result<KeySet, RotatorError> {
     let keys = crate::repository::load(path).map_err(|source| RotatorError::Import {
         repository: repo.name.clone(),
         path: path.to_path_buf(),
@@ -221,18 +263,18 @@ fn import_generation(
             path: path.to_path_buf(),
         });
     }
-    Generation::build(&repo.name, 1, keys)
+    Ok(keys)
 }
 
 /// The imports a first start will adopt, by repository position, read before
 /// the state is opened so that a bad `import` leaves no state behind. A
 /// repository that already has state ignores `import`, so it is not read.
-fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<Generation>>, RotatorError> {
+fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<KeySet>>, RotatorError> {
     let mut imports = Vec::with_capacity(config.repositories.len());
     for repo in &config.repositories {
         let import = match &repo.import {
             Some(path) if state::is_fresh(&config.state_dir, &repo.name)? => {
-                Some(import_generation(repo, path)?)
+                Some(import_keys(repo, path)?)
             }
             _ => None,
         };
@@ -247,41 +289,67 @@ fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<Generation>>, Ro
 fn load_generations(
     config: &RotatorConfig,
     store: &StateStore,
-    imports: Vec<Option<Generation>>,
+    imports: Vec<Option<KeySet>>,
 ) -> Result<Vec<RepoSlot>, RotatorError> {
     let mut slots = Vec::with_capacity(config.repositories.len());
     for (repo, import) in config.repositories.iter().zip(imports) {
-        let generation = match store.load(&repo.name)? {
+        let now = core::now_ms();
+        let (number, keys, ledger) = match store.load(&repo.name)? {
             Some(committed) => {
                 if repo.import.is_some() {
                     tracing::info!(repository = %repo.name, "state exists; `import` is only used on first start");
                 }
                 tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "resumed from state");
-                Generation::build(&repo.name, committed.generation, committed.keys)?
+                let recorded = store.load_ledger(&repo.name)?;
+                let known = recorded.is_some();
+                let mut ledger = recorded.unwrap_or_default();
+                let adopted = ledger.adopt_unknown(&committed.keys, now);
+                if !adopted.is_empty() {
+                    tracing::warn!(repository = %repo.name, keys = ?adopted, ledger = known, "the key ledger does not know these keys' times: each is taken as demoted now, the safe choice (its purge waits a full token lifetime)");
+                    store.save_ledger(&repo.name, &ledger)?;
+                }
+                (committed.generation, committed.keys, ledger)
             }
             None => {
-                let generation = match (import, &repo.import) {
-                    (Some(generation), _) => generation,
+                let import = match (import, &repo.import) {
+                    (Some(keys), _) => Some(keys),
                     // The state vanished since `prepare_imports` looked.
-                    (None, Some(path)) => import_generation(repo, path)?,
-                    (None, None) => Generation::build(
-                        &repo.name,
-                        1,
-                        crate::repository::init(repo.max_active_keys)?,
-                    )?,
+                    (None, Some(path)) => Some(import_keys(repo, path)?),
+                    (None, None) => None,
                 };
-                if let Some(path) = &repo.import {
-                    tracing::info!(repository = %repo.name, path = %path.display(), indices = ?generation.keys.indices(), "adopting existing Keystone repository as generation 1");
-                }
-                store.save(&repo.name, &generation.committed())?;
-                tracing::info!(repository = %repo.name, digest = %generation.digest, "committed generation 1");
-                generation
+                let (keys, ledger) = match import {
+                    Some(keys) => {
+                        let mut ledger = Ledger::default();
+                        ledger.adopt_unknown(&keys, now);
+                        if let Some(path) = &repo.import {
+                            tracing::info!(repository = %repo.name, path = %path.display(), indices = ?keys.indices(), "adopting existing Keystone repository as generation 1; its keys' times are unknown, so each is taken as demoted now, the safe choice");
+                        }
+                        (keys, ledger)
+                    }
+                    None => {
+                        let keys = crate::repository::init(repo.max_active_keys)?;
+                        let ledger = Ledger::fresh(&keys, now);
+                        (keys, ledger)
+                    }
+                };
+                store.save_ledger(&repo.name, &ledger)?;
+                store.save(
+                    &repo.name,
+                    &state::Committed {
+                        generation: 1,
+                        keys: keys.clone(),
+                    },
+                )?;
+                tracing::info!(repository = %repo.name, digest = %keys.digest(), "committed generation 1");
+                (1, keys, ledger)
             }
         };
+        let generation = Generation::build(&repo.name, number, keys, ledger.promoted_unix())?;
         slots.push(RepoSlot::new(
             repo.name.clone(),
             repo.max_active_keys,
             generation,
+            ledger,
         ));
     }
     Ok(slots)
@@ -329,7 +397,11 @@ pub async fn run(
 ) -> Result<(), RotatorError> {
     // Every configuration check came before the state is opened (`check`): a
     // refused configuration creates no directory, lock or generation.
-    let Checked { config, schedule } = checked;
+    let Checked {
+        config,
+        schedule,
+        key_lifetime,
+    } = checked;
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let agents = agent_slots(&config, &client_tls)?;
@@ -351,6 +423,7 @@ pub async fn run(
         store.clone(),
         config.fanout.clone(),
         metrics,
+        key_lifetime,
     ));
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
@@ -427,24 +500,34 @@ async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = reconcile.tick() => core.reconcile_all(false),
-            _ = flush.tick() => core.flush_acks().await,
+            _ = flush.tick() => {
+                core.flush_acks().await;
+                core.flush_ledgers().await;
+            }
             _ = stop.cancelled() => return,
         }
     }
 }
 
-/// Rotates at each cron occurrence; a blocked scheduled rotation is owed and
-/// retried as soon as every agent has caught up.
+/// Rotates at each cron occurrence. A scheduled rotation that is blocked (an
+/// agent behind) or held (it would purge a key a valid token may need) is owed,
+/// and performed once: as soon as every agent caught up, or at the purge-safe
+/// time. A cron tick less than one interval after such a late rotation is
+/// skipped, so no key lives an interval less than the schedule promises.
 async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationToken) {
     let mut progress = core.progress();
     loop {
-        let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
+        let now = chrono::Utc::now();
+        let Some((next, delay)) = schedule.delay_from(now) else {
             tracing::warn!(
                 schedule = schedule.expr(),
                 "the schedule has no further occurrence"
             );
             return;
         };
+        let interval = schedule
+            .min_interval(now)
+            .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
         for repo in &core.repos {
             repo.next_rotation_ms.store(
                 next.timestamp_millis(),
@@ -454,20 +537,22 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            let held = until(core.held_until_ms());
             tokio::select! {
                 _ = &mut sleep => {
-                    core.scheduled_rotation(false, stop.clone()).await;
+                    core.scheduled_tick(interval, stop.clone()).await;
                     break;
+                }
+                _ = held => {
+                    tracing::info!("purge-safe time reached: performing the rotation that was held");
+                    core.scheduled_rotation(true, stop.clone()).await;
                 }
                 changed = progress.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     core.refresh_blocked();
-                    let owed = core.repos().any(|(r, repo)| {
-                        repo.overdue.load(std::sync::atomic::Ordering::Acquire) && core.may_rotate(r)
-                    });
-                    if owed {
+                    if core.owed_now() {
                         tracing::info!("every agent caught up: performing the rotation that was blocked");
                         core.scheduled_rotation(true, stop.clone()).await;
                     }
@@ -476,4 +561,14 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
             }
         }
     }
+}
+
+/// Sleeps until the Unix time `at_ms`; pending forever when there is none.
+async fn until(at_ms: Option<i64>) {
+    let Some(at_ms) = at_ms else {
+        return std::future::pending().await;
+    };
+    let wait = u64::try_from(at_ms.saturating_sub(core::now_ms())).unwrap_or(0);
+    // A little after, so the purge-safe comparison has certainly passed.
+    tokio::time::sleep(std::time::Duration::from_millis(wait + 5)).await;
 }

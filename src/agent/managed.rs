@@ -367,7 +367,8 @@ impl Managed {
         let stamp = Stamp {
             generation: request.generation,
             digest: checked.digest,
-            promoted: Default::default(),
+            // When each key became primary, for tools reading the repository.
+            promoted: request.promoted_unix.iter().map(|(k, v)| (*k, *v)).collect(),
         };
         // A canary the pushed set itself cannot decrypt is refused before the
         // repository is touched: Keystone never sees a set that was going to fail.
@@ -692,6 +693,7 @@ mod tests {
                 canary(set, 0),
             ],
             restore: false,
+            promoted_unix: Default::default(),
         }
     }
 

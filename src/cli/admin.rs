@@ -46,23 +46,36 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
         }
         AdminCommand::Rotate {
             force,
+            yes,
+            repositories,
             dry_run,
             no_wait,
             wait,
         } => {
+            if *force && !*dry_run {
+                let names = if repositories.is_empty() {
+                    "all".to_owned()
+                } else {
+                    repositories.join(",")
+                };
+                confirm(
+                    "a forced rotation makes lagging regions reject tokens of the new primary",
+                    &names,
+                    *yes,
+                )?;
+            }
             let request = pb::RotateRequest {
                 force: *force,
                 dry_run: *dry_run,
                 no_wait: *no_wait,
                 wait_ms: wait.saturating_mul(1000),
-                repositories: Vec::new(),
+                repositories: repositories.clone(),
             };
             let response = client.rotate(request).await.map_err(call)?.into_inner();
-            // Exit 1 when blocked, or when a region has not acknowledged in time.
-            let ok = response
-                .outcomes
-                .iter()
-                .all(|o| (o.rotated || *dry_run) && o.pending_regions.is_empty());
+            // Exit 1 when blocked or held, or when a region has not acknowledged in time.
+            let ok = response.outcomes.iter().all(|o| {
+                (o.rotated || *dry_run) && !o.held_for_lifetime && o.pending_regions.is_empty()
+            });
             if args.json {
                 out = json(
                     &response
@@ -73,6 +86,44 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
                 );
             } else {
                 render_outcomes(&mut out, &response.outcomes, *no_wait);
+            }
+            ok
+        }
+        AdminCommand::PurgeKey {
+            repository,
+            index,
+            yes,
+            force,
+            wait,
+        } => {
+            confirm(
+                &format!(
+                    "purging key {index} of `{repository}` invalidates every token it signed, in every region"
+                ),
+                repository,
+                *yes,
+            )?;
+            let request = pb::PurgeKeyRequest {
+                repository: repository.clone(),
+                index: *index,
+                force: *force,
+                wait_ms: wait.saturating_mul(1000),
+            };
+            let response = client.purge_key(request).await.map_err(call)?.into_inner();
+            let ok = response
+                .outcomes
+                .iter()
+                .all(|o| o.rotated && o.pending_regions.is_empty());
+            if args.json {
+                out = json(
+                    &response
+                        .outcomes
+                        .iter()
+                        .map(OutcomeView::from)
+                        .collect::<Vec<_>>(),
+                );
+            } else {
+                render_outcomes(&mut out, &response.outcomes, false);
             }
             ok
         }
@@ -113,6 +164,32 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     Ok(if answer { Answer::Yes } else { Answer::No })
 }
 
+/// A destructive command goes ahead only with `--yes`, or when the operator
+/// types `expected` at the terminal.
+fn confirm(what: &str, expected: &str, yes: bool) -> Result<(), CliError> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::usage(anyhow!(
+            "{what}: confirm with --yes (standard input is not a terminal to ask on)"
+        )));
+    }
+    eprint!("{what}.\nType `{expected}` to confirm: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(CliError::runtime)?;
+    if line.trim() == expected {
+        Ok(())
+    } else {
+        Err(CliError::usage(anyhow!("not confirmed: nothing was changed")))
+    }
+}
+
 fn json<T: Serialize>(value: &T) -> String {
     // Serialising plain structs of strings and numbers cannot fail.
     let mut s = serde_json::to_string_pretty(value).unwrap_or_default();
@@ -137,6 +214,8 @@ pub struct RepositoryView {
     pub blocked_reason: Option<String>,
     pub blocking_regions: Vec<String>,
     pub next_rotation: Option<String>,
+    /// When the next rotation purges no key a valid token may need; none = now.
+    pub purge_safe_at: Option<String>,
 }
 
 /// `--json` view of one agent and repository.
@@ -172,6 +251,21 @@ pub struct OutcomeView {
     pub pending_regions: Vec<String>,
     pub rejecting_regions: Vec<String>,
     pub message: String,
+    pub promoted_index: u32,
+    pub purged: Vec<PurgedView>,
+    /// Refused by the key-lifetime rule.
+    pub held: bool,
+    /// When a held rotation becomes safe.
+    pub safe_at: Option<String>,
+}
+
+/// `--json` view of a key a rotation purges.
+#[derive(Debug, Serialize)]
+pub struct PurgedView {
+    pub index: u32,
+    /// When every region stopped encrypting with it; none while one may still.
+    pub demoted_at: Option<String>,
+    pub purge_safe_at: Option<String>,
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -209,6 +303,7 @@ impl From<&pb::StatusResponse> for StatusView {
                     blocked_reason: non_empty(&r.blocked_reason),
                     blocking_regions: r.blocking_regions.clone(),
                     next_rotation: unix_ms_to_rfc3339(r.next_rotation_unix_ms),
+                    purge_safe_at: unix_ms_to_rfc3339(r.purge_safe_unix_ms),
                 })
                 .collect(),
             agents: s.agents.iter().map(AgentView::from).collect(),
@@ -227,6 +322,18 @@ impl From<&pb::RotateOutcome> for OutcomeView {
             pending_regions: o.pending_regions.clone(),
             rejecting_regions: o.rejecting_regions.clone(),
             message: o.message.clone(),
+            promoted_index: o.promoted_index,
+            purged: o
+                .purged
+                .iter()
+                .map(|p| PurgedView {
+                    index: p.index,
+                    demoted_at: unix_ms_to_rfc3339(p.demoted_unix_ms),
+                    purge_safe_at: unix_ms_to_rfc3339(p.safe_unix_ms),
+                })
+                .collect(),
+            held: o.held_for_lifetime,
+            safe_at: unix_ms_to_rfc3339(o.safe_unix_ms),
         }
     }
 }
@@ -254,6 +361,12 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
         );
         if let Some(next) = unix_ms_to_rfc3339(r.next_rotation_unix_ms) {
             let _ = writeln!(out, "  next rotation: {next}");
+        }
+        if let Some(safe) = unix_ms_to_rfc3339(r.purge_safe_unix_ms) {
+            let _ = writeln!(
+                out,
+                "  next rotation purge-safe at: {safe} (a rotation before then is held)"
+            );
         }
         if !r.blocked_reason.is_empty() {
             let _ = writeln!(out, "  BLOCKED: {}", r.blocked_reason);

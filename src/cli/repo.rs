@@ -17,11 +17,7 @@ pub fn run(args: &RepoArgs) -> Result<Answer, CliError> {
         .repository
         .as_deref()
         .ok_or_else(|| CliError::usage(anyhow!("--repository DIR is required")))?;
-    if args.max_active_keys == 0 {
-        return Err(CliError::usage(anyhow!(
-            "--max-active-keys must be at least 1 (Keystone's minimum)"
-        )));
-    }
+    let max_active_keys = max_active_keys(dir, args)?;
     let owner = args
         .owner
         .as_deref()
@@ -29,11 +25,42 @@ pub fn run(args: &RepoArgs) -> Result<Answer, CliError> {
         .transpose()
         .map_err(CliError::usage)?;
     match args.command {
-        RepoCommand::Init => init(dir, args, owner),
-        RepoCommand::Rotate => rotate(dir, args, owner),
+        RepoCommand::Init => init(dir, args, owner, max_active_keys),
+        RepoCommand::Rotate => rotate(dir, args, owner, max_active_keys),
         RepoCommand::Show => show(dir, args.json),
         RepoCommand::Verify => verify(dir, owner, args.json),
     }
+}
+
+/// `--max-active-keys`, or keystone.conf's for this repository, or Keystone's
+/// default; the two sources must agree when both are given.
+fn max_active_keys(dir: &Path, args: &RepoArgs) -> Result<usize, CliError> {
+    let from_conf = match &args.keystone_conf {
+        Some(path) => {
+            let conf = crate::policy::KeystoneConf::load(path).map_err(CliError::usage)?;
+            Some(if dir == conf.receipt_key_repository {
+                conf.receipt_max_active_keys
+            } else {
+                conf.policy.max_active_keys
+            })
+        }
+        None => None,
+    };
+    let keys = match (args.max_active_keys, from_conf) {
+        (Some(flag), Some(conf)) if flag != conf => {
+            return Err(CliError::usage(anyhow!(
+                "--max-active-keys {flag} disagrees with keystone.conf's max_active_keys = {conf}"
+            )));
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => crate::policy::DEFAULT_MAX_ACTIVE_KEYS,
+    };
+    if keys == 0 {
+        return Err(CliError::usage(anyhow!(
+            "--max-active-keys must be at least 1 (Keystone's minimum)"
+        )));
+    }
+    Ok(keys)
 }
 
 /// Keys as `[{"index", "role"}]`, highest first as Keystone orders them.
@@ -55,7 +82,12 @@ fn keys_text(set: &KeySet) -> String {
         .join(", ")
 }
 
-fn init(dir: &Path, args: &RepoArgs, owner: Option<Owner>) -> Result<Answer, CliError> {
+fn init(
+    dir: &Path,
+    args: &RepoArgs,
+    owner: Option<Owner>,
+    max_active_keys: usize,
+) -> Result<Answer, CliError> {
     // keystone-manage's test: a file named 0 means the repository is initialised.
     if dir.join("0").exists() {
         if args.json {
@@ -81,18 +113,37 @@ fn init(dir: &Path, args: &RepoArgs, owner: Option<Owner>) -> Result<Answer, Cli
     // present (without a 0) are kept and take part in that rotation.
     let mut seeded = existing.unwrap_or_default();
     seeded.insert(0, repository::Key::generate());
-    let set = repository::rotate(&seeded, args.max_active_keys).map_err(CliError::runtime)?;
+    let set = repository::rotate(&seeded, max_active_keys).map_err(CliError::runtime)?;
     write(dir, "init", &set, args, owner)
 }
 
-fn rotate(dir: &Path, args: &RepoArgs, owner: Option<Owner>) -> Result<Answer, CliError> {
+fn rotate(
+    dir: &Path,
+    args: &RepoArgs,
+    owner: Option<Owner>,
+    max_active_keys: usize,
+) -> Result<Answer, CliError> {
     let current = load_existing(dir)?.ok_or_else(|| {
         CliError::runtime(anyhow!(
             "{} does not exist; run `fernetd repo init` first",
             dir.display()
         ))
     })?;
-    let set = repository::rotate(&current, args.max_active_keys)
+    // An agent's repository belongs to the rotator: a local rotation would purge
+    // keys without its key-lifetime rule and fork this region from the others.
+    if let Some(stamp) = repository::read_stamp(dir).map_err(CliError::runtime)? {
+        if !args.force {
+            return Err(CliError::usage(anyhow!(
+                "{} is managed by a fernetd agent (generation {}): rotate it with \
+                 `fernetd admin rotate`, which keeps every region in step and never purges a \
+                 key a valid token needs; --force rotates it here anyway",
+                dir.display(),
+                stamp.generation
+            )));
+        }
+        tracing::warn!(repository = %dir.display(), generation = stamp.generation, "forced local rotation of an agent's repository: its stamp is dropped, and the agent reports drift until the rotator puts its generation back");
+    }
+    let set = repository::rotate(&current, max_active_keys)
         .with_context(|| format!("cannot rotate {}", dir.display()))
         .map_err(CliError::runtime)?;
     write(dir, "rotate", &set, args, owner)
@@ -124,6 +175,9 @@ fn write(
     // a fresh repository starts at 1, a Keystone-made one stays unstamped.
     let previous = repository::read_stamp(dir).map_err(CliError::runtime)?;
     let generation = match (previous, action) {
+        // Forced on an agent's repository: the keys are no longer the rotator's
+        // generation, so they carry none.
+        (Some(_), "rotate") if args.force => None,
         (Some(s), _) => Some(
             s.generation
                 .checked_add(1)

@@ -55,7 +55,7 @@ impl AdminService {
 fn status_of(e: RotatorError) -> Status {
     use RotatorError as E;
     match e {
-        E::UnknownRepository(_) => Status::not_found(e.to_string()),
+        E::UnknownRepository(_) | E::UnknownKey { .. } => Status::not_found(e.to_string()),
         other => Status::internal(crate::error_chain(&other)),
     }
 }
@@ -80,6 +80,21 @@ impl pb::admin_server::Admin for AdminService {
         let response = self
             .core
             .rotate(&r, self.shutdown.clone())
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(response))
+    }
+
+    async fn purge_key(
+        &self,
+        request: Request<pb::PurgeKeyRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let admin = self.authorize(&request, "PurgeKey")?;
+        let r = request.into_inner();
+        tracing::warn!(admin = %admin, repository = %r.repository, key = r.index, force = r.force, "key purge requested");
+        let response = self
+            .core
+            .purge_key(&r, self.shutdown.clone())
             .await
             .map_err(status_of)?;
         Ok(Response::new(response))
@@ -192,9 +207,8 @@ impl Core {
 
     pub(super) fn status(&self) -> pb::StatusResponse {
         let repositories = self
-            .repos
-            .iter()
-            .map(|repo| {
+            .repos()
+            .map(|(r, repo)| {
                 let current = repo.current();
                 let blocked = repo.blocked();
                 pb::RepositoryStatus {
@@ -208,6 +222,7 @@ impl Core {
                         .unwrap_or_default(),
                     blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
                     next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
+                    purge_safe_unix_ms: self.purge_safe_ms(r),
                 }
             })
             .collect();

@@ -4,6 +4,7 @@
 //! fan-out dispatcher all act through [`Core`]; its fields stay private to the
 //! rotator's modules.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
 use super::fanout::{EncodedInstall, Phase, WorkQueue};
+use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::schedule::Backoff;
 use super::state::{AckRecord, Acks, Committed, StateStore};
@@ -44,7 +46,12 @@ impl std::fmt::Debug for Generation {
 impl Generation {
     /// Encodes the Install request for `keys` as generation `number`, with
     /// canary tokens made with the primary and the staged key.
-    pub(super) fn build(repository: &str, number: u64, keys: KeySet) -> Result<Self, RotatorError> {
+    pub(super) fn build(
+        repository: &str,
+        number: u64,
+        keys: KeySet,
+        promoted_unix: BTreeMap<u32, i64>,
+    ) -> Result<Self, RotatorError> {
         let (Some(primary_index), Some(primary), Some(staged)) =
             (keys.primary_index(), keys.primary(), keys.staged())
         else {
@@ -73,6 +80,7 @@ impl Generation {
                 },
             ],
             restore: false,
+            promoted_unix: promoted_unix.into_iter().collect(),
         };
         let encoded = Zeroizing::new(prost::Message::encode_to_vec(&request));
         for key in &mut request.keys {
@@ -103,6 +111,9 @@ impl Generation {
 pub(super) struct Blocked {
     pub(super) reason: String,
     pub(super) regions: Vec<String>,
+    /// Held by the key-lifetime rule until then (Unix ms; `Some(0)` = until the
+    /// purged key is demoted everywhere); `None` for the safety rule.
+    pub(super) until_ms: Option<i64>,
 }
 
 /// One managed repository.
@@ -114,10 +125,21 @@ pub(super) struct RepoSlot {
     /// A scheduled rotation was blocked and is owed once the agents catch up.
     pub(super) overdue: AtomicBool,
     pub(super) next_rotation_ms: AtomicI64,
+    /// When an owed scheduled rotation was performed late (Unix ms, 0 = never):
+    /// the next cron tick within one interval of it is skipped.
+    pub(super) late_rotation_ms: AtomicI64,
+    /// When each key was created, promoted and demoted; durable in the state.
+    ledger: Mutex<Ledger>,
+    ledger_dirty: AtomicBool,
 }
 
 impl RepoSlot {
-    pub(super) fn new(name: String, max_active_keys: usize, generation: Generation) -> Self {
+    pub(super) fn new(
+        name: String,
+        max_active_keys: usize,
+        generation: Generation,
+        ledger: Ledger,
+    ) -> Self {
         RepoSlot {
             name,
             max_active_keys,
@@ -125,7 +147,14 @@ impl RepoSlot {
             blocked: Mutex::new(None),
             overdue: AtomicBool::new(false),
             next_rotation_ms: AtomicI64::new(0),
+            late_rotation_ms: AtomicI64::new(0),
+            ledger: Mutex::new(ledger),
+            ledger_dirty: AtomicBool::new(false),
         }
+    }
+
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
     }
 
     pub(super) fn current(&self) -> Arc<Generation> {
@@ -250,6 +279,9 @@ pub(super) struct Core {
     pub(super) backoff: Backoff,
     pub(super) queue: WorkQueue,
     pub(super) metrics: Metrics,
+    /// Token expiration + `allow_expired_window` + token cache time: how long
+    /// after its last token a key must stay in every region.
+    pub(super) key_lifetime: Duration,
     events: broadcast::Sender<pb::Event>,
     progress: watch::Sender<u64>,
     rotation: tokio::sync::Mutex<()>,
@@ -270,6 +302,7 @@ impl Core {
         store: StateStore,
         fanout: FanoutConfig,
         metrics: Metrics,
+        key_lifetime: Duration,
     ) -> Self {
         let backoff = Backoff {
             base: fanout.backoff_base,
@@ -283,6 +316,7 @@ impl Core {
             fanout,
             backoff,
             metrics,
+            key_lifetime,
             events: broadcast::channel(1024).0,
             progress: watch::channel(0).0,
             rotation: tokio::sync::Mutex::new(()),
@@ -596,62 +630,61 @@ impl Core {
     ) -> Result<pb::RotateOutcome, RotatorError> {
         let repo = &self.repos[r];
         let current = repo.current();
-        let missing = self.regions_missing(r, &current);
-        let mut outcome = pb::RotateOutcome {
-            repository: repo.name.clone(),
-            generation: current.number,
-            digest: current.digest.0.to_vec(),
-            indices: current.keys.indices(),
-            ..Default::default()
-        };
-        if !missing.is_empty() && !force {
-            let reason = format!(
-                "{} of {} regions have not acknowledged generation {}: {}",
-                missing.len(),
-                self.agents.len(),
-                current.number,
-                missing.join(", ")
-            );
-            outcome.message = format!("blocked: {reason}");
-            outcome.pending_regions = missing.clone();
-            if !dry_run {
-                let was_blocked = repo.blocked().is_some();
-                repo.set_blocked(Some(Blocked {
-                    reason: reason.clone(),
-                    regions: missing,
-                }));
-                self.metrics.set_blocked(&repo.name, true);
-                if !was_blocked {
-                    tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
-                }
-                self.emit("blocked", &repo.name, "", current.number, reason);
-            }
-            return Ok(outcome);
+        let mut outcome = self.outcome_of(r, &current);
+        if let Some(blocked) = self.check_safety_rule(r, &current, force, dry_run, &mut outcome) {
+            return Ok(blocked);
         }
+        let missing = std::mem::take(&mut outcome.pending_regions);
         let next_keys = repository::rotate(&current.keys, repo.max_active_keys)?;
         let next_number = current.number + 1;
         if force {
             outcome.rejecting_regions = missing.clone();
+        }
+        // The key-lifetime rule holds for every path, `--force` included: a key is
+        // purged only once no valid token can need it.
+        self.note_demotions(r);
+        let now = now_ms();
+        let (purges, unsafe_) =
+            repo.ledger()
+                .check_purge(&current.keys, &next_keys, self.key_lifetime, now);
+        outcome.promoted_index = next_keys.primary_index().unwrap_or(0);
+        outcome.purged = purges
+            .iter()
+            .map(|p| pb::PurgedKey {
+                index: p.index,
+                demoted_unix_ms: p.demoted_ms.unwrap_or(0),
+                safe_unix_ms: p.safe_ms.unwrap_or(0),
+            })
+            .collect();
+        if let Some(unsafe_) = unsafe_ {
+            let reason = self.held_reason(r, &current, &unsafe_);
+            outcome.held_for_lifetime = true;
+            outcome.safe_unix_ms = unsafe_.safe_ms().unwrap_or(0);
+            outcome.message = if dry_run {
+                format!("dry run: would be held: {reason}")
+            } else {
+                format!("held: {reason}")
+            };
+            if !dry_run {
+                tracing::warn!(repository = %repo.name, key = unsafe_.index(), "rotation held: {reason}");
+                self.emit("held", &repo.name, "", current.number, reason);
+            }
+            return Ok(outcome);
         }
         if dry_run {
             outcome.generation = next_number;
             outcome.digest.clear();
             outcome.indices = next_keys.indices();
             outcome.message = format!(
-                "dry run: would commit generation {next_number} with indices {:?}{}",
+                "dry run: would commit generation {next_number} with indices {:?}, promoting key {}{}{}",
                 next_keys.indices(),
+                outcome.promoted_index,
+                purge_note(&purges, now),
                 rejecting_note(&missing, force)
             );
             return Ok(outcome);
         }
-        let next = Generation::build(&repo.name, next_number, next_keys)?;
-        // Durable before anything is sent: what an agent may hold is on disk.
-        let store = self.store.clone();
-        let name = repo.name.clone();
-        let committed = next.committed();
-        tokio::task::spawn_blocking(move || store.save(&name, &committed))
-            .await
-            .map_err(|e| RotatorError::Task(e.to_string()))??;
+        let next = self.commit(r, &current, next_keys, now).await?;
         outcome.generation = next.number;
         outcome.digest = next.digest.0.to_vec();
         outcome.indices = next.keys.indices();
@@ -666,6 +699,8 @@ impl Core {
             generation = next.number,
             digest = %next.digest,
             indices = ?outcome.indices,
+            promoted = outcome.promoted_index,
+            purged = ?purges.iter().map(|p| p.index).collect::<Vec<_>>(),
             forced = force && !missing.is_empty(),
             "rotated"
         );
@@ -683,15 +718,277 @@ impl Core {
             next.number,
             outcome.message.clone(),
         );
+        self.publish(r, next);
+        Ok(outcome)
+    }
+
+    /// An outcome that describes the current generation of `r`, unchanged.
+    fn outcome_of(&self, r: RepoId, current: &Generation) -> pb::RotateOutcome {
+        pb::RotateOutcome {
+            repository: self.repos[r].name.clone(),
+            generation: current.number,
+            digest: current.digest.0.to_vec(),
+            indices: current.keys.indices(),
+            ..Default::default()
+        }
+    }
+
+    /// The safety rule: `Some(outcome)` when the change is blocked because an
+    /// agent does not hold `current` (recorded unless `dry_run`); otherwise the
+    /// lagging regions are left in `outcome.pending_regions` for `--force`.
+    fn check_safety_rule(
+        &self,
+        r: RepoId,
+        current: &Generation,
+        force: bool,
+        dry_run: bool,
+        outcome: &mut pb::RotateOutcome,
+    ) -> Option<pb::RotateOutcome> {
+        let repo = &self.repos[r];
+        let missing = self.regions_missing(r, current);
+        if missing.is_empty() || force {
+            outcome.pending_regions = missing;
+            return None;
+        }
+        let reason = format!(
+            "{} of {} regions have not acknowledged generation {}: {}",
+            missing.len(),
+            self.agents.len(),
+            current.number,
+            missing.join(", ")
+        );
+        let mut blocked = outcome.clone();
+        blocked.message = format!("blocked: {reason}");
+        blocked.pending_regions = missing.clone();
+        if !dry_run {
+            let was_blocked = repo.blocked().is_some();
+            repo.set_blocked(Some(Blocked {
+                reason: reason.clone(),
+                regions: missing,
+                until_ms: None,
+            }));
+            self.metrics.set_blocked(&repo.name, true);
+            if !was_blocked {
+                tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
+            }
+            self.emit("blocked", &repo.name, "", current.number, reason);
+        }
+        Some(blocked)
+    }
+
+    /// Why purging `unsafe_` now would break a valid token, in the operator's words.
+    fn held_reason(&self, r: RepoId, current: &Generation, unsafe_: &Unsafe) -> String {
+        let name = &self.repos[r].name;
+        match unsafe_ {
+            Unsafe::StillPrimary { index } => format!(
+                "rotating `{name}` would purge key {index}, which may still be primary in a region: \
+                 it becomes purge-safe {} after every region holds generation {} (see status)",
+                crate::config::duration::format(&self.key_lifetime),
+                current.number
+            ),
+            Unsafe::TooYoung {
+                index,
+                demoted_ms,
+                safe_ms,
+            } => format!(
+                "rotating `{name}` would purge key {index}, whose last tokens (issued up to {}) may be \
+                 valid until {}, its purge-safe time; the next rotation of `{name}` can happen then",
+                rfc3339(*demoted_ms),
+                rfc3339(*safe_ms)
+            ),
+        }
+    }
+
+    /// Durably commits `next_keys` as the generation after `current` (ledger,
+    /// then state: what an agent may hold is on disk before anything is sent).
+    async fn commit(
+        &self,
+        r: RepoId,
+        current: &Generation,
+        next_keys: KeySet,
+        now: i64,
+    ) -> Result<Generation, RotatorError> {
+        let repo = &self.repos[r];
+        let mut ledger = repo.ledger().clone();
+        ledger.record_commit(&current.keys, &next_keys, now);
+        let next = Generation::build(
+            &repo.name,
+            current.number + 1,
+            next_keys,
+            ledger.promoted_unix(),
+        )?;
+        let store = self.store.clone();
+        let name = repo.name.clone();
+        let committed = next.committed();
+        let saved = ledger.clone();
+        tokio::task::spawn_blocking(move || {
+            store.save_ledger(&name, &saved)?;
+            store.save(&name, &committed)
+        })
+        .await
+        .map_err(|e| RotatorError::Task(e.to_string()))??;
+        *repo.ledger() = ledger;
+        Ok(next)
+    }
+
+    /// Makes a committed generation current and sends it to every agent.
+    fn publish(&self, r: RepoId, next: Generation) {
+        let repo = &self.repos[r];
+        let number = next.number;
         repo.set_current(next);
         repo.set_blocked(None);
         repo.overdue.store(false, Ordering::Release);
         self.metrics.set_blocked(&repo.name, false);
-        self.metrics.set_generation(&repo.name, next_number);
+        self.metrics.set_generation(&repo.name, number);
         self.metrics.count_rotation(&repo.name);
+        // With no agent enrolled, every agent holds it at once.
+        self.note_demotions(r);
         self.bump_progress();
         self.push_all();
-        Ok(outcome)
+    }
+
+    /// Records in the ledger that keys of `r` stopped being primary everywhere,
+    /// once every agent holds the current generation. Cheap when nothing is
+    /// pending, so it runs on every flush tick and before every rotation.
+    pub(super) fn note_demotions(&self, r: RepoId) {
+        let repo = &self.repos[r];
+        let current = repo.current();
+        let primary = current.keys.primary_index();
+        let pending = repo
+            .ledger()
+            .keys
+            .iter()
+            .any(|(index, t)| Some(*index) != primary && t.demoted_ms.is_none());
+        if pending
+            && self.may_rotate(r)
+            && repo.ledger().record_all_hold(primary, now_ms())
+        {
+            repo.ledger_dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Writes the ledgers that changed since the last call. A demotion written
+    /// late only makes keys live longer, so this may lag by a flush interval.
+    pub(super) async fn flush_ledgers(&self) {
+        for (r, repo) in self.repos() {
+            self.note_demotions(r);
+            if !repo.ledger_dirty.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let (store, name, ledger) = (self.store.clone(), repo.name.clone(), repo.ledger().clone());
+            let saved = tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                repo.ledger_dirty.store(true, Ordering::Release);
+                tracing::warn!(repository = %repo.name, "cannot record the key ledger; retrying");
+            }
+        }
+    }
+
+    /// When the next rotation of `r` would purge no key a valid token may need
+    /// (Unix ms): 0 when that is now, or when it purges nothing.
+    pub(super) fn purge_safe_ms(&self, r: RepoId) -> i64 {
+        let repo = &self.repos[r];
+        let current = repo.current();
+        let Ok(next) = repository::rotate(&current.keys, repo.max_active_keys) else {
+            return 0;
+        };
+        let now = now_ms();
+        let (purges, _) = repo
+            .ledger()
+            .check_purge(&current.keys, &next, self.key_lifetime, now);
+        purges
+            .iter()
+            .map(|p| p.safe_ms.unwrap_or(i64::MAX))
+            .max()
+            .filter(|safe| *safe > now)
+            .unwrap_or(0)
+    }
+
+    /// The emergency path for a compromised key: a new generation without key
+    /// `index` of `repository`, committed now whatever the key-lifetime rule says
+    /// (every token it signed stops validating), and distributed like any other.
+    /// A compromised primary is replaced by the staged key, a compromised staged
+    /// key by a new one.
+    pub(super) async fn purge_key(
+        self: &Arc<Self>,
+        request: &pb::PurgeKeyRequest,
+        shutdown: CancellationToken,
+    ) -> Result<pb::RotateResponse, RotatorError> {
+        let r = *self
+            .select(std::slice::from_ref(&request.repository))?
+            .first()
+            .ok_or_else(|| RotatorError::UnknownRepository(request.repository.clone()))?;
+        let outcome = {
+            let _one_at_a_time = self.rotation.lock().await;
+            let repo = &self.repos[r];
+            let current = repo.current();
+            let index = request.index;
+            if current.keys.get(index).is_none() {
+                return Err(RotatorError::UnknownKey {
+                    repository: repo.name.clone(),
+                    index,
+                    indices: current.keys.indices(),
+                });
+            }
+            let mut outcome = self.outcome_of(r, &current);
+            if let Some(blocked) =
+                self.check_safety_rule(r, &current, request.force, false, &mut outcome)
+            {
+                return Ok(pb::RotateResponse {
+                    outcomes: vec![blocked],
+                });
+            }
+            let missing = std::mem::take(&mut outcome.pending_regions);
+            let mut next_keys = current.keys.clone();
+            next_keys.remove(index);
+            let primary = current.keys.primary_index();
+            if index == 0 || Some(index) == primary {
+                if Some(index) == primary
+                    && let Some(staged) = next_keys.remove(0)
+                {
+                    next_keys.insert(index.max(next_keys.primary_index().unwrap_or(0)) + 1, staged);
+                }
+                next_keys.insert(0, repository::Key::generate());
+            }
+            let now = now_ms();
+            self.note_demotions(r);
+            let times = repo.ledger().keys.get(&index).copied().unwrap_or_default();
+            let range = invalidated_range(&times, index == 0, Some(index) == primary, now, self.key_lifetime);
+            let next = self.commit(r, &current, next_keys, now).await?;
+            outcome.generation = next.number;
+            outcome.digest = next.digest.0.to_vec();
+            outcome.indices = next.keys.indices();
+            outcome.promoted_index = next.keys.primary_index().unwrap_or(0);
+            outcome.purged = vec![pb::PurgedKey {
+                index,
+                demoted_unix_ms: times.demoted_ms.unwrap_or(0),
+                safe_unix_ms: 0,
+            }];
+            outcome.rotated = true;
+            if request.force {
+                outcome.rejecting_regions = missing.clone();
+            }
+            outcome.message = format!(
+                "committed generation {} without key {index}: {range}{}",
+                next.number,
+                rejecting_note(&missing, request.force)
+            );
+            tracing::warn!(repository = %repo.name, generation = next.number, key = index, "key purged: {range}");
+            self.emit("purged", &repo.name, "", next.number, outcome.message.clone());
+            self.publish(r, next);
+            outcome
+        };
+        let mut outcomes = vec![outcome];
+        let wait = match request.wait_ms {
+            0 => self.fanout.ack_wait,
+            ms => Duration::from_millis(ms),
+        };
+        self.wait_in_sync(&[r], wait, false, shutdown).await;
+        let generation = self.repos[r].current();
+        if generation.number == outcomes[0].generation {
+            outcomes[0].pending_regions = self.regions_missing(r, &generation);
+        }
+        Ok(pb::RotateResponse { outcomes })
     }
 
     /// Waits until every agent holds the current generation of every repository
@@ -736,7 +1033,9 @@ impl Core {
         self.agent_statuses()
     }
 
-    /// A scheduled rotation, or a retry of one that was blocked. Never forced.
+    /// A scheduled rotation, or a retry of one that was blocked or held. Never
+    /// forced. A held one (the key-lifetime rule) is owed and retried once its
+    /// purge-safe time has passed; `late` marks one performed after its tick.
     pub(super) async fn scheduled_rotation(
         self: &Arc<Self>,
         only_overdue: bool,
@@ -748,6 +1047,15 @@ impl Core {
             .filter(|r| !only_overdue || r.overdue.load(Ordering::Acquire))
             .map(|r| r.name.clone())
             .collect();
+        self.scheduled_rotation_of(names, only_overdue, shutdown).await;
+    }
+
+    async fn scheduled_rotation_of(
+        self: &Arc<Self>,
+        names: Vec<String>,
+        only_overdue: bool,
+        shutdown: CancellationToken,
+    ) {
         if names.is_empty() {
             return;
         }
@@ -759,8 +1067,20 @@ impl Core {
         match self.rotate(&request, shutdown).await {
             Ok(response) => {
                 for o in response.outcomes {
-                    if let Some(repo) = self.repos.iter().find(|r| r.name == o.repository) {
-                        repo.overdue.store(!o.rotated, Ordering::Release);
+                    let Some(repo) = self.repos.iter().find(|r| r.name == o.repository) else {
+                        continue;
+                    };
+                    repo.overdue.store(!o.rotated, Ordering::Release);
+                    if o.rotated && only_overdue {
+                        repo.late_rotation_ms.store(now_ms(), Ordering::Release);
+                    }
+                    if o.held_for_lifetime {
+                        repo.set_blocked(Some(Blocked {
+                            reason: o.message.trim_start_matches("held: ").to_owned(),
+                            regions: Vec::new(),
+                            until_ms: Some(o.safe_unix_ms),
+                        }));
+                        self.metrics.set_blocked(&repo.name, true);
                     }
                 }
             }
@@ -768,15 +1088,123 @@ impl Core {
         }
     }
 
+    /// A cron tick: every repository rotates, except one whose owed rotation
+    /// was performed late less than `interval` ago.
+    pub(super) async fn scheduled_tick(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let now = now_ms();
+        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        let mut names = Vec::new();
+        for repo in &self.repos {
+            let late = repo.late_rotation_ms.load(Ordering::Acquire);
+            if late > 0 && now.saturating_sub(late) < interval_ms {
+                tracing::info!(repository = %repo.name, "skipping this cron tick: the owed rotation was performed late, less than one interval ago");
+                continue;
+            }
+            names.push(repo.name.clone());
+        }
+        self.scheduled_rotation_of(names, false, shutdown).await;
+    }
+
+    /// Whether an owed scheduled rotation may be retried now: every agent holds
+    /// the current generation and no purge-safe time is still ahead.
+    pub(super) fn owed_now(&self) -> bool {
+        let now = now_ms();
+        self.repos().any(|(r, repo)| {
+            repo.overdue.load(Ordering::Acquire)
+                && !repo
+                    .blocked()
+                    .and_then(|b| b.until_ms)
+                    .is_some_and(|until| until > now)
+                && self.may_rotate(r)
+        })
+    }
+
+    /// The earliest time a held scheduled rotation becomes safe (Unix ms).
+    pub(super) fn held_until_ms(&self) -> Option<i64> {
+        self.repos
+            .iter()
+            .filter(|r| r.overdue.load(Ordering::Acquire))
+            .filter_map(|r| r.blocked().and_then(|b| b.until_ms))
+            .filter(|until| *until > 0)
+            .min()
+    }
+
     /// Re-evaluates blocked repositories: cleared once every agent caught up.
     pub(super) fn refresh_blocked(&self) {
         for (r, repo) in self.repos() {
-            if repo.blocked().is_some() && self.may_rotate(r) {
+            // A rotation held by the key-lifetime rule clears when it is performed.
+            if repo.blocked().is_some_and(|b| b.until_ms.is_none()) && self.may_rotate(r) {
                 repo.set_blocked(None);
                 self.metrics.set_blocked(&repo.name, false);
                 tracing::info!(repository = %repo.name, "no longer blocked: every agent holds the current generation");
             }
         }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The keys a rotation purges, each with the age of the youngest token it can
+/// have signed.
+fn purge_note(purges: &[super::ledger::Purge], now: i64) -> String {
+    let parts: Vec<String> = purges
+        .iter()
+        .map(|p| match p.demoted_ms {
+            Some(d) => format!(
+                "key {} (youngest token it can have signed: {} old, purge-safe since {})",
+                p.index,
+                crate::config::duration::format(&Duration::from_millis(
+                    u64::try_from(now.saturating_sub(d)).unwrap_or(0) / 1000 * 1000
+                )),
+                p.safe_ms.map(rfc3339).unwrap_or_default()
+            ),
+            None => format!("key {}", p.index),
+        })
+        .collect();
+    if parts.is_empty() {
+        ", purging no key".into()
+    } else {
+        format!(", purging {}", parts.join(", "))
+    }
+}
+
+/// Which tokens purging a key invalidates, in the operator's words.
+fn invalidated_range(
+    times: &super::ledger::KeyTimes,
+    staged: bool,
+    primary: bool,
+    now: i64,
+    lifetime: Duration,
+) -> String {
+    if staged {
+        return "the staged key signed no token; nothing is invalidated".into();
+    }
+    let from = times
+        .promoted_ms
+        .map(rfc3339)
+        .unwrap_or_else(|| "an unknown time (before the ledger)".into());
+    let until = if primary {
+        now
+    } else {
+        times.demoted_ms.unwrap_or(now)
+    };
+    let valid_until = until.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX));
+    if valid_until <= now {
+        format!(
+            "it signed tokens from {from} to {}; all of them had expired already",
+            rfc3339(until)
+        )
+    } else {
+        format!(
+            "every token issued with it from {from} to {} stops validating now (they were valid up to {}); \
+             flush the regions' token caches (memcached) so cached validations go too",
+            rfc3339(until),
+            rfc3339(valid_until)
+        )
     }
 }
 
@@ -799,11 +1227,28 @@ pub(super) mod tests {
     /// A core with `regions` agents behind channels that are never dialled (no
     /// dispatcher runs), so the tests drive acknowledgements by hand.
     pub(in crate::rotator) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
+        core_with(dir, regions, 3, Duration::ZERO)
+    }
+
+    /// A core as [`core`] with `max_active_keys` and a key lifetime.
+    fn core_with(
+        dir: &std::path::Path,
+        regions: &[&str],
+        max_active_keys: usize,
+        key_lifetime: Duration,
+    ) -> Arc<Core> {
         let store = StateStore::open(dir).expect("state dir");
-        let keys = repository::init(3).expect("init");
-        let first = Generation::build("tokens", 1, keys).expect("build");
+        let keys = repository::init(max_active_keys).expect("init");
+        let ledger = Ledger::fresh(&keys, now_ms());
+        let first =
+            Generation::build("tokens", 1, keys, ledger.promoted_unix()).expect("build");
         store.save("tokens", &first.committed()).expect("save");
-        let repos = vec![RepoSlot::new("tokens".into(), 3, first)];
+        let repos = vec![RepoSlot::new(
+            "tokens".into(),
+            max_active_keys,
+            first,
+            ledger,
+        )];
         let agents = regions
             .iter()
             .map(|r| {
@@ -820,6 +1265,7 @@ pub(super) mod tests {
             store,
             FanoutConfig::default(),
             metrics,
+            key_lifetime,
         ))
     }
 
@@ -1007,7 +1453,7 @@ pub(super) mod tests {
     #[test]
     fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
         let keys = repository::init(3).expect("init");
-        let g = Generation::build("tokens", 4, keys.clone()).expect("build");
+        let g = Generation::build("tokens", 4, keys.clone(), BTreeMap::new()).expect("build");
         let decoded: pb::InstallRequest =
             prost::Message::decode(&g.encoded().0[..]).expect("decodes");
         assert_eq!(decoded.generation, 4);

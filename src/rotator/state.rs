@@ -5,7 +5,8 @@
 //! crash leaves the old or the new state, never a torn one. A generation is
 //! written here before it is sent to any agent: what an agent may hold is always
 //! on disk, so after a crash the rotator resumes from it and a generation number
-//! can never come back with other keys.
+//! can never come back with other keys. Beside each state file, `<name>.ledger.json`
+//! holds the key ledger (when each key was created, promoted and demoted).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::ledger::Ledger;
 use crate::repository::{self, KeySet};
 
 const MAGIC: &str = "fernetd-rotator-state 1";
@@ -138,6 +140,36 @@ impl StateStore {
 
     fn repository_path(&self, name: &str) -> Result<PathBuf, StateError> {
         state_path(&self.dir, name)
+    }
+
+    fn ledger_path(&self, name: &str) -> Result<PathBuf, StateError> {
+        check_name(name)?;
+        Ok(self.dir.join(format!("{name}.ledger.json")))
+    }
+
+    /// The key ledger of `name`, or `None` when none was recorded yet (a first
+    /// start, or state written before the ledger existed).
+    pub fn load_ledger(&self, name: &str) -> Result<Option<Ledger>, StateError> {
+        let path = self.ledger_path(name)?;
+        let content = match fs::read(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_json::from_slice(&content)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Durably records the key ledger of `name` (times only, no key).
+    pub fn save_ledger(&self, name: &str, ledger: &Ledger) -> Result<(), StateError> {
+        let path = self.ledger_path(name)?;
+        // Plain numbers and maps always serialize.
+        let text = serde_json::to_vec_pretty(ledger).unwrap_or_default();
+        write_atomic(&self.dir, &path, &text)
     }
 
     /// The committed generation of `name`, or `None` before the first commit.

@@ -261,6 +261,7 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
         digest: set.digest().0.to_vec(),
         canaries: canaries(set),
         restore: false,
+        promoted_unix: Default::default(),
     }
 }
 
