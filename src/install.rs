@@ -673,6 +673,7 @@ mod tests {
             generation,
             digest: set.digest(),
             promoted: Default::default(),
+            agent: false,
         }
     }
 

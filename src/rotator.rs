@@ -513,7 +513,8 @@ async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
 /// agent behind) or held (it would purge a key a valid token may need) is owed,
 /// and performed once: as soon as every agent caught up, or at the purge-safe
 /// time. A cron tick less than one interval after such a late rotation is
-/// skipped, so no key lives an interval less than the schedule promises.
+/// deferred to one interval after it, so no key lives an interval less than
+/// the schedule promises.
 async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationToken) {
     let mut progress = core.progress();
     loop {
@@ -550,6 +551,11 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
                 changed = progress.changed() => {
                     if changed.is_err() {
                         return;
+                    }
+                    // Demotions are recorded as soon as every agent holds a
+                    // generation: the key-lifetime rule counts from then.
+                    for (r, _) in core.repos() {
+                        core.note_demotions(r);
                     }
                     core.refresh_blocked();
                     if core.owed_now() {

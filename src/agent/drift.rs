@@ -172,6 +172,7 @@ mod tests {
             generation: 1,
             digest: set.digest(),
             promoted: Default::default(),
+            agent: true,
         };
         install::install(&path, &set, Some(&stamp), None).expect("install");
         let metrics = AgentMetrics::register(&mut Default::default());

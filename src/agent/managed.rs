@@ -368,7 +368,12 @@ impl Managed {
             generation: request.generation,
             digest: checked.digest,
             // When each key became primary, for tools reading the repository.
-            promoted: request.promoted_unix.iter().map(|(k, v)| (*k, *v)).collect(),
+            promoted: request
+                .promoted_unix
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+            agent: true,
         };
         // A canary the pushed set itself cannot decrypt is refused before the
         // repository is touched: Keystone never sees a set that was going to fail.
@@ -426,6 +431,7 @@ impl Managed {
                         generation: desired.generation,
                         digest,
                         promoted: Default::default(),
+                        agent: true,
                     },
                 )
             });
@@ -547,6 +553,7 @@ impl Managed {
             generation: desired.generation,
             digest: expected,
             promoted: Default::default(),
+            agent: true,
         };
         if on_disk == Some(expected) {
             if self.view().drift.is_some() {
@@ -638,6 +645,7 @@ mod tests {
             generation,
             digest: set.digest(),
             promoted: Default::default(),
+            agent: true,
         };
         install::install(dir, set, Some(&stamp), None).expect("install");
         stamp

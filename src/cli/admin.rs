@@ -186,7 +186,9 @@ fn confirm(what: &str, expected: &str, yes: bool) -> Result<(), CliError> {
     if line.trim() == expected {
         Ok(())
     } else {
-        Err(CliError::usage(anyhow!("not confirmed: nothing was changed")))
+        Err(CliError::usage(anyhow!(
+            "not confirmed: nothing was changed"
+        )))
     }
 }
 

@@ -131,7 +131,10 @@ fn rotate(
     })?;
     // An agent's repository belongs to the rotator: a local rotation would purge
     // keys without its key-lifetime rule and fork this region from the others.
-    if let Some(stamp) = repository::read_stamp(dir).map_err(CliError::runtime)? {
+    if let Some(stamp) = repository::read_stamp(dir)
+        .map_err(CliError::runtime)?
+        .filter(|s| s.agent)
+    {
         if !args.force {
             return Err(CliError::usage(anyhow!(
                 "{} is managed by a fernetd agent (generation {}): rotate it with \
@@ -177,7 +180,7 @@ fn write(
     let generation = match (previous, action) {
         // Forced on an agent's repository: the keys are no longer the rotator's
         // generation, so they carry none.
-        (Some(_), "rotate") if args.force => None,
+        (Some(s), "rotate") if s.agent => None,
         (Some(s), _) => Some(
             s.generation
                 .checked_add(1)
@@ -190,6 +193,7 @@ fn write(
         generation,
         digest: set.digest(),
         promoted: Default::default(),
+        agent: false,
     });
     let outcome: InstallOutcome =
         install::install(dir, set, stamp.as_ref(), owner).map_err(CliError::runtime)?;

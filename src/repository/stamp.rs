@@ -21,6 +21,9 @@ pub struct Stamp {
     /// Key index → Unix time (seconds) it was first promoted to primary. A key
     /// that is still staged, or whose time is unknown, has no entry.
     pub promoted: BTreeMap<u32, i64>,
+    /// Written by a fernetd agent: the repository belongs to the rotator, and
+    /// `fernetd repo rotate` leaves it alone unless forced.
+    pub agent: bool,
 }
 
 #[derive(serde::Deserialize, serde::Serialize)]
@@ -29,6 +32,8 @@ struct StampFile {
     digest: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     promoted: BTreeMap<u32, i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    agent: bool,
 }
 
 /// Why a repository's stamp cannot be read.
@@ -51,6 +56,7 @@ impl Stamp {
             generation: self.generation,
             digest: self.digest.to_hex(),
             promoted: self.promoted.clone(),
+            agent: self.agent,
         };
         // A struct of numbers and strings always serializes.
         let mut line = serde_json::to_vec(&file).unwrap_or_default();
@@ -74,6 +80,7 @@ impl Stamp {
             generation: file.generation,
             digest,
             promoted: file.promoted,
+            agent: file.agent,
         })
     }
 }

@@ -5,7 +5,7 @@
 //! rotator's modules.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -128,9 +128,14 @@ pub(super) struct RepoSlot {
     /// When an owed scheduled rotation was performed late (Unix ms, 0 = never):
     /// the next cron tick within one interval of it is skipped.
     pub(super) late_rotation_ms: AtomicI64,
+    /// The owed rotation is a cron tick deferred after a late one: performing
+    /// it does not count as late again (the schedule returns to its grid).
+    deferred: AtomicBool,
     /// When each key was created, promoted and demoted; durable in the state.
     ledger: Mutex<Ledger>,
     ledger_dirty: AtomicBool,
+    /// Where [`Core::all_hold_current`] resumes.
+    demotion_cursor: AtomicUsize,
 }
 
 impl RepoSlot {
@@ -148,8 +153,10 @@ impl RepoSlot {
             overdue: AtomicBool::new(false),
             next_rotation_ms: AtomicI64::new(0),
             late_rotation_ms: AtomicI64::new(0),
+            deferred: AtomicBool::new(false),
             ledger: Mutex::new(ledger),
             ledger_dirty: AtomicBool::new(false),
+            demotion_cursor: AtomicUsize::new(0),
         }
     }
 
@@ -836,6 +843,7 @@ impl Core {
         let repo = &self.repos[r];
         let number = next.number;
         repo.set_current(next);
+        repo.demotion_cursor.store(0, Ordering::Release);
         repo.set_blocked(None);
         repo.overdue.store(false, Ordering::Release);
         self.metrics.set_blocked(&repo.name, false);
@@ -859,12 +867,30 @@ impl Core {
             .keys
             .iter()
             .any(|(index, t)| Some(*index) != primary && t.demoted_ms.is_none());
-        if pending
-            && self.may_rotate(r)
-            && repo.ledger().record_all_hold(primary, now_ms())
-        {
+        if pending && self.all_hold_current(r) && repo.ledger().record_all_hold(primary, now_ms()) {
             repo.ledger_dirty.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether every agent holds the current generation of `r`, checked from
+    /// where the last check found the first agent behind: acknowledgements
+    /// arrive in dispatch order, so the checks of one fan-out cost O(agents) in
+    /// all rather than per acknowledgement. A full pass confirms before `true`.
+    fn all_hold_current(&self, r: RepoId) -> bool {
+        let repo = &self.repos[r];
+        let current = repo.current();
+        let start = repo.demotion_cursor.load(Ordering::Acquire);
+        for i in (start..self.agents.len()).map(AgentId) {
+            if !self.agent_holds(i, r, &current) {
+                repo.demotion_cursor.store(i.0, Ordering::Release);
+                return false;
+            }
+        }
+        if self.may_rotate(r) {
+            return true;
+        }
+        repo.demotion_cursor.store(0, Ordering::Release);
+        false
     }
 
     /// Writes the ledgers that changed since the last call. A demotion written
@@ -875,8 +901,10 @@ impl Core {
             if !repo.ledger_dirty.swap(false, Ordering::AcqRel) {
                 continue;
             }
-            let (store, name, ledger) = (self.store.clone(), repo.name.clone(), repo.ledger().clone());
-            let saved = tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await;
+            let (store, name, ledger) =
+                (self.store.clone(), repo.name.clone(), repo.ledger().clone());
+            let saved =
+                tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await;
             if !matches!(saved, Ok(Ok(()))) {
                 repo.ledger_dirty.store(true, Ordering::Release);
                 tracing::warn!(repository = %repo.name, "cannot record the key ledger; retrying");
@@ -946,14 +974,23 @@ impl Core {
                 if Some(index) == primary
                     && let Some(staged) = next_keys.remove(0)
                 {
-                    next_keys.insert(index.max(next_keys.primary_index().unwrap_or(0)) + 1, staged);
+                    next_keys.insert(
+                        index.max(next_keys.primary_index().unwrap_or(0)) + 1,
+                        staged,
+                    );
                 }
                 next_keys.insert(0, repository::Key::generate());
             }
             let now = now_ms();
             self.note_demotions(r);
             let times = repo.ledger().keys.get(&index).copied().unwrap_or_default();
-            let range = invalidated_range(&times, index == 0, Some(index) == primary, now, self.key_lifetime);
+            let range = invalidated_range(
+                &times,
+                index == 0,
+                Some(index) == primary,
+                now,
+                self.key_lifetime,
+            );
             let next = self.commit(r, &current, next_keys, now).await?;
             outcome.generation = next.number;
             outcome.digest = next.digest.0.to_vec();
@@ -974,7 +1011,13 @@ impl Core {
                 rejecting_note(&missing, request.force)
             );
             tracing::warn!(repository = %repo.name, generation = next.number, key = index, "key purged: {range}");
-            self.emit("purged", &repo.name, "", next.number, outcome.message.clone());
+            self.emit(
+                "purged",
+                &repo.name,
+                "",
+                next.number,
+                outcome.message.clone(),
+            );
             self.publish(r, next);
             outcome
         };
@@ -1047,7 +1090,8 @@ impl Core {
             .filter(|r| !only_overdue || r.overdue.load(Ordering::Acquire))
             .map(|r| r.name.clone())
             .collect();
-        self.scheduled_rotation_of(names, only_overdue, shutdown).await;
+        self.scheduled_rotation_of(names, only_overdue, shutdown)
+            .await;
     }
 
     async fn scheduled_rotation_of(
@@ -1071,7 +1115,7 @@ impl Core {
                         continue;
                     };
                     repo.overdue.store(!o.rotated, Ordering::Release);
-                    if o.rotated && only_overdue {
+                    if o.rotated && !repo.deferred.swap(false, Ordering::AcqRel) && only_overdue {
                         repo.late_rotation_ms.store(now_ms(), Ordering::Release);
                     }
                     if o.held_for_lifetime {
@@ -1089,15 +1133,34 @@ impl Core {
     }
 
     /// A cron tick: every repository rotates, except one whose owed rotation
-    /// was performed late less than `interval` ago.
-    pub(super) async fn scheduled_tick(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+    /// was performed late less than `interval` ago: that one is deferred to a
+    /// full interval after it.
+    pub(super) async fn scheduled_tick(
+        self: &Arc<Self>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         let now = now_ms();
         let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let mut names = Vec::new();
         for repo in &self.repos {
             let late = repo.late_rotation_ms.load(Ordering::Acquire);
             if late > 0 && now.saturating_sub(late) < interval_ms {
-                tracing::info!(repository = %repo.name, "skipping this cron tick: the owed rotation was performed late, less than one interval ago");
+                // Deferred, not dropped: a full interval after the late one.
+                let until = late.saturating_add(interval_ms);
+                let reason = format!(
+                    "the previous scheduled rotation was performed late, at {}; the next waits one full interval, until {}",
+                    rfc3339(late),
+                    rfc3339(until)
+                );
+                tracing::info!(repository = %repo.name, "cron tick deferred: {reason}");
+                repo.overdue.store(true, Ordering::Release);
+                repo.deferred.store(true, Ordering::Release);
+                repo.set_blocked(Some(Blocked {
+                    reason,
+                    regions: Vec::new(),
+                    until_ms: Some(until),
+                }));
                 continue;
             }
             names.push(repo.name.clone());
@@ -1111,10 +1174,10 @@ impl Core {
         let now = now_ms();
         self.repos().any(|(r, repo)| {
             repo.overdue.load(Ordering::Acquire)
-                && !repo
+                && repo
                     .blocked()
                     .and_then(|b| b.until_ms)
-                    .is_some_and(|until| until > now)
+                    .is_none_or(|until| until <= now)
                 && self.may_rotate(r)
         })
     }
@@ -1240,8 +1303,7 @@ pub(super) mod tests {
         let store = StateStore::open(dir).expect("state dir");
         let keys = repository::init(max_active_keys).expect("init");
         let ledger = Ledger::fresh(&keys, now_ms());
-        let first =
-            Generation::build("tokens", 1, keys, ledger.promoted_unix()).expect("build");
+        let first = Generation::build("tokens", 1, keys, ledger.promoted_unix()).expect("build");
         store.save("tokens", &first.committed()).expect("save");
         let repos = vec![RepoSlot::new(
             "tokens".into(),

@@ -270,7 +270,10 @@ mod tests {
             rotations += 1;
             now += 1;
         }
-        assert_eq!(rotations, 2, "two rotations fill the repository, the third would purge");
+        assert_eq!(
+            rotations, 2,
+            "two rotations fill the repository, the third would purge"
+        );
     }
 
     #[test]
@@ -317,7 +320,10 @@ mod tests {
         let next = repository::rotate(&keys, 3).expect("rotate");
         ledger.record_commit(&keys, &next, 9);
         let text = serde_json::to_string(&ledger).expect("serialize");
-        assert_eq!(serde_json::from_str::<Ledger>(&text).expect("parse"), ledger);
+        assert_eq!(
+            serde_json::from_str::<Ledger>(&text).expect("parse"),
+            ledger
+        );
         assert!(ledger.promoted_unix().values().all(|s| *s == 0));
     }
 

@@ -995,6 +995,7 @@ async fn no_drift_is_reported_after_run_returns() {
         generation: 1,
         digest: set.digest(),
         promoted: Default::default(),
+        agent: true,
     };
     fernetd::install::install(&repo, &set, Some(&stamp), None).expect("install generation 1");
     let logs = Captured::default();

@@ -390,6 +390,7 @@ fn stamp_for(set: &KeySet) -> Stamp {
         generation: if *set == set_a() { 1 } else { 2 },
         digest: set.digest(),
         promoted: Default::default(),
+        agent: false,
     }
 }
 
