@@ -41,7 +41,7 @@ impl Metrics {
         #[rustfmt::skip]
         crate::metrics::register!(registry,
             m.generation => "generation", "Current committed generation";
-            m.blocked => "rotation_blocked", "1 while the next rotation waits for agents to acknowledge the current generation";
+            m.blocked => "rotation_blocked", "1 while the next rotation waits for agents to acknowledge the current generation, or for a key to be purge-safe";
             m.rotations => "rotations", "Generations committed by this process";
         );
         // The fan-out, all agents together; per-agent gauges come from `AgentCollector`.
