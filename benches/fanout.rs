@@ -206,6 +206,7 @@ async fn bench(n: usize) {
         },
         agents: (0..n)
             .map(|i| AgentEndpoint {
+                name: None,
                 region: format!("r{i}"),
                 endpoint: format!("https://{}", SocketAddr::new(IpAddr::V4(agent_ip(i)), port)),
                 identity: "agent.bench".into(),

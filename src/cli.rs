@@ -208,9 +208,12 @@ pub struct DemoArgs {
     /// Where to put the CA, configuration and repositories (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// How many regions (agents).
+    /// How many regions.
     #[arg(long, default_value_t = 3)]
     pub regions: usize,
+    /// Agents (controllers, each with its own repository) per region.
+    #[arg(long, default_value_t = 1)]
+    pub controllers: usize,
     /// Only write the files and print the commands that start each process.
     #[arg(long)]
     pub config_only: bool,

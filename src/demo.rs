@@ -130,13 +130,23 @@ pub struct Layout {
     pub rotator: RotatorConfig,
     pub admin: AdminConfig,
     pub agents: Vec<AgentConfig>,
+    /// Each agent's name, in the order of `agents` (its region when alone).
+    pub names: Vec<String>,
     listeners: Vec<(std::net::TcpListener, std::net::TcpListener)>,
     rotator_listeners: (std::net::TcpListener, std::net::TcpListener),
 }
 
-/// Writes DIR/ca/, DIR/rotator.toml, DIR/admin.toml, DIR/agents/<region>.toml
-/// and DIR/regions/<region>/fernet-keys (empty), all on loopback ports free now.
+/// Writes DIR/ca/, DIR/rotator.toml, DIR/admin.toml, DIR/agents/<name>.toml
+/// and DIR/regions/<region>/[ctlN/]fernet-keys (empty), all on loopback ports
+/// free now.
 pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
+    prepare_with(dir, regions, 1)
+}
+
+/// [`prepare`] with `controllers` agents per region, each with its own name
+/// (`ctl1.regionone`), identity, repository and ports, as a region behind a VIP
+/// runs one Keystone and one agent per controller.
+pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<Layout, DemoError> {
     let dir = std::path::absolute(dir).map_err(io(dir))?;
     let ca_dir = dir.join("ca");
     for d in [&dir, &ca_dir, &dir.join("agents"), &dir.join("regions")] {
@@ -147,15 +157,30 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
     let admin_tls = write_identity(&ca, &ca_dir, "admin", ADMIN_IDENTITY)?;
 
     let rotator_listeners = (reserve()?, reserve()?);
-    let mut listeners = Vec::with_capacity(regions);
-    let mut agents = Vec::with_capacity(regions);
-    let mut endpoints = Vec::with_capacity(regions);
-    for i in 0..regions {
+    let count = regions * controllers;
+    let mut listeners = Vec::with_capacity(count);
+    let mut agents = Vec::with_capacity(count);
+    let mut names = Vec::with_capacity(count);
+    let mut endpoints = Vec::with_capacity(count);
+    for (i, c) in (0..regions).flat_map(|i| (1..=controllers).map(move |c| (i, c))) {
         let region = region_name(i);
-        let identity = format!("{}.agents.fernetd.demo", region.to_lowercase());
-        let tls = write_identity(&ca, &ca_dir, &region.to_lowercase(), &identity)?;
+        // One agent per region is named after it; controllers after themselves.
+        let name = if controllers == 1 {
+            region.clone()
+        } else {
+            format!("ctl{c}.{}", region.to_lowercase())
+        };
+        let identity = format!("{}.agents.fernetd.demo", name.to_lowercase());
+        let tls = write_identity(&ca, &ca_dir, &name.to_lowercase(), &identity)?;
         let (grpc, metrics) = (reserve()?, reserve()?);
-        let repo = dir.join("regions").join(&region).join("fernet-keys");
+        let repo = if controllers == 1 {
+            dir.join("regions").join(&region).join("fernet-keys")
+        } else {
+            dir.join("regions")
+                .join(&region)
+                .join(format!("ctl{c}"))
+                .join("fernet-keys")
+        };
         mkdir(&repo)?;
         let agent = AgentConfig {
             region: region.clone(),
@@ -174,18 +199,20 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
             }],
             keystone_conf: None,
         };
-        let path = dir.join("agents").join(format!("{region}.toml"));
+        let path = dir.join("agents").join(format!("{name}.toml"));
         write_file(
             &path,
             toml::to_string_pretty(&agent).map_err(Box::new)?.as_bytes(),
             0o644,
         )?;
         endpoints.push(AgentEndpoint {
+            name: (controllers > 1).then(|| name.clone()),
             region,
             endpoint: format!("https://{}", agent.listen),
             identity,
         });
         agents.push(agent);
+        names.push(name);
         listeners.push((grpc, metrics));
     }
 
@@ -243,6 +270,7 @@ pub fn prepare(dir: &Path, regions: usize) -> Result<Layout, DemoError> {
         rotator,
         admin,
         agents,
+        names,
         listeners,
         rotator_listeners,
     })
@@ -258,8 +286,8 @@ impl Layout {
         let d = self.dir.display();
         let mut s = String::new();
         let _ = writeln!(s, "# one shell per region:");
-        for a in &self.agents {
-            let _ = writeln!(s, "{exe} agent --config {d}/agents/{}.toml", a.region);
+        for name in &self.names {
+            let _ = writeln!(s, "{exe} agent --config {d}/agents/{name}.toml");
         }
         let _ = writeln!(s, "# the rotator:");
         let _ = writeln!(s, "{exe} rotator --config {d}/rotator.toml");
@@ -319,6 +347,7 @@ impl Fleet {
             rotator: layout.rotator,
             admin: layout.admin,
             agents,
+            names: layout.names,
         };
         Ok((Fleet { stop, tasks }, running))
     }
@@ -351,6 +380,7 @@ pub struct Running {
     pub rotator: RotatorConfig,
     pub admin: AdminConfig,
     pub agents: Vec<AgentConfig>,
+    pub names: Vec<String>,
 }
 
 /// Whether each region's repository on disk accepts one token.
@@ -374,16 +404,17 @@ impl CrossRegion {
     pub fn check(
         &mut self,
         agents: &[AgentConfig],
+        names: &[String],
         generation: u64,
     ) -> Result<(String, Vec<Verdict>), DemoError> {
         let mut keyrings = Vec::with_capacity(agents.len());
-        for a in agents {
+        for (a, name) in agents.iter().zip(names) {
             let Some(repo) = a.repositories.first() else {
                 continue;
             };
             let set = crate::repository::load(&repo.path)
                 .map_err(|e| DemoError::Regions(crate::error_chain(&e)))?;
-            keyrings.push((a.region.as_str(), crate::token::Keyring::new(&set), set));
+            keyrings.push((name.as_str(), crate::token::Keyring::new(&set), set));
         }
         let Some((first, _, first_set)) = keyrings.first() else {
             return Ok((String::new(), Vec::new()));

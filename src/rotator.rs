@@ -172,13 +172,22 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
             )));
         }
     }
-    let mut regions = std::collections::BTreeSet::new();
+    let mut names = std::collections::BTreeSet::new();
     for agent in &config.agents {
-        if !regions.insert(&agent.region) {
-            return Err(RotatorError::Config(format!(
-                "agent region `{}` is listed twice",
-                agent.region
-            )));
+        if agent.name().trim().is_empty() || agent.region.trim().is_empty() {
+            return Err(RotatorError::Config(
+                "an agent's name and region must not be empty".into(),
+            ));
+        }
+        if !names.insert(agent.name()) {
+            return Err(RotatorError::Config(if agent.name.is_none() {
+                format!(
+                    "agent region `{}` is listed twice (several controllers of one region each need their own `name`)",
+                    agent.region
+                )
+            } else {
+                format!("agent name `{}` is listed twice", agent.name())
+            }));
         }
     }
     if config.fanout.concurrency == 0 {
@@ -364,7 +373,7 @@ fn agent_slots(
     let mut agents = Vec::with_capacity(config.agents.len());
     for a in &config.agents {
         let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
-            region: a.region.clone(),
+            region: a.name().to_owned(),
             endpoint: a.endpoint.clone(),
             reason: crate::error_chain(&e),
         };
@@ -378,6 +387,7 @@ fn agent_slots(
                 client_tls.connector(&a.identity).map_err(endpoint_error)?,
             );
         agents.push(AgentSlot::new(
+            a.name().to_owned(),
             a.region.clone(),
             a.endpoint.clone(),
             channel,

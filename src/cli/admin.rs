@@ -223,6 +223,8 @@ pub struct RepositoryView {
 /// `--json` view of one agent and repository.
 #[derive(Debug, Serialize)]
 pub struct AgentView {
+    /// The agent's own name (a controller); its region when it is the only one.
+    pub name: String,
     pub region: String,
     pub endpoint: String,
     pub repository: String,
@@ -239,7 +241,19 @@ pub struct AgentView {
 pub struct StatusView {
     pub version: String,
     pub repositories: Vec<RepositoryView>,
+    /// One verdict per region: its agents and those behind.
+    pub regions: Vec<RegionView>,
     pub agents: Vec<AgentView>,
+}
+
+/// `--json` view of one region in `admin status`.
+#[derive(Debug, Serialize)]
+pub struct RegionView {
+    pub region: String,
+    pub agents: Vec<String>,
+    /// Agents that do not hold the current generation of every repository.
+    pub behind: Vec<String>,
+    pub ok: bool,
 }
 
 /// `--json` view of one rotation outcome.
@@ -277,6 +291,11 @@ fn non_empty(s: &str) -> Option<String> {
 impl From<&pb::AgentStatus> for AgentView {
     fn from(a: &pb::AgentStatus) -> Self {
         AgentView {
+            name: if a.name.is_empty() {
+                a.region.clone()
+            } else {
+                a.name.clone()
+            },
             region: a.region.clone(),
             endpoint: a.endpoint.clone(),
             repository: a.repository.clone(),
@@ -306,6 +325,26 @@ impl From<&pb::StatusResponse> for StatusView {
                     blocking_regions: r.blocking_regions.clone(),
                     next_rotation: unix_ms_to_rfc3339(r.next_rotation_unix_ms),
                     purge_safe_at: unix_ms_to_rfc3339(r.purge_safe_unix_ms),
+                })
+                .collect(),
+            regions: regions(&s.agents)
+                .into_iter()
+                .map(|region| {
+                    let rows = s.agents.iter().filter(|a| a.region == region);
+                    let mut agents: Vec<String> =
+                        rows.clone().map(|a| agent_name(a).to_owned()).collect();
+                    agents.dedup();
+                    let mut behind: Vec<String> = rows
+                        .filter(|a| !a.digest_match)
+                        .map(|a| agent_name(a).to_owned())
+                        .collect();
+                    behind.dedup();
+                    RegionView {
+                        region: region.to_owned(),
+                        ok: behind.is_empty(),
+                        agents,
+                        behind,
+                    }
                 })
                 .collect(),
             agents: s.agents.iter().map(AgentView::from).collect(),
@@ -374,27 +413,98 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
             let _ = writeln!(out, "  BLOCKED: {}", r.blocked_reason);
         }
     }
+    render_regions(out, &status.agents);
     render_agents(out, &status.agents);
+}
+
+/// One line per region: whether every one of its agents holds the current
+/// generation, and which do not.
+fn render_regions(out: &mut String, agents: &[pb::AgentStatus]) {
+    for region in regions(agents) {
+        let rows: Vec<&pb::AgentStatus> = agents.iter().filter(|a| a.region == region).collect();
+        let mut names: Vec<&str> = rows.iter().map(|a| agent_name(a)).collect();
+        names.dedup();
+        let behind: Vec<&str> = {
+            let mut b: Vec<&str> = rows
+                .iter()
+                .filter(|a| !a.digest_match)
+                .map(|a| agent_name(a))
+                .collect();
+            b.dedup();
+            b
+        };
+        let agents_word = if names.len() == 1 { "agent" } else { "agents" };
+        let verdict = if behind.is_empty() {
+            format!(
+                "ok: {} {agents_word}, every one holds the current generation",
+                names.len()
+            )
+        } else {
+            format!(
+                "BEHIND: {} of {} {agents_word} do not hold the current generation: {}",
+                behind.len(),
+                names.len(),
+                behind.join(", ")
+            )
+        };
+        let _ = writeln!(out, "region {region}: {verdict}");
+    }
+}
+
+fn agent_name(a: &pb::AgentStatus) -> &str {
+    if a.name.is_empty() {
+        &a.region
+    } else {
+        &a.name
+    }
+}
+
+/// The regions, in the order their first agent is enrolled.
+fn regions(agents: &[pb::AgentStatus]) -> Vec<&str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for a in agents {
+        if !seen.contains(&a.region.as_str()) {
+            seen.push(&a.region);
+        }
+    }
+    seen
 }
 
 /// Renders per-agent rows as an aligned table.
 pub fn render_agents(out: &mut String, agents: &[pb::AgentStatus]) {
+    // Regions with several controllers show each agent under its own name.
+    let named = agents
+        .iter()
+        .any(|a| !a.name.is_empty() && a.name != a.region);
+    let label = |a: &pb::AgentStatus| {
+        if named {
+            format!("{} {}", a.region, a.name)
+        } else {
+            a.region.clone()
+        }
+    };
     let width = agents
         .iter()
-        .map(|a| a.region.len())
+        .map(|a| label(a).len())
         .max()
         .unwrap_or(6)
         .max(6);
     let _ = writeln!(
         out,
         "{:<width$}  {:<10}  {:>6}  {:>4}  {:<8}  {:>9}  {:<5}  ERROR",
-        "REGION", "REPOSITORY", "GEN", "LAG", "DIGEST", "LAST ACK", "LINK"
+        if named { "REGION AGENT" } else { "REGION" },
+        "REPOSITORY",
+        "GEN",
+        "LAG",
+        "DIGEST",
+        "LAST ACK",
+        "LINK"
     );
     for a in agents {
         let _ = writeln!(
             out,
             "{:<width$}  {:<10}  {:>6}  {:>4}  {:<8}  {:>9}  {:<5}  {}",
-            a.region,
+            label(a),
             a.repository,
             a.acked_generation,
             a.lag,

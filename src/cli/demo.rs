@@ -9,7 +9,6 @@ use anyhow::anyhow;
 
 use super::admin::{render_agents, render_status};
 use super::{Answer, CliError, DemoArgs};
-use crate::config::{AdminConfig, AgentConfig};
 use crate::demo::{CrossRegion, DEMO_MAX_ACTIVE_KEYS, Fleet, Running};
 use crate::pb;
 
@@ -29,7 +28,13 @@ pub(super) async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
             true,
         ),
     };
-    let layout = crate::demo::prepare(&dir, args.regions).map_err(CliError::runtime)?;
+    if args.controllers == 0 || args.controllers > 10 {
+        return Err(CliError::usage(anyhow!(
+            "--controllers must be between 1 and 10"
+        )));
+    }
+    let layout = crate::demo::prepare_with(&dir, args.regions, args.controllers)
+        .map_err(CliError::runtime)?;
     if args.config_only {
         println!(
             "Wrote the demo CA, certificates and configuration to {}.",
@@ -52,7 +57,7 @@ async fn run(layout: crate::demo::Layout, rotations: u64) -> Result<Answer, CliE
     let (mut fleet, running) = Fleet::start(layout).map_err(CliError::runtime)?;
     introduce(&running);
     let watched = tokio::select! {
-        r = watch_rotations(&running.admin, &running.agents, rotations) => r,
+        r = watch_rotations(&running, rotations) => r,
         _ = tokio::signal::ctrl_c() => {
             println!("\ninterrupted");
             Ok(Answer::Yes)
@@ -87,11 +92,8 @@ fn introduce(running: &Running) {
 
 /// Follows the rotator's events, printing each rotation and, once every region
 /// holds it, the status table and a cross-region token check.
-async fn watch_rotations(
-    admin: &AdminConfig,
-    agents: &[AgentConfig],
-    rotations: u64,
-) -> Result<Answer, CliError> {
+async fn watch_rotations(running: &Running, rotations: u64) -> Result<Answer, CliError> {
+    let (admin, agents) = (&running.admin, &running.agents);
     let mut client = crate::rotator::admin::connect(admin).map_err(CliError::runtime)?;
     let call = |s: tonic::Status| {
         CliError::runtime(anyhow!(
@@ -146,11 +148,13 @@ async fn watch_rotations(
                 acked.clear();
             }
             "acknowledged" if event.generation == target => {
-                println!(
-                    "{time}    {} installed it and decrypted the canaries",
-                    event.region
-                );
-                acked.push(event.region);
+                let who = if event.agent.is_empty() || event.agent == event.region {
+                    event.region.clone()
+                } else {
+                    format!("{} ({})", event.agent, event.region)
+                };
+                println!("{time}    {who} installed it and decrypted the canaries");
+                acked.push(who);
             }
             // Acknowledgements of the initial distribution, already shown above.
             "acknowledged" => {}
@@ -178,7 +182,7 @@ async fn watch_rotations(
         let mut out = String::new();
         render_status(&mut out, &status);
         println!("\n{out}");
-        print_cross_region(&mut cross, agents, target)?;
+        print_cross_region(&mut cross, running, target)?;
         println!();
         target = 0;
     }
@@ -191,10 +195,13 @@ async fn watch_rotations(
 /// every earlier one.
 fn print_cross_region(
     cross: &mut CrossRegion,
-    agents: &[AgentConfig],
+    running: &Running,
     generation: u64,
 ) -> Result<(), CliError> {
-    let (first, verdicts) = cross.check(agents, generation).map_err(CliError::runtime)?;
+    let agents = &running.agents;
+    let (first, verdicts) = cross
+        .check(agents, &running.names, generation)
+        .map_err(CliError::runtime)?;
     if verdicts.is_empty() {
         return Ok(());
     }

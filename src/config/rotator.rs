@@ -87,11 +87,17 @@ pub struct PolicyConfig {
     pub allow_expired_window: Duration,
 }
 
-/// One enrolled agent (`[[agents]]`).
+/// One enrolled agent (`[[agents]]`): one per controller, several per region
+/// when a region runs several controllers behind a VIP.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentEndpoint {
-    /// The region name shown in status and logs.
+    /// The agent's own name (its host or controller), unique among the agents;
+    /// defaults to the region, for one agent per region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The region it serves (shared by the controllers of one region), shown in
+    /// status and logs; the agent must answer as this region.
     pub region: String,
     /// `https://host:port` of the agent's Distribution service.
     pub endpoint: String,
@@ -120,6 +126,13 @@ pub struct FanoutConfig {
     /// How long `admin rotate` and `admin sync` wait for acknowledgements by default.
     #[serde(with = "duration")]
     pub ack_wait: Duration,
+}
+
+impl AgentEndpoint {
+    /// The agent's name: `name`, or the region when there is one agent per region.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.region)
+    }
 }
 
 impl Default for FanoutConfig {

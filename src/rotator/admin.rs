@@ -184,6 +184,7 @@ impl Core {
             for (r, repo, current) in &currents {
                 let held = st.held[*r];
                 rows.push(pb::AgentStatus {
+                    name: agent.name.clone(),
                     region: agent.region.clone(),
                     endpoint: agent.endpoint.clone(),
                     repository: repo.name.clone(),

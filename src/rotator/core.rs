@@ -207,8 +207,9 @@ pub(super) struct AgentState {
     pub(super) held: Vec<Held>,
 }
 
-/// One enrolled agent.
+/// One enrolled agent: its own name (a controller) and the region it serves.
 pub(super) struct AgentSlot {
+    pub(super) name: String,
     pub(super) region: String,
     pub(super) endpoint: String,
     pub(super) channel: Channel,
@@ -216,8 +217,15 @@ pub(super) struct AgentSlot {
 }
 
 impl AgentSlot {
-    pub(super) fn new(region: String, endpoint: String, channel: Channel, repos: usize) -> Self {
+    pub(super) fn new(
+        name: String,
+        region: String,
+        endpoint: String,
+        channel: Channel,
+        repos: usize,
+    ) -> Self {
         AgentSlot {
+            name,
             region,
             endpoint,
             channel,
@@ -229,6 +237,16 @@ impl AgentSlot {
                 connected: false,
                 held: vec![Held::default(); repos],
             }),
+        }
+    }
+
+    /// How lists of agents name it: the region alone when the agent is the
+    /// region's only one (its name is the region), else `name (region)`.
+    pub(super) fn label(&self) -> String {
+        if self.name == self.region {
+            self.region.clone()
+        } else {
+            format!("{} ({})", self.name, self.region)
         }
     }
 
@@ -358,7 +376,7 @@ impl Core {
                 continue;
             };
             for agent in &self.agents {
-                if let Some(rec) = by_region.get(&agent.region) {
+                if let Some(rec) = by_region.get(&agent.name) {
                     agent.lock().held[r] = Held {
                         generation: rec.generation,
                         digest: Digest::from_hex(&rec.digest),
@@ -382,7 +400,7 @@ impl Core {
                 let held = agent.lock().held[r];
                 if let Some(digest) = held.digest {
                     by_region.insert(
-                        agent.region.clone(),
+                        agent.name.clone(),
                         AckRecord {
                             generation: held.generation,
                             digest: digest.to_hex(),
@@ -412,14 +430,22 @@ impl Core {
         self.progress.subscribe()
     }
 
-    fn emit(&self, kind: &str, repository: &str, region: &str, generation: u64, message: String) {
+    fn emit(
+        &self,
+        kind: &str,
+        repository: &str,
+        agent: Option<&AgentSlot>,
+        generation: u64,
+        message: String,
+    ) {
         let _ = self.events.send(pb::Event {
             unix_ms: now_ms(),
             kind: kind.to_owned(),
             repository: repository.to_owned(),
-            region: region.to_owned(),
+            region: agent.map(|a| a.region.clone()).unwrap_or_default(),
             generation,
             message,
+            agent: agent.map(|a| a.name.clone()).unwrap_or_default(),
         });
     }
 
@@ -473,11 +499,11 @@ impl Core {
         if now_holds
             && (previously.generation != held.generation || previously.digest != held.digest)
         {
-            tracing::info!(region = %agent.region, repository = %repo.name, generation = held.generation, "agent acknowledged");
+            tracing::info!(agent = %agent.name, region = %agent.region, repository = %repo.name, generation = held.generation, "agent acknowledged");
             self.emit(
                 "acknowledged",
                 &repo.name,
-                &agent.region,
+                Some(agent),
                 held.generation,
                 String::new(),
             );
@@ -503,11 +529,11 @@ impl Core {
                 return Err(format!("agent does not manage repository `{}`", repo.name));
             };
             if rs.drift && !agent.lock().held[r].drift {
-                tracing::warn!(region = %agent.region, repository = %repo.name, "agent reports drift: {}", rs.drift_detail);
+                tracing::warn!(agent = %agent.name, region = %agent.region, repository = %repo.name, "agent reports drift: {}", rs.drift_detail);
                 self.emit(
                     "drift",
                     &repo.name,
-                    &agent.region,
+                    Some(agent),
                     rs.generation,
                     rs.drift_detail.clone(),
                 );
@@ -567,7 +593,7 @@ impl Core {
     fn regions_missing(&self, r: RepoId, generation: &Generation) -> Vec<String> {
         self.agent_ids()
             .filter(|&i| !self.agent_holds(i, r, generation))
-            .map(|i| self.agents[i].region.clone())
+            .map(|i| self.agents[i].label())
             .collect()
     }
 
@@ -674,7 +700,7 @@ impl Core {
             };
             if !dry_run {
                 tracing::warn!(repository = %repo.name, key = unsafe_.index(), "rotation held: {reason}");
-                self.emit("held", &repo.name, "", current.number, reason);
+                self.emit("held", &repo.name, None, current.number, reason);
             }
             return Ok(outcome);
         }
@@ -721,7 +747,7 @@ impl Core {
         self.emit(
             "rotated",
             &repo.name,
-            "",
+            None,
             next.number,
             outcome.message.clone(),
         );
@@ -758,7 +784,7 @@ impl Core {
             return None;
         }
         let reason = format!(
-            "{} of {} regions have not acknowledged generation {}: {}",
+            "{} of {} agents have not acknowledged generation {}: {}",
             missing.len(),
             self.agents.len(),
             current.number,
@@ -778,7 +804,7 @@ impl Core {
             if !was_blocked {
                 tracing::warn!(repository = %repo.name, "rotation blocked: {reason}");
             }
-            self.emit("blocked", &repo.name, "", current.number, reason);
+            self.emit("blocked", &repo.name, None, current.number, reason);
         }
         Some(blocked)
     }
@@ -1014,7 +1040,7 @@ impl Core {
             self.emit(
                 "purged",
                 &repo.name,
-                "",
+                None,
                 next.number,
                 outcome.message.clone(),
             );
@@ -1316,7 +1342,13 @@ pub(super) mod tests {
             .map(|r| {
                 let channel =
                     tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-                AgentSlot::new((*r).into(), "https://127.0.0.1:9".into(), channel, 1)
+                AgentSlot::new(
+                    (*r).into(),
+                    (*r).into(),
+                    "https://127.0.0.1:9".into(),
+                    channel,
+                    1,
+                )
             })
             .collect();
         let mut registry = prometheus_client::registry::Registry::default();

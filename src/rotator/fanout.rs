@@ -228,6 +228,7 @@ impl Core {
                 let delay = self.backoff.delay_random(st.failures);
                 let at = Instant::now() + delay;
                 tracing::warn!(
+                    agent = %self.agents[i].name,
                     region = %self.agents[i].region,
                     failures = st.failures,
                     retry_in_ms = delay.as_millis() as u64,

@@ -111,6 +111,7 @@ impl Collector for AgentCollector {
             for row in &rows {
                 let Some(v) = value(row) else { continue };
                 let labels = [
+                    ("agent", row.name.as_str()),
                     ("region", row.region.as_str()),
                     ("repository", row.repository.as_str()),
                 ];

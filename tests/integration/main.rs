@@ -5,6 +5,7 @@ mod agent;
 mod common;
 mod docs;
 mod keystone_e2e;
+mod keystone_vip;
 mod repo;
 mod rotator;
 mod systemd;

@@ -41,6 +41,8 @@ fn tls_files(dir: &Path, ca: &Ca, leaf: &Leaf, name: &str) -> TlsConfig {
 }
 
 struct Agent {
+    /// The agent's own name: its region, or a controller's name.
+    name: String,
     region: String,
     addr: SocketAddr,
     config: PathBuf,
@@ -83,10 +85,13 @@ impl Cluster {
         let pki = dir.path().join("pki");
         let mut agents = Vec::new();
         let mut endpoints = Vec::new();
-        for region in regions {
-            let leaf = ca.issue(&[&agent_identity(region)]);
+        // `ctl1.regionone@RegionOne` is a controller of a region; a plain name
+        // is a region with one agent.
+        for spec in regions {
+            let (name, region) = spec.split_once('@').unwrap_or((spec, spec));
+            let leaf = ca.issue(&[&agent_identity(name)]);
             let addr = free_addr();
-            let repo = dir.path().join("regions").join(region).join("fernet-keys");
+            let repo = dir.path().join("regions").join(name).join("fernet-keys");
             std::fs::create_dir_all(&repo).expect("repository directory");
             let config = AgentConfig {
                 region: region.to_string(),
@@ -97,7 +102,7 @@ impl Cluster {
                 drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
                 log_format: None,
-                tls: tls_files(&pki, &ca, &leaf, &region.to_lowercase()),
+                tls: tls_files(&pki, &ca, &leaf, &name.to_lowercase()),
                 repositories: vec![AgentRepository {
                     name: "tokens".into(),
                     path: repo.clone(),
@@ -105,15 +110,17 @@ impl Cluster {
                 }],
                 keystone_conf: None,
             };
-            let path = dir.path().join(format!("{region}.toml"));
+            let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
                 .expect("write agent.toml");
             endpoints.push(AgentEndpoint {
+                name: (name != region).then(|| name.to_string()),
                 region: region.to_string(),
                 endpoint: format!("https://{addr}"),
-                identity: enrolled_identity(region),
+                identity: enrolled_identity(name),
             });
             agents.push(Agent {
+                name: name.to_string(),
                 region: region.to_string(),
                 addr,
                 config: path,
@@ -238,14 +245,14 @@ impl Cluster {
     async fn start_agent(&mut self, i: usize) {
         let agent = &mut self.agents[i];
         let mut daemon = Daemon::spawn(
-            &format!("rotator-test-agent-{}", agent.region),
+            &format!("rotator-test-agent-{}", agent.name),
             ["agent", "--config", agent.config.to_str().expect("utf-8")],
         );
         self.logs.push(daemon.log_path().to_path_buf());
         let tls = client_tls(
             self.ca.cert_pem(),
             Some(&self.admin_leaf),
-            &agent_identity(&agent.region),
+            &agent_identity(&agent.name),
         );
         daemon.wait_healthy(agent.addr, tls, "").await;
         agent.daemon = Some(daemon);
@@ -1030,3 +1037,6 @@ async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_
 
 #[path = "lifetimes.rs"]
 mod lifetimes;
+
+#[path = "controllers.rs"]
+mod controllers;
