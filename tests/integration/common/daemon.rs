@@ -182,7 +182,8 @@ pub async fn connect(
         .expect("endpoint URI")
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
+        // Generous: an install fsyncs, and a loaded CI disk can stall for seconds.
+        .timeout(Duration::from_secs(30))
         .connect()
         .await
 }
