@@ -129,6 +129,42 @@ pub fn check(config: AgentConfig) -> Result<Checked, AgentError> {
     Ok(Checked { config, owners })
 }
 
+/// Every check the agent runs before it opens a repository, each described
+/// through `note` once it passed: the configuration's values, keystone.conf's
+/// agreement, each repository's parent and owner ([`check`]), and the TLS
+/// files. Writes nothing; the first failure is returned as the daemon would
+/// refuse it.
+pub fn preflight(config: AgentConfig, mut note: impl FnMut(String)) -> Result<Checked, AgentError> {
+    let checked = check(config)?;
+    let config = checked.config();
+    note(format!(
+        "region `{}`, only `{}` may install keys",
+        config.region, config.rotator_identity
+    ));
+    if let Some(path) = &config.keystone_conf {
+        note(format!("{} reads the repositories below", path.display()));
+    }
+    for (repo, owner) in config.repositories.iter().zip(&checked.owners) {
+        note(format!(
+            "repository `{}` at {} (its parent exists){}",
+            repo.name,
+            repo.path.display(),
+            owner.map_or_else(String::new, |o| format!(
+                ", files owned by {}:{}",
+                o.uid, o.gid
+            ))
+        ));
+    }
+    crate::tls::ServerTls::load(&config.tls)?;
+    note(format!(
+        "TLS: certificate {}, key {}, CA {} load",
+        config.tls.cert.display(),
+        config.tls.key.display(),
+        config.tls.ca.display()
+    ));
+    Ok(checked)
+}
+
 /// Runs an agent on `listener` (and the metrics endpoint on `metrics_listener`)
 /// until `shutdown` resolves; in-flight installs complete and the drift watch is
 /// stopped (no check runs, no file is watched) before it returns.

@@ -63,6 +63,10 @@ pub struct DaemonArgs {
     /// Configuration file (TOML).
     #[arg(long, short)]
     pub config: PathBuf,
+    /// Run every start-up check, print each, write nothing and exit: 0 when the
+    /// daemon would start, 2 when it would refuse the configuration.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -312,8 +316,8 @@ fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError>
     match command {
         Command::Repo(args) => repo::run(&args),
         Command::Token(args) => token::run(&args),
-        Command::Rotator(args) => daemon::runtime()?.block_on(rotator::main(&args.config)),
-        Command::Agent(args) => daemon::runtime()?.block_on(agent::main(&args.config, log_format)),
+        Command::Rotator(args) => daemon::runtime()?.block_on(rotator::main(&args)),
+        Command::Agent(args) => daemon::runtime()?.block_on(agent::main(&args, log_format)),
         Command::Admin(args) => daemon::runtime()?.block_on(admin::main(&args)),
         Command::Demo(args) => daemon::runtime()?.block_on(demo::main(&args)),
     }

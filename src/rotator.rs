@@ -255,6 +255,104 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
     Ok((schedule, cache))
 }
 
+/// Every check the rotator runs before it opens its state, in the same order,
+/// each one described through `note` once it passed: the configuration's values
+/// and Keystone's formula ([`check`]), the TLS files, every agent's endpoint and
+/// identity, and what a first start would import. Writes nothing; the first
+/// failure is returned as the daemon would refuse it.
+pub fn preflight(
+    config: RotatorConfig,
+    mut note: impl FnMut(String),
+) -> Result<Checked, RotatorError> {
+    let checked = check(config)?;
+    let config = checked.config();
+    note(format!(
+        "schedule `{}` (UTC), next at {}",
+        config.schedule.cron,
+        checked
+            .schedule
+            .delay_from(chrono::Utc::now())
+            .map(|(next, _)| next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "never".into())
+    ));
+    let interval = checked
+        .schedule
+        .min_interval(chrono::Utc::now())
+        .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
+    for repo in &config.repositories {
+        note(format!(
+            "repository `{}`: max_active_keys {} (Keystone's formula needs at least {} for tokens of {}, a window of {} and rotations every {})",
+            repo.name,
+            repo.max_active_keys,
+            crate::policy::min_active_keys(
+                config.policy.token_expiration,
+                config.policy.allow_expired_window,
+                interval
+            ),
+            duration::format(&config.policy.token_expiration),
+            duration::format(&config.policy.allow_expired_window),
+            duration::format(&interval),
+        ));
+    }
+    note(format!(
+        "key lifetime {} (token expiration + allow_expired_window + token cache time)",
+        duration::format(&checked.key_lifetime)
+    ));
+    if let Some(path) = &config.keystone_conf {
+        note(format!(
+            "{} agrees with [policy] and the repositories",
+            path.display()
+        ));
+    }
+    note(format!(
+        "admin identities: {}",
+        config.admin_identities.join(", ")
+    ));
+    let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
+    note(format!(
+        "TLS: certificate {}, key {}, CA {} load",
+        config.tls.cert.display(),
+        config.tls.key.display(),
+        config.tls.ca.display()
+    ));
+    agent_slots(config, &client_tls)?;
+    for a in &config.agents {
+        note(format!(
+            "agent `{}` of region `{}`: {} as {}",
+            a.name(),
+            a.region,
+            a.endpoint,
+            a.identity
+        ));
+    }
+    let imports = prepare_imports(config)?;
+    for (repo, import) in config.repositories.iter().zip(imports) {
+        if let (Some(keys), Some(path)) = (import, &repo.import) {
+            note(format!(
+                "repository `{}`: a first start adopts {} (keys {:?})",
+                repo.name,
+                path.display(),
+                keys.indices()
+            ));
+        }
+    }
+    note(match std::fs::metadata(&config.state_dir) {
+        Ok(meta) if meta.is_dir() => {
+            format!("state directory {} exists", config.state_dir.display())
+        }
+        Ok(_) => format!(
+            "state directory {} is not a directory: the rotator cannot start (exit 3)",
+            config.state_dir.display()
+        ),
+        Err(_) => format!(
+            "state directory {} is created (mode 0700) on the first start",
+            config.state_dir.display()
+        ),
+    });
+    Ok(checked)
+}
+
 /// Reads and checks the existing Keystone repository `repo` adopts on its
 /// first start, as generation 1.
 fn import_keys(

@@ -1,15 +1,14 @@
-//! `fernetd agent --config FILE`: checks the configuration once (exit 2 when
-//! refused), binds, and runs the agent until SIGTERM or SIGINT. The
-//! configuration's `log_format` wins over the `--log-format` flag.
+//! `fernetd agent --config FILE [--check]`: checks the configuration once (exit
+//! 2 when refused), binds, and runs the agent until SIGTERM or SIGINT; with
+//! `--check`, prints every start-up check and stops there. The configuration's
+//! `log_format` wins over the `--log-format` flag.
 
-use std::path::Path;
-
-use super::{Answer, CliError, daemon};
+use super::{Answer, CliError, DaemonArgs, daemon};
 use crate::agent;
 use crate::config::{AgentConfig, LogFormat};
 
-pub(super) async fn main(config: &Path, log_format: LogFormat) -> Result<Answer, CliError> {
-    let loaded: Result<AgentConfig, _> = crate::config::load(config);
+pub(super) async fn main(args: &DaemonArgs, log_format: LogFormat) -> Result<Answer, CliError> {
+    let loaded: Result<AgentConfig, _> = crate::config::load(&args.config);
     daemon::init_logging(
         loaded
             .as_ref()
@@ -17,6 +16,15 @@ pub(super) async fn main(config: &Path, log_format: LogFormat) -> Result<Answer,
             .and_then(|c| c.log_format)
             .unwrap_or(log_format),
     );
+    if args.check {
+        return daemon::report_checks(&args.config, |note| {
+            let config = loaded.map_err(CliError::usage)?;
+            note("the file parses; no unknown key".into());
+            agent::preflight(config, note)
+                .map(drop)
+                .map_err(CliError::role)
+        });
+    }
     let checked = agent::check(loaded.map_err(CliError::usage)?).map_err(CliError::role)?;
     let listener = daemon::bind(checked.config().listen).await?;
     let metrics = daemon::bind_optional(checked.config().metrics).await?;

@@ -57,6 +57,27 @@ pub(super) async fn bind_optional(
     }
 }
 
+/// `--check`: runs `checks`, printing each check that passed as it passes, then
+/// `ok` or the refusal (and returns it, so the exit code is the daemon's own:
+/// 2 for a configuration it would refuse).
+pub(super) fn report_checks(
+    config: &std::path::Path,
+    checks: impl FnOnce(&mut dyn FnMut(String)) -> Result<(), CliError>,
+) -> Result<super::Answer, CliError> {
+    println!("checking {}", config.display());
+    let mut note = |line: String| println!("  ok    {line}");
+    match checks(&mut note) {
+        Ok(()) => {
+            println!("every start-up check passed; nothing was written");
+            Ok(super::Answer::Yes)
+        }
+        Err(e) => {
+            println!("  FAIL  {e}");
+            Err(e)
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT: what the daemons get as their shutdown future.
 pub(super) async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -1,15 +1,23 @@
-//! `fernetd rotator --config FILE`: checks the configuration once (exit 2 when
-//! refused), binds, and runs the rotator until SIGTERM or SIGINT.
+//! `fernetd rotator --config FILE [--check]`: checks the configuration once
+//! (exit 2 when refused), binds, and runs the rotator until SIGTERM or SIGINT;
+//! with `--check`, prints every start-up check and stops there.
 
-use std::path::Path;
-
-use super::{Answer, CliError, daemon};
+use super::{Answer, CliError, DaemonArgs, daemon};
 use crate::config::RotatorConfig;
 use crate::rotator;
 
-pub(super) async fn main(config: &Path) -> Result<Answer, CliError> {
-    let config: RotatorConfig = crate::config::load(config).map_err(CliError::usage)?;
-    let checked = rotator::check(config).map_err(CliError::usage)?;
+pub(super) async fn main(args: &DaemonArgs) -> Result<Answer, CliError> {
+    let loaded: Result<RotatorConfig, _> = crate::config::load(&args.config);
+    if args.check {
+        return daemon::report_checks(&args.config, |note| {
+            let config = loaded.map_err(CliError::usage)?;
+            note("the file parses; no unknown key".into());
+            rotator::preflight(config, note)
+                .map(drop)
+                .map_err(CliError::role)
+        });
+    }
+    let checked = rotator::check(loaded.map_err(CliError::usage)?).map_err(CliError::usage)?;
     let listener = daemon::bind(checked.config().listen).await?;
     let metrics = daemon::bind_optional(checked.config().metrics_listen).await?;
     rotator::run(checked, listener, metrics, daemon::termination())

@@ -1040,3 +1040,6 @@ mod lifetimes;
 
 #[path = "controllers.rs"]
 mod controllers;
+
+#[path = "check.rs"]
+mod check;
