@@ -91,6 +91,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
             owner: None,
         }],
         keystone_conf: None,
+        audit_log: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let checked = fernetd::agent::check(config).expect("valid agent configuration");

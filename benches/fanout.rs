@@ -217,6 +217,7 @@ async fn bench(n: usize) {
             ..FanoutConfig::default()
         },
         keystone_conf: None,
+        audit_log: None,
     };
     let rotator_toml = d.join("rotator.toml");
     write(&rotator_toml, &toml::to_string(&config).expect("toml"));

@@ -59,6 +59,8 @@ pub enum AgentError {
     #[error("TLS set-up failed")]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
     Drift(#[from] drift::DriftError),
     #[error("this region's Keystone configuration")]
     Keystone(#[from] crate::policy::PolicyError),
@@ -176,6 +178,15 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let Checked { config, owners } = checked;
     let tls = crate::tls::ServerTls::load(&config.tls)?;
+    let audit = config
+        .audit_log
+        .as_deref()
+        .map(|path| crate::audit::AuditLog::open(path, "agent"))
+        .transpose()?;
+    let stop = CancellationToken::new();
+    if let Some(log) = audit.clone() {
+        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
+    }
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);
 
@@ -191,12 +202,12 @@ pub async fn run(
         repositories.insert(repo.name.clone(), Arc::new(managed));
     }
 
-    let stop = CancellationToken::new();
     let drift = drift::spawn(
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
         config.drift_check,
         stop.clone(),
+        audit.clone(),
     )?;
 
     let metrics_task = metrics_listener.map(|listener| {
@@ -215,6 +226,7 @@ pub async fn run(
         rotator_identity: config.rotator_identity.clone(),
         repositories,
         metrics: agent_metrics,
+        audit: audit.clone(),
     };
     health
         .set_serving::<DistributionServer<service::Distribution>>()

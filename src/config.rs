@@ -179,6 +179,10 @@ pub struct AgentConfig {
     /// repository it manages is not the one Keystone reads (`fernetd::policy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keystone_conf: Option<PathBuf>,
+    /// Append-only JSON-lines audit log of installs, refusals and drift
+    /// (fsynced before each answer; reopened on SIGHUP); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// One repository the agent manages.

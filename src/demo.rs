@@ -198,6 +198,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
                 owner: None,
             }],
             keystone_conf: None,
+            audit_log: None,
         };
         let path = dir.join("agents").join(format!("{name}.toml"));
         write_file(
@@ -245,6 +246,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             ..FanoutConfig::default()
         },
         keystone_conf: None,
+        audit_log: None,
     };
     let path = dir.join("rotator.toml");
     write_file(

@@ -92,6 +92,8 @@ pub enum RotatorError {
     Serve(#[source] tonic::transport::Error),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl RotatorError {
@@ -523,16 +525,32 @@ pub async fn run(
     .await
     .map_err(|e| RotatorError::Task(e.to_string()))??;
 
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+
     let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
     let metrics = Metrics::new(&mut registry);
-    let core = Arc::new(Core::new(
+    let mut core = Core::new(
         repos,
         agents,
         store.clone(),
         config.fanout.clone(),
         metrics,
         key_lifetime,
-    ));
+    );
+    core.audit = config
+        .audit_log
+        .as_deref()
+        .map(|path| crate::audit::AuditLog::open(path, "rotator"))
+        .transpose()?;
+    if let Some(log) = core.audit.clone() {
+        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
+    }
+    let core = Arc::new(core);
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
     }));
@@ -544,13 +562,6 @@ pub async fn run(
         Default::default()
     });
     core.restore_acks(&acks);
-
-    let stop = CancellationToken::new();
-    let trigger = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        trigger.cancel();
-    });
 
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

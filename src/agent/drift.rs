@@ -84,6 +84,7 @@ pub fn spawn(
     restore: bool,
     poll: Duration,
     shutdown: CancellationToken,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 ) -> Result<DriftWatch, DriftError> {
     let wakers: Vec<(PathBuf, Arc<Notify>)> = repos
         .iter()
@@ -120,6 +121,7 @@ pub fn spawn(
     for (repo, (_, waker)) in repos.into_iter().zip(wakers) {
         let watcher = watcher.clone();
         let shutdown = shutdown.clone();
+        let audit = audit.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -138,7 +140,27 @@ pub fn spawn(
                     }
                     _ = tick.tick() => {}
                 }
-                repo.check_drift(restore).await;
+                if let Some(seen) = repo.check_drift(restore).await {
+                    let (outcome, detail) = match seen.restored {
+                        None => ("reported", seen.detail),
+                        Some(Ok(())) => ("restored", seen.detail),
+                        Some(Err(e)) => ("restore failed", format!("{}; {e}", seen.detail)),
+                    };
+                    crate::audit::maybe_append(
+                        audit.as_ref(),
+                        crate::audit::Entry {
+                            actor: "agent".into(),
+                            event: "drift",
+                            repository: repo.name.clone(),
+                            generation: seen.generation,
+                            digest: seen.digest.to_hex(),
+                            outcome,
+                            detail,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                }
                 // An install swaps the directory inode; watch the one now in place.
                 let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = w.watch(&repo.path, RecursiveMode::NonRecursive);
@@ -184,6 +206,7 @@ mod tests {
             false,
             Duration::from_secs(60),
             stop.clone(),
+            None,
         )
         .expect("watch");
         // Drift the checks would report, and the interval's first tick, are both

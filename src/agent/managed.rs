@@ -186,6 +186,17 @@ fn prove(path: &Path, stamp: &Stamp, canaries: &[pb::Canary]) -> Result<Proof, P
     Ok(Proof { set })
 }
 
+/// What a drift check found worth recording: drift seen for the first time, or
+/// a restore attempted.
+#[derive(Debug, Clone)]
+pub struct DriftSeen {
+    pub generation: u64,
+    pub digest: Digest,
+    pub detail: String,
+    /// `None`: reported only; otherwise whether the restore worked.
+    pub restored: Option<Result<(), String>>,
+}
+
 /// The set the agent last installed (or found stamped at start), with its stamp.
 struct Desired {
     generation: u64,
@@ -540,14 +551,12 @@ impl Managed {
 
     /// Compares the disk with what the agent installed; reports a change it did
     /// not make and, with `restore`, puts its set back.
-    pub async fn check_drift(&self, restore: bool) {
+    pub async fn check_drift(&self, restore: bool) -> Option<DriftSeen> {
         let desired = self.desired.lock().await;
-        let Some(on_disk) = self.refresh_view().await else {
-            return;
-        };
+        let on_disk = self.refresh_view().await?;
         let Some(expected) = desired.digest else {
             // Never installed and no stamp: nothing to drift from.
-            return;
+            return None;
         };
         let stamp = Stamp {
             generation: desired.generation,
@@ -561,7 +570,7 @@ impl Managed {
                 self.update_view(|v| v.drift = None);
                 self.metrics.set_drifted(&self.name, false);
             }
-            return;
+            return None;
         }
         let detail = drift_detail(&stamp, on_disk);
         let first = self.view().drift.is_none();
@@ -571,12 +580,20 @@ impl Managed {
             self.metrics.drift_event(&self.name);
             self.metrics.set_drifted(&self.name, true);
         }
+        let seen = |restored| {
+            Some(DriftSeen {
+                generation: stamp.generation,
+                digest: stamp.digest,
+                detail: detail.clone(),
+                restored,
+            })
+        };
         if !restore {
-            return;
+            return if first { seen(None) } else { None };
         }
         let Some(set) = desired.set.clone() else {
             tracing::warn!(repository = %self.name, "cannot restore: the installed set is not known (it changed while the agent was down); waiting for the rotator to push it");
-            return;
+            return if first { seen(None) } else { None };
         };
         match self.write_and_prove(&set, &stamp, &[]).await {
             Ok(_) => {
@@ -585,9 +602,11 @@ impl Managed {
                 self.metrics.set_drifted(&self.name, false);
                 self.update_view(|v| v.drift = None);
                 self.refresh_view().await;
+                seen(Some(Ok(())))
             }
             Err(e) => {
                 tracing::error!(repository = %self.name, error = %error_chain(&e), "restoring after drift failed");
+                seen(Some(Err(error_chain(&e))))
             }
         }
     }

@@ -20,6 +20,7 @@ pub struct Distribution {
     pub rotator_identity: String,
     pub repositories: BTreeMap<String, Arc<Managed>>,
     pub metrics: AgentMetrics,
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl Distribution {
@@ -56,6 +57,34 @@ impl pb::distribution_server::Distribution for Distribution {
             None => Err(Refusal::UnknownRepository(name.clone())),
             Some(repo) => repo.install(request.into_inner()).await,
         };
+        // On disk before the rotator hears the answer.
+        let entry = match &outcome {
+            Ok(done) if !done.unchanged => Some(crate::audit::Entry {
+                event: "install",
+                generation: done.generation,
+                digest: done.digest.to_hex(),
+                keys: done.indices.clone(),
+                outcome: "installed",
+                ..Default::default()
+            }),
+            Ok(_) => None,
+            Err(refusal) => Some(crate::audit::Entry {
+                event: "refusal",
+                generation,
+                outcome: "refused",
+                detail: format!("{}: {}", refusal.reason(), error_chain(refusal)),
+                ..Default::default()
+            }),
+        };
+        if let Some(entry) = entry {
+            let entry = crate::audit::Entry {
+                actor: self.rotator_identity.clone(),
+                // Debug-quoted: the name comes from the client.
+                repository: format!("{name:?}").trim_matches('"').to_owned(),
+                ..entry
+            };
+            crate::audit::maybe_append(self.audit.as_ref(), entry).await;
+        }
         match outcome {
             Ok(done) => Ok(Response::new(pb::InstallResponse {
                 repository: name,

@@ -41,6 +41,10 @@ pub struct RotatorConfig {
     /// `max_active_keys` and token cache (`fernetd::policy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keystone_conf: Option<PathBuf>,
+    /// Append-only JSON-lines audit log of rotations, refusals, purges and
+    /// enrolments (fsynced before each answer; reopened on SIGHUP); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// One managed repository (`[[repositories]]`).

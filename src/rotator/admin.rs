@@ -79,7 +79,7 @@ impl pb::admin_server::Admin for AdminService {
         tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
         let response = self
             .core
-            .rotate(&r, self.shutdown.clone())
+            .rotate(&r, &admin, self.shutdown.clone())
             .await
             .map_err(status_of)?;
         Ok(Response::new(response))
@@ -94,7 +94,7 @@ impl pb::admin_server::Admin for AdminService {
         tracing::warn!(admin = %admin, repository = %r.repository, key = r.index, force = r.force, "key purge requested");
         let response = self
             .core
-            .purge_key(&r, self.shutdown.clone())
+            .purge_key(&r, &admin, self.shutdown.clone())
             .await
             .map_err(status_of)?;
         Ok(Response::new(response))

@@ -307,6 +307,7 @@ pub(super) struct Core {
     /// Token expiration + `allow_expired_window` + token cache time: how long
     /// after its last token a key must stay in every region.
     pub(super) key_lifetime: Duration,
+    pub(super) audit: Option<Arc<crate::audit::AuditLog>>,
     events: broadcast::Sender<pb::Event>,
     progress: watch::Sender<u64>,
     rotation: tokio::sync::Mutex<()>,
@@ -342,6 +343,7 @@ impl Core {
             backoff,
             metrics,
             key_lifetime,
+            audit: None,
             events: broadcast::channel(1024).0,
             progress: watch::channel(0).0,
             rotation: tokio::sync::Mutex::new(()),
@@ -496,6 +498,23 @@ impl Core {
             held.generation == current.number && held.digest == Some(current.digest) && !held.drift;
         let previously = std::mem::replace(&mut agent.lock().held[r], held);
         self.acks_dirty.store(true, Ordering::Release);
+        if previously.unix_ms == 0
+            && let Some(log) = self.audit.clone()
+        {
+            // First seen by this rotator (never acknowledged in its state).
+            let entry = crate::audit::Entry {
+                actor: "rotator".into(),
+                event: "enrolment",
+                repository: repo.name.clone(),
+                agent: agent.name.clone(),
+                region: agent.region.clone(),
+                generation: held.generation,
+                digest: held.digest.map(|d| d.to_hex()).unwrap_or_default(),
+                outcome: "seen",
+                ..Default::default()
+            };
+            tokio::spawn(async move { crate::audit::maybe_append(Some(&log), entry).await });
+        }
         if now_holds
             && (previously.generation != held.generation || previously.digest != held.digest)
         {
@@ -608,6 +627,7 @@ impl Core {
     pub(super) async fn rotate(
         self: &Arc<Self>,
         request: &pb::RotateRequest,
+        actor: &str,
         shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
         let selected = self.select(&request.repositories)?;
@@ -617,6 +637,10 @@ impl Core {
             let _one_at_a_time = self.rotation.lock().await;
             for r in selected {
                 let outcome = self.rotate_one(r, request.force, request.dry_run).await?;
+                if !request.dry_run {
+                    self.audit_outcome(actor, "rotation", request.force, &outcome)
+                        .await;
+                }
                 if outcome.rotated {
                     committed.push((r, outcomes.len()));
                 }
@@ -753,6 +777,35 @@ impl Core {
         );
         self.publish(r, next);
         Ok(outcome)
+    }
+
+    /// Records what a rotation or purge did in the audit log, on disk before
+    /// the caller is answered.
+    async fn audit_outcome(
+        &self,
+        actor: &str,
+        event: &'static str,
+        force: bool,
+        o: &pb::RotateOutcome,
+    ) {
+        let outcome = match (o.rotated, o.held_for_lifetime) {
+            (true, _) if force && !o.rejecting_regions.is_empty() => "forced",
+            (true, _) => "committed",
+            (false, true) => "held",
+            (false, false) => "blocked",
+        };
+        let entry = crate::audit::Entry {
+            actor: actor.to_owned(),
+            event,
+            repository: o.repository.clone(),
+            generation: o.generation,
+            digest: hex::encode(&o.digest),
+            keys: o.indices.clone(),
+            outcome,
+            detail: o.message.clone(),
+            ..Default::default()
+        };
+        crate::audit::maybe_append(self.audit.as_ref(), entry).await;
     }
 
     /// An outcome that describes the current generation of `r`, unchanged.
@@ -966,6 +1019,7 @@ impl Core {
     pub(super) async fn purge_key(
         self: &Arc<Self>,
         request: &pb::PurgeKeyRequest,
+        actor: &str,
         shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
         let r = *self
@@ -988,6 +1042,8 @@ impl Core {
             if let Some(blocked) =
                 self.check_safety_rule(r, &current, request.force, false, &mut outcome)
             {
+                self.audit_outcome(actor, "purge", request.force, &blocked)
+                    .await;
                 return Ok(pb::RotateResponse {
                     outcomes: vec![blocked],
                 });
@@ -1045,6 +1101,8 @@ impl Core {
                 outcome.message.clone(),
             );
             self.publish(r, next);
+            self.audit_outcome(actor, "purge", request.force, &outcome)
+                .await;
             outcome
         };
         let mut outcomes = vec![outcome];
@@ -1134,7 +1192,7 @@ impl Core {
             repositories: names,
             ..Default::default()
         };
-        match self.rotate(&request, shutdown).await {
+        match self.rotate(&request, "schedule", shutdown).await {
             Ok(response) => {
                 for o in response.outcomes {
                     let Some(repo) = self.repos.iter().find(|r| r.name == o.repository) else {
@@ -1392,7 +1450,7 @@ pub(super) mod tests {
         let stop = CancellationToken::new();
         ack(&core, AgentId(0));
         let r = core
-            .rotate(&request(false, false), stop.clone())
+            .rotate(&request(false, false), "test", stop.clone())
             .await
             .expect("rotate");
         let o = &r.outcomes[0];
@@ -1414,7 +1472,7 @@ pub(super) mod tests {
         core.refresh_blocked();
         assert!(core.status().repositories[0].blocked_reason.is_empty());
         let r = core
-            .rotate(&request(false, false), stop)
+            .rotate(&request(false, false), "test", stop)
             .await
             .expect("rotate");
         assert!(r.outcomes[0].rotated);
@@ -1433,7 +1491,7 @@ pub(super) mod tests {
         ack(&core, AgentId(0));
         let before = core.repos[0].current().digest;
         let r = core
-            .rotate(&request(true, true), stop.clone())
+            .rotate(&request(true, true), "test", stop.clone())
             .await
             .expect("dry run");
         let o = &r.outcomes[0];
@@ -1453,7 +1511,7 @@ pub(super) mod tests {
         );
 
         let r = core
-            .rotate(&request(true, false), stop)
+            .rotate(&request(true, false), "test", stop)
             .await
             .expect("forced");
         let o = &r.outcomes[0];

@@ -177,6 +177,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
             owner: None,
         }],
         keystone_conf: None,
+        audit_log: None,
     }
 }
 

@@ -109,6 +109,7 @@ impl Cluster {
                     owner: None,
                 }],
                 keystone_conf: None,
+                audit_log: None,
             };
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
@@ -161,6 +162,7 @@ impl Cluster {
                 ack_wait: Duration::from_secs(20),
             },
             keystone_conf: None,
+            audit_log: None,
         };
         let rotator_config = dir.path().join("rotator.toml");
         std::fs::write(&rotator_config, toml::to_string(&rotator).expect("toml"))
@@ -1043,3 +1045,6 @@ mod controllers;
 
 #[path = "check.rs"]
 mod check;
+
+#[path = "audit.rs"]
+mod audit;
