@@ -327,26 +327,7 @@ impl From<&pb::StatusResponse> for StatusView {
                     purge_safe_at: unix_ms_to_rfc3339(r.purge_safe_unix_ms),
                 })
                 .collect(),
-            regions: regions(&s.agents)
-                .into_iter()
-                .map(|region| {
-                    let rows = s.agents.iter().filter(|a| a.region == region);
-                    let mut agents: Vec<String> =
-                        rows.clone().map(|a| agent_name(a).to_owned()).collect();
-                    agents.dedup();
-                    let mut behind: Vec<String> = rows
-                        .filter(|a| !a.digest_match)
-                        .map(|a| agent_name(a).to_owned())
-                        .collect();
-                    behind.dedup();
-                    RegionView {
-                        region: region.to_owned(),
-                        ok: behind.is_empty(),
-                        agents,
-                        behind,
-                    }
-                })
-                .collect(),
+            regions: region_views(&s.agents),
             agents: s.agents.iter().map(AgentView::from).collect(),
         }
     }
@@ -420,35 +401,50 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
 /// One line per region: whether every one of its agents holds the current
 /// generation, and which do not.
 fn render_regions(out: &mut String, agents: &[pb::AgentStatus]) {
-    for region in regions(agents) {
-        let rows: Vec<&pb::AgentStatus> = agents.iter().filter(|a| a.region == region).collect();
-        let mut names: Vec<&str> = rows.iter().map(|a| agent_name(a)).collect();
-        names.dedup();
-        let behind: Vec<&str> = {
-            let mut b: Vec<&str> = rows
-                .iter()
-                .filter(|a| !a.digest_match)
-                .map(|a| agent_name(a))
-                .collect();
-            b.dedup();
-            b
+    for r in region_views(agents) {
+        let agents_word = if r.agents.len() == 1 {
+            "agent"
+        } else {
+            "agents"
         };
-        let agents_word = if names.len() == 1 { "agent" } else { "agents" };
-        let verdict = if behind.is_empty() {
+        let verdict = if r.ok {
             format!(
                 "ok: {} {agents_word}, every one holds the current generation",
-                names.len()
+                r.agents.len()
             )
         } else {
             format!(
                 "BEHIND: {} of {} {agents_word} do not hold the current generation: {}",
-                behind.len(),
-                names.len(),
-                behind.join(", ")
+                r.behind.len(),
+                r.agents.len(),
+                r.behind.join(", ")
             )
         };
-        let _ = writeln!(out, "region {region}: {verdict}");
+        let _ = writeln!(out, "region {}: {verdict}", r.region);
     }
+}
+
+/// Each region's agents and those behind, regions in enrolment order.
+fn region_views(agents: &[pb::AgentStatus]) -> Vec<RegionView> {
+    regions(agents)
+        .into_iter()
+        .map(|region| {
+            let rows = agents.iter().filter(|a| a.region == region);
+            let mut names: Vec<String> = rows.clone().map(|a| agent_name(a).to_owned()).collect();
+            names.dedup();
+            let mut behind: Vec<String> = rows
+                .filter(|a| !a.digest_match)
+                .map(|a| agent_name(a).to_owned())
+                .collect();
+            behind.dedup();
+            RegionView {
+                region: region.to_owned(),
+                ok: behind.is_empty(),
+                agents: names,
+                behind,
+            }
+        })
+        .collect()
 }
 
 fn agent_name(a: &pb::AgentStatus) -> &str {
