@@ -255,7 +255,7 @@ impl Keyring {
         &self,
         token: &str,
         buf: &mut [u8],
-        mut learned: Option<&mut Learned>,
+        learned: Option<&mut Learned>,
         f: impl FnOnce(Opened, &[u8]) -> R,
     ) -> Result<R, TokenError> {
         let len = decode_keystone_base64(token, buf)?;
@@ -317,7 +317,7 @@ impl Keyring {
             return Err(TokenError::Unrecognized);
         };
         let key = &self.keys[at];
-        if let Some(l) = learned.as_deref_mut() {
+        if let Some(l) = learned {
             l.record(key.index, issued_at);
         }
         let opened = Opened {
