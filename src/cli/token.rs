@@ -1,7 +1,7 @@
 //! `fernetd token inspect|validate`: decode and validate Keystone Fernet tokens
 //! against a key repository as Keystone 30.0.0 would, one token from the command
 //! line or a stream of them from standard input (one result line per line, keys
-//! reloaded whenever the repository changes).
+//! reloaded when the repository changes, checked once per block of input read).
 
 use std::io::Write as _;
 
