@@ -3,8 +3,11 @@
 //! outer states, AES-128 decryption key schedules), base64 is decoded into a
 //! stack buffer with exactly the leniency of Python's `base64.urlsafe_b64decode`
 //! that Keystone relies on, and each key costs one HMAC over the token body; only
-//! the key whose HMAC matches runs one CBC decryption.
+//! the key whose HMAC matches runs one CBC decryption. Keys are tried in
+//! Keystone's order unless a guess (see [`super::order`]) names the likely key
+//! first; a guess only saves HMACs and never changes the verdict.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aes::cipher::block_padding::Pkcs7;
@@ -19,6 +22,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use crate::repository::{Key, KeySet, Role};
 
 use super::TokenError;
+use super::order::{Learned, Promotions};
 
 /// The version byte every Fernet token starts with.
 const VERSION: u8 = 0x80;
@@ -107,6 +111,11 @@ struct RingKey {
     mac: MacKey,
     // Zeroized on drop by the `aes` crate's `zeroize` feature.
     cipher: Aes128Dec,
+    /// The position, in Keystone's order, of the first key with this key's
+    /// signing key (usually its own). A guess starts there: every key before it
+    /// has another signing key, so it could only authenticate the token by an
+    /// HMAC collision, and the key Keystone reports stays the one we report.
+    canonical: usize,
 }
 
 /// A repository's keys, parsed once, in the order Keystone tries them (primary
@@ -114,6 +123,8 @@ struct RingKey {
 /// indices, wiped when dropped.
 pub struct Keyring {
     keys: Vec<RingKey>,
+    /// When each key became primary, from the repository's stamp.
+    promotions: Promotions,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -151,16 +162,41 @@ impl Keyring {
     /// Expands every key of `set`. An empty set gives a keyring that recognizes
     /// nothing (Keystone answers HTTP 500 for an empty repository).
     pub fn new(set: &KeySet) -> Self {
-        let keys = set
-            .keystone_order()
-            .map(|(index, key)| RingKey {
+        Self::with_promotions(set, &BTreeMap::new())
+    }
+
+    /// [`Keyring::new`], knowing when each key became primary (a stamp's
+    /// `promoted`, key index to Unix seconds): a token is first tried with the
+    /// key that was primary when it was issued. Wrong or unknown times cost
+    /// HMACs, never a different answer.
+    pub fn with_promotions(set: &KeySet, promoted: &BTreeMap<u32, i64>) -> Self {
+        let ordered: Vec<(u32, &Key)> = set.keystone_order().collect();
+        let keys = ordered
+            .iter()
+            .map(|&(index, key)| RingKey {
                 index,
                 role: set.role(index).unwrap_or(Role::Secondary),
                 mac: MacKey::new(key.signing_key()),
                 cipher: Aes128Dec::new(GenericArray::from_slice(key.encryption_key())),
+                canonical: ordered
+                    .iter()
+                    .position(|(_, other)| other.signing_key() == key.signing_key())
+                    .unwrap_or(0),
             })
             .collect();
-        Keyring { keys }
+        Keyring {
+            keys,
+            promotions: Promotions::new(promoted),
+        }
+    }
+
+    /// Where a guess for the key with repository index `index` starts, if the
+    /// ring holds that key.
+    fn guess_position(&self, index: u32) -> Option<usize> {
+        self.keys
+            .iter()
+            .find(|k| k.index == index)
+            .map(|k| k.canonical)
     }
 
     pub fn len(&self) -> usize {
@@ -189,6 +225,18 @@ impl Keyring {
         token: &str,
         f: impl FnOnce(Opened, &[u8]) -> R,
     ) -> Result<R, TokenError> {
+        self.open_learning(token, None, f)
+    }
+
+    /// [`Keyring::open`], guessing the key from the stamp's promotion times and
+    /// from the keys that opened earlier tokens (`learned`, which this token
+    /// then teaches). The answer is the same as without guesses.
+    pub fn open_learning<R>(
+        &self,
+        token: &str,
+        learned: Option<&mut Learned>,
+        f: impl FnOnce(Opened, &[u8]) -> R,
+    ) -> Result<R, TokenError> {
         if self.keys.is_empty() {
             return Err(TokenError::NoKeys);
         }
@@ -196,10 +244,10 @@ impl Keyring {
         let need = 2 * decoded_capacity(token.len());
         if need <= STACK_BUF {
             let mut buf = [0u8; STACK_BUF];
-            self.open_in(token, &mut buf, f)
+            self.open_in(token, &mut buf, learned, f)
         } else {
             let mut buf = vec![0u8; need];
-            self.open_in(token, &mut buf, f)
+            self.open_in(token, &mut buf, learned, f)
         }
     }
 
@@ -207,6 +255,7 @@ impl Keyring {
         &self,
         token: &str,
         buf: &mut [u8],
+        learned: Option<&mut Learned>,
         f: impl FnOnce(Opened, &[u8]) -> R,
     ) -> Result<R, TokenError> {
         let len = decode_keystone_base64(token, buf)?;
@@ -230,22 +279,53 @@ impl Keyring {
         let iv = &body[9..HEADER_LEN];
         let ciphertext = &body[HEADER_LEN..];
         let plain = &mut scratch[..ciphertext.len()];
-        for key in &self.keys {
-            if !tags_equal(&key.mac.mac(body), tag) {
-                continue;
-            }
+        let opens = |key: &RingKey, plain: &mut [u8]| {
             // cryptography rejects bad padding after a good HMAC as InvalidToken,
             // and MultiFernet then tries the next key.
-            if let Some(n) = cbc_decrypt(&key.cipher, iv, ciphertext, plain) {
-                let opened = Opened {
-                    key_index: key.index,
-                    role: key.role,
-                    issued_at,
-                };
-                return Ok(f(opened, &plain[..n]));
+            if tags_equal(&key.mac.mac(body), tag) {
+                cbc_decrypt(&key.cipher, iv, ciphertext, plain)
+            } else {
+                None
             }
+        };
+        // At most two guesses: the key primary at the issue time by the stamp,
+        // then the key that opened tokens of about that time. A guess that fails
+        // is a key Keystone's order would also have failed on, so it is skipped
+        // below; the verdict is the one of Keystone's order.
+        let by_stamp = self.promotions.primary_at(issued_at);
+        let by_batch = learned.as_deref().and_then(|l| l.guess(issued_at));
+        let mut tried = [usize::MAX; 2];
+        let found = [by_stamp, by_batch]
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, guess)| {
+                let at = self.guess_position(guess?)?;
+                if tried.contains(&at) {
+                    return None;
+                }
+                tried[i] = at;
+                opens(&self.keys[at], plain).map(|n| (at, n))
+            })
+            .or_else(|| {
+                self.keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(at, _)| !tried.contains(at))
+                    .find_map(|(at, key)| opens(key, plain).map(|n| (at, n)))
+            });
+        let Some((at, n)) = found else {
+            return Err(TokenError::Unrecognized);
+        };
+        let key = &self.keys[at];
+        if let Some(l) = learned {
+            l.record(key.index, issued_at);
         }
-        Err(TokenError::Unrecognized)
+        let opened = Opened {
+            key_index: key.index,
+            role: key.role,
+            issued_at,
+        };
+        Ok(f(opened, &plain[..n]))
     }
 }
 

@@ -285,13 +285,13 @@ fn run_cli(args: &[&str], stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // Written from another thread: the binary answers while it reads, and a
+    // large input would otherwise fill both pipes.
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
     let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),
@@ -821,4 +821,158 @@ fn stream_follows_repository_changes() {
     }
     drop(stdin);
     assert_eq!(child.wait().unwrap().code(), Some(1));
+}
+
+/// The line `fernetd token validate -` has always written for a token: the
+/// verdict of Keystone's key order (a keyring without promotion times or batch
+/// memory), formatted as before the batch path existed.
+fn expected_validate_line(ring: &Keyring, t: &str, now: i64) -> String {
+    let methods = Methods::default();
+    match ring.inspect(t.trim(), &PayloadConfig::default()) {
+        Ok(tok) => {
+            let d = tok.describe(&methods);
+            let status = if now >= tok.payload.expires_at {
+                "expired"
+            } else {
+                "valid"
+            };
+            let mut line = format!(
+                "{status} key={}({}) payload={}({})",
+                d.key_index, d.role, d.version, d.payload_class
+            );
+            if let Some(u) = d.user_id {
+                line.push_str(&format!(" user_id={u}"));
+            }
+            line + &format!(" expires_at={}", d.expires_at)
+        }
+        Err(e) => format!("invalid error={:?}", e.to_string()),
+    }
+}
+
+/// A batch of tokens from every key of a rotated 6-key repository (each issued
+/// while its key was primary, the staged key's from a region that already
+/// promoted it), mixed with expired, foreign, mangled and empty lines, a line
+/// longer than the read buffer and a last line without newline: the binary
+/// answers every line exactly as before, from a repository whose stamp gives
+/// the promotion times, from one whose stamp lies, and from the same keys
+/// without a stamp (as `keystone-manage` leaves them).
+#[test]
+fn mixed_key_batch_answers_as_keystone_order_with_and_without_stamp() {
+    let mut g = Gen::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let indices = [0u32, 3, 4, 5, 6, 7];
+    let set = KeySet::from_keys(indices.iter().map(|&i| {
+        let mut b = [0u8; 32];
+        g.rng.fill_bytes(&mut b);
+        (i, Key::from_bytes(b))
+    }));
+    let now = chrono::Utc::now().timestamp();
+    let hour = 3600;
+    let promoted: std::collections::BTreeMap<u32, i64> = (3..=7u32)
+        .map(|i| (i, now - i64::from(8 - i) * hour))
+        .collect();
+    let stamp = |promoted| repository::Stamp {
+        generation: 9,
+        digest: set.digest(),
+        promoted,
+    };
+    let stamped = tmp.path().join("stamped");
+    fernetd::install::install(&stamped, &set, Some(&stamp(promoted.clone())), None).unwrap();
+    // A stamp that lies: wrong keys at wrong times, a key the repository lacks.
+    let lying = tmp.path().join("lying");
+    let lies = [
+        (0, now - 9 * hour),
+        (4, now - 30),
+        (6, now - 5 * hour),
+        (42, now - 2 * hour),
+    ];
+    fernetd::install::install(&lying, &set, Some(&stamp(lies.into_iter().collect())), None)
+        .unwrap();
+    let plain = tmp.path().join("plain");
+    write_repository(&plain, &set);
+    assert!(repository::read_stamp(&plain).unwrap().is_none());
+    assert_eq!(
+        repository::read_stamp(&stamped).unwrap().unwrap().promoted,
+        promoted
+    );
+
+    let foreign = Key::generate();
+    let mut lines = Vec::new();
+    for n in 0..9000 {
+        let index = indices[g.rng.random_range(0..indices.len())];
+        let issued_at = match index {
+            0 => now - g.rng.random_range(0..600),
+            // Some issued before any promotion the stamp knows.
+            i if g.rng.random_bool(0.05) => now - 10 * hour - i64::from(i),
+            i => promoted[&i] + g.rng.random_range(0..hour),
+        };
+        let key = if g.rng.random_bool(0.03) {
+            &foreign
+        } else {
+            set.get(index).unwrap()
+        };
+        let mut audit_ids = AuditIds::default();
+        audit_ids.push(&g.bytes16());
+        let payload = Payload {
+            version: 2,
+            user_id: Some(Id::Uuid(g.bytes16())),
+            project_id: Some(Id::Uuid(g.bytes16())),
+            methods: 2,
+            audit_ids,
+            // One in ten expired.
+            expires_at: now + if n % 10 == 0 { -60 } else { 86_400 },
+            ..Payload::default()
+        };
+        let plaintext = token::payload::encode(&payload, token::Encoding::Current).unwrap();
+        let mut t = token::encrypt_with(key, &plaintext, issued_at as u64, g.bytes16());
+        match g.rng.random_range(0..100) {
+            0 => t.truncate(t.len() - 5),
+            1 => t.replace_range(40..41, if &t[40..41] == "A" { "B" } else { "A" }),
+            2 => t = String::new(),
+            3 => t = format!("  {t}\t"),
+            _ => {}
+        }
+        lines.push(t);
+    }
+    lines.insert(4321, "A".repeat(1_500_000));
+    let stdin = lines.join("\n");
+    let ring = Keyring::new(&set);
+    let expected: Vec<String> = lines
+        .iter()
+        .map(|t| expected_validate_line(&ring, t, now))
+        .collect();
+    assert!(expected.iter().filter(|l| l.starts_with("valid")).count() > 7000);
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("valid key=0(staged)"))
+    );
+    assert!(expected.iter().any(|l| l.starts_with("expired")));
+    for repo in [&stamped, &lying, &plain] {
+        let (code, stdout, stderr) = run_cli(
+            &[
+                "token",
+                "validate",
+                "--now",
+                &now.to_string(),
+                "--repository",
+                repo.to_str().unwrap(),
+                "-",
+            ],
+            &stdin,
+        );
+        assert_eq!(code, 1, "{}: {stderr}", repo.display());
+        let got: Vec<&str> = stdout.lines().collect();
+        assert_eq!(got.len(), expected.len(), "{}", repo.display());
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                got,
+                want,
+                "seed {} repository {} line {i}: {:?}",
+                g.seed,
+                repo.display(),
+                lines[i].get(..60)
+            );
+        }
+    }
 }
