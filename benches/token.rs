@@ -131,6 +131,7 @@ fn batch(root: &Path, python: &Path, tmp: &Path, seconds: f64) {
         generation: 5,
         digest: set.digest(),
         promoted: promoted.clone(),
+        agent: true,
     };
     fernetd::install::install(&stamped, &set, Some(&stamp), None).expect("install");
     let plain = tmp.join("batch-unstamped");

@@ -113,6 +113,7 @@ mod tests {
             generation: 1,
             digest: KeySet::new().digest(),
             promoted: promoted.clone(),
+            agent: false,
         };
         let p = Promotions::new(&promoted);
         for t in [0u64, 49, 50, 99, 100, 150, 199, 200, 201, 1 << 40, u64::MAX] {

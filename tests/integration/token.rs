@@ -875,6 +875,7 @@ fn mixed_key_batch_answers_as_keystone_order_with_and_without_stamp() {
         generation: 9,
         digest: set.digest(),
         promoted,
+        agent: true,
     };
     let stamped = tmp.path().join("stamped");
     fernetd::install::install(&stamped, &set, Some(&stamp(promoted.clone())), None).unwrap();
