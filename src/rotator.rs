@@ -100,7 +100,7 @@ impl RotatorError {
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::State(StateError::BadName(_))
+                | RotatorError::State(StateError::BadName(_) | StateError::Corrupt { .. })
         )
     }
 }
@@ -400,14 +400,32 @@ pub async fn run(
         .await;
     let admin =
         admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone());
-    let served = tonic::transport::Server::builder()
+    let limits = crate::tls::Limits::default();
+    let authorization = crate::tls::Authorization::default()
+        .allow("/fernetd.v1.Admin/", &config.admin_identities)
+        .allow("/grpc.health.v1.Health/", &config.admin_identities);
+    let serve = limits
+        .server()
+        .layer(authorization)
         .add_service(health_service)
         .add_service(crate::pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(
-            server_tls.incoming(listener),
+            server_tls.incoming_with(listener, limits),
             stop.clone().cancelled_owned(),
-        )
-        .await;
+        );
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        // An Admin client that never answers the GOAWAY (a `watch` left open)
+        // must not keep the rotator from exiting.
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(limits.drain_timeout).await;
+        } => {
+            tracing::warn!(timeout = ?limits.drain_timeout, "connections still open after the drain timeout: closing them");
+            Ok(())
+        }
+    };
 
     // Drain: stop the background tasks and record the last acknowledgements.
     tasks.abort_all();

@@ -1,5 +1,6 @@
 //! The gRPC face of the agent: `fernetd.v1.Distribution` (`Install`, `GetState`).
-//! Handlers authorize the caller by its verified certificate identity, route to
+//! The transport refuses other callers before a body is read
+//! ([`crate::tls::Authorization`]); handlers check again, route to
 //! the named repository, and turn refusals into gRPC statuses; the work itself
 //! lives in `managed`.
 
@@ -18,6 +19,8 @@ use crate::tls;
 pub struct Distribution {
     pub region: String,
     pub rotator_identity: String,
+    /// Who may read `GetState`: the rotator and the configured monitors.
+    pub readers: Vec<String>,
     pub repositories: BTreeMap<String, Arc<Managed>>,
     pub metrics: AgentMetrics,
 }
@@ -82,8 +85,11 @@ impl pb::distribution_server::Distribution for Distribution {
 
     async fn get_state(
         &self,
-        _request: Request<pb::GetStateRequest>,
+        request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
+        // Also refused by the transport's authorization layer; kept here so the
+        // service is safe wherever it is mounted.
+        tls::authorize(&request, &self.readers, "rotator or monitor")?;
         let repositories = self
             .repositories
             .values()

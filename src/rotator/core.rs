@@ -157,6 +157,9 @@ pub(super) struct Held {
     pub(super) unix_ms: i64,
     /// The agent reported that its on-disk repository differs from what it installed.
     pub(super) drift: bool,
+    /// Read from the rotator's disk at start, not yet confirmed by the agent:
+    /// shown in status, never counted by the safety rule.
+    pub(super) restored: bool,
 }
 
 /// Per-agent mutable state: a few words, whatever the number of agents.
@@ -309,8 +312,8 @@ impl Core {
             .map(|(r, repo)| (RepoId(r), repo))
     }
 
-    /// Restores what agents acknowledged before a restart. Only a hint: every
-    /// agent's state is read back before the rotator relies on it.
+    /// Restores what agents acknowledged before a restart. Only a hint: it
+    /// counts for the safety rule once the agent was read back (`restored`).
     pub(super) fn restore_acks(&self, acks: &Acks) {
         for (r, repo) in self.repos() {
             let Some(by_region) = acks.get(&repo.name) else {
@@ -323,6 +326,7 @@ impl Core {
                         digest: Digest::from_hex(&rec.digest),
                         unix_ms: rec.unix_ms,
                         drift: false,
+                        restored: true,
                     };
                 }
             }
@@ -392,6 +396,7 @@ impl Core {
         held.generation == generation.number
             && held.digest == Some(generation.digest)
             && !held.drift
+            && !held.restored
     }
 
     /// A reason not to push: the agent holds a newer generation than the
@@ -479,6 +484,7 @@ impl Core {
                     digest: Digest::from_slice(&rs.digest),
                     unix_ms: now_ms(),
                     drift: rs.drift,
+                    restored: false,
                 },
             );
         }
@@ -517,6 +523,7 @@ impl Core {
                 digest,
                 unix_ms: now_ms(),
                 drift: false,
+                restored: false,
             },
         );
         Ok(())
@@ -544,18 +551,26 @@ impl Core {
         shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
         let selected = self.select(&request.repositories)?;
-        let mut outcomes = Vec::with_capacity(selected.len());
-        let mut committed = Vec::new();
-        {
-            let _one_at_a_time = self.rotation.lock().await;
+        // Commits (state saved, then taken into memory) run in a task of their
+        // own: a cancelled Admin call must not leave a save running beside the
+        // next rotation, nor a saved generation that memory never took.
+        let this = Arc::clone(self);
+        let (force, dry_run) = (request.force, request.dry_run);
+        let (mut outcomes, committed) = tokio::spawn(async move {
+            let _one_at_a_time = this.rotation.lock().await;
+            let mut outcomes = Vec::with_capacity(selected.len());
+            let mut committed = Vec::new();
             for r in selected {
-                let outcome = self.rotate_one(r, request.force, request.dry_run).await?;
+                let outcome = this.rotate_one(r, force, dry_run).await?;
                 if outcome.rotated {
                     committed.push((r, outcomes.len()));
                 }
                 outcomes.push(outcome);
             }
-        }
+            Ok::<_, RotatorError>((outcomes, committed))
+        })
+        .await
+        .map_err(|e| RotatorError::Task(e.to_string()))??;
         if !request.no_wait && !request.dry_run && !committed.is_empty() {
             let wait = match request.wait_ms {
                 0 => self.fanout.ack_wait,
@@ -965,6 +980,37 @@ pub(super) mod tests {
         assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
         let row = &core.agent_statuses()[0];
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_from_disk_do_not_count_until_the_agent_is_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let mut acks = Acks::new();
+        acks.entry("tokens".into()).or_default().insert(
+            "RegionOne".into(),
+            AckRecord {
+                generation: current.number,
+                digest: current.digest.to_hex(),
+                unix_ms: 1,
+            },
+        );
+        core.restore_acks(&acks);
+        assert!(!core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(!core.may_rotate(RepoId(0)));
+        let state = pb::GetStateResponse {
+            region: "RegionOne".into(),
+            repositories: vec![pb::RepositoryState {
+                name: "tokens".into(),
+                generation: current.number,
+                digest: current.digest.0.to_vec(),
+                ..Default::default()
+            }],
+            version: String::new(),
+        };
+        core.observe_state(AgentId(0), &state).expect("observed");
+        assert!(core.may_rotate(RepoId(0)));
     }
 
     #[tokio::test]

@@ -93,6 +93,8 @@ impl Cluster {
                 listen: addr,
                 metrics: None,
                 rotator_identity: ROTATOR_ID.into(),
+                // The tests check each agent's health as the administrator.
+                monitor_identities: vec![ADMIN_ID.into()],
                 drift: Default::default(),
                 drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
