@@ -899,6 +899,22 @@ mod tests {
             let point = rand::random_range(0..4000);
             tokio::time::sleep(Duration::from_micros(point)).await;
             call.abort();
+            let _ = call.await;
+            // Whatever the call's fate, once the repository is quiet its memory
+            // and its disk agree, and keep agreeing: no install runs on orphaned.
+            managed.quiesce().await;
+            let window = std::time::Instant::now() + Duration::from_millis(30);
+            while std::time::Instant::now() < window {
+                let on_disk = repository::read_stamp(&repo)
+                    .expect("stamp")
+                    .map(|s| s.generation);
+                assert_eq!(
+                    on_disk,
+                    Some(managed.view().generation),
+                    "round {generation}: an install went on after its call was cancelled"
+                );
+                tokio::task::yield_now().await;
+            }
             let retry = managed
                 .install(request(&next, generation))
                 .await
