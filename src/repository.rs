@@ -399,6 +399,28 @@ struct Entry {
     content: Option<std::io::Result<zeroize::Zeroizing<Vec<u8>>>>,
 }
 
+/// The most a key file may hold: a key is 44 bytes, Keystone tolerates
+/// surrounding whitespace; anything this large is no key, and reading a huge
+/// file to its end would let whoever can write the repository exhaust memory.
+pub const MAX_KEY_FILE_BYTES: u64 = 1024;
+
+/// Reads at most `limit` bytes of `file`; a longer file is an error.
+pub(crate) fn read_capped(
+    file: std::fs::File,
+    limit: u64,
+) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(64));
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes: not a key file"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// How often a read is retried when the repository was swapped under it.
 const SNAPSHOT_ATTEMPTS: usize = 100;
 
@@ -447,9 +469,7 @@ fn scan_fd(dir: &Path, fd: &OwnedFd) -> std::io::Result<Vec<Entry>> {
                 OFlags::RDONLY | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(64));
-            std::io::Read::read_to_end(&mut std::fs::File::from(file), &mut bytes)?;
-            Ok(bytes)
+            read_capped(std::fs::File::from(file), MAX_KEY_FILE_BYTES)
         });
         entries.push(Entry {
             path: dir.join(os_name),
@@ -880,6 +900,16 @@ mod tests {
         std::os::unix::fs::symlink("2", d.join("7")).unwrap();
         let set = load(d).unwrap();
         assert_eq!(set.indices(), vec![0, 2, 7]);
+        // A huge file is refused after the cap, not read to its end.
+        std::fs::write(d.join("9"), vec![b' '; 1 << 20]).unwrap();
+        match load(d) {
+            Err(RepositoryError::Io { path, source }) => {
+                assert!(path.ends_with("9"));
+                assert!(source.to_string().contains("larger than"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(d.join("9")).unwrap();
         std::fs::write(d.join("4"), &key(4).to_base64()[..40]).unwrap();
         assert!(matches!(load(d), Err(RepositoryError::MalformedKey { .. })));
         std::fs::remove_file(d.join("4")).unwrap();

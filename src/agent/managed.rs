@@ -305,6 +305,19 @@ impl Managed {
         }
         let stamp = repository::read_stamp(&path)?;
         let disk = Disk::read(&path, owner);
+        // A stamp the agent did not write (another owner: the Keystone user
+        // replaced it) is tampering: reported, and its generation not obeyed,
+        // or a forged 2^64-1 would refuse every later install as a rollback.
+        let (stamp, tampered) = match (stamp, stamp_owner(&path)) {
+            (Some(stamp), Some(uid)) if uid != rustix::process::geteuid().as_raw() => (
+                None,
+                Some(format!(
+                    "the stamp claims generation {} but is owned by uid {uid}, not the agent: ignored as tampering",
+                    stamp.generation
+                )),
+            ),
+            (stamp, _) => (stamp, None),
+        };
         let mut desired = Desired {
             generation: 0,
             digest: None,
@@ -316,6 +329,11 @@ impl Managed {
             problem: disk.problem,
             ..View::default()
         };
+        if let Some(detail) = tampered {
+            tracing::warn!(repository = %name, %detail, "stamp tampering");
+            metrics.drift_event(&name);
+            view.drift = Some(detail);
+        }
         if let Some(stamp) = stamp {
             desired.generation = stamp.generation;
             desired.digest = Some(stamp.digest);
@@ -638,6 +656,14 @@ impl Managed {
     }
 }
 
+/// The owner of the repository's stamp, when it is there (not followed).
+fn stamp_owner(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path.join(repository::STAMP_FILE))
+        .ok()
+        .map(|m| m.uid())
+}
+
 fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
     match on_disk {
         Some(found) => format!(
@@ -934,5 +960,51 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Release);
         let samples = sampler.join().expect("the sampler saw no step back");
         assert!(samples > 0);
+    }
+
+    /// The Keystone user rewrites the stamp to generation 2^64-1: reported as
+    /// tampering at start, and the rotator's next generation is still installed.
+    #[tokio::test]
+    async fn a_stamp_the_agent_did_not_write_is_tampering_not_obeyed() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let g1 = sample();
+        let managed = open_managed(&repo);
+        managed.install(request(&g1, 1)).await.expect("install g1");
+        let stamp_path = repo.join(repository::STAMP_FILE);
+        assert_eq!(
+            std::fs::metadata(&stamp_path).expect("stamp").uid(),
+            rustix::process::geteuid().as_raw(),
+            "the stamp is the agent's"
+        );
+        drop(managed);
+
+        let forged = Stamp {
+            generation: u64::MAX,
+            digest: g1.digest(),
+            promoted: Default::default(),
+        };
+        std::fs::remove_file(&stamp_path).expect("unlink");
+        std::fs::write(&stamp_path, forged.encode()).expect("forge");
+        let other = rustix::process::geteuid().as_raw() + 4242;
+        std::os::unix::fs::chown(&stamp_path, Some(other), None)
+            .expect("give the stamp away (the test runs as root)");
+
+        let managed = open_managed(&repo);
+        let view = managed.view();
+        assert!(
+            view.drift
+                .as_deref()
+                .is_some_and(|d| d.contains("tampering")),
+            "{view:?}"
+        );
+        assert_eq!(view.generation, 0);
+        let g2 = crate::repository::rotate(&g1, 3).expect("rotate");
+        let done = managed
+            .install(request(&g2, 2))
+            .await
+            .expect("the next generation is not refused as a rollback");
+        assert_eq!(done.generation, 2);
     }
 }
