@@ -578,12 +578,20 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     }
 }
 
-type Fingerprint = Vec<Option<Vec<u8>>>;
+/// SHA-256 of each file: enough to see a change, and no private-key bytes
+/// kept in memory between reloads.
+type Fingerprint = Vec<Option<[u8; 32]>>;
 
 fn fingerprint(files: &TlsConfig) -> Fingerprint {
+    use sha2::Digest as _;
     [&files.ca, &files.cert, &files.key]
         .iter()
-        .map(|p| std::fs::read(p).ok())
+        .map(|p| {
+            std::fs::read(p)
+                .ok()
+                .map(|bytes| zeroize::Zeroizing::new(bytes))
+                .map(|bytes| sha2::Sha256::digest(bytes.as_slice()).into())
+        })
         .collect()
 }
 
@@ -1079,6 +1087,25 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_reload_fingerprint_keeps_no_key_bytes_and_sees_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let files = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        let key = std::fs::read(&files.key).unwrap();
+        let before = fingerprint(&files);
+        for part in before.iter().flatten() {
+            let part: &[u8] = part.as_ref();
+            assert!(
+                !key.windows(16).any(|w| part.windows(16).any(|p| p == w)),
+                "the fingerprint holds private-key bytes"
+            );
+            assert!(part.len() <= 32);
+        }
+        write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        assert_ne!(fingerprint(&files), before);
     }
 
     #[tokio::test]

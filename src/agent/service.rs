@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::check;
 use super::managed::{Managed, Refusal};
 use super::metrics::AgentMetrics;
 use crate::error_chain;
@@ -37,6 +38,13 @@ impl Distribution {
     }
 }
 
+/// The refusal of an Install for a repository this agent does not manage;
+/// the keys it carried are wiped first.
+fn unknown_repository(request: &mut pb::InstallRequest) -> Refusal {
+    check::wipe(&mut request.keys);
+    Refusal::UnknownRepository(request.repository.clone())
+}
+
 #[tonic::async_trait]
 impl pb::distribution_server::Distribution for Distribution {
     async fn install(
@@ -50,14 +58,16 @@ impl pb::distribution_server::Distribution for Distribution {
             std::slice::from_ref(&self.rotator_identity),
             "rotator",
         ) {
+            check::wipe(&mut request.into_inner().keys);
             self.metrics.refused(self.label(&name), "permission");
             // Debug-quoted: the name comes from the client.
             tracing::warn!(repository = ?name, generation, error = %status.message(), "install refused");
             return Err(status);
         }
+        let mut request = request.into_inner();
         let outcome = match self.repositories.get(&name) {
-            None => Err(Refusal::UnknownRepository(name.clone())),
-            Some(repo) => repo.install(request.into_inner()).await,
+            None => Err(unknown_repository(&mut request)),
+            Some(repo) => repo.install(request).await,
         };
         match outcome {
             Ok(done) => Ok(Response::new(pb::InstallResponse {
@@ -112,5 +122,36 @@ impl pb::distribution_server::Distribution for Distribution {
             repositories,
             version: crate::VERSION.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keys_of_an_install_for_an_unknown_repository_are_wiped() {
+        let set = crate::repository::init(3).expect("init");
+        let mut request = pb::InstallRequest {
+            repository: "nobody-manages-this".into(),
+            generation: 1,
+            keys: check::to_wire(&set),
+            ..Default::default()
+        };
+        assert!(
+            request
+                .keys
+                .iter()
+                .any(|k| k.material.iter().any(|b| *b != 0))
+        );
+        let refusal = unknown_repository(&mut request);
+        assert_eq!(refusal.reason(), "unknown_repository");
+        assert!(
+            request
+                .keys
+                .iter()
+                .all(|k| k.material.iter().all(|b| *b == 0)),
+            "key bytes left in memory"
+        );
     }
 }
