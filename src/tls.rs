@@ -589,7 +589,7 @@ fn fingerprint(files: &TlsConfig) -> Fingerprint {
         .map(|p| {
             std::fs::read(p)
                 .ok()
-                .map(|bytes| zeroize::Zeroizing::new(bytes))
+                .map(zeroize::Zeroizing::new)
                 .map(|bytes| sha2::Sha256::digest(bytes.as_slice()).into())
         })
         .collect()
