@@ -1186,3 +1186,18 @@ async fn a_flood_of_strangers_does_not_take_the_agent_from_its_rotator() {
         peak.rss_kib
     );
 }
+
+/// A corrupt state file is the operator's to fix: exit 2 (which systemd does
+/// not restart forever) with the file named, not 3.
+#[test]
+fn a_corrupt_state_exits_2_naming_the_file() {
+    let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    let config = cluster.rotator_config();
+    std::fs::create_dir_all(&config.state_dir).expect("state dir");
+    let state = config
+        .state_dir
+        .join(format!("{}.state", config.repositories[0].name));
+    std::fs::write(&state, "fernetd-rotator-state 1\ngeneration x\n").expect("corrupt state");
+    let stderr = cluster.refused_start();
+    assert!(stderr.contains(&*state.to_string_lossy()), "{stderr}");
+}
