@@ -172,13 +172,17 @@ pub async fn run(
     let quiesce: Vec<Arc<managed::Managed>> = repositories.values().cloned().collect();
     let mut readers = vec![config.rotator_identity.clone()];
     readers.extend(config.monitor_identities.iter().cloned());
+    let refusals = agent_metrics.clone();
     let authorization = crate::tls::Authorization::default()
         .allow(
             "/fernetd.v1.Distribution/Install",
+            "rotator",
             std::slice::from_ref(&config.rotator_identity),
         )
-        .allow("/fernetd.v1.Distribution/GetState", &readers)
-        .allow("/grpc.health.v1.Health/", &readers);
+        .allow("/fernetd.v1.Distribution/GetState", "reader", &readers)
+        .allow("/grpc.health.v1.Health/", "reader", &readers)
+        // The repository is not known before the body is read: no label.
+        .on_refusal(move |_| refusals.refused("", "permission"));
     let distribution = service::Distribution {
         region: config.region.clone(),
         rotator_identity: config.rotator_identity.clone(),

@@ -105,6 +105,9 @@ impl RotatorError {
     }
 }
 
+/// The least time an Admin call gets before the server's request timeout.
+const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Requests queued per agent channel; see [`run`].
 const AGENT_CHANNEL_BUFFER: usize = 4;
 
@@ -400,10 +403,16 @@ pub async fn run(
         .await;
     let admin =
         admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone());
-    let limits = crate::tls::Limits::default();
+    // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
+    // the request timeout leaves them that time, beyond the default wait.
+    let limits = crate::tls::Limits {
+        request_timeout: config.fanout.ack_wait.max(ADMIN_REQUEST_TIMEOUT)
+            + std::time::Duration::from_secs(60),
+        ..crate::tls::Limits::default()
+    };
     let authorization = crate::tls::Authorization::default()
-        .allow("/fernetd.v1.Admin/", &config.admin_identities)
-        .allow("/grpc.health.v1.Health/", &config.admin_identities);
+        .allow("/fernetd.v1.Admin/", "admin", &config.admin_identities)
+        .allow("/grpc.health.v1.Health/", "admin", &config.admin_identities);
     let serve = limits
         .server()
         .layer(authorization)

@@ -95,17 +95,33 @@ impl Limits {
 /// Which identities may call which gRPC paths, checked from the peer
 /// certificate before the request body is read or decoded. A path no rule
 /// names is refused: a new service must be given its callers explicitly.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Authorization {
-    /// (path prefix, identities allowed); the first matching prefix decides.
-    rules: Arc<Vec<(String, Arc<[String]>)>>,
+    /// (path prefix, role, identities allowed); the first matching prefix decides.
+    rules: Arc<Vec<(String, &'static str, Arc<[String]>)>>,
+    /// Told of every refusal (a metric), with the path refused.
+    on_refusal: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorization")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Authorization {
     /// Adds a rule: paths starting with `prefix` (`/package.Service/` or a
     /// whole method path) are open to `identities` only.
-    pub fn allow(mut self, prefix: &str, identities: &[String]) -> Self {
-        Arc::make_mut(&mut self.rules).push((prefix.to_string(), Arc::from(identities)));
+    pub fn allow(mut self, prefix: &str, role: &'static str, identities: &[String]) -> Self {
+        Arc::make_mut(&mut self.rules).push((prefix.to_string(), role, Arc::from(identities)));
+        self
+    }
+
+    /// Calls `f` with the path of every refused request.
+    pub fn on_refusal(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_refusal = Some(Arc::new(f));
         self
     }
 
@@ -116,15 +132,20 @@ impl Authorization {
                 "no verified client certificate on this connection",
             ));
         };
-        let allowed = self
+        let rule = self
             .rules
             .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-            .map(|(_, identities)| identities);
-        match allowed {
-            Some(identities) if identities.iter().any(|a| peer.identity.matches(a)) => Ok(()),
+            .find(|(prefix, _, _)| path.starts_with(prefix.as_str()));
+        match rule {
+            Some((_, _, identities)) if identities.iter().any(|a| peer.identity.matches(a)) => {
+                Ok(())
+            }
             // The path comes from the peer: Debug-quoted, never a label.
-            _ => Err(tonic::Status::permission_denied(format!(
+            Some((_, role, _)) => Err(tonic::Status::permission_denied(format!(
+                "peer identity {} is not an allowed {role} identity for {path:?}",
+                peer.identity
+            ))),
+            None => Err(tonic::Status::permission_denied(format!(
                 "peer identity {} may not call {path:?}",
                 peer.identity
             ))),
@@ -170,6 +191,9 @@ where
         match self.policy.decide(request.uri().path(), peer) {
             Ok(()) => Box::pin(self.inner.call(request)),
             Err(status) => {
+                if let Some(on_refusal) = &self.policy.on_refusal {
+                    on_refusal(request.uri().path());
+                }
                 tracing::info!(
                     remote = ?peer.and_then(|p| p.remote_addr),
                     error = %status.message(),
