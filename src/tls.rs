@@ -97,11 +97,21 @@ impl Limits {
 /// names is refused: a new service must be given its callers explicitly.
 #[derive(Clone, Default)]
 pub struct Authorization {
-    /// (path prefix, role, identities allowed); the first matching prefix decides.
-    rules: Arc<Vec<(String, &'static str, Arc<[String]>)>>,
+    /// The first rule whose prefix matches decides.
+    rules: Arc<Vec<Rule>>,
     /// Told of every refusal (a metric), with the path refused.
-    on_refusal: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    on_refusal: Option<RefusalHook>,
 }
+
+/// Paths starting with `prefix` are open to `identities`, known as `role`.
+#[derive(Debug, Clone)]
+struct Rule {
+    prefix: String,
+    role: &'static str,
+    identities: Arc<[String]>,
+}
+
+type RefusalHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl std::fmt::Debug for Authorization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,7 +125,11 @@ impl Authorization {
     /// Adds a rule: paths starting with `prefix` (`/package.Service/` or a
     /// whole method path) are open to `identities` only.
     pub fn allow(mut self, prefix: &str, role: &'static str, identities: &[String]) -> Self {
-        Arc::make_mut(&mut self.rules).push((prefix.to_string(), role, Arc::from(identities)));
+        Arc::make_mut(&mut self.rules).push(Rule {
+            prefix: prefix.to_string(),
+            role,
+            identities: Arc::from(identities),
+        });
         self
     }
 
@@ -135,13 +149,11 @@ impl Authorization {
         let rule = self
             .rules
             .iter()
-            .find(|(prefix, _, _)| path.starts_with(prefix.as_str()));
+            .find(|rule| path.starts_with(rule.prefix.as_str()));
         match rule {
-            Some((_, _, identities)) if identities.iter().any(|a| peer.identity.matches(a)) => {
-                Ok(())
-            }
+            Some(rule) if rule.identities.iter().any(|a| peer.identity.matches(a)) => Ok(()),
             // The path comes from the peer: Debug-quoted, never a label.
-            Some((_, role, _)) => Err(tonic::Status::permission_denied(format!(
+            Some(Rule { role, .. }) => Err(tonic::Status::permission_denied(format!(
                 "peer identity {} is not an allowed {role} identity for {path:?}",
                 peer.identity
             ))),
