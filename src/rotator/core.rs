@@ -982,6 +982,38 @@ pub(super) mod tests {
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
     }
 
+    /// Admin `rotate` calls cancelled at random points (the client gave up):
+    /// once the rotation lock is free, the state on disk and the generation in
+    /// memory agree and keep agreeing; no save runs on orphaned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_rotate_never_leaves_disk_and_memory_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let stop = CancellationToken::new();
+        for round in 0..40 {
+            ack(&core, AgentId(0));
+            let call = tokio::spawn({
+                let (core, stop) = (core.clone(), stop.clone());
+                async move { core.rotate(&request(false, false), stop).await }
+            });
+            tokio::time::sleep(Duration::from_micros(rand::random_range(0..3000))).await;
+            call.abort();
+            let _ = call.await;
+            drop(core.rotation.lock().await);
+            let window = std::time::Instant::now() + Duration::from_millis(30);
+            while std::time::Instant::now() < window {
+                let on_disk = core.store.load("tokens").expect("load").expect("state");
+                let current = core.repos[0].current();
+                assert_eq!(
+                    (on_disk.generation, on_disk.keys.digest()),
+                    (current.number, current.digest),
+                    "round {round}: a save went on after its call was cancelled"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn acknowledgements_from_disk_do_not_count_until_the_agent_is_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
