@@ -925,7 +925,7 @@ mod tests {
         std::os::unix::fs::symlink("2", d.join("7.tmp")).unwrap();
         assert_eq!(load(d).unwrap().indices(), vec![0, 2]);
         // A huge file is refused after the cap, not read to its end.
-        std::fs::write(d.join("9"), vec![b' '; 1 << 20]).unwrap();
+        std::fs::write(d.join("9"), vec![b'A'; 1 << 20]).unwrap();
         match load(d) {
             Err(RepositoryError::Io { path, source }) => {
                 assert!(path.ends_with("9"));

@@ -411,7 +411,7 @@ impl Core {
         let held = self.agents[i].lock().held[r];
         if held.generation > generation.number {
             Some(format!(
-                "agent holds generation {} of `{}`, newer than the rotator's {}: restore the rotator's state or restore the agent",
+                "agent holds generation {} of `{}`, newer than the rotator's {} (lost rotator state, a second rotator, or tampering): restore the rotator's state or restore the agent",
                 held.generation, self.repos[r].name, generation.number
             ))
         } else if held.generation == generation.number
