@@ -80,6 +80,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         listen: addr,
         metrics: None,
         rotator_identity: "rotator.bench".into(),
+        monitor_identities: Vec::new(),
         drift: DriftPolicy::Report,
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,

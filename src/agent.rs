@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +26,6 @@ use crate::install::{InstallError, Owner};
 use crate::pb::distribution_server::DistributionServer;
 
 pub use managed::{CanaryError, ProofError, Refusal};
-
-/// How long in-flight requests get to finish after SIGTERM.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -221,9 +217,23 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let quiesce: Vec<Arc<managed::Managed>> = repositories.values().cloned().collect();
+    let mut readers = vec![config.rotator_identity.clone()];
+    readers.extend(config.monitor_identities.iter().cloned());
+    let refusals = agent_metrics.clone();
+    let authorization = crate::tls::Authorization::default()
+        .allow(
+            "/fernetd.v1.Distribution/Install",
+            "rotator",
+            std::slice::from_ref(&config.rotator_identity),
+        )
+        .allow("/fernetd.v1.Distribution/GetState", "reader", &readers)
+        .allow("/grpc.health.v1.Health/", "reader", &readers)
+        // The repository is not known before the body is read: no label.
+        .on_refusal(move |_| refusals.refused("", "permission"));
     let distribution = service::Distribution {
         region: config.region.clone(),
         rotator_identity: config.rotator_identity.clone(),
+        readers,
         repositories,
         metrics: agent_metrics,
         audit: audit.clone(),
@@ -250,10 +260,13 @@ pub async fn run(
         // Drift tasks stop now; the gRPC server finishes in-flight installs.
         stop.cancel();
     };
-    let serve = tonic::transport::Server::builder()
+    let limits = crate::tls::Limits::default();
+    let serve = limits
+        .server()
+        .layer(authorization)
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(tls.incoming(listener), drain);
+        .serve_with_incoming_shutdown(tls.incoming_with(listener, limits), drain);
     tokio::pin!(serve);
     let served = tokio::select! {
         served = &mut serve => served,
@@ -261,9 +274,9 @@ pub async fn run(
         // keep the agent from exiting.
         () = async {
             stop.cancelled().await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
+            tokio::time::sleep(limits.drain_timeout).await;
         } => {
-            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout: closing them");
+            tracing::warn!(timeout = ?limits.drain_timeout, "connections still open after the drain timeout: closing them");
             Ok(())
         }
     };
@@ -314,6 +327,7 @@ fn check_parent(repo: &crate::config::AgentRepository) -> Result<(), AgentError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const MINIMAL: &str = r#"
         region = "region-one"

@@ -151,8 +151,13 @@ pub struct AgentConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub metrics: Option<std::net::SocketAddr>,
-    /// The certificate SAN (DNS name) the rotator presents; only it may `Install`.
+    /// The certificate SAN (DNS name or URI) the rotator presents; only it may
+    /// `Install`.
     pub rotator_identity: String,
+    /// Further identities that may read `GetState` and the health service (a
+    /// monitoring system); the rotator always may. Nobody else may call at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitor_identities: Vec<String>,
     /// What to do when a repository changes behind the agent's back.
     #[serde(default)]
     pub drift: DriftPolicy,

@@ -187,6 +187,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             listen: addr(&grpc)?,
             metrics: Some(addr(&metrics)?),
             rotator_identity: ROTATOR_IDENTITY.into(),
+            monitor_identities: Vec::new(),
             drift: Default::default(),
             drift_check: Duration::from_secs(60),
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,

@@ -340,8 +340,10 @@ fn build<'p>(
             owner,
         )?;
     }
+    // The stamp stays the agent's: the Keystone user must not be able to
+    // rewrite the generation (and block every later install as a rollback).
     if let Some(stamp) = stamp {
-        write_new_file(&dir, &path, STAMP_FILE, &stamp.encode(), owner)?;
+        write_new_file(&dir, &path, STAMP_FILE, &stamp.encode(), None)?;
     }
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", &path))?;
     Ok(staging)
@@ -564,7 +566,7 @@ fn update_in_place(
         Mode::empty(),
     )
     .map_err(errno_err("open", target))?;
-    let place = |name: &str, content: &[u8]| -> Result<(), InstallError> {
+    let place = |name: &str, content: &[u8], owner: Option<Owner>| -> Result<(), InstallError> {
         let tmp = format!("{INPLACE_TMP_PREFIX}{}", unique());
         write_new_file(&dir, target, &tmp, content, owner)?;
         rustix::fs::renameat(&dir, tmp.as_str(), &dir, name).map_err(|e| {
@@ -574,10 +576,10 @@ fn update_in_place(
     };
     // Highest first: the new primary (already every node's staged key) before the new staged key.
     for (index, key) in set.iter().rev() {
-        place(&index.to_string(), key.to_base64().as_bytes())?;
+        place(&index.to_string(), key.to_base64().as_bytes(), owner)?;
     }
     if let Some(s) = stamp {
-        place(STAMP_FILE, &s.encode())?;
+        place(STAMP_FILE, &s.encode(), None)?;
     }
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", target))?;
     let wanted: Vec<String> = set.indices().iter().map(u32::to_string).collect();
@@ -823,10 +825,13 @@ mod tests {
         // Only root may give files away; as another user this is a clean error.
         match install(&target, &a, Some(&stamp(1, &a)), Some(owner)) {
             Ok(_) => {
-                for name in ["", "0", "1", STAMP_FILE] {
+                for name in ["", "0", "1"] {
                     let (uid, gid, _) = owner_of(&target.join(name)).unwrap();
                     assert_eq!((uid, gid), (4242, 4343), "{name}");
                 }
+                // The stamp is the agent's, not the Keystone user's.
+                let (uid, _, _) = owner_of(&target.join(STAMP_FILE)).unwrap();
+                assert_eq!(uid, rustix::process::geteuid().as_raw(), "stamp");
             }
             Err(InstallError::Io { op, .. }) => {
                 assert_eq!(op, "change the owner of");

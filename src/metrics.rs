@@ -37,6 +37,14 @@ macro_rules! register {
 }
 pub(crate) use register;
 
+/// Connections served at once; one more is closed at once. A scrape is one
+/// connection; the cap keeps a flood from taking descriptors and memory.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a client may take to send its request headers, and to be served.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `registry` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -44,6 +52,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             () = &mut shutdown => return,
@@ -57,16 +66,27 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics endpoint: connection limit reached, connection closed");
+            continue;
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
                 async move { Ok::<_, Infallible>(respond(&registry, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, "metrics endpoint: connection ended with an error");
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "metrics endpoint: connection ended with an error");
+                }
+                Err(_) => tracing::debug!("metrics endpoint: connection timed out"),
             }
         });
     }
@@ -144,5 +164,42 @@ mod tests {
 
         stop.send(()).unwrap();
         server.await.unwrap();
+    }
+
+    /// Silent clients beyond the cap are closed at once, and the silent ones
+    /// are closed at the header timeout, after which a scrape gets through.
+    #[tokio::test]
+    async fn silent_clients_are_capped_and_timed_out() {
+        use std::time::Duration;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Registry::default()),
+            std::future::pending(),
+        ));
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut buf))
+            .await
+            .expect("a connection beyond the cap is closed at once")
+            .unwrap();
+        assert!(buf.is_empty());
+        for mut s in silent {
+            let mut buf = Vec::new();
+            let closed =
+                tokio::time::timeout(HEADER_READ_TIMEOUT * 3, s.read_to_end(&mut buf)).await;
+            assert!(
+                closed.is_ok(),
+                "a silent client outlived the header timeout"
+            );
+        }
+        let ok = get(addr, "/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        server.abort();
     }
 }

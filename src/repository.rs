@@ -395,8 +395,31 @@ struct Entry {
     path: PathBuf,
     name: String,
     class: FileName,
-    /// The content, for regular files (symlinks followed, as `os.path.isfile`).
+    /// The content, for regular files (at most [`MAX_KEY_FILE_BYTES`]); an
+    /// error for a link under a key's name (never followed).
     content: Option<std::io::Result<zeroize::Zeroizing<Vec<u8>>>>,
+}
+
+/// The most a key file may hold: a key is 44 bytes, Keystone tolerates
+/// surrounding whitespace; anything this large is no key, and reading a huge
+/// file to its end would let whoever can write the repository exhaust memory.
+pub const MAX_KEY_FILE_BYTES: u64 = 1024;
+
+/// Reads at most `limit` bytes of `file`; a longer file is an error.
+pub(crate) fn read_capped(
+    file: std::fs::File,
+    limit: u64,
+) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(64));
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes: not a key file"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// How often a read is retried when the repository was swapped under it.
@@ -437,24 +460,32 @@ fn scan_fd(dir: &Path, fd: &OwnedFd) -> std::io::Result<Vec<Entry>> {
             continue;
         }
         let os_name = std::ffi::OsStr::from_bytes(raw);
-        // os.path.isfile: a regular file, symlinks followed, any error meaning no.
-        let is_file = rustix::fs::statat(fd, entry.file_name(), AtFlags::empty())
-            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
-        let content = is_file.then(|| {
-            let file = rustix::fs::openat(
-                fd,
-                entry.file_name(),
-                OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(64));
-            std::io::Read::read_to_end(&mut std::fs::File::from(file), &mut bytes)?;
-            Ok(bytes)
-        });
+        let class = classify_name(os_name);
+        // os.path.isfile: a regular file, any error meaning no. Keystone follows
+        // links; we never do (the agent may read files Keystone's user cannot):
+        // a link where Keystone would read a key is an error, never followed.
+        let kind = rustix::fs::statat(fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| FileType::from_raw_mode(st.st_mode));
+        let content = match kind {
+            Ok(FileType::Symlink) if class != FileName::Ignored => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a symbolic link where Keystone reads a key: fernetd does not follow links in a repository; replace it with the file",
+            ))),
+            Ok(FileType::RegularFile) => Some((|| {
+                let file = rustix::fs::openat(
+                    fd,
+                    entry.file_name(),
+                    OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+                    Mode::empty(),
+                )?;
+                read_capped(std::fs::File::from(file), MAX_KEY_FILE_BYTES)
+            })()),
+            _ => None,
+        };
         entries.push(Entry {
             path: dir.join(os_name),
             name: os_name.to_string_lossy().into_owned(),
-            class: classify_name(os_name),
+            class,
             content,
         });
     }
@@ -462,7 +493,8 @@ fn scan_fd(dir: &Path, fd: &OwnedFd) -> std::io::Result<Vec<Entry>> {
 }
 
 /// Reads a repository exactly as Keystone's `FernetUtils.load_keys` and the
-/// `Fernet(key)` calls after it: regular files (symlinks followed) whose names
+/// `Fernet(key)` calls after it: regular files (a symbolic link where Keystone
+/// would read a key is an error: Keystone follows it, fernetd does not) whose names
 /// Python's `int()` accepts, empty ones skipped, and of two names for one index
 /// (`1` and `01`) the later in directory order wins. Where Keystone would fail
 /// (an unreadable file, a malformed key) this fails too; an empty repository
@@ -877,9 +909,31 @@ mod tests {
         std::fs::write(d.join("3"), b"").unwrap();
         std::fs::write(d.join("0.tmp"), b"junk").unwrap();
         std::fs::create_dir(d.join("5")).unwrap();
-        std::os::unix::fs::symlink("2", d.join("7")).unwrap();
         let set = load(d).unwrap();
-        assert_eq!(set.indices(), vec![0, 2, 7]);
+        assert_eq!(set.indices(), vec![0, 2]);
+        // Keystone would follow a link; fernetd refuses it instead.
+        std::os::unix::fs::symlink("2", d.join("7")).unwrap();
+        match load(d) {
+            Err(RepositoryError::Io { path, source }) => {
+                assert!(path.ends_with("7"));
+                assert!(source.to_string().contains("symbolic link"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(d.join("7")).unwrap();
+        // A link under a name Keystone ignores is ignored too.
+        std::os::unix::fs::symlink("2", d.join("7.tmp")).unwrap();
+        assert_eq!(load(d).unwrap().indices(), vec![0, 2]);
+        // A huge file is refused after the cap, not read to its end.
+        std::fs::write(d.join("9"), vec![b'A'; 1 << 20]).unwrap();
+        match load(d) {
+            Err(RepositoryError::Io { path, source }) => {
+                assert!(path.ends_with("9"));
+                assert!(source.to_string().contains("larger than"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(d.join("9")).unwrap();
         std::fs::write(d.join("4"), &key(4).to_base64()[..40]).unwrap();
         assert!(matches!(load(d), Err(RepositoryError::MalformedKey { .. })));
         std::fs::remove_file(d.join("4")).unwrap();

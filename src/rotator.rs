@@ -111,10 +111,13 @@ impl RotatorError {
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::State(StateError::BadName(_))
+                | RotatorError::State(StateError::BadName(_) | StateError::Corrupt { .. })
         )
     }
 }
+
+/// The least time an Admin call gets before the server's request timeout.
+const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Requests queued per agent channel; see [`run`].
 const AGENT_CHANNEL_BUFFER: usize = 4;
@@ -592,14 +595,38 @@ pub async fn run(
         .await;
     let admin =
         admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone());
-    let served = tonic::transport::Server::builder()
+    // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
+    // the request timeout leaves them that time, beyond the default wait.
+    let limits = crate::tls::Limits {
+        request_timeout: config.fanout.ack_wait.max(ADMIN_REQUEST_TIMEOUT)
+            + std::time::Duration::from_secs(60),
+        ..crate::tls::Limits::default()
+    };
+    let authorization = crate::tls::Authorization::default()
+        .allow("/fernetd.v1.Admin/", "admin", &config.admin_identities)
+        .allow("/grpc.health.v1.Health/", "admin", &config.admin_identities);
+    let serve = limits
+        .server()
+        .layer(authorization)
         .add_service(health_service)
         .add_service(crate::pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(
-            server_tls.incoming(listener),
+            server_tls.incoming_with(listener, limits),
             stop.clone().cancelled_owned(),
-        )
-        .await;
+        );
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        // An Admin client that never answers the GOAWAY (a `watch` left open)
+        // must not keep the rotator from exiting.
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(limits.drain_timeout).await;
+        } => {
+            tracing::warn!(timeout = ?limits.drain_timeout, "connections still open after the drain timeout: closing them");
+            Ok(())
+        }
+    };
 
     // Drain: stop the background tasks and record the last acknowledgements.
     tasks.abort_all();

@@ -30,9 +30,192 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::TlsConfig;
 
-/// How long a peer may take to finish its handshake before we drop it, so that
-/// stalled or hostile peers cannot pin accept capacity.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The transport limits of our gRPC servers (agent and rotator), so that no
+/// peer, with or without a certificate, can take a server away from the peers
+/// it exists for. Documented with their reasons in docs/hardening.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// TLS handshakes in progress at once; a connection beyond is closed at once
+    /// (queueing it would let idle connections starve the rotator's).
+    pub handshakes: usize,
+    /// How long a peer may take to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// Established connections at once; a connection beyond is closed after
+    /// its handshake.
+    pub connections: usize,
+    /// HTTP/2 streams one connection may have open.
+    pub streams_per_connection: u32,
+    /// How long a request may take to produce its response.
+    pub request_timeout: Duration,
+    /// HTTP/2 pings on idle connections, and how long an answer may take.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// After this long a connection is asked to go away (the client reconnects),
+    /// and gets `max_connection_age_grace` to finish its calls.
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+    /// The size of the request headers a peer may send.
+    pub max_header_bytes: u32,
+    /// How long in-flight requests get after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshakes: 64,
+            handshake_timeout: Duration::from_secs(5),
+            connections: 256,
+            streams_per_connection: 16,
+            request_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// A tonic server builder with the HTTP/2 limits applied.
+    pub fn server(&self) -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(self.streams_per_connection)
+            .timeout(self.request_timeout)
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.keepalive_timeout))
+            .max_connection_age(self.max_connection_age)
+            .max_connection_age_grace(self.max_connection_age_grace)
+            .http2_max_header_list_size(self.max_header_bytes)
+    }
+}
+
+/// Which identities may call which gRPC paths, checked from the peer
+/// certificate before the request body is read or decoded. A path no rule
+/// names is refused: a new service must be given its callers explicitly.
+#[derive(Clone, Default)]
+pub struct Authorization {
+    /// The first rule whose prefix matches decides.
+    rules: Arc<Vec<Rule>>,
+    /// Told of every refusal (a metric), with the path refused.
+    on_refusal: Option<RefusalHook>,
+}
+
+/// Paths starting with `prefix` are open to `identities`, known as `role`.
+#[derive(Debug, Clone)]
+struct Rule {
+    prefix: String,
+    role: &'static str,
+    identities: Arc<[String]>,
+}
+
+type RefusalHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorization")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authorization {
+    /// Adds a rule: paths starting with `prefix` (`/package.Service/` or a
+    /// whole method path) are open to `identities` only.
+    pub fn allow(mut self, prefix: &str, role: &'static str, identities: &[String]) -> Self {
+        Arc::make_mut(&mut self.rules).push(Rule {
+            prefix: prefix.to_string(),
+            role,
+            identities: Arc::from(identities),
+        });
+        self
+    }
+
+    /// Calls `f` with the path of every refused request.
+    pub fn on_refusal(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_refusal = Some(Arc::new(f));
+        self
+    }
+
+    /// Whether the peer of a request to `path` may make it.
+    pub fn decide(&self, path: &str, peer: Option<&PeerInfo>) -> Result<(), tonic::Status> {
+        let Some(peer) = peer else {
+            return Err(tonic::Status::unauthenticated(
+                "no verified client certificate on this connection",
+            ));
+        };
+        let rule = self
+            .rules
+            .iter()
+            .find(|rule| path.starts_with(rule.prefix.as_str()));
+        match rule {
+            Some(rule) if rule.identities.iter().any(|a| peer.identity.matches(a)) => Ok(()),
+            // The path comes from the peer: Debug-quoted, never a label.
+            Some(Rule { role, .. }) => Err(tonic::Status::permission_denied(format!(
+                "peer identity {} is not an allowed {role} identity for {path:?}",
+                peer.identity
+            ))),
+            None => Err(tonic::Status::permission_denied(format!(
+                "peer identity {} may not call {path:?}",
+                peer.identity
+            ))),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Authorization {
+    type Service = Authorized<S>;
+
+    fn layer(&self, inner: S) -> Authorized<S> {
+        Authorized {
+            inner,
+            policy: self.clone(),
+        }
+    }
+}
+
+/// The service [`Authorization`] wraps: a refused request is answered with
+/// its status and its body dropped unread.
+#[derive(Debug, Clone)]
+pub struct Authorized<S> {
+    inner: S,
+    policy: Authorization,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authorized<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let peer = request.extensions().get::<PeerInfo>();
+        match self.policy.decide(request.uri().path(), peer) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => {
+                if let Some(on_refusal) = &self.policy.on_refusal {
+                    on_refusal(request.uri().path());
+                }
+                tracing::info!(
+                    remote = ?peer.and_then(|p| p.remote_addr),
+                    error = %status.message(),
+                    "request refused before reading it"
+                );
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
 
 /// How often certificate files are compared with what is loaded, in case a file
 /// event was missed (network filesystems, some secret-mount schemes).
@@ -65,7 +248,7 @@ pub enum TlsError {
     },
     #[error("cannot build the client certificate verifier")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
-    #[error("invalid server name {0:?}: expected a DNS name or IP address")]
+    #[error("invalid peer identity {0:?}: expected a DNS name or a URI, without wildcards")]
     ServerName(String),
     #[error("invalid endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
@@ -239,16 +422,104 @@ fn build_server(files: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-fn build_client(files: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
+/// The client configuration and the roots its per-peer verifiers check against.
+struct ClientSide {
+    config: Arc<ClientConfig>,
+    roots: Arc<RootCertStore>,
+}
+
+fn build_client(files: &TlsConfig) -> Result<Arc<ClientSide>, TlsError> {
     let material = Material::load(files)?;
+    let roots = Arc::new(material.roots(files)?);
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error(files))?
-        .with_root_certificates(material.roots(files)?)
+        .with_root_certificates(roots.clone())
         .with_client_auth_cert(material.chain, material.key)
         .map_err(config_error(files))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Arc::new(ClientSide {
+        config: Arc::new(config),
+        roots,
+    }))
+}
+
+/// Whether `identity` can be configured as a peer's identity: a DNS name
+/// without wildcards, or an absolute URI (a SPIFFE ID, say).
+pub fn valid_identity(identity: &str) -> bool {
+    if identity.contains('*') || identity.is_empty() {
+        return false;
+    }
+    if identity.contains("://") {
+        return identity
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme().is_some() && u.host().is_some());
+    }
+    matches!(
+        ServerName::try_from(identity.to_string()),
+        Ok(ServerName::DnsName(_))
+    )
+}
+
+/// The client's check of a server certificate: the chain to our CA (as
+/// web PKI, for server use), then one SAN equal to the configured identity,
+/// DNS or URI. No wildcard or hostname rules: a `*.agents` certificate is
+/// not every region's, and identities are configured, never derived.
+#[derive(Debug)]
+struct ExactIdentity {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ExactIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        match PeerIdentity::from_der(end_entity) {
+            Some(identity) if identity.matches(&self.expected) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// A configuration that follows its files: the current value in a `watch`
@@ -343,12 +614,20 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     }
 }
 
-type Fingerprint = Vec<Option<Vec<u8>>>;
+/// SHA-256 of each file: enough to see a change, and no private-key bytes
+/// kept in memory between reloads.
+type Fingerprint = Vec<Option<[u8; 32]>>;
 
 fn fingerprint(files: &TlsConfig) -> Fingerprint {
+    use sha2::Digest as _;
     [&files.ca, &files.cert, &files.key]
         .iter()
-        .map(|p| std::fs::read(p).ok())
+        .map(|p| {
+            std::fs::read(p)
+                .ok()
+                .map(zeroize::Zeroizing::new)
+                .map(|bytes| sha2::Sha256::digest(bytes.as_slice()).into())
+        })
         .collect()
 }
 
@@ -381,8 +660,19 @@ impl ServerTls {
         &self,
         listener: TcpListener,
     ) -> impl tokio_stream::Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
+        self.incoming_with(listener, Limits::default())
+    }
+
+    /// [`ServerTls::incoming`] with `limits` on handshakes and connections.
+    pub fn incoming_with(
+        &self,
+        listener: TcpListener,
+        limits: Limits,
+    ) -> impl tokio_stream::Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
         let (tx, rx) = mpsc::channel(64);
         let config = self.config.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -397,12 +687,24 @@ impl ServerTls {
                         }
                     },
                 };
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "too many TLS handshakes in progress: connection closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config.get());
                 let tx = tx.clone();
+                let connections = connections.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let accepted =
+                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+                    drop(handshake);
+                    match accepted {
                         Ok(Ok(stream)) => {
+                            let Ok(slot) = connections.try_acquire_owned() else {
+                                tracing::warn!(%remote, "connection limit reached: connection closed");
+                                return;
+                            };
                             let identity = stream
                                 .get_ref()
                                 .1
@@ -415,6 +717,7 @@ impl ServerTls {
                             };
                             let conn = TlsConn {
                                 stream,
+                                _slot: slot,
                                 info: PeerInfo {
                                     remote_addr: Some(remote),
                                     identity: Arc::new(identity),
@@ -439,6 +742,8 @@ impl ServerTls {
 /// A server-side TLS connection with its verified peer identity.
 pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
+    /// Counts against [`Limits::connections`] until the connection is dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     info: PeerInfo,
 }
 
@@ -494,7 +799,7 @@ impl AsyncWrite for TlsConn {
 /// the configured CA and the name we expect it to have.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Reloading<ClientConfig>,
+    config: Reloading<ClientSide>,
 }
 
 impl ClientTls {
@@ -506,7 +811,8 @@ impl ClientTls {
     }
 
     /// A lazily connecting channel to `endpoint` (`https://host:port` or
-    /// `host:port`) whose server certificate must carry `server_name`, with HTTP/2
+    /// `host:port`) whose server certificate must carry `server_name` (a DNS
+    /// or URI SAN, matched exactly), with HTTP/2
     /// keep-alive so an idle connection to a region stays open between rotations
     /// and a dead one is noticed.
     pub fn channel(&self, endpoint: &str, server_name: &str) -> Result<Channel, TlsError> {
@@ -548,13 +854,17 @@ impl ClientTls {
     }
 
     /// The connector that dials TCP and runs the TLS handshake with the current
-    /// certificates, verifying the server as `server_name`.
-    pub fn connector(&self, server_name: &str) -> Result<Connector, TlsError> {
-        let name = ServerName::try_from(server_name.to_string())
-            .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    /// certificates, verifying the server as `identity` (see [`ExactIdentity`]).
+    pub fn connector(&self, identity: &str) -> Result<Connector, TlsError> {
+        if !valid_identity(identity) {
+            return Err(TlsError::ServerName(identity.to_string()));
+        }
+        // SNI carries the identity when it is a DNS name; a URI has no SNI form.
+        let sni = ServerName::try_from(identity.to_string()).ok();
         Ok(Connector {
             config: self.config.clone(),
-            name,
+            expected: Arc::from(identity),
+            sni,
         })
     }
 }
@@ -562,8 +872,27 @@ impl ClientTls {
 /// A `tower::Service<Uri>` for `Endpoint::connect_with_connector*`.
 #[derive(Clone)]
 pub struct Connector {
-    config: Reloading<ClientConfig>,
-    name: ServerName<'static>,
+    config: Reloading<ClientSide>,
+    expected: Arc<str>,
+    sni: Option<ServerName<'static>>,
+}
+
+impl Connector {
+    /// The current client configuration with this peer's exact identity check.
+    fn client_config(&self) -> Arc<ClientConfig> {
+        let side = self.config.get();
+        let mut config = (*side.config).clone();
+        config.enable_sni = self.sni.is_some();
+        let algorithms = config.crypto_provider().signature_verification_algorithms;
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(ExactIdentity {
+                roots: side.roots.clone(),
+                expected: self.expected.to_string(),
+                algorithms,
+            }));
+        Arc::new(config)
+    }
 }
 
 type ClientStream = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -578,8 +907,8 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = tokio_rustls::TlsConnector::from(self.config.get());
-        let name = self.name.clone();
+        let connector = tokio_rustls::TlsConnector::from(self.client_config());
+        let sni = self.sni.clone();
         Box::pin(async move {
             let host = uri
                 .host()
@@ -588,6 +917,13 @@ impl tower::Service<Uri> for Connector {
                 })?
                 .trim_start_matches('[')
                 .trim_end_matches(']');
+            // Without SNI the name only feeds the verifier, which ignores it.
+            let name = match sni {
+                Some(name) => name,
+                None => ServerName::try_from(host.to_string()).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "endpoint host is no name")
+                })?,
+            };
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
@@ -757,6 +1093,55 @@ mod tests {
         stranger.ca = server.ca.clone();
         let stranger = ClientTls::load(&stranger).unwrap();
         assert!(check(&stranger, addr, "agent-1.test").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_agent_certificate_must_carry_the_configured_identity_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let client = write_identity(dir.path(), "rotator", &ca, &["rotator.test"]);
+        let client = ClientTls::load(&client).unwrap();
+
+        // A wildcard certificate is not every region's certificate.
+        let wildcard = write_identity(dir.path(), "wild", &ca, &["*.agents.test"]);
+        let (addr, _stop) = start_server(&wildcard).await;
+        assert!(
+            check(&client, addr, "region-one.agents.test")
+                .await
+                .is_err()
+        );
+        assert!(client.connector("*.agents.test").is_err());
+
+        // A URI identity works, and only the one configured.
+        let uri = write_identity(dir.path(), "uri", &ca, &["spiffe://cloud/agent/region-one"]);
+        let (addr, _stop) = start_server(&uri).await;
+        check(&client, addr, "spiffe://cloud/agent/region-one")
+            .await
+            .unwrap();
+        assert!(
+            check(&client, addr, "spiffe://cloud/agent/region-two")
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_reload_fingerprint_keeps_no_key_bytes_and_sees_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let files = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        let key = std::fs::read(&files.key).unwrap();
+        let before = fingerprint(&files);
+        for part in before.iter().flatten() {
+            let part: &[u8] = part.as_ref();
+            assert!(
+                !key.windows(16).any(|w| part.windows(16).any(|p| p == w)),
+                "the fingerprint holds private-key bytes"
+            );
+            assert!(part.len() <= 32);
+        }
+        write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        assert_ne!(fingerprint(&files), before);
     }
 
     #[tokio::test]

@@ -57,6 +57,14 @@ pub fn key_set(generation: u64, keys: &mut [pb::Key], digest: &[u8]) -> Result<C
     result
 }
 
+/// Wipes the key bytes of a request that will not be looked at (refused
+/// before its keys were read): dropping a `Vec` leaves its bytes in memory.
+pub fn wipe(keys: &mut [pb::Key]) {
+    for key in keys.iter_mut() {
+        key.material.zeroize();
+    }
+}
+
 fn build(generation: u64, keys: &[pb::Key], digest: &[u8]) -> Result<Checked, Malformed> {
     if generation == 0 {
         return Err(Malformed::GenerationZero);

@@ -7,12 +7,18 @@
 //! so installs are serialized, a drift check never mistakes the agent's own
 //! install for someone else's change, and the last installed set (kept for the
 //! `restore` policy) always matches the stamp on disk.
+//!
+//! Once it holds that mutex, an install or a restore runs in a task of its own
+//! that owns the guard: tonic drops a handler's future when its connection drops
+//! or its deadline passes, and a write cut off there (the swap done, the desired
+//! state not updated, the lock released) would let a second install run beside
+//! it and "restore" an older generation over a newer one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::check::{self, Malformed};
 use super::metrics::AgentMetrics;
@@ -237,7 +243,7 @@ pub struct Managed {
     pub name: String,
     pub path: PathBuf,
     owner: Option<Owner>,
-    desired: Mutex<Desired>,
+    desired: Arc<Mutex<Desired>>,
     view: StdMutex<View>,
     metrics: AgentMetrics,
     /// Fault injection for unit tests: runs once between the install and the
@@ -310,6 +316,19 @@ impl Managed {
         }
         let stamp = repository::read_stamp(&path)?;
         let disk = Disk::read(&path, owner);
+        // A stamp the agent did not write (another owner: the Keystone user
+        // replaced it) is tampering: reported, and its generation not obeyed,
+        // or a forged 2^64-1 would refuse every later install as a rollback.
+        let (stamp, tampered) = match (stamp, stamp_owner(&path)) {
+            (Some(stamp), Some(uid)) if uid != rustix::process::geteuid().as_raw() => (
+                None,
+                Some(format!(
+                    "the stamp claims generation {} but is owned by uid {uid}, not the agent: ignored as tampering",
+                    stamp.generation
+                )),
+            ),
+            (stamp, _) => (stamp, None),
+        };
         let mut desired = Desired {
             generation: 0,
             digest: None,
@@ -321,6 +340,11 @@ impl Managed {
             problem: disk.problem,
             ..View::default()
         };
+        if let Some(detail) = tampered {
+            tracing::warn!(repository = %name, %detail, "stamp tampering");
+            metrics.drift_event(&name);
+            view.drift = Some(detail);
+        }
         if let Some(stamp) = stamp {
             desired.generation = stamp.generation;
             desired.digest = Some(stamp.digest);
@@ -349,7 +373,7 @@ impl Managed {
             name,
             path,
             owner,
-            desired: Mutex::new(desired),
+            desired: Arc::new(Mutex::new(desired)),
             view: StdMutex::new(view),
             metrics,
             #[cfg(test)]
@@ -369,8 +393,13 @@ impl Managed {
         f(&mut guard);
     }
 
-    /// Validates, installs and proves one pushed key set.
-    pub async fn install(&self, mut request: pb::InstallRequest) -> Result<Installed, Refusal> {
+    /// Validates, installs and proves one pushed key set. Cancelling the
+    /// returned future before the install lock is taken changes nothing; after,
+    /// the install runs to completion in its own task (see the module comment).
+    pub async fn install(
+        self: &Arc<Self>,
+        mut request: pb::InstallRequest,
+    ) -> Result<Installed, Refusal> {
         let started = Instant::now();
         let checked = check::key_set(request.generation, &mut request.keys, &request.digest)?;
         let canaries = request.canaries;
@@ -397,9 +426,30 @@ impl Managed {
             return Err(Refusal::Canary(e));
         }
 
-        let mut desired = self.desired.lock().await;
+        let desired = self.desired.clone().lock_owned().await;
+        let this = Arc::clone(self);
+        let restore = request.restore;
+        tokio::spawn(async move {
+            this.install_locked(desired, set, stamp, canaries, restore, started)
+                .await
+        })
+        .await
+        .map_err(|e| Refusal::Internal(format!("install task failed: {e}")))?
+    }
+
+    /// The part of [`Managed::install`] that runs under the install lock, in a
+    /// task no caller can cancel.
+    async fn install_locked(
+        &self,
+        mut desired: OwnedMutexGuard<Desired>,
+        set: Arc<KeySet>,
+        stamp: Stamp,
+        canaries: Vec<pb::Canary>,
+        restore: bool,
+        started: Instant,
+    ) -> Result<Installed, Refusal> {
         if let Some(installed) = desired.digest {
-            if stamp.generation < desired.generation && !request.restore {
+            if stamp.generation < desired.generation && !restore {
                 return Err(Refusal::Rollback {
                     offered: stamp.generation,
                     installed: desired.generation,
@@ -493,7 +543,7 @@ impl Managed {
             digest = %stamp.digest,
             ?indices,
             canaries = canaries.len(),
-            restore = request.restore,
+            restore,
             micros,
             "installed"
         );
@@ -551,8 +601,22 @@ impl Managed {
 
     /// Compares the disk with what the agent installed; reports a change it did
     /// not make and, with `restore`, puts its set back.
-    pub async fn check_drift(&self, restore: bool) -> Option<DriftSeen> {
-        let desired = self.desired.lock().await;
+    pub async fn check_drift(self: &Arc<Self>, restore: bool) -> Option<DriftSeen> {
+        let desired = self.desired.clone().lock_owned().await;
+        let this = Arc::clone(self);
+        // A restore cut off by the drift task's shutdown would leave the disk
+        // and `desired` apart, like a cancelled install.
+        tokio::spawn(async move { this.check_drift_locked(desired, restore).await })
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn check_drift_locked(
+        &self,
+        desired: OwnedMutexGuard<Desired>,
+        restore: bool,
+    ) -> Option<DriftSeen> {
         let on_disk = self.refresh_view().await?;
         let Some(expected) = desired.digest else {
             // Never installed and no stamp: nothing to drift from.
@@ -626,6 +690,14 @@ impl Managed {
     }
 }
 
+/// The owner of the repository's stamp, when it is there (not followed).
+fn stamp_owner(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path.join(repository::STAMP_FILE))
+        .ok()
+        .map(|m| m.uid())
+}
+
 fn drift_detail(stamp: &Stamp, on_disk: Option<Digest>) -> String {
     match on_disk {
         Some(found) => format!(
@@ -647,6 +719,7 @@ fn elapsed_micros(started: Instant) -> u64 {
 mod tests {
     use super::*;
     use crate::repository::Key;
+    use std::time::Duration;
 
     fn sample() -> KeySet {
         KeySet::from_keys((0..3).map(|i| (i, Key::generate())))
@@ -730,7 +803,8 @@ mod tests {
         let repo = tmp.path().join("keys");
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = AgentMetrics::register(&mut registry);
-        let managed = Managed::open("tokens".into(), repo.clone(), None, metrics).expect("open");
+        let managed =
+            Arc::new(Managed::open("tokens".into(), repo.clone(), None, metrics).expect("open"));
         let g1 = sample();
         managed.install(request(&g1, 1)).await.expect("install g1");
 
@@ -793,5 +867,181 @@ mod tests {
                 .contains("differs from installed generation 9")
         );
         assert_eq!(view.indices, vec![0, 2]);
+    }
+    fn open_managed(repo: &Path) -> Arc<Managed> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        Arc::new(Managed::open("tokens".into(), repo.to_path_buf(), None, metrics).expect("open"))
+    }
+
+    /// The call is cancelled while its swap is in progress (held there by the
+    /// fault hook); the rotator's retry must wait for that install and find it
+    /// done, not run a second install beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_install_completes_before_the_next_one_starts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let managed = open_managed(&repo);
+        let g1 = sample();
+        managed.install(request(&g1, 1)).await.expect("install g1");
+        let g2 = crate::repository::rotate(&g1, 3).expect("rotate");
+
+        let (reached_tx, reached) = std::sync::mpsc::channel::<()>();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        *managed.after_install.lock().expect("hook") = Some(Box::new(move |_: &Path| {
+            let _ = reached_tx.send(());
+            let _ = release_rx.recv();
+        }));
+        let call = tokio::spawn({
+            let (managed, request) = (managed.clone(), request(&g2, 2));
+            async move { managed.install(request).await }
+        });
+        tokio::task::spawn_blocking(move || reached.recv())
+            .await
+            .expect("join")
+            .expect("the install reached its swap");
+        // The rotator's deadline passes: tonic drops the handler.
+        call.abort();
+        assert!(call.await.expect_err("aborted").is_cancelled());
+        let retry = tokio::spawn({
+            let (managed, request) = (managed.clone(), request(&g2, 2));
+            async move { managed.install(request).await }
+        });
+        release.send(()).expect("release the first install");
+        let retry = retry.await.expect("join").expect("the retry succeeds");
+        assert_eq!(
+            (retry.generation, retry.unchanged),
+            (2, true),
+            "the retry found the cancelled install done, not running"
+        );
+        managed.check_drift(false).await;
+        let view = managed.view();
+        assert_eq!((view.generation, view.drift), (2, None));
+    }
+
+    /// Calls cancelled at random points, each followed by the rotator's retry,
+    /// while a reader samples the stamp the way an operator's tools would: the
+    /// generation on disk never goes down, every retry succeeds, and the agent's
+    /// memory always agrees with the disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn installs_cancelled_at_random_points_never_go_back() {
+        const ROUNDS: u64 = 60;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let managed = open_managed(&repo);
+        let mut set = sample();
+        managed.install(request(&set, 1)).await.expect("install g1");
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (repo, stop) = (repo.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut highest, mut samples) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Ok(Some(stamp)) = repository::read_stamp(&repo) {
+                        assert!(
+                            stamp.generation >= highest,
+                            "the repository went back from generation {highest} to {}",
+                            stamp.generation
+                        );
+                        highest = stamp.generation;
+                        samples += 1;
+                    }
+                }
+                samples
+            })
+        };
+        for generation in 2..=ROUNDS + 1 {
+            let next = crate::repository::rotate(&set, 3).expect("rotate");
+            let call = tokio::spawn({
+                let (managed, request) = (managed.clone(), request(&next, generation));
+                async move { managed.install(request).await }
+            });
+            // An install takes a few milliseconds here; cancel anywhere in it.
+            let point = rand::random_range(0..4000);
+            tokio::time::sleep(Duration::from_micros(point)).await;
+            call.abort();
+            let _ = call.await;
+            // Whatever the call's fate, once the repository is quiet its memory
+            // and its disk agree, and keep agreeing: no install runs on orphaned.
+            managed.quiesce().await;
+            let window = std::time::Instant::now() + Duration::from_millis(30);
+            while std::time::Instant::now() < window {
+                let on_disk = repository::read_stamp(&repo)
+                    .expect("stamp")
+                    .map(|s| s.generation);
+                assert_eq!(
+                    on_disk,
+                    Some(managed.view().generation),
+                    "round {generation}: an install went on after its call was cancelled"
+                );
+                tokio::task::yield_now().await;
+            }
+            let retry = managed
+                .install(request(&next, generation))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("retry of generation {generation}: {}", error_chain(&e))
+                });
+            assert_eq!(retry.generation, generation);
+            managed.check_drift(false).await;
+            let view = managed.view();
+            assert_eq!(
+                (view.generation, view.digest, view.drift),
+                (generation, Some(next.digest()), None),
+                "round {generation}: memory and disk disagree"
+            );
+            set = next;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let samples = sampler.join().expect("the sampler saw no step back");
+        assert!(samples > 0);
+    }
+
+    /// The Keystone user rewrites the stamp to generation 2^64-1: reported as
+    /// tampering at start, and the rotator's next generation is still installed.
+    #[tokio::test]
+    async fn a_stamp_the_agent_did_not_write_is_tampering_not_obeyed() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("keys");
+        let g1 = sample();
+        let managed = open_managed(&repo);
+        managed.install(request(&g1, 1)).await.expect("install g1");
+        let stamp_path = repo.join(repository::STAMP_FILE);
+        assert_eq!(
+            std::fs::metadata(&stamp_path).expect("stamp").uid(),
+            rustix::process::geteuid().as_raw(),
+            "the stamp is the agent's"
+        );
+        drop(managed);
+
+        let forged = Stamp {
+            generation: u64::MAX,
+            digest: g1.digest(),
+            promoted: Default::default(),
+            agent: true,
+        };
+        std::fs::remove_file(&stamp_path).expect("unlink");
+        std::fs::write(&stamp_path, forged.encode()).expect("forge");
+        let other = rustix::process::geteuid().as_raw() + 4242;
+        std::os::unix::fs::chown(&stamp_path, Some(other), None)
+            .expect("give the stamp away (the test runs as root)");
+
+        let managed = open_managed(&repo);
+        let view = managed.view();
+        assert!(
+            view.drift
+                .as_deref()
+                .is_some_and(|d| d.contains("tampering")),
+            "{view:?}"
+        );
+        assert_eq!(view.generation, 0);
+        let g2 = crate::repository::rotate(&g1, 3).expect("rotate");
+        let done = managed
+            .install(request(&g2, 2))
+            .await
+            .expect("the next generation is not refused as a rollback");
+        assert_eq!(done.generation, 2);
     }
 }

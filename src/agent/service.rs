@@ -1,5 +1,6 @@
 //! The gRPC face of the agent: `fernetd.v1.Distribution` (`Install`, `GetState`).
-//! Handlers authorize the caller by its verified certificate identity, route to
+//! The transport refuses other callers before a body is read
+//! ([`crate::tls::Authorization`]); handlers check again, route to
 //! the named repository, and turn refusals into gRPC statuses; the work itself
 //! lives in `managed`.
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::check;
 use super::managed::{Managed, Refusal};
 use super::metrics::AgentMetrics;
 use crate::error_chain;
@@ -18,6 +20,8 @@ use crate::tls;
 pub struct Distribution {
     pub region: String,
     pub rotator_identity: String,
+    /// Who may read `GetState`: the rotator and the configured monitors.
+    pub readers: Vec<String>,
     pub repositories: BTreeMap<String, Arc<Managed>>,
     pub metrics: AgentMetrics,
     pub audit: Option<Arc<crate::audit::AuditLog>>,
@@ -35,6 +39,13 @@ impl Distribution {
     }
 }
 
+/// The refusal of an Install for a repository this agent does not manage;
+/// the keys it carried are wiped first.
+fn unknown_repository(request: &mut pb::InstallRequest) -> Refusal {
+    check::wipe(&mut request.keys);
+    Refusal::UnknownRepository(request.repository.clone())
+}
+
 #[tonic::async_trait]
 impl pb::distribution_server::Distribution for Distribution {
     async fn install(
@@ -48,14 +59,16 @@ impl pb::distribution_server::Distribution for Distribution {
             std::slice::from_ref(&self.rotator_identity),
             "rotator",
         ) {
+            check::wipe(&mut request.into_inner().keys);
             self.metrics.refused(self.label(&name), "permission");
             // Debug-quoted: the name comes from the client.
             tracing::warn!(repository = ?name, generation, error = %status.message(), "install refused");
             return Err(status);
         }
+        let mut request = request.into_inner();
         let outcome = match self.repositories.get(&name) {
-            None => Err(Refusal::UnknownRepository(name.clone())),
-            Some(repo) => repo.install(request.into_inner()).await,
+            None => Err(unknown_repository(&mut request)),
+            Some(repo) => repo.install(request).await,
         };
         // On disk before the rotator hears the answer.
         let entry = match &outcome {
@@ -111,8 +124,11 @@ impl pb::distribution_server::Distribution for Distribution {
 
     async fn get_state(
         &self,
-        _request: Request<pb::GetStateRequest>,
+        request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
+        // Also refused by the transport's authorization layer; kept here so the
+        // service is safe wherever it is mounted.
+        tls::authorize(&request, &self.readers, "rotator or monitor")?;
         let repositories = self
             .repositories
             .values()
@@ -135,5 +151,36 @@ impl pb::distribution_server::Distribution for Distribution {
             repositories,
             version: crate::VERSION.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keys_of_an_install_for_an_unknown_repository_are_wiped() {
+        let set = crate::repository::init(3).expect("init");
+        let mut request = pb::InstallRequest {
+            repository: "nobody-manages-this".into(),
+            generation: 1,
+            keys: check::to_wire(&set),
+            ..Default::default()
+        };
+        assert!(
+            request
+                .keys
+                .iter()
+                .any(|k| k.material.iter().any(|b| *b != 0))
+        );
+        let refusal = unknown_repository(&mut request);
+        assert_eq!(refusal.reason(), "unknown_repository");
+        assert!(
+            request
+                .keys
+                .iter()
+                .all(|k| k.material.iter().all(|b| *b == 0)),
+            "key bytes left in memory"
+        );
     }
 }

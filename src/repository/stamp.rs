@@ -12,6 +12,9 @@ use super::Digest;
 /// The file, inside a repository, that records its generation and digest.
 pub const STAMP_FILE: &str = ".fernetd-stamp";
 
+/// The most a stamp may hold (its promotion times grow with the key count).
+const MAX_STAMP_BYTES: u64 = 64 * 1024;
+
 /// The generation and digest a repository holds, recorded in [`STAMP_FILE`],
 /// and when each of its keys became primary (as far as the rotator knows).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +90,46 @@ impl Stamp {
 
 /// Reads the generation and digest recorded in the repository, if any.
 pub fn read_stamp(target: &Path) -> Result<Option<Stamp>, StampError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = target.join(STAMP_FILE);
-    match std::fs::read(&path) {
+    // Never through a link, never more than a stamp can hold.
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .and_then(|file| super::read_capped(file, MAX_STAMP_BYTES));
+    match read {
         Ok(bytes) => Stamp::decode(&bytes)
             .map(Some)
             .map_err(|reason| StampError::Malformed { path, reason }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StampError::Read { path, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_is_not_read_through_a_link_nor_past_its_cap() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tmp.path().join("elsewhere");
+        let stamp = Stamp {
+            generation: 3,
+            digest: Digest([7; 32]),
+            promoted: BTreeMap::new(),
+            agent: false,
+        };
+        std::fs::write(&elsewhere, stamp.encode()).expect("write");
+        let repo = tmp.path().join("repo");
+        std::fs::create_dir(&repo).expect("mkdir");
+        std::os::unix::fs::symlink(&elsewhere, repo.join(STAMP_FILE)).expect("link");
+        assert!(matches!(read_stamp(&repo), Err(StampError::Read { .. })));
+        std::fs::remove_file(repo.join(STAMP_FILE)).expect("unlink");
+        std::fs::write(repo.join(STAMP_FILE), vec![b' '; 1 << 20]).expect("write");
+        assert!(matches!(read_stamp(&repo), Err(StampError::Read { .. })));
+        std::fs::write(repo.join(STAMP_FILE), stamp.encode()).expect("write");
+        assert_eq!(read_stamp(&repo).expect("read"), Some(stamp));
     }
 }

@@ -193,6 +193,9 @@ pub(super) struct Held {
     pub(super) unix_ms: i64,
     /// The agent reported that its on-disk repository differs from what it installed.
     pub(super) drift: bool,
+    /// Read from the rotator's disk at start, not yet confirmed by the agent:
+    /// shown in status, never counted by the safety rule.
+    pub(super) restored: bool,
 }
 
 /// Per-agent mutable state: a few words, whatever the number of agents.
@@ -370,8 +373,8 @@ impl Core {
             .map(|(r, repo)| (RepoId(r), repo))
     }
 
-    /// Restores what agents acknowledged before a restart. Only a hint: every
-    /// agent's state is read back before the rotator relies on it.
+    /// Restores what agents acknowledged before a restart. Only a hint: it
+    /// counts for the safety rule once the agent was read back (`restored`).
     pub(super) fn restore_acks(&self, acks: &Acks) {
         for (r, repo) in self.repos() {
             let Some(by_region) = acks.get(&repo.name) else {
@@ -384,6 +387,7 @@ impl Core {
                         digest: Digest::from_hex(&rec.digest),
                         unix_ms: rec.unix_ms,
                         drift: false,
+                        restored: true,
                     };
                 }
             }
@@ -461,6 +465,7 @@ impl Core {
         held.generation == generation.number
             && held.digest == Some(generation.digest)
             && !held.drift
+            && !held.restored
     }
 
     /// A reason not to push: the agent holds a newer generation than the
@@ -475,7 +480,7 @@ impl Core {
         let held = self.agents[i].lock().held[r];
         if held.generation > generation.number {
             Some(format!(
-                "agent holds generation {} of `{}`, newer than the rotator's {}: restore the rotator's state or restore the agent",
+                "agent holds generation {} of `{}`, newer than the rotator's {} (lost rotator state, a second rotator, or tampering): restore the rotator's state or restore the agent",
                 held.generation, self.repos[r].name, generation.number
             ))
         } else if held.generation == generation.number
@@ -565,6 +570,7 @@ impl Core {
                     digest: Digest::from_slice(&rs.digest),
                     unix_ms: now_ms(),
                     drift: rs.drift,
+                    restored: false,
                 },
             );
         }
@@ -603,6 +609,7 @@ impl Core {
                 digest,
                 unix_ms: now_ms(),
                 drift: false,
+                restored: false,
             },
         );
         Ok(())
@@ -631,14 +638,20 @@ impl Core {
         shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
         let selected = self.select(&request.repositories)?;
-        let mut outcomes = Vec::with_capacity(selected.len());
-        let mut committed = Vec::new();
-        {
-            let _one_at_a_time = self.rotation.lock().await;
+        // Commits (state saved, then taken into memory) run in a task of their
+        // own: a cancelled Admin call must not leave a save running beside the
+        // next rotation, nor a saved generation that memory never took.
+        let this = Arc::clone(self);
+        let (force, dry_run) = (request.force, request.dry_run);
+        let actor = actor.to_owned();
+        let (mut outcomes, committed) = tokio::spawn(async move {
+            let _one_at_a_time = this.rotation.lock().await;
+            let mut outcomes = Vec::with_capacity(selected.len());
+            let mut committed = Vec::new();
             for r in selected {
-                let outcome = self.rotate_one(r, request.force, request.dry_run).await?;
-                if !request.dry_run {
-                    self.audit_outcome(actor, "rotation", request.force, &outcome)
+                let outcome = this.rotate_one(r, force, dry_run).await?;
+                if !dry_run {
+                    this.audit_outcome(&actor, "rotation", force, &outcome)
                         .await;
                 }
                 if outcome.rotated {
@@ -646,7 +659,10 @@ impl Core {
                 }
                 outcomes.push(outcome);
             }
-        }
+            Ok::<_, RotatorError>((outcomes, committed))
+        })
+        .await
+        .map_err(|e| RotatorError::Task(e.to_string()))??;
         if !request.no_wait && !request.dry_run && !committed.is_empty() {
             let wait = match request.wait_ms {
                 0 => self.fanout.ack_wait,
@@ -1563,6 +1579,69 @@ pub(super) mod tests {
         assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
         let row = &core.agent_statuses()[0];
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
+    }
+
+    /// Admin `rotate` calls cancelled at random points (the client gave up):
+    /// once the rotation lock is free, the state on disk and the generation in
+    /// memory agree and keep agreeing; no save runs on orphaned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_rotate_never_leaves_disk_and_memory_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let stop = CancellationToken::new();
+        for round in 0..40 {
+            ack(&core, AgentId(0));
+            let call = tokio::spawn({
+                let (core, stop) = (core.clone(), stop.clone());
+                async move { core.rotate(&request(false, false), "test", stop).await }
+            });
+            tokio::time::sleep(Duration::from_micros(rand::random_range(0..3000))).await;
+            call.abort();
+            let _ = call.await;
+            drop(core.rotation.lock().await);
+            let window = std::time::Instant::now() + Duration::from_millis(30);
+            while std::time::Instant::now() < window {
+                let on_disk = core.store.load("tokens").expect("load").expect("state");
+                let current = core.repos[0].current();
+                assert_eq!(
+                    (on_disk.generation, on_disk.keys.digest()),
+                    (current.number, current.digest),
+                    "round {round}: a save went on after its call was cancelled"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_from_disk_do_not_count_until_the_agent_is_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["RegionOne"]);
+        let current = core.repos[0].current();
+        let mut acks = Acks::new();
+        acks.entry("tokens".into()).or_default().insert(
+            "RegionOne".into(),
+            AckRecord {
+                generation: current.number,
+                digest: current.digest.to_hex(),
+                unix_ms: 1,
+            },
+        );
+        core.restore_acks(&acks);
+        assert!(!core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(!core.may_rotate(RepoId(0)));
+        let state = pb::GetStateResponse {
+            region: "RegionOne".into(),
+            repositories: vec![pb::RepositoryState {
+                name: "tokens".into(),
+                generation: current.number,
+                digest: current.digest.0.to_vec(),
+                ..Default::default()
+            }],
+            version: String::new(),
+        };
+        core.observe_state(AgentId(0), &state).expect("observed");
+        assert!(core.may_rotate(RepoId(0)));
     }
 
     #[tokio::test]

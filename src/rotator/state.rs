@@ -128,6 +128,7 @@ impl StateStore {
             })?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StateError::Locked(dir.to_path_buf()))?;
+        clean_temporaries(dir)?;
         Ok(StateStore {
             dir: dir.to_path_buf(),
             _lock: std::sync::Arc::new(lock),
@@ -281,20 +282,53 @@ fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
     Ok(Committed { generation, keys })
 }
 
-/// Temporary file (0600, exclusive), write, fsync, rename, fsync directory.
+/// Marks the temporary files of [`write_atomic`]: `.<name>.tmp-<unique>`.
+const TMP_MARK: &str = ".tmp-";
+
+/// Removes temporary files a crash left behind. Called with the directory lock
+/// held, so no writer of ours is running.
+fn clean_temporaries(dir: &Path) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(TMP_MARK) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StateError::Io {
+                        path: entry.path(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Temporary file (0600, exclusive, a name no other writer uses), write,
+/// fsync, rename, fsync directory. Two writers of one file each rename their
+/// own complete copy; the last rename wins, never a partial file.
 fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StateError::Io { path, source }
     };
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    // A leftover from a crash during a previous write holds nothing we need.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&tmp)(e)),
-    }
+    let tmp = dir.join(format!(
+        ".{file_name}{TMP_MARK}{}-{}-{:016x}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u64>()
+    ));
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -304,10 +338,15 @@ fn write_atomic(dir: &Path, path: &Path, content: &[u8]) -> Result<(), StateErro
     // An umask or an inherited ACL must not widen it.
     file.set_permissions(fs::Permissions::from_mode(0o600))
         .map_err(io(&tmp))?;
-    file.write_all(content).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
+    let written = file
+        .write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp));
     drop(file);
-    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path).map_err(io(path))) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))?;
@@ -352,6 +391,53 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    /// A cancelled Admin call's save still running beside the next one: each
+    /// writer renames its own complete file, none fails or publishes another's
+    /// partial file.
+    #[test]
+    fn concurrent_saves_never_share_a_temporary_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..40u64 {
+                        let committed = Committed {
+                            generation: w * 1000 + n,
+                            keys: set(3),
+                        };
+                        store.save("tokens", &committed).expect("save");
+                        store.save_acks(&Acks::new()).expect("save acks");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("every save succeeded");
+        }
+        store
+            .load("tokens")
+            .expect("a whole file")
+            .expect("present");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(TMP_MARK))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+    }
+
+    #[test]
+    fn leftover_temporaries_are_removed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leftover = dir.path().join(format!(".tokens.state{TMP_MARK}1-0-00"));
+        fs::write(&leftover, b"partial").expect("write");
+        drop(StateStore::open(dir.path()).expect("open"));
+        assert!(!leftover.exists());
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::common::pki::{Ca, Leaf, TlsFiles, client_tls, write_file};
 
 const ROTATOR: &str = "rotator.fernetd.test";
 const AGENT: &str = "region-one.agent.fernetd.test";
+/// A monitoring system's identity, configured as `monitor_identities`.
+const MONITOR: &str = "monitor.fernetd.test";
 
 /// The identities one test needs.
 struct Pki {
@@ -166,6 +168,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         listen: free_addr(),
         metrics: Some(free_addr()),
         rotator_identity: ROTATOR.into(),
+        monitor_identities: vec![MONITOR.into()],
         drift: DriftPolicy::Report,
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
@@ -1033,5 +1036,66 @@ async fn no_drift_is_reported_after_run_returns() {
     assert!(
         !text.contains(" WARN ") && !text.contains("drift:"),
         "drift reported after run returned:\n{text}"
+    );
+}
+
+/// Only the rotator and the configured monitors may read the agent (GetState,
+/// health Check and Watch); only the rotator may install; and a refused peer
+/// is refused for who it is before its request body is decoded, whatever its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let pki = Pki::new();
+    let agent = Agent::start(&pki, DriftPolicy::Report).await;
+    let monitor = pki.ca.issue(&[MONITOR]);
+    let stranger = pki.ca.issue(&["stranger.fernetd.test"]);
+    let g1 = new_set([0, 1, 2]);
+
+    let mut as_monitor = agent.client(Some(&monitor)).await.expect("connect");
+    as_monitor
+        .get_state(pb::GetStateRequest {})
+        .await
+        .expect("a monitor reads the state");
+    let status = code(as_monitor.install(request(&g1, 1)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let mut as_stranger = agent.client(Some(&stranger)).await.expect("connect");
+    let status = as_stranger
+        .get_state(pb::GetStateRequest {})
+        .await
+        .expect_err("a stranger reads nothing");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let channel = daemon::connect(
+        agent.addr,
+        client_tls(&agent.ca_pem, Some(&stranger), AGENT),
+    )
+    .await
+    .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("no health check for a stranger");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect_err("no health watch for a stranger");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // Larger than the agent would decode: refused for its sender, not its size.
+    let huge = pb::InstallRequest {
+        canaries: vec![pb::Canary {
+            token: "x".repeat(2 * fernetd::config::DEFAULT_MAX_MESSAGE_BYTES),
+            key_index: 0,
+        }],
+        ..request(&g1, 1)
+    };
+    let status = code(as_stranger.install(huge).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        agent.state(&pki).await.generation,
+        0,
+        "nothing was installed"
     );
 }

@@ -290,7 +290,7 @@ print(json.dumps({'order': order, 'accepted': accepted}))
 
 /// fernetd reads odd repositories and key files exactly as Keystone does: file
 /// names Python's `int()` accepts (`01`, ` 2`, `+3`, `1_0`), duplicates (`1` and
-/// `01`: the later listed wins), empty files, symlinks, directories, temporary
+/// `01`: the later listed wins), empty files, directories, temporary
 /// names; key files with newlines, spaces, the standard alphabet, data after the
 /// padding, and the malformed ones.
 #[test]
@@ -316,8 +316,6 @@ fn loader_matches_keystone_on_odd_input() {
     for (name, content) in files {
         std::fs::write(repo.join(name), content).expect("write");
     }
-    std::os::unix::fs::symlink("+3", repo.join("6")).expect("symlink");
-    std::os::unix::fs::symlink("missing", repo.join("7")).expect("symlink");
     std::fs::create_dir(repo.join("8")).expect("mkdir");
 
     let std_b64 = base64::engine::general_purpose::STANDARD.encode([0xfb; 32]);
@@ -365,7 +363,15 @@ fn loader_matches_keystone_on_odd_input() {
         "key file acceptance differs"
     );
     let loaded = repository::load(&repo).expect("load");
-    assert_eq!(loaded.indices(), vec![0, 1, 2, 3, 6, 10]);
+    assert_eq!(loaded.indices(), vec![0, 1, 2, 3, 10]);
+
+    // Where Keystone would follow a link, fernetd refuses to (issue 11).
+    for target in ["+3", "missing", "/etc/shadow"] {
+        std::os::unix::fs::symlink(target, repo.join("6")).expect("symlink");
+        let refused = repository::load(&repo).expect_err("a link under a key's name");
+        assert!(refused.to_string().contains("/6"), "{refused}");
+        std::fs::remove_file(repo.join("6")).expect("unlink");
+    }
 }
 
 /// Two fixed key sets, one rotation apart, and their stamps.

@@ -98,6 +98,8 @@ impl Cluster {
                 listen: addr,
                 metrics: None,
                 rotator_identity: ROTATOR_ID.into(),
+                // The tests check each agent's health as the administrator.
+                monitor_identities: vec![ADMIN_ID.into()],
                 drift: Default::default(),
                 drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
@@ -1035,6 +1037,196 @@ async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_
     let mut keys = BTreeSet::new();
     key_forms(&cluster.repo_state(0), &mut keys);
     assert_no_keys_in_logs(&cluster.logs, &keys);
+}
+
+/// What the load test saw of the agent process.
+#[derive(Debug, Default, Clone, Copy)]
+struct ProcessPeak {
+    rss_kib: u64,
+    fds: usize,
+}
+
+fn process_now(pid: u32) -> ProcessPeak {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    ProcessPeak { rss_kib, fds }
+}
+
+/// One rotation through the admin CLI, timed.
+fn timed_rotation(cluster: &Cluster) -> Duration {
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| cluster.rotate_ok());
+    started.elapsed()
+}
+
+/// 2,000 concurrent connections without a client certificate (half idle TCP,
+/// half TLS handshakes without a certificate) and 200 health `Watch` streams
+/// from a certificate with the wrong identity, all against one agent and
+/// reconnecting as soon as they are dropped: rotations keep completing in
+/// their usual time, and the agent's memory and descriptors stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_strangers_does_not_take_the_agent_from_its_rotator() {
+    const NO_CERT: usize = 2000;
+    const WRONG_IDENTITY_STREAMS: usize = 200;
+    const ROTATIONS: usize = 3;
+    let mut cluster = Cluster::start(&["RegionOne"], agent_identity).await;
+    let agent_addr = cluster.agents[0].addr;
+    let pid = cluster.agent(0).pid();
+    let idle = process_now(pid);
+
+    let usual: Vec<Duration> = (0..ROTATIONS).map(|_| timed_rotation(&cluster)).collect();
+    let usual_max = usual.iter().max().copied().unwrap_or_default();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let watches_accepted = Arc::new(AtomicUsize::new(0));
+    let watches_refused = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let ca_pem = cluster.ca.cert_pem().to_string();
+    let agent_name = agent_identity("RegionOne");
+    for i in 0..NO_CERT {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        let tls = client_tls(&ca_pem, None, &agent_name);
+        tasks.spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                if i % 2 == 0 {
+                    // Idle TCP: holds a handshake slot until it is dropped.
+                    if let Ok(mut tcp) = tokio::net::TcpStream::connect(agent_addr).await {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        let mut buf = [0u8; 64];
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+                        )
+                        .await;
+                    }
+                } else {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    let _ = crate::common::daemon::connect(agent_addr, tls.clone()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    let stranger = cluster.ca.issue(&["stranger.fernetd.test"]);
+    for _ in 0..WRONG_IDENTITY_STREAMS / 20 {
+        let tls = client_tls(&ca_pem, Some(&stranger), &agent_name);
+        let channel = loop {
+            if let Ok(channel) = crate::common::daemon::connect(agent_addr, tls.clone()).await {
+                break channel;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for _ in 0..20 {
+            let (stop, accepted, refused) = (
+                stop.clone(),
+                watches_accepted.clone(),
+                watches_refused.clone(),
+            );
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            tasks.spawn(async move {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    match health
+                        .watch(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                    {
+                        Ok(stream) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            held.push(stream);
+                        }
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+    }
+    let peak = Arc::new(std::sync::Mutex::new(idle));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let now = process_now(pid);
+                {
+                    let mut p = peak.lock().expect("peak");
+                    p.rss_kib = p.rss_kib.max(now.rss_kib);
+                    p.fds = p.fds.max(now.fds);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // Let the flood build up before rotating under it.
+    poll_until(Duration::from_secs(30), "the flood is under way", || {
+        let opened = opened.clone();
+        async move { (opened.load(Ordering::Relaxed) >= NO_CERT).then_some(()) }
+    })
+    .await;
+    let flooded: Vec<Duration> = (0..ROTATIONS).map(|_| timed_rotation(&cluster)).collect();
+    stop.store(true, Ordering::Release);
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let _ = sampler.await;
+    let peak = *peak.lock().expect("peak");
+    let flooded_max = flooded.iter().max().copied().unwrap_or_default();
+    let limits = fernetd::tls::Limits::default();
+    let fd_bound = idle.fds + limits.handshakes + limits.connections;
+    let rss_bound_kib = idle.rss_kib + 128 * 1024;
+    println!(
+        "load: usual rotations {usual:?}, under flood {flooded:?}; connections opened {}; \
+         wrong-identity watches refused {} accepted {}; agent idle {idle:?}, peak {peak:?}; \
+         bounds: fds {fd_bound}, rss {rss_bound_kib} KiB",
+        opened.load(Ordering::Relaxed),
+        watches_refused.load(Ordering::Relaxed),
+        watches_accepted.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        watches_accepted.load(Ordering::Relaxed),
+        0,
+        "a wrong identity opened a Watch stream"
+    );
+    assert!(watches_refused.load(Ordering::Relaxed) >= WRONG_IDENTITY_STREAMS);
+    assert!(
+        flooded_max <= usual_max * 4 + Duration::from_secs(2),
+        "rotations slowed from {usual_max:?} to {flooded_max:?} under the flood"
+    );
+    assert!(
+        peak.fds <= fd_bound,
+        "descriptors {} > {fd_bound}",
+        peak.fds
+    );
+    assert!(
+        peak.rss_kib <= rss_bound_kib,
+        "memory {} KiB > {rss_bound_kib} KiB",
+        peak.rss_kib
+    );
+}
+
+/// A corrupt state file is the operator's to fix: exit 2 (which systemd does
+/// not restart forever) with the file named, not 3.
+#[test]
+fn a_corrupt_state_exits_2_naming_the_file() {
+    let cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    let config = cluster.rotator_config();
+    std::fs::create_dir_all(&config.state_dir).expect("state dir");
+    let state = config
+        .state_dir
+        .join(format!("{}.state", config.repositories[0].name));
+    std::fs::write(&state, "fernetd-rotator-state 1\ngeneration x\n").expect("corrupt state");
+    let stderr = cluster.refused_start();
+    assert!(stderr.contains(&*state.to_string_lossy()), "{stderr}");
 }
 
 #[path = "lifetimes.rs"]

@@ -164,7 +164,7 @@ fn units_carry_the_required_hardening() {
         }
     }
     let agent = std::fs::read_to_string(systemd_dir().join("fernetd-agent.service")).unwrap();
-    assert!(agent.lines().any(|l| l == "User=fernetd"));
+    assert!(agent.lines().any(|l| l == "User=fernetd-agent"));
     assert!(
         agent
             .lines()
@@ -173,9 +173,32 @@ fn units_carry_the_required_hardening() {
     assert!(
         agent
             .lines()
-            .any(|l| l == "ReadWritePaths=/etc/keystone/fernetd /var/lib/fernetd")
+            .any(|l| l == "ReadWritePaths=/etc/keystone/fernetd")
     );
     let rotator = std::fs::read_to_string(systemd_dir().join("fernetd-rotator.service")).unwrap();
+    // Two users: the agent can touch neither the rotator's state nor its user.
+    assert!(rotator.lines().any(|l| l == "User=fernetd-rotator"));
+    let directives = |text: &str, key: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{key}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        directives(&agent, "StateDirectory").is_empty(),
+        "the agent unit must not own the rotator's state directory"
+    );
+    assert!(
+        directives(&agent, "ReadWritePaths")
+            .iter()
+            .all(|l| !l.contains("/var/lib/fernetd")),
+        "the agent unit can write the rotator's state"
+    );
+    assert!(
+        agent
+            .lines()
+            .any(|l| l == "InaccessiblePaths=-/var/lib/fernetd")
+    );
     assert!(
         rotator.lines().any(|l| l == "CapabilityBoundingSet="),
         "the rotator needs no capability"
@@ -199,6 +222,17 @@ fn units_carry_the_required_hardening() {
         assert!(
             score <= 2.5,
             "{} exposure {score} > 2.5:\n{text}",
+            path.display()
+        );
+        // No worse than measured before the two users were split (issue 11).
+        let before = match path.file_name().and_then(|n| n.to_str()) {
+            Some("fernetd-rotator.service") => 1.2,
+            Some("fernetd-agent.service") => 2.0,
+            _ => 2.5,
+        };
+        assert!(
+            score <= before,
+            "{} exposure {score} is worse than {before}:\n{text}",
             path.display()
         );
     }
@@ -233,6 +267,11 @@ fn sysusers_and_tmpfiles_make_the_user_and_the_repository_parent() {
     };
     let meta = std::fs::metadata(root.path().join("etc/keystone/fernetd")).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o750);
-    assert_eq!(meta.uid(), id("passwd", "fernetd", 2));
+    assert_eq!(meta.uid(), id("passwd", "fernetd-agent", 2));
+    assert_ne!(
+        id("passwd", "fernetd-agent", 2),
+        id("passwd", "fernetd-rotator", 2),
+        "one user per role"
+    );
     assert_eq!(meta.gid(), id("group", "keystone", 2));
 }
