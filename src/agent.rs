@@ -157,6 +157,7 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let drift = drift::spawn(
+        crate::fswatch::FileWatch::shared(),
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
         config.drift_check,

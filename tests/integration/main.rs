@@ -8,3 +8,4 @@ mod repo;
 mod rotator;
 mod systemd;
 mod token;
+mod watch;
