@@ -173,3 +173,84 @@ async fn a_one_shot_admin_command_watches_nothing() {
     );
     admin.kill();
 }
+
+/// The scenario: `fernetd demo --config-only --regions 100`, each agent
+/// and the rotator its own process on this host, under the kernel's default
+/// limit of 128 inotify instances per user. Every agent starts and stays up,
+/// every region converges, and `fernetd admin status` works beside them.
+#[tokio::test]
+async fn a_hundred_agents_and_their_rotator_start_on_one_host() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    demo_config(dir, 100);
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(dir.join("agents"))
+        .expect("read the agents' configurations")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    configs.sort();
+    assert_eq!(
+        configs.len(),
+        100,
+        "demo wrote {} agent configurations",
+        configs.len()
+    );
+    let mut daemons: Vec<Daemon> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, config)| {
+            Daemon::spawn(
+                &format!("hundred-agent-{i}"),
+                [
+                    OsStr::new("agent"),
+                    OsStr::new("--config"),
+                    config.as_os_str(),
+                ],
+            )
+        })
+        .collect();
+    let rotator_config = dir.join("rotator.toml");
+    daemons.push(Daemon::spawn(
+        "hundred-rotator",
+        [
+            OsStr::new("rotator"),
+            OsStr::new("--config"),
+            rotator_config.as_os_str(),
+        ],
+    ));
+
+    let admin_config = dir.join("admin.toml");
+    poll_until(
+        Duration::from_secs(120),
+        "100 regions to converge",
+        || async { (admin_status(&admin_config) == 0).then_some(()) },
+    )
+    .await;
+    let mut total = 0;
+    for daemon in &mut daemons {
+        assert!(
+            daemon.try_exit().is_none(),
+            "{} exited:\n{}",
+            daemon.name(),
+            daemon.log()
+        );
+        let held = inotify_instances(daemon.pid());
+        assert!(
+            held <= 1,
+            "{} holds {held} inotify instances",
+            daemon.name()
+        );
+        total += held;
+        assert!(
+            !daemon.log().contains("Too many open files"),
+            "{}:\n{}",
+            daemon.name(),
+            daemon.log()
+        );
+    }
+    assert!(total <= 101, "the fleet holds {total} inotify instances");
+    for daemon in &mut daemons {
+        daemon.kill();
+    }
+}
