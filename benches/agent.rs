@@ -100,7 +100,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         let _ = stopped.await;
     }));
     let channel =
-        ClientTls::load(&rotator_tls)?.channel(&format!("https://{addr}"), "agent.bench")?;
+        ClientTls::load_once(&rotator_tls)?.channel(&format!("https://{addr}"), "agent.bench")?;
     let client = DistributionClient::new(channel);
 
     let mut set = repository::init(3)?;

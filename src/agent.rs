@@ -199,6 +199,7 @@ pub async fn run(
     }
 
     let drift = drift::spawn(
+        crate::fswatch::FileWatch::shared(),
         repositories.values().cloned().collect(),
         config.drift == DriftPolicy::Restore,
         config.drift_check,

@@ -2,7 +2,7 @@
 //! every generation over mutual-TLS gRPC to an agent in each region, promoting a key
 //! only once every region holds it. Each module below owns one responsibility, and
 //! dependencies run one way (ARCHITECTURE.md): formats (`repository`, `token`,
-//! `policy`, `config`) → mechanisms (`install`, `tls`, `metrics`) → roles
+//! `policy`, `config`) → mechanisms (`install`, `fswatch`, `tls`, `metrics`) → roles
 //! (`rotator`, `agent`) → `demo` → `cli`, the binary's edge.
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fswatch;
 pub mod install;
 pub mod metrics;
 pub mod policy;

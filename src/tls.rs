@@ -29,6 +29,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::TlsConfig;
+use crate::fswatch::FileWatch;
 
 /// The transport limits of our gRPC servers (agent and rotator), so that no
 /// peer, with or without a certificate, can take a server away from the peers
@@ -252,17 +253,15 @@ pub enum TlsError {
     ServerName(String),
     #[error("invalid endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
-    #[error("cannot watch certificate files for changes")]
-    Watch(#[source] notify::Error),
 }
 
 impl TlsError {
     /// Whether the operator must fix the configuration (exit 2): a certificate,
     /// key or CA named there is missing, unreadable, unparseable or mismatched,
-    /// or an endpoint is malformed. Only failing to watch the files (an inotify
-    /// limit, say) is the environment's fault (exit 3).
+    /// or an endpoint is malformed. Every variant is; following the files never
+    /// fails a start (it falls back to polling, see `fswatch`).
     pub fn is_config(&self) -> bool {
-        !matches!(self, TlsError::Watch(_))
+        true
     }
 }
 
@@ -539,19 +538,24 @@ impl<C> Clone for Reloading<C> {
 }
 
 impl<C: Send + Sync + 'static> Reloading<C> {
-    /// Must be called within a Tokio runtime: the watcher task is spawned on it and
-    /// ends when the last clone of the returned value is dropped.
+    /// A configuration that never changes, for one-shot commands: they finish
+    /// long before a certificate is replaced, and must not spend one of the
+    /// user's few inotify instances on files they never re-read.
+    fn fixed(config: Arc<C>) -> Self {
+        let (_, rx) = watch::channel(config);
+        Reloading { current: rx }
+    }
+
+    /// Must be called within a Tokio runtime: the reload task is spawned on it and
+    /// ends, releasing its watches, when the last clone of the returned value is
+    /// dropped.
     fn start(
         files: &TlsConfig,
         build: fn(&TlsConfig) -> Result<Arc<C>, TlsError>,
+        watcher: &FileWatch,
     ) -> Result<Self, TlsError> {
         let initial = build(files)?;
         let (tx, rx) = watch::channel(initial);
-        let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-            let _ = events_tx.send(());
-        })
-        .map_err(TlsError::Watch)?;
         // Watch the directories, not the files: certificate rotation tools replace
         // files by rename (or swap a symlinked directory), which a file watch misses.
         let mut dirs: Vec<PathBuf> = [&files.ca, &files.cert, &files.key]
@@ -563,29 +567,52 @@ impl<C: Send + Sync + 'static> Reloading<C> {
             .collect();
         dirs.sort();
         dirs.dedup();
-        for dir in &dirs {
-            notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
-                .map_err(TlsError::Watch)?;
+        let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+        // The watcher is shared with every other follower in the process: only
+        // events in our directories concern us.
+        let ours = dirs.clone();
+        let subscription = watcher.subscribe(move |event: &notify::Event| {
+            let concerns = event.paths.iter().any(|p| {
+                ours.iter()
+                    .any(|d| p == d || p.parent().is_some_and(|parent| parent == d))
+            });
+            if concerns {
+                let _ = events_tx.send(());
+            }
+        });
+        let mut watched = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            match watcher.watch(&dir) {
+                Ok(()) => watched.push(dir),
+                // The periodic comparison below still picks changes up.
+                Err(error) => tracing::warn!(
+                    dir = %dir.display(),
+                    error = %crate::error_chain(&error),
+                    poll = ?RELOAD_POLL,
+                    "cannot watch the certificate directory; checking it periodically instead"
+                ),
+            }
         }
         let files = files.clone();
+        let watcher = watcher.clone();
         tokio::spawn(async move {
-            let _watcher = watcher;
+            let _subscription = subscription;
             let mut fingerprint = fingerprint(&files);
             let mut poll = tokio::time::interval(RELOAD_POLL);
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    () = tx.closed() => return,
+                    () = tx.closed() => break,
                     event = events.recv() => {
                         if event.is_none() {
-                            return;
+                            break;
                         }
                         // Editors and copy tools write in several steps: let them finish.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         while events.try_recv().is_ok() {}
                         // Nobody left to serve (the files' owner may be removing them).
                         if tx.is_closed() {
-                            return;
+                            break;
                         }
                     }
                     _ = poll.tick() => {}
@@ -605,6 +632,13 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                     }
                 }
             }
+            // `unwatch` waits for the watcher's thread: keep it off the runtime.
+            let _ = tokio::task::spawn_blocking(move || {
+                for dir in &watched {
+                    watcher.unwatch(dir);
+                }
+            })
+            .await;
         });
         Ok(Reloading { current: rx })
     }
@@ -646,10 +680,16 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// Loads the files and starts following them. Call within a Tokio runtime.
+    /// Loads the files and starts following them with the process's shared
+    /// watcher. Call within a Tokio runtime.
     pub fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        Self::load_watched(files, FileWatch::shared())
+    }
+
+    /// As [`ServerTls::load`], following the files with `watcher`.
+    pub fn load_watched(files: &TlsConfig, watcher: &FileWatch) -> Result<Self, TlsError> {
         Ok(ServerTls {
-            config: Reloading::start(files, build_server)?,
+            config: Reloading::start(files, build_server, watcher)?,
         })
     }
 
@@ -803,10 +843,24 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    /// Loads the files and starts following them. Call within a Tokio runtime.
+    /// Loads the files and starts following them with the process's shared
+    /// watcher. Call within a Tokio runtime.
     pub fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        Self::load_watched(files, FileWatch::shared())
+    }
+
+    /// As [`ClientTls::load`], following the files with `watcher`.
+    pub fn load_watched(files: &TlsConfig, watcher: &FileWatch) -> Result<Self, TlsError> {
         Ok(ClientTls {
-            config: Reloading::start(files, build_client)?,
+            config: Reloading::start(files, build_client, watcher)?,
+        })
+    }
+
+    /// Loads the files once and never re-reads them, for one-shot commands
+    /// (`fernetd admin`): no watcher, no task, no runtime needed.
+    pub fn load_once(files: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(ClientTls {
+            config: Reloading::fixed(build_client(files)?),
         })
     }
 
@@ -1039,9 +1093,16 @@ mod tests {
     /// A health server behind `ServerTls` that answers with the caller's identity
     /// in the status message, so the test sees what handlers see.
     async fn start_server(files: &TlsConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        start_server_watched(files, FileWatch::shared()).await
+    }
+
+    async fn start_server_watched(
+        files: &TlsConfig,
+        watcher: &FileWatch,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let tls = ServerTls::load(files).unwrap();
+        let tls = ServerTls::load_watched(files, watcher).unwrap();
         let (health, service) = tonic_health::server::health_reporter();
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -1163,16 +1224,36 @@ mod tests {
 
     #[tokio::test]
     async fn certificates_are_reloaded_without_restart() {
+        reload_is_seen(FileWatch::shared()).await;
+    }
+
+    /// Where no inotify instance can be had ("Too many open files"), the daemon
+    /// still starts and a replaced certificate is still picked up, by polling.
+    #[tokio::test]
+    async fn certificates_are_reloaded_by_polling_when_inotify_is_unavailable() {
+        let watcher = FileWatch::start(
+            |_| {
+                Err(notify::Error::io(io::Error::from_raw_os_error(
+                    rustix::io::Errno::MFILE.raw_os_error(),
+                )))
+            },
+            Duration::from_millis(50),
+        );
+        assert!(watcher.is_polling());
+        reload_is_seen(&watcher).await;
+    }
+
+    async fn reload_is_seen(watcher: &FileWatch) {
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::new("test CA").unwrap();
         let new_ca = Authority::new("new CA").unwrap();
         let server = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
-        let (addr, _stop) = start_server(&server).await;
+        let (addr, _stop) = start_server_watched(&server, watcher).await;
 
         // A client of the new CA is refused until the server trusts the new CA.
         let client = write_identity(dir.path(), "rotator", &new_ca, &["rotator.test"]);
         std::fs::write(&client.ca, ca.cert_pem()).unwrap();
-        let client = ClientTls::load(&client).unwrap();
+        let client = ClientTls::load_once(&client).unwrap();
         assert!(check(&client, addr, "agent-1.test").await.is_err());
 
         let both = format!("{}{}", ca.cert_pem(), new_ca.cert_pem());

@@ -1,28 +1,26 @@
-//! Drift detection: a `notify` watch on each repository and its parent directory
-//! wakes a per-repository task, which waits for the burst of events to settle and
+//! Drift detection: a watch on each repository and its parent directory, through
+//! the process's one shared watcher (`fswatch`), wakes a per-repository task, which waits for the burst of events to settle and
 //! compares the disk with what the agent installed (`Managed::check_drift`).
 //! Events are only a trigger; the comparison of digests under the install lock
 //! is what decides, so the agent's own installs never count as drift. A slow
 //! periodic check backs up file systems where inotify misses changes.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::event::{AccessKind, EventKind};
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::managed::Managed;
+use crate::fswatch::{FileWatch, Subscription};
 
 /// How long a burst of file events must be quiet before the check runs.
 const SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
-    #[error("cannot start watching the file system")]
-    Watcher(#[source] notify::Error),
     #[error("cannot watch {path} for changes")]
     Watch {
         path: PathBuf,
@@ -31,11 +29,12 @@ pub enum DriftError {
     },
 }
 
-/// The running watch: the `notify` watcher and one check task per repository.
-/// [`DriftWatch::stop`] ends both in order; dropping it instead aborts the tasks
-/// at their next await and leaves the watches to notify's thread to remove.
+/// The running watch: a subscription to the shared watcher and one check task
+/// per repository. [`DriftWatch::stop`] ends both in order; dropping it instead
+/// aborts the tasks at their next await and leaves the watches in place.
 pub struct DriftWatch {
-    watcher: Arc<Mutex<RecommendedWatcher>>,
+    watcher: FileWatch,
+    subscription: Option<Subscription>,
     /// Every path handed to `watch`, so `stop` can unwatch them all.
     paths: Vec<PathBuf>,
     tasks: tokio::task::JoinSet<()>,
@@ -50,13 +49,12 @@ impl DriftWatch {
     /// remove watches the kernel already dropped.
     pub async fn stop(mut self) {
         while self.tasks.join_next().await.is_some() {}
-        let (watcher, paths) = (self.watcher, std::mem::take(&mut self.paths));
+        drop(self.subscription.take());
+        let (watcher, paths) = (self.watcher.clone(), std::mem::take(&mut self.paths));
         // `unwatch` blocks on a reply from notify's thread; keep it off the runtime.
         let _ = tokio::task::spawn_blocking(move || {
-            let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
             for path in &paths {
-                // Already gone (an install swapped the directory): nothing to undo.
-                let _ = w.unwatch(path);
+                watcher.unwatch(path);
             }
         })
         .await;
@@ -78,8 +76,10 @@ fn concerns(event_path: &Path, repo: &Path) -> bool {
     event_path.starts_with(repo) || event_path.parent() == repo.parent()
 }
 
-/// Starts watching every repository; checks run until `shutdown` is cancelled.
+/// Starts watching every repository with `watcher` (the process's shared one,
+/// `FileWatch::shared()`, outside tests); checks run until `shutdown` is cancelled.
 pub fn spawn(
+    watcher: &FileWatch,
     repos: Vec<Arc<Managed>>,
     restore: bool,
     poll: Duration,
@@ -91,8 +91,7 @@ pub fn spawn(
         .map(|r| (r.path.clone(), Arc::new(Notify::new())))
         .collect();
     let routes = wakers.clone();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
+    let subscription = watcher.subscribe(move |event: &notify::Event| {
         if !is_change(&event.kind) {
             return;
         }
@@ -101,24 +100,33 @@ pub fn spawn(
                 waker.notify_one();
             }
         }
-    })
-    .map_err(DriftError::Watcher)?;
-    let watcher = Arc::new(Mutex::new(watcher));
-    let mut paths = Vec::with_capacity(repos.len() * 2);
+    });
+    let mut paths: Vec<PathBuf> = Vec::with_capacity(repos.len());
+    let mut watching = Vec::with_capacity(repos.len());
     for repo in &repos {
         let parent = repo.path.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
-        w.watch(&parent, RecursiveMode::NonRecursive)
-            .map_err(|source| DriftError::Watch {
-                path: parent.clone(),
+        if let Err(source) = watcher.watch(&parent) {
+            for path in paths.iter().chain(
+                repos
+                    .iter()
+                    .zip(&watching)
+                    .filter(|(_, w)| **w)
+                    .map(|(r, _)| &r.path),
+            ) {
+                watcher.unwatch(path);
+            }
+            return Err(DriftError::Watch {
+                path: parent,
                 source,
-            })?;
-        // The repository itself may not exist yet (first install creates it).
-        let _ = w.watch(&repo.path, RecursiveMode::NonRecursive);
-        paths.extend([parent, repo.path.clone()]);
+            });
+        }
+        paths.push(parent);
+        // The repository itself may not exist yet (first install creates it);
+        // its task watches it once it does.
+        watching.push(watcher.watch(&repo.path).is_ok());
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for (repo, (_, waker)) in repos.into_iter().zip(wakers) {
+    for ((repo, (_, waker)), mut watched) in repos.into_iter().zip(wakers).zip(watching) {
         let watcher = watcher.clone();
         let shutdown = shutdown.clone();
         let audit = audit.clone();
@@ -162,13 +170,22 @@ pub fn spawn(
                     .await;
                 }
                 // An install swaps the directory inode; watch the one now in place.
-                let mut w = watcher.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = w.watch(&repo.path, RecursiveMode::NonRecursive);
+                if watched {
+                    watcher.rewatch(&repo.path);
+                } else {
+                    watched = watcher.watch(&repo.path).is_ok();
+                }
+            }
+            if watched {
+                let path = repo.path.clone();
+                // `unwatch` blocks on a reply from notify's thread.
+                let _ = tokio::task::spawn_blocking(move || watcher.unwatch(&path)).await;
             }
         });
     }
     Ok(DriftWatch {
-        watcher,
+        watcher: watcher.clone(),
+        subscription: Some(subscription),
         paths,
         tasks,
     })
@@ -202,6 +219,7 @@ mod tests {
             Arc::new(Managed::open("tokens".into(), path.clone(), None, metrics).expect("open"));
         let stop = CancellationToken::new();
         let watch = spawn(
+            FileWatch::shared(),
             vec![repo.clone()],
             false,
             Duration::from_secs(60),

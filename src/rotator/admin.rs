@@ -164,8 +164,9 @@ impl pb::admin_server::Admin for AdminService {
 }
 
 /// A client of the rotator's Admin API over mTLS, as `admin.toml` describes.
+/// The certificates are read once: a one-shot command follows no files.
 pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, TlsError> {
-    let tls = ClientTls::load(&config.tls)?;
+    let tls = ClientTls::load_once(&config.tls)?;
     let channel = tls.channel(&config.rotator, &config.rotator_identity)?;
     Ok(AdminClient::new(channel))
 }

@@ -10,3 +10,4 @@ mod repo;
 mod rotator;
 mod systemd;
 mod token;
+mod watch;
