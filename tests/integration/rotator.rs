@@ -507,8 +507,10 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
     for line in [
         format!("fernetd_rotator_generation{{repository=\"tokens\"}} {generation}"),
         "fernetd_rotator_rotation_blocked{repository=\"tokens\"} 0".to_owned(),
-        "fernetd_rotator_agent_lag{region=\"RegionTwo\",repository=\"tokens\"} 0".to_owned(),
-        "fernetd_rotator_agent_connected{region=\"RegionThree\",repository=\"tokens\"} 1"
+        // Every per-agent series names the agent and its region.
+        "fernetd_rotator_agent_lag{agent=\"RegionTwo\",region=\"RegionTwo\",repository=\"tokens\"} 0"
+            .to_owned(),
+        "fernetd_rotator_agent_connected{agent=\"RegionThree\",region=\"RegionThree\",repository=\"tokens\"} 1"
             .to_owned(),
     ] {
         assert!(
@@ -517,7 +519,9 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
         );
     }
     assert!(
-        metrics.contains("fernetd_rotator_agent_last_ack_age_seconds{region=\"RegionOne\""),
+        metrics.contains(
+            "fernetd_rotator_agent_last_ack_age_seconds{agent=\"RegionOne\",region=\"RegionOne\""
+        ),
         "{metrics}"
     );
     assert!(
