@@ -268,19 +268,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(server)
         .serve_with_incoming_shutdown(tls.incoming_with(listener, limits), drain);
-    tokio::pin!(serve);
-    let served = tokio::select! {
-        served = &mut serve => served,
-        // A peer that never answers the GOAWAY (a stopped rotator) must not
-        // keep the agent from exiting.
-        () = async {
-            stop.cancelled().await;
-            tokio::time::sleep(limits.drain_timeout).await;
-        } => {
-            tracing::warn!(timeout = ?limits.drain_timeout, "connections still open after the drain timeout: closing them");
-            Ok(())
-        }
-    };
+    let served = limits.drained(serve, &stop).await;
     // Also when the server failed on its own: nothing else may keep running.
     stop.cancel();
     // Installs run to completion even when their connection was cut: taking

@@ -614,19 +614,7 @@ pub async fn run(
             server_tls.incoming_with(listener, limits),
             stop.clone().cancelled_owned(),
         );
-    tokio::pin!(serve);
-    let served = tokio::select! {
-        served = &mut serve => served,
-        // An Admin client that never answers the GOAWAY (a `watch` left open)
-        // must not keep the rotator from exiting.
-        () = async {
-            stop.cancelled().await;
-            tokio::time::sleep(limits.drain_timeout).await;
-        } => {
-            tracing::warn!(timeout = ?limits.drain_timeout, "connections still open after the drain timeout: closing them");
-            Ok(())
-        }
-    };
+    let served = limits.drained(serve, &stop).await;
 
     // Drain: stop the background tasks and record the last acknowledgements.
     tasks.abort_all();

@@ -91,6 +91,27 @@ impl Limits {
             .max_connection_age_grace(self.max_connection_age_grace)
             .http2_max_header_list_size(self.max_header_bytes)
     }
+
+    /// Runs `serve` until it ends, or until `drain_timeout` after `stop` is
+    /// cancelled: a peer that never answers the GOAWAY (a stopped rotator, an
+    /// Admin `watch` left open) must not keep a daemon from exiting.
+    pub async fn drained<E>(
+        &self,
+        serve: impl std::future::Future<Output = Result<(), E>>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), E> {
+        tokio::pin!(serve);
+        tokio::select! {
+            served = &mut serve => served,
+            () = async {
+                stop.cancelled().await;
+                tokio::time::sleep(self.drain_timeout).await;
+            } => {
+                tracing::warn!(timeout = ?self.drain_timeout, "connections still open after the drain timeout: closing them");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Which identities may call which gRPC paths, checked from the peer
