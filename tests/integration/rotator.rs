@@ -1080,6 +1080,7 @@ async fn a_flood_of_strangers_does_not_take_the_agent_from_its_rotator() {
     const WRONG_IDENTITY_STREAMS: usize = 200;
     const ROTATIONS: usize = 3;
     let mut cluster = Cluster::start(&["RegionOne"], agent_identity).await;
+    cluster.converged("initial distribution").await;
     let agent_addr = cluster.agents[0].addr;
     let pid = cluster.agent(0).pid();
     let idle = process_now(pid);
