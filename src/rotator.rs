@@ -425,8 +425,11 @@ pub async fn run(
     .await
     .map_err(|e| RotatorError::Task(e.to_string()))??;
 
-    let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
-    let metrics = Metrics::new(&mut registry);
+    // Unprefixed root: the certificate expiry has the same name in every daemon.
+    let mut root = prometheus_client::registry::Registry::default();
+    crate::certs::register_expiry(&mut root, &config.tls.cert);
+    let registry = root.sub_registry_with_prefix("fernetd_rotator");
+    let metrics = Metrics::new(registry);
     let core = Arc::new(Core::new(
         repos,
         agents,
@@ -469,7 +472,7 @@ pub async fn run(
     tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
     tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
     if let Some(metrics_listener) = metrics_listener {
-        let registry = Arc::new(registry);
+        let registry = Arc::new(root);
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
             registry,
