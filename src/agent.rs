@@ -185,6 +185,7 @@ pub async fn run(
     }
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);
+    crate::certs::register_expiry(&mut registry, &config.tls.cert);
 
     let mut repositories = BTreeMap::new();
     for (repo, owner) in config.repositories.iter().zip(owners) {

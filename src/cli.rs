@@ -15,6 +15,7 @@ use crate::config::LogFormat;
 
 mod admin;
 mod agent;
+mod completions;
 mod daemon;
 mod demo;
 mod repo;
@@ -56,6 +57,11 @@ pub enum Command {
     Token(TokenArgs),
     /// Run a rotator and agents on loopback (or write their configuration).
     Demo(DemoArgs),
+    /// Print a shell completion script on standard output.
+    Completions(completions::CompletionsArgs),
+    /// Write the man pages (fernetd.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Man(completions::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -320,5 +326,7 @@ fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError>
         Command::Agent(args) => daemon::runtime()?.block_on(agent::main(&args, log_format)),
         Command::Admin(args) => daemon::runtime()?.block_on(admin::main(&args)),
         Command::Demo(args) => daemon::runtime()?.block_on(demo::main(&args)),
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man(args) => completions::man(&args),
     }
 }

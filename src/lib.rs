@@ -2,12 +2,14 @@
 //! every generation over mutual-TLS gRPC to an agent in each region, promoting a key
 //! only once every region holds it. Each module below owns one responsibility, and
 //! dependencies run one way (ARCHITECTURE.md): formats (`repository`, `token`,
-//! `policy`, `config`) → mechanisms (`install`, `fswatch`, `tls`, `metrics`) → roles
+//! `policy`, `config`) → mechanisms (`install`, `fswatch`, `tls`, `certs`, `metrics`,
+//! `audit`) → roles
 //! (`rotator`, `agent`) → `demo` → `cli`, the binary's edge.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod audit;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;

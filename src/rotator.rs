@@ -535,8 +535,11 @@ pub async fn run(
         trigger.cancel();
     });
 
-    let mut registry = prometheus_client::registry::Registry::with_prefix("fernetd_rotator");
-    let metrics = Metrics::new(&mut registry);
+    // Unprefixed root: the certificate expiry has the same name in every daemon.
+    let mut root = prometheus_client::registry::Registry::default();
+    crate::certs::register_expiry(&mut root, &config.tls.cert);
+    let registry = root.sub_registry_with_prefix("fernetd_rotator");
+    let metrics = Metrics::new(registry);
     let mut core = Core::new(
         repos,
         agents,
@@ -581,7 +584,7 @@ pub async fn run(
     tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
     tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
     if let Some(metrics_listener) = metrics_listener {
-        let registry = Arc::new(registry);
+        let registry = Arc::new(root);
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
             registry,

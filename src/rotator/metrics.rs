@@ -14,7 +14,9 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::core::Core;
+use std::sync::atomic::Ordering;
+
+use super::core::{Core, RepoId, RepoSlot};
 use crate::metrics::RepoLabel;
 use crate::pb;
 
@@ -89,7 +91,7 @@ impl Collector for AgentCollector {
             &'static str,
             fn(&pb::AgentStatus) -> Option<f64>,
         );
-        let gauges: [PerAgent; 3] = [
+        let gauges: [PerAgent; 4] = [
             (
                 "agent_lag",
                 "Generations the agent is behind the rotator",
@@ -99,6 +101,13 @@ impl Collector for AgentCollector {
                 "agent_last_ack_age_seconds",
                 "Seconds since the agent last confirmed what it holds",
                 |a| (a.last_ack_age_ms >= 0).then(|| a.last_ack_age_ms as f64 / 1000.0),
+            ),
+            (
+                // The rotator's view of drift: at the current generation but
+                // not with its digest, or reporting drift.
+                "agent_digest_match",
+                "1 when the agent holds the current generation with its digest and no drift",
+                |a| Some(if a.digest_match { 1.0 } else { 0.0 }),
             ),
             (
                 "agent_connected",
@@ -118,6 +127,39 @@ impl Collector for AgentCollector {
                 ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        encode_repo_times(&core, &mut encoder)
     }
+}
+
+/// Per repository, from [`Core`] at scrape time: when the next rotation is
+/// scheduled, and from when it purges no key a valid token may still need
+/// (0 when that is already so), so an alert can compare the two.
+fn encode_repo_times(core: &Core, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    type PerRepo = (
+        &'static str,
+        &'static str,
+        fn(&Core, RepoId, &RepoSlot) -> i64,
+    );
+    let gauges: [PerRepo; 2] = [
+        (
+            "next_rotation_timestamp_seconds",
+            "Unix time of the next scheduled rotation (0 before the schedule is computed)",
+            |_, _, slot| slot.next_rotation_ms.load(Ordering::Acquire),
+        ),
+        (
+            "purge_safe_timestamp_seconds",
+            "Unix time from which the next rotation purges no key a valid token may need (0 = now)",
+            |core, r, _| core.purge_safe_ms(r),
+        ),
+    ];
+    for (name, help, value_ms) in gauges {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (r, slot) in core.repos() {
+            // Whole seconds: Prometheus compares these with time().
+            let seconds = value_ms(core, r, slot).div_euclid(1000);
+            ConstGauge::new(seconds as f64)
+                .encode(family.encode_family(&[("repository", slot.name.as_str())])?)?;
+        }
+    }
+    Ok(())
 }

@@ -3,9 +3,12 @@
 
 mod agent;
 mod common;
+mod completions;
 mod docs;
 mod keystone_e2e;
 mod keystone_vip;
+mod monitoring;
+mod package;
 mod repo;
 mod rotator;
 mod systemd;
