@@ -303,7 +303,8 @@ async fn start_pair(dir: &Path) -> Pair {
         listen: agent_addr,
         metrics: Some(free_addr()),
         rotator_identity: ROTATOR_ID.into(),
-        monitor_identities: Vec::new(),
+        // The test polls the agent's health with the admin certificate.
+        monitor_identities: vec![ADMIN_ID.into()],
         drift: Default::default(),
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
@@ -463,7 +464,9 @@ async fn every_metric_in_the_alert_rules_and_the_dashboard_exists_in_the_scrapes
     .await;
     assert!(
         agent.contains(
-            "fernetd_agent_refusals_total{repository=\"tokens\",outcome=\"permission\"} 1"
+            // Refused from the certificate, before the body (and its
+            // repository name) is read.
+            "fernetd_agent_refusals_total{repository=\"\",outcome=\"permission\"} 1"
         ),
         "{agent}"
     );
