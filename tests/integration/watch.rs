@@ -38,6 +38,41 @@ fn demo_config(dir: &Path, regions: usize) {
     );
 }
 
+/// Starts an agent per configuration in `configs` and the demo's rotator, and
+/// waits until every region holds the rotator's generation.
+async fn start_fleet(dir: &Path, configs: &[PathBuf], name: &str, within: Duration) -> Vec<Daemon> {
+    let mut daemons: Vec<Daemon> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, config)| {
+            assert!(config.exists(), "{} missing", config.display());
+            Daemon::spawn(
+                &format!("{name}-agent-{i}"),
+                [
+                    OsStr::new("agent"),
+                    OsStr::new("--config"),
+                    config.as_os_str(),
+                ],
+            )
+        })
+        .collect();
+    let rotator_config = dir.join("rotator.toml");
+    daemons.push(Daemon::spawn(
+        &format!("{name}-rotator"),
+        [
+            OsStr::new("rotator"),
+            OsStr::new("--config"),
+            rotator_config.as_os_str(),
+        ],
+    ));
+    let admin_config = dir.join("admin.toml");
+    poll_until(within, "every region to converge", || async {
+        (admin_status(&admin_config) == 0).then_some(())
+    })
+    .await;
+    daemons
+}
+
 fn admin_status(config: &Path) -> i32 {
     Command::new(crate::common::fernetd_bin())
         .arg("admin")
@@ -60,40 +95,13 @@ async fn every_daemon_holds_at_most_one_inotify_instance() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     demo_config(dir, 3);
-    let mut daemons: Vec<Daemon> = ["RegionOne", "RegionTwo", "RegionThree"]
+    let configs: Vec<PathBuf> = ["RegionOne", "RegionTwo", "RegionThree"]
         .iter()
-        .map(|region| {
-            let config: PathBuf = dir.join("agents").join(format!("{region}.toml"));
-            assert!(config.exists(), "{} missing", config.display());
-            Daemon::spawn(
-                &format!("watch-agent-{region}"),
-                [
-                    OsStr::new("agent"),
-                    OsStr::new("--config"),
-                    config.as_os_str(),
-                ],
-            )
-        })
+        .map(|region| dir.join("agents").join(format!("{region}.toml")))
         .collect();
-    let rotator_config = dir.join("rotator.toml");
-    daemons.push(Daemon::spawn(
-        "watch-rotator",
-        [
-            OsStr::new("rotator"),
-            OsStr::new("--config"),
-            rotator_config.as_os_str(),
-        ],
-    ));
-
     // Every agent at the rotator's generation: TLS loaded on both sides, every
     // connection open and every drift watch in place.
-    let admin_config = dir.join("admin.toml");
-    poll_until(
-        Duration::from_secs(60),
-        "every region to converge",
-        || async { (admin_status(&admin_config) == 0).then_some(()) },
-    )
-    .await;
+    let mut daemons = start_fleet(dir, &configs, "watch", Duration::from_secs(60)).await;
 
     for daemon in &mut daemons {
         assert!(
@@ -196,37 +204,7 @@ async fn a_hundred_agents_and_their_rotator_start_on_one_host() {
         "demo wrote {} agent configurations",
         configs.len()
     );
-    let mut daemons: Vec<Daemon> = configs
-        .iter()
-        .enumerate()
-        .map(|(i, config)| {
-            Daemon::spawn(
-                &format!("hundred-agent-{i}"),
-                [
-                    OsStr::new("agent"),
-                    OsStr::new("--config"),
-                    config.as_os_str(),
-                ],
-            )
-        })
-        .collect();
-    let rotator_config = dir.join("rotator.toml");
-    daemons.push(Daemon::spawn(
-        "hundred-rotator",
-        [
-            OsStr::new("rotator"),
-            OsStr::new("--config"),
-            rotator_config.as_os_str(),
-        ],
-    ));
-
-    let admin_config = dir.join("admin.toml");
-    poll_until(
-        Duration::from_secs(120),
-        "100 regions to converge",
-        || async { (admin_status(&admin_config) == 0).then_some(()) },
-    )
-    .await;
+    let mut daemons = start_fleet(dir, &configs, "hundred", Duration::from_secs(120)).await;
     let mut total = 0;
     for daemon in &mut daemons {
         assert!(
