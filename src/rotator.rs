@@ -217,9 +217,7 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
         ));
     }
     // The tightest spacing the schedule produces is what ages keys fastest.
-    let interval = schedule
-        .min_interval(chrono::Utc::now())
-        .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
+    let interval = schedule.rotation_interval(chrono::Utc::now());
     for repo in &config.repositories {
         let minimum = crate::policy::min_active_keys(
             config.policy.token_expiration,
@@ -280,10 +278,7 @@ pub fn preflight(
             .map(|(next, _)| next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_else(|| "never".into())
     ));
-    let interval = checked
-        .schedule
-        .min_interval(chrono::Utc::now())
-        .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
+    let interval = checked.schedule.rotation_interval(chrono::Utc::now());
     for repo in &config.repositories {
         note(format!(
             "repository `{}`: max_active_keys {} (Keystone's formula needs at least {} for tokens of {}, a window of {} and rotations every {})",
@@ -663,9 +658,7 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
             );
             return;
         };
-        let interval = schedule
-            .min_interval(now)
-            .unwrap_or(std::time::Duration::from_secs(365 * 86_400));
+        let interval = schedule.rotation_interval(now);
         for repo in &core.repos {
             repo.next_rotation_ms.store(
                 next.timestamp_millis(),

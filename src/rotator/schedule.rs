@@ -75,6 +75,13 @@ impl Schedule {
         shortest
     }
 
+    /// [`Schedule::min_interval`], or a year when the schedule fires at most
+    /// once: the interval the key-lifetime checks and the schedule loop use.
+    pub fn rotation_interval(&self, from: DateTime<Utc>) -> Duration {
+        self.min_interval(from)
+            .unwrap_or(Duration::from_secs(365 * 86_400))
+    }
+
     /// How long to sleep from `now` until the next occurrence.
     pub fn delay_from(&self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, Duration)> {
         let next = self.next_after(now)?;

@@ -73,6 +73,25 @@ async fn start_fleet(dir: &Path, configs: &[PathBuf], name: &str, within: Durati
     daemons
 }
 
+/// Asserts `daemon` still runs and holds at most one inotify instance;
+/// returns how many it holds.
+fn running_with_one_watch(daemon: &mut Daemon) -> usize {
+    assert!(
+        daemon.try_exit().is_none(),
+        "{} exited:\n{}",
+        daemon.name(),
+        daemon.log()
+    );
+    let held = inotify_instances(daemon.pid());
+    assert!(
+        held <= 1,
+        "{} holds {held} inotify instances; log:\n{}",
+        daemon.name(),
+        daemon.log()
+    );
+    held
+}
+
 fn admin_status(config: &Path) -> i32 {
     Command::new(crate::common::fernetd_bin())
         .arg("admin")
@@ -104,19 +123,7 @@ async fn every_daemon_holds_at_most_one_inotify_instance() {
     let mut daemons = start_fleet(dir, &configs, "watch", Duration::from_secs(60)).await;
 
     for daemon in &mut daemons {
-        assert!(
-            daemon.try_exit().is_none(),
-            "{} exited:\n{}",
-            daemon.name(),
-            daemon.log()
-        );
-        let held = inotify_instances(daemon.pid());
-        assert!(
-            held <= 1,
-            "{} holds {held} inotify instances; log:\n{}",
-            daemon.name(),
-            daemon.log()
-        );
+        running_with_one_watch(daemon);
         assert!(
             !daemon.log().contains("cannot watch"),
             "{} could not watch; log:\n{}",
@@ -207,19 +214,7 @@ async fn a_hundred_agents_and_their_rotator_start_on_one_host() {
     let mut daemons = start_fleet(dir, &configs, "hundred", Duration::from_secs(120)).await;
     let mut total = 0;
     for daemon in &mut daemons {
-        assert!(
-            daemon.try_exit().is_none(),
-            "{} exited:\n{}",
-            daemon.name(),
-            daemon.log()
-        );
-        let held = inotify_instances(daemon.pid());
-        assert!(
-            held <= 1,
-            "{} holds {held} inotify instances",
-            daemon.name()
-        );
-        total += held;
+        total += running_with_one_watch(daemon);
         assert!(
             !daemon.log().contains("Too many open files"),
             "{}:\n{}",
