@@ -93,6 +93,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         }],
         keystone_conf: None,
         audit_log: None,
+        credential: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let checked = fernetd::agent::check(config).expect("valid agent configuration");

@@ -8,6 +8,7 @@
 //! chose.
 
 pub mod check;
+mod credential;
 mod drift;
 mod managed;
 mod metrics;
@@ -228,6 +229,11 @@ pub async fn run(
             "rotator",
             std::slice::from_ref(&config.rotator_identity),
         )
+        .allow(
+            "/fernetd.v1.Distribution/MigrateCredentials",
+            "rotator",
+            std::slice::from_ref(&config.rotator_identity),
+        )
         .allow("/fernetd.v1.Distribution/GetState", "reader", &readers)
         .allow("/grpc.health.v1.Health/", "reader", &readers)
         // The repository is not known before the body is read: no label.
@@ -239,6 +245,12 @@ pub async fn run(
         repositories,
         metrics: agent_metrics,
         audit: audit.clone(),
+        migrator: config
+            .credential
+            .as_ref()
+            .zip(config.keystone_conf.as_deref())
+            .map(|(c, conf)| credential::Migrator::new(&c.keystone_manage, conf)),
+        migrating: tokio::sync::Mutex::new(()),
     };
     health
         .set_serving::<DistributionServer<service::Distribution>>()

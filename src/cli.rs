@@ -46,7 +46,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the primary rotator.
-    Rotator(DaemonArgs),
+    Rotator(RotatorArgs),
     /// Run a regional agent.
     Agent(DaemonArgs),
     /// Talk to the rotator's Admin API.
@@ -73,6 +73,18 @@ pub struct DaemonArgs {
     /// daemon would start, 2 when it would refuse the configuration.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RotatorArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Start at generation 1 even though there is no state and enrolled agents
+    /// hold generations (they will refuse it as a rollback until restored). The
+    /// way back from a lost state directory is `import`, which continues at the
+    /// generation of the imported repository's stamp.
+    #[arg(long)]
+    pub fresh_start: bool,
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +153,9 @@ pub enum AdminCommand {
     },
     /// List enrolled agents.
     Agents,
+    /// The credential repository's migrate workflow: rows of the shared
+    /// credential table by key, the last migrate, the next safe rotation.
+    Credentials,
 }
 
 #[derive(Debug, Args)]

@@ -188,6 +188,19 @@ pub struct AgentConfig {
     /// (fsynced before each answer; reopened on SIGHUP); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
+    /// `[credential]`: how this agent migrates the credential table when the
+    /// rotator asks it to (only the rotator's `migrate_region` is asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<AgentCredentialConfig>,
+}
+
+/// `[credential]` in `agent.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCredentialConfig {
+    /// Keystone's own `keystone-manage`, run with `--config-file keystone_conf
+    /// credential_migrate`; the `python3` beside it runs the row check.
+    pub keystone_manage: PathBuf,
 }
 
 /// One repository the agent manages.
@@ -252,6 +265,10 @@ pub enum AgentConfigError {
     MessageSize(usize),
     #[error("drift_check must be at least 1s")]
     DriftInterval,
+    #[error(
+        "[credential] keystone_manage needs keystone_conf: credential_migrate must run with this region's keystone.conf"
+    )]
+    CredentialWithoutKeystoneConf,
 }
 
 impl AgentConfig {
@@ -268,6 +285,9 @@ impl AgentConfig {
         }
         if self.repositories.is_empty() {
             return Err(AgentConfigError::NoRepository);
+        }
+        if self.credential.is_some() && self.keystone_conf.is_none() {
+            return Err(AgentConfigError::CredentialWithoutKeystoneConf);
         }
         for (i, repo) in self.repositories.iter().enumerate() {
             let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
@@ -301,8 +321,8 @@ impl AgentConfig {
 
 mod rotator;
 pub use self::rotator::{
-    AdminConfig, AgentEndpoint, FanoutConfig, PolicyConfig, RepositoryConfig, RotatorConfig,
-    ScheduleConfig,
+    AdminConfig, AgentEndpoint, CREDENTIAL_REPOSITORY, CredentialConfig, FanoutConfig, HaConfig,
+    PolicyConfig, RepositoryConfig, RotatorConfig, RotatorEndpoints, ScheduleConfig,
 };
 
 // ---------------------------------------------------------------- admin

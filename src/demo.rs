@@ -200,6 +200,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             }],
             keystone_conf: None,
             audit_log: None,
+            credential: None,
         };
         let path = dir.join("agents").join(format!("{name}.toml"));
         write_file(
@@ -228,6 +229,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             name: "tokens".into(),
             max_active_keys: DEMO_MAX_ACTIVE_KEYS,
             import: None,
+            schedule: None,
         }],
         schedule: ScheduleConfig {
             cron: DEMO_CRON.into(),
@@ -248,6 +250,9 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
         },
         keystone_conf: None,
         audit_log: None,
+        seal_key: None,
+        ha: None,
+        credential: None,
     };
     let path = dir.join("rotator.toml");
     write_file(
@@ -258,7 +263,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
         0o644,
     )?;
     let admin = AdminConfig {
-        rotator: format!("https://{}", rotator.listen),
+        rotator: format!("https://{}", rotator.listen).into(),
         rotator_identity: ROTATOR_IDENTITY.into(),
         tls: admin_tls,
     };

@@ -10,6 +10,13 @@
 //! kernel, a repository that is itself a mount point) the installer falls back to
 //! an ordered in-place update and says so. These are blocking std-fs functions;
 //! async callers use `spawn_blocking`.
+//!
+//! The previous set is not removed at the swap but [`RETIRE_GRACE`] later, by
+//! one reaper thread per process: Keystone lists a repository by path
+//! (`opendir`, then `readdir`), and a listing that opened the old directory
+//! just before the swap would otherwise read it after its files were removed,
+//! and find no key at all. A process that exits right after installing calls
+//! [`settle`] first; a crash leaves the old set to [`clean_leftovers`].
 
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -30,6 +37,83 @@ const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 /// Prefix of temporary files inside a repository during an in-place update.
 const INPLACE_TMP_PREFIX: &str = ".fernetd-tmp-";
+
+/// How long the previous set stays on disk (under a name of ours) after a swap:
+/// far longer than a listing in flight takes, short enough that a purged key
+/// does not linger.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the reaper thread is asked to do, in order.
+enum Reap {
+    Remove(Instant, PathBuf),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Reap>>> =
+    std::sync::OnceLock::new();
+
+/// The process's reaper, started on first use; `None` if no thread could be started.
+fn reaper() -> Option<&'static std::sync::mpsc::Sender<Reap>> {
+    REAPER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Reap>();
+            let spawned = std::thread::Builder::new()
+                .name("fernetd-reaper".into())
+                .spawn(move || {
+                    // Deadlines arrive in order (one grace for all), so
+                    // handling them one after another is never late.
+                    for reap in rx {
+                        match reap {
+                            Reap::Remove(at, path) => {
+                                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                                remove_retired(&path);
+                            }
+                            Reap::Flush(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                });
+            spawned.ok().map(|_| tx)
+        })
+        .as_ref()
+}
+
+fn remove_retired(path: &Path) {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the previous key directory");
+        }
+        _ => {}
+    }
+}
+
+/// Hands the previous set at `path` to the reaper, or removes it now when
+/// there is none.
+fn retire(path: PathBuf) {
+    let deadline = Instant::now() + RETIRE_GRACE;
+    match reaper() {
+        Some(tx) => {
+            if let Err(std::sync::mpsc::SendError(Reap::Remove(_, path))) =
+                tx.send(Reap::Remove(deadline, path))
+            {
+                remove_retired(&path);
+            }
+        }
+        None => remove_retired(&path),
+    }
+}
+
+/// Waits until every previous set this process retired is removed (at most
+/// [`RETIRE_GRACE`]); for a command that exits right after installing.
+pub fn settle() {
+    if let Some(Some(tx)) = REAPER.get() {
+        let (done, wait) = std::sync::mpsc::channel();
+        if tx.send(Reap::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
 
 /// Who owns the files of a repository (Keystone's `--keystone-user`/`--keystone-group`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,9 +571,12 @@ fn exchange(
         RenameFlags::EXCHANGE,
     ) {
         Ok(()) => {
-            // The staging name now holds the old repository; the drop guard removes it.
+            // The staging name now holds the old repository: retired, not
+            // removed, so a listing in flight still finds it whole.
+            let mut staging = staging;
+            staging.armed = false;
             parent.fsync_after_swap(target);
-            drop(staging);
+            retire(parent.join(&staging.name));
             Ok(Method::Exchange)
         }
         Err(e) if exchange_unsupported(e) => {
@@ -537,11 +624,7 @@ fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Meth
         .to_str()
         .filter(|n| !n.contains('/') && parent.is_ours(n));
     match old_name {
-        Some(n) => {
-            if let Err(e) = std::fs::remove_dir_all(parent.join(n)) {
-                tracing::warn!(path = %parent.join(n).display(), error = %e, "cannot remove the previous key directory");
-            }
-        }
+        Some(n) => retire(parent.join(n)),
         None => tracing::warn!(
             repository = %target.display(),
             previous = %old.display(),
@@ -688,6 +771,24 @@ mod tests {
         v
     }
 
+    /// A listing that opened the old directory just before the swap reads it
+    /// after: it must still be whole then, and gone once settled.
+    #[test]
+    fn the_previous_set_stays_whole_for_the_grace_then_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let a = set_of(&[0, 1]);
+        install(&target, &a, None, None).unwrap();
+        let listing = std::fs::read_dir(&target).unwrap();
+        install(&target, &set_of(&[0, 1, 2]), None, None).unwrap();
+        let listed: Vec<String> = listing
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed.len(), 2, "the old listing was emptied: {listed:?}");
+        settle();
+        assert_eq!(names(tmp.path()), vec!["keys"]);
+    }
+
     #[test]
     fn creates_exchanges_and_leaves_nothing_behind() {
         let tmp = tempfile::tempdir().unwrap();
@@ -706,6 +807,7 @@ mod tests {
         assert_eq!(out.method, Method::Exchange);
         assert_eq!(repository::load(&target).unwrap(), b);
         assert_eq!(read_stamp(&target).unwrap().map(|s| s.generation), Some(2));
+        settle();
         assert_eq!(names(tmp.path()), vec!["keys"]);
         assert_eq!(names(&target), vec![".fernetd-stamp", "0", "1", "2"]);
     }
@@ -734,6 +836,7 @@ mod tests {
         let c = set_of(&[0, 2, 3]);
         install(&target, &c, None, None).unwrap();
         assert_eq!(repository::load(&target).unwrap(), c);
+        settle();
         let ours: Vec<String> = names(tmp.path())
             .into_iter()
             .filter(|n| n.contains("fernetd-data"))

@@ -3,7 +3,7 @@
 //! only once every region holds it. Each module below owns one responsibility, and
 //! dependencies run one way (ARCHITECTURE.md): formats (`repository`, `token`,
 //! `policy`, `config`) → mechanisms (`install`, `fswatch`, `tls`, `certs`, `metrics`,
-//! `audit`) → roles
+//! `audit`, `seal`) → roles
 //! (`rotator`, `agent`) → `demo` → `cli`, the binary's edge.
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod policy;
 pub mod repository;
 pub mod rotator;
+pub mod seal;
 pub mod tls;
 pub mod token;
 

@@ -9,14 +9,17 @@
 
 pub mod admin;
 mod core;
+mod credential;
+mod enrol;
 mod fanout;
+mod ha;
 pub mod ledger;
 mod metrics;
+mod recovery;
 pub mod schedule;
 pub mod state;
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -28,7 +31,6 @@ use self::metrics::{AgentCollector, Metrics};
 use self::schedule::{Schedule, ScheduleError};
 use self::state::{StateError, StateStore};
 use crate::config::{RotatorConfig, duration};
-use crate::repository::KeySet;
 
 /// What stops the rotator from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,36 @@ pub enum RotatorError {
         repository: String,
         path: std::path::PathBuf,
     },
+    #[error("cannot read the stamp of the repository to import for `{repository}`")]
+    ImportStamp {
+        repository: String,
+        #[source]
+        source: crate::repository::StampError,
+    },
+    #[error(
+        "the repository to import for `{repository}` at {path} does not hold the keys its stamp records for generation {generation} \
+         (changed since an agent installed it): import an agent's repository as it is, or remove its .fernetd-stamp to adopt it as generation 1"
+    )]
+    ImportStampMismatch {
+        repository: String,
+        path: std::path::PathBuf,
+        generation: u64,
+    },
+    #[error(
+        "no state for repository `{repository}` in {state_dir}, but agents hold it ({held}): a fresh generation 1 \
+         would be refused by every agent as a rollback. Recover by importing a region's repository, which continues \
+         at the generation in its stamp: copy one region's key repository (its .fernetd-stamp included) to this host \
+         and set `import = \"PATH\"` in its [[repositories]]; or, to begin anew on purpose, start once with --fresh-start"
+    )]
+    FreshStartRefused {
+        repository: String,
+        state_dir: std::path::PathBuf,
+        held: String,
+    },
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
+    #[error(transparent)]
+    Ha(#[from] ha::HaError),
     #[error("repository `{0}` lacks a staged or primary key")]
     Incomplete(String),
     #[error("cannot rotate")]
@@ -102,6 +134,9 @@ impl RotatorError {
         if let RotatorError::Tls(e) = self {
             return e.is_config();
         }
+        if let RotatorError::Seal(e) = self {
+            return e.is_config();
+        }
         matches!(
             self,
             RotatorError::Config(_)
@@ -110,6 +145,9 @@ impl RotatorError {
                 | RotatorError::Keystone(_)
                 | RotatorError::Import { .. }
                 | RotatorError::ImportIncomplete { .. }
+                | RotatorError::ImportStamp { .. }
+                | RotatorError::ImportStampMismatch { .. }
+                | RotatorError::FreshStartRefused { .. }
                 | RotatorError::Endpoint { .. }
                 | RotatorError::State(StateError::BadName(_) | StateError::Corrupt { .. })
         )
@@ -129,11 +167,31 @@ pub struct Checked {
     config: RotatorConfig,
     schedule: Schedule,
     key_lifetime: std::time::Duration,
+    source: Option<std::path::PathBuf>,
+    /// `seal_key`, read once by [`check`].
+    seal: Option<Arc<crate::seal::SealKey>>,
+    /// Start at generation 1 even where agents hold generations (`--fresh-start`).
+    fresh_start: bool,
 }
 
 impl Checked {
     pub fn config(&self) -> &RotatorConfig {
         &self.config
+    }
+
+    /// The file the configuration was read from: [`run`] re-reads it on
+    /// SIGHUP and applies its `[[agents]]` without a restart. Without one
+    /// (the demo, tests in-process) there is no reload.
+    pub fn reloaded_from(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.source = Some(path.into());
+        self
+    }
+
+    /// Allows a first start without state while agents hold generations
+    /// (`--fresh-start`): they will refuse it until restored.
+    pub fn fresh_start(mut self, allow: bool) -> Self {
+        self.fresh_start = allow;
+        self
     }
 
     /// How long after its last token a key must stay everywhere: token
@@ -149,16 +207,29 @@ impl Checked {
 pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
     let (schedule, cache) = validate(&config)?;
     let key_lifetime = config.policy.token_expiration + config.policy.allow_expired_window + cache;
+    let seal = config
+        .seal_key
+        .as_deref()
+        .map(crate::seal::SealKey::load)
+        .transpose()?
+        .map(Arc::new);
     Ok(Checked {
         config,
         schedule,
         key_lifetime,
+        source: None,
+        seal,
+        fresh_start: false,
     })
 }
 
 /// The schedule, and the token cache time keystone.conf gives (zero without).
 fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), RotatorError> {
     let schedule = Schedule::parse(&config.schedule.cron)?;
+    credential::validate(config)?;
+    if let Some(h) = &config.ha {
+        ha::check(h)?;
+    }
     if config.repositories.is_empty() {
         return Err(RotatorError::Config("no repositories configured".into()));
     }
@@ -218,7 +289,8 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
     }
     // The tightest spacing the schedule produces is what ages keys fastest.
     let interval = schedule.rotation_interval(chrono::Utc::now());
-    for repo in &config.repositories {
+    // Credential keys sign no token: Keystone's token formula is not theirs.
+    for repo in config.repositories.iter().filter(|r| !r.is_credential()) {
         let minimum = crate::policy::min_active_keys(
             config.policy.token_expiration,
             config.policy.allow_expired_window,
@@ -240,6 +312,7 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
         let repos: Vec<(&str, usize)> = config
             .repositories
             .iter()
+            .filter(|r| !r.is_credential())
             .map(|r| (r.name.as_str(), r.max_active_keys))
             .collect();
         let keystone = crate::policy::KeystoneConf::load(path)?;
@@ -280,6 +353,17 @@ pub fn preflight(
     ));
     let interval = checked.schedule.rotation_interval(chrono::Utc::now());
     for repo in &config.repositories {
+        if repo.is_credential() {
+            note(format!(
+                "repository `{}`: 3 keys, rotated only as a credential migrate ({})",
+                repo.name,
+                repo.schedule.as_deref().map_or_else(
+                    || "on `admin rotate --repository credential`".to_owned(),
+                    |c| format!("schedule `{c}` (UTC)")
+                )
+            ));
+            continue;
+        }
         note(format!(
             "repository `{}`: max_active_keys {} (Keystone's formula needs at least {} for tokens of {}, a window of {} and rotations every {})",
             repo.name,
@@ -328,14 +412,31 @@ pub fn preflight(
     }
     let imports = prepare_imports(config)?;
     for (repo, import) in config.repositories.iter().zip(imports) {
-        if let (Some(keys), Some(path)) = (import, &repo.import) {
+        if let (Some(imported), Some(path)) = (import, &repo.import) {
             note(format!(
-                "repository `{}`: a first start adopts {} (keys {:?})",
+                "repository `{}`: a first start adopts {} (keys {:?}) as generation {}",
                 repo.name,
                 path.display(),
-                keys.indices()
+                imported.keys.indices(),
+                imported.generation
             ));
         }
+    }
+    if let Some(path) = &config.seal_key {
+        note(format!(
+            "seal key {} loads: state files are sealed",
+            path.display()
+        ));
+    }
+    if let Some(h) = &config.ha {
+        crate::seal::SealKey::load(&h.seal_key)?;
+        note(format!(
+            "[ha]: etcd {}, prefix {}, lease {}; seal key {} loads (etcd is reached at start)",
+            h.endpoints.join(", "),
+            h.prefix,
+            duration::format(&h.lease_ttl),
+            h.seal_key.display()
+        ));
     }
     note(match std::fs::metadata(&config.state_dir) {
         Ok(meta) if meta.is_dir() => {
@@ -353,35 +454,17 @@ pub fn preflight(
     Ok(checked)
 }
 
-/// Reads and checks the existing Keystone repository `repo` adopts on its
-/// first start, as generation 1.
-fn import_keys(
-    repo: &crate::config::RepositoryConfig,
-    path: &Path,
-) -> Result<KeySet, RotatorError> {
-    let keys = crate::repository::load(path).map_err(|source| RotatorError::Import {
-        repository: repo.name.clone(),
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if keys.staged().is_none() || keys.len() < 2 {
-        return Err(RotatorError::ImportIncomplete {
-            repository: repo.name.clone(),
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(keys)
-}
-
 /// The imports a first start will adopt, by repository position, read before
 /// the state is opened so that a bad `import` leaves no state behind. A
 /// repository that already has state ignores `import`, so it is not read.
-fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<KeySet>>, RotatorError> {
+fn prepare_imports(
+    config: &RotatorConfig,
+) -> Result<Vec<Option<recovery::Imported>>, RotatorError> {
     let mut imports = Vec::with_capacity(config.repositories.len());
     for repo in &config.repositories {
         let import = match &repo.import {
             Some(path) if state::is_fresh(&config.state_dir, &repo.name)? => {
-                Some(import_keys(repo, path)?)
+                Some(recovery::import_keys(repo, path)?)
             }
             _ => None,
         };
@@ -396,7 +479,7 @@ fn prepare_imports(config: &RotatorConfig) -> Result<Vec<Option<KeySet>>, Rotato
 fn load_generations(
     config: &RotatorConfig,
     store: &StateStore,
-    imports: Vec<Option<KeySet>>,
+    imports: Vec<Option<recovery::Imported>>,
 ) -> Result<Vec<RepoSlot>, RotatorError> {
     let mut slots = Vec::with_capacity(config.repositories.len());
     for (repo, import) in config.repositories.iter().zip(imports) {
@@ -419,36 +502,35 @@ fn load_generations(
             }
             None => {
                 let import = match (import, &repo.import) {
-                    (Some(keys), _) => Some(keys),
+                    (Some(imported), _) => Some(imported),
                     // The state vanished since `prepare_imports` looked.
-                    (None, Some(path)) => Some(import_keys(repo, path)?),
+                    (None, Some(path)) => Some(recovery::import_keys(repo, path)?),
                     (None, None) => None,
                 };
-                let (keys, ledger) = match import {
-                    Some(keys) => {
-                        let mut ledger = Ledger::default();
-                        ledger.adopt_unknown(&keys, now);
+                let (number, keys, ledger) = match import {
+                    Some(imported) => {
+                        let ledger = imported.ledger(now);
                         if let Some(path) = &repo.import {
-                            tracing::info!(repository = %repo.name, path = %path.display(), indices = ?keys.indices(), "adopting existing Keystone repository as generation 1; its keys' times are unknown, so each is taken as demoted now, the safe choice");
+                            tracing::info!(repository = %repo.name, path = %path.display(), indices = ?imported.keys.indices(), generation = imported.generation, "adopting existing Keystone repository at the generation of its stamp (1 without one); its keys' times are unknown, so each is taken as demoted now, the safe choice");
                         }
-                        (keys, ledger)
+                        (imported.generation, imported.keys, ledger)
                     }
                     None => {
                         let keys = crate::repository::init(repo.max_active_keys)?;
                         let ledger = Ledger::fresh(&keys, now);
-                        (keys, ledger)
+                        (1, keys, ledger)
                     }
                 };
                 store.save_ledger(&repo.name, &ledger)?;
                 store.save(
                     &repo.name,
                     &state::Committed {
-                        generation: 1,
+                        generation: number,
                         keys: keys.clone(),
                     },
                 )?;
-                tracing::info!(repository = %repo.name, digest = %keys.digest(), "committed generation 1");
-                (1, keys, ledger)
+                tracing::info!(repository = %repo.name, generation = number, digest = %keys.digest(), "committed the first generation");
+                (number, keys, ledger)
             }
         };
         let generation = Generation::build(&repo.name, number, keys, ledger.promoted_unix())?;
@@ -468,31 +550,31 @@ fn agent_slots(
     config: &RotatorConfig,
     client_tls: &crate::tls::ClientTls,
 ) -> Result<Vec<AgentSlot>, RotatorError> {
-    let mut agents = Vec::with_capacity(config.agents.len());
-    for a in &config.agents {
-        let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
-            region: a.name().to_owned(),
-            endpoint: a.endpoint.clone(),
-            reason: crate::error_chain(&e),
-        };
-        // The dispatcher has at most one call in flight per agent: a small request
-        // buffer keeps 10,000 idle channels cheap.
-        let channel = client_tls
-            .endpoint(&a.endpoint)
-            .map_err(endpoint_error)?
-            .buffer_size(AGENT_CHANNEL_BUFFER)
-            .connect_with_connector_lazy(
-                client_tls.connector(&a.identity).map_err(endpoint_error)?,
-            );
-        agents.push(AgentSlot::new(
-            a.name().to_owned(),
-            a.region.clone(),
-            a.endpoint.clone(),
-            channel,
-            config.repositories.len(),
-        ));
-    }
-    Ok(agents)
+    config
+        .agents
+        .iter()
+        .map(|a| agent_slot(a, client_tls, config.repositories.len()))
+        .collect()
+}
+
+fn agent_slot(
+    a: &crate::config::AgentEndpoint,
+    client_tls: &crate::tls::ClientTls,
+    repositories: usize,
+) -> Result<AgentSlot, RotatorError> {
+    let endpoint_error = |e: crate::tls::TlsError| RotatorError::Endpoint {
+        region: a.name().to_owned(),
+        endpoint: a.endpoint.clone(),
+        reason: crate::error_chain(&e),
+    };
+    // The dispatcher has at most one call in flight per agent: a small request
+    // buffer keeps 10,000 idle channels cheap.
+    let channel = client_tls
+        .endpoint(&a.endpoint)
+        .map_err(endpoint_error)?
+        .buffer_size(AGENT_CHANNEL_BUFFER)
+        .connect_with_connector_lazy(client_tls.connector(&a.identity).map_err(endpoint_error)?);
+    Ok(AgentSlot::new(a, channel, repositories))
 }
 
 /// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
@@ -509,14 +591,49 @@ pub async fn run(
         config,
         schedule,
         key_lifetime,
+        source,
+        seal,
+        fresh_start,
     } = checked;
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let agents = agent_slots(&config, &client_tls)?;
+    // A lost state directory must not silently become generation 1. Under
+    // `[ha]` the state is in etcd: the first leader of an empty prefix asks.
+    let fresh = match &config.ha {
+        None => recovery::fresh_repositories(&config.repositories, &config.state_dir)?,
+        Some(_) => Vec::new(),
+    };
+    if !fresh.is_empty() && !agents.is_empty() {
+        let probe = recovery::probe(&agents, &fresh, config.fanout.call_timeout).await;
+        if fresh_start {
+            tracing::warn!(held = ?probe.held, "--fresh-start: starting at generation 1 although agents may hold generations; they refuse it until restored");
+        } else {
+            recovery::refuse_fresh_start(&probe, &config.state_dir)?;
+        }
+    }
+    // Under `[ha]` the file state is only what a first leader imports; it is
+    // sealed with `seal_key`, or else `[ha] seal_key`.
+    let seal = match (&seal, &config.ha) {
+        (None, Some(h)) => Some(Arc::new(crate::seal::SealKey::load(&h.seal_key)?)),
+        _ => seal,
+    };
     let blocking_config = config.clone();
+    let ha_mode = config.ha.is_some();
     let (store, repos) = tokio::task::spawn_blocking(move || {
-        let imports = prepare_imports(&blocking_config)?;
-        let store = StateStore::open(&blocking_config.state_dir)?;
+        // Read before the state is opened: a bad `import` leaves no state behind.
+        let imports = if ha_mode {
+            Vec::new()
+        } else {
+            prepare_imports(&blocking_config)?
+        };
+        let mut store = StateStore::open(&blocking_config.state_dir)?;
+        if let Some(seal) = seal {
+            store = store.with_seal(seal);
+        }
+        if ha_mode {
+            return Ok::<_, RotatorError>((store, Vec::new()));
+        }
         let repos = load_generations(&blocking_config, &store, imports)?;
         Ok::<_, RotatorError>((store, repos))
     })
@@ -535,6 +652,14 @@ pub async fn run(
     crate::certs::register_expiry(&mut root, &config.tls.cert);
     let registry = root.sub_registry_with_prefix("fernetd_rotator");
     let metrics = Metrics::new(registry);
+    let (ha, repos) = match &config.ha {
+        Some(h) => {
+            let etcd = Arc::new(ha::EtcdState::connect(&config, h, registry).await?);
+            let repos = ha::prepare(&etcd, &config, &store, &agents, fresh_start, &stop).await?;
+            (Some(etcd), repos)
+        }
+        None => (None, repos),
+    };
     let mut core = Core::new(
         repos,
         agents,
@@ -543,6 +668,7 @@ pub async fn run(
         metrics,
         key_lifetime,
     );
+    core.ha = ha.clone();
     core.audit = config
         .audit_log
         .as_deref()
@@ -551,11 +677,29 @@ pub async fn run(
     if let Some(log) = core.audit.clone() {
         tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
     }
+    core.credential = credential::Gate::open(&config, &store, registry)?;
+    core.resume_credential_hold();
     let core = Arc::new(core);
+    if let Some(source) = source {
+        let repositories = config.repositories.len();
+        let connect =
+            move |a: &crate::config::AgentEndpoint| agent_slot(a, &client_tls, repositories);
+        tokio::spawn(enrol::reload_on_sighup(
+            core.clone(),
+            source,
+            config.clone(),
+            connect,
+            stop.clone(),
+        ));
+    }
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
     }));
-    let acks = store.load_acks().unwrap_or_else(|e| {
+    let acks = match &ha {
+        Some(etcd) => etcd.load_acks().await.map_err(RotatorError::from),
+        None => store.load_acks().map_err(RotatorError::from),
+    };
+    let acks = acks.unwrap_or_else(|e| {
         tracing::warn!(
             "ignoring recorded acknowledgements: {}",
             crate::error_chain(&e)
@@ -573,11 +717,23 @@ pub async fn run(
     );
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(core.clone().dispatch(stop.clone()));
-    // Read every agent back at start: acknowledgements on disk are only a hint.
-    core.reconcile_all(true);
-    tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
-    tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
+    if let Some(etcd) = &ha {
+        // Under `[ha]` the fan-out, reconcile and schedule run only in a term
+        // of leadership.
+        tasks.spawn(ha::terms(
+            core.clone(),
+            etcd.clone(),
+            schedule,
+            stop.clone(),
+        ));
+    } else {
+        tasks.spawn(core.clone().dispatch(stop.clone()));
+        // Read every agent back at start: acknowledgements on disk are only a hint.
+        core.reconcile_all(true);
+        tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
+        tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
+        tasks.spawn(core.clone().credential_schedule(stop.clone()));
+    }
     if let Some(metrics_listener) = metrics_listener {
         let registry = Arc::new(root);
         tasks.spawn(crate::metrics::serve(
@@ -592,7 +748,8 @@ pub async fn run(
         .set_serving::<crate::pb::admin_server::AdminServer<admin::AdminService>>()
         .await;
     let admin =
-        admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone());
+        admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone())
+            .with_ha(ha.clone());
     // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
     // the request timeout leaves them that time, beyond the default wait.
     let limits = crate::tls::Limits {
@@ -618,6 +775,10 @@ pub async fn run(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     core.flush_acks().await;
+    if let Some(etcd) = &ha {
+        // A standby takes over at once rather than after the lease's TTL.
+        etcd.resign().await;
+    }
     tracing::info!("rotator stopped");
     served.map_err(RotatorError::Serve)
 }
@@ -659,7 +820,11 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
             return;
         };
         let interval = schedule.rotation_interval(now);
-        for repo in &core.repos {
+        for repo in core
+            .repos
+            .iter()
+            .filter(|r| !credential::is_credential(&r.name))
+        {
             repo.next_rotation_ms.store(
                 next.timestamp_millis(),
                 std::sync::atomic::Ordering::Release,

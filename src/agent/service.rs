@@ -1,4 +1,5 @@
-//! The gRPC face of the agent: `fernetd.v1.Distribution` (`Install`, `GetState`).
+//! The gRPC face of the agent: `fernetd.v1.Distribution` (`Install`, `GetState`,
+//! `MigrateCredentials`).
 //! The transport refuses other callers before a body is read
 //! ([`crate::tls::Authorization`]); handlers check again, route to
 //! the named repository, and turn refusals into gRPC statuses; the work itself
@@ -25,6 +26,10 @@ pub struct Distribution {
     pub repositories: BTreeMap<String, Arc<Managed>>,
     pub metrics: AgentMetrics,
     pub audit: Option<Arc<crate::audit::AuditLog>>,
+    /// How to run Keystone's credential migrate; None without `[credential]`.
+    pub migrator: Option<super::credential::Migrator>,
+    /// One migrate at a time: two would race on the same rows.
+    pub migrating: tokio::sync::Mutex<()>,
 }
 
 impl Distribution {
@@ -120,6 +125,103 @@ impl pb::distribution_server::Distribution for Distribution {
                 Err(refusal.to_status())
             }
         }
+    }
+
+    async fn migrate_credentials(
+        &self,
+        request: Request<pb::MigrateCredentialsRequest>,
+    ) -> Result<Response<pb::MigrateCredentialsResponse>, Status> {
+        tls::authorize(
+            &request,
+            std::slice::from_ref(&self.rotator_identity),
+            "rotator",
+        )?;
+        let request = request.into_inner();
+        let Some(migrator) = &self.migrator else {
+            return Err(Status::failed_precondition(
+                "this agent has no [credential] keystone_manage: it cannot migrate credentials",
+            ));
+        };
+        let Some(repo) = self.repositories.get(&request.repository) else {
+            return Err(Status::not_found(format!(
+                "repository {:?} is not managed by this agent",
+                request.repository
+            )));
+        };
+        let _one = self.migrating.lock().await;
+        // Migrating re-encrypts under this region's primary: only the one the
+        // rotator means, or rows would move to a key other regions may lack.
+        let view = repo.view();
+        let digest = view.digest.map(|d| d.0.to_vec()).unwrap_or_default();
+        if view.generation != request.generation || digest != request.digest || view.drift.is_some()
+        {
+            return Err(Status::failed_precondition(format!(
+                "this agent holds generation {} of `{}`{}, not generation {}: migrating now would encrypt under another primary key",
+                view.generation,
+                repo.name,
+                if view.drift.is_some() {
+                    " with drift"
+                } else {
+                    ""
+                },
+                request.generation
+            )));
+        }
+        let started = std::time::Instant::now();
+        let report = migrator.migrate().await;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let rows = |r: &Option<pb::CredentialRows>| {
+            r.as_ref().map_or_else(
+                || "unknown".to_owned(),
+                |r| {
+                    format!(
+                        "{} rows: {} primary, {} other, {} all-zero, {} undecryptable",
+                        r.total, r.primary, r.other, r.null_key, r.undecryptable
+                    )
+                },
+            )
+        };
+        let detail = format!(
+            "before: {}; after: {}{}",
+            rows(&report.before),
+            rows(&report.after),
+            report
+                .failure
+                .as_ref()
+                .map(|f| format!("; {f}"))
+                .unwrap_or_default()
+        );
+        match &report.failure {
+            None => {
+                tracing::info!(repository = %repo.name, generation = request.generation, micros, %detail, "credentials migrated")
+            }
+            Some(_) => {
+                tracing::warn!(repository = %repo.name, generation = request.generation, micros, %detail, "credential migrate failed")
+            }
+        }
+        let entry = crate::audit::Entry {
+            actor: self.rotator_identity.clone(),
+            event: "credential_migrate",
+            repository: repo.name.clone(),
+            region: self.region.clone(),
+            generation: request.generation,
+            digest: hex::encode(&request.digest),
+            outcome: if report.failure.is_none() {
+                "passed"
+            } else {
+                "failed"
+            },
+            detail,
+            ..Default::default()
+        };
+        crate::audit::maybe_append(self.audit.as_ref(), entry).await;
+        Ok(Response::new(pb::MigrateCredentialsResponse {
+            passed: report.failure.is_none(),
+            reason: report.failure.unwrap_or_default(),
+            before: report.before,
+            after: report.after,
+            micros,
+        }))
     }
 
     async fn get_state(

@@ -10,12 +10,13 @@ use tonic::Status;
 use super::{AdminArgs, AdminCommand, Answer, CliError};
 use crate::config::AdminConfig;
 use crate::pb;
-use crate::rotator::admin::connect;
+use crate::rotator::admin::connect_leader;
 
 /// `fernetd admin ...`.
 pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
     let config: AdminConfig = crate::config::load(&args.config).map_err(CliError::usage)?;
-    let mut client = connect(&config)
+    let mut client = connect_leader(&config)
+        .await
         .context("TLS set-up failed")
         .map_err(CliError::usage)?;
     let call = |s: Status| {
@@ -36,7 +37,8 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
                 .repositories
                 .iter()
                 .all(|r| r.blocked_reason.is_empty())
-                && status.agents.iter().all(|a| a.digest_match);
+                && status.agents.iter().all(|a| a.digest_match)
+                && status.ha.as_ref().is_none_or(|ha| ha.detail.is_empty());
             if args.json {
                 out = json(&StatusView::from(&status));
             } else {
@@ -145,6 +147,29 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
             }
             ok
         }
+        AdminCommand::Credentials => {
+            let status = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(call)?
+                .into_inner();
+            let Some(view) = status
+                .repositories
+                .iter()
+                .find_map(|r| r.credential.as_ref().map(CredentialView::from))
+            else {
+                return Err(CliError::usage(anyhow!(
+                    "the rotator manages no `credential` repository"
+                )));
+            };
+            if args.json {
+                out = json(&view);
+            } else {
+                render_credentials(&mut out, &view);
+            }
+            // A failed migrate, or rows a purge would strand, is a negative answer.
+            view.last_migrate.is_none() || view.last_migrate_passed
+        }
         AdminCommand::Agents => {
             let agents = client
                 .list_agents(pb::ListAgentsRequest {})
@@ -218,6 +243,114 @@ pub struct RepositoryView {
     pub next_rotation: Option<String>,
     /// When the next rotation purges no key a valid token may need; none = now.
     pub purge_safe_at: Option<String>,
+    /// The credential repository's migrate workflow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialView>,
+}
+
+/// `--json` view of the credential repository's migrate workflow.
+#[derive(Debug, Serialize)]
+pub struct CredentialView {
+    pub migrate_agent: String,
+    /// When the last migrate ran; none = never.
+    pub last_migrate: Option<String>,
+    pub last_migrate_generation: u64,
+    pub last_migrate_passed: bool,
+    pub last_migrate_reason: Option<String>,
+    /// Rows as the last migrate found them, then as it left them.
+    pub rows_before: Option<RowsView>,
+    pub rows: Option<RowsView>,
+    /// From when the rotation purging the previous key may be committed; none =
+    /// a migrate of the current generation comes first.
+    pub next_safe_rotation: Option<String>,
+    pub cache_time_seconds: u64,
+}
+
+/// Rows of the credential table by the key that decrypts them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RowsView {
+    pub total: u64,
+    pub primary: u64,
+    pub other: u64,
+    /// Under Keystone's public all-zero key.
+    pub null: u64,
+    pub undecryptable: u64,
+}
+
+impl From<&pb::CredentialRows> for RowsView {
+    fn from(r: &pb::CredentialRows) -> Self {
+        RowsView {
+            total: r.total,
+            primary: r.primary,
+            other: r.other,
+            null: r.null_key,
+            undecryptable: r.undecryptable,
+        }
+    }
+}
+
+impl From<&pb::CredentialStatus> for CredentialView {
+    fn from(c: &pb::CredentialStatus) -> Self {
+        CredentialView {
+            migrate_agent: c.migrate_agent.clone(),
+            last_migrate: unix_ms_to_rfc3339(c.last_migrate_unix_ms),
+            last_migrate_generation: c.last_migrate_generation,
+            last_migrate_passed: c.last_migrate_passed,
+            last_migrate_reason: non_empty(&c.last_migrate_reason),
+            rows_before: c.before.as_ref().map(RowsView::from),
+            rows: c.after.as_ref().map(RowsView::from),
+            next_safe_rotation: unix_ms_to_rfc3339(c.next_safe_rotation_unix_ms),
+            cache_time_seconds: c.cache_time_ms / 1000,
+        }
+    }
+}
+
+fn render_rows(out: &mut String, what: &str, rows: Option<RowsView>) {
+    if let Some(r) = rows {
+        let _ = writeln!(
+            out,
+            "  {what}: {} rows: {} primary, {} other key, {} all-zero key, {} undecryptable",
+            r.total, r.primary, r.other, r.null, r.undecryptable
+        );
+    }
+}
+
+/// `admin credentials` as text.
+fn render_credentials(out: &mut String, c: &CredentialView) {
+    let _ = writeln!(
+        out,
+        "credential repository: migrated by `{}`, cache time {}s",
+        c.migrate_agent, c.cache_time_seconds
+    );
+    match &c.last_migrate {
+        None => {
+            let _ = writeln!(out, "  last migrate: never");
+        }
+        Some(at) => {
+            let verdict = if c.last_migrate_passed {
+                "passed".to_owned()
+            } else {
+                format!(
+                    "FAILED: {}",
+                    c.last_migrate_reason.as_deref().unwrap_or("no reason")
+                )
+            };
+            let _ = writeln!(
+                out,
+                "  last migrate: {at}, generation {}, {verdict}",
+                c.last_migrate_generation
+            );
+        }
+    }
+    render_rows(out, "rows before it", c.rows_before);
+    render_rows(out, "rows after it", c.rows);
+    let _ = writeln!(
+        out,
+        "  next safe rotation: {}",
+        c.next_safe_rotation.as_deref().unwrap_or(
+            "after a migrate of the current generation (admin rotate --repository credential runs it)"
+        )
+    );
 }
 
 /// `--json` view of one agent and repository.
@@ -244,6 +377,17 @@ pub struct StatusView {
     /// One verdict per region: its agents and those behind.
     pub regions: Vec<RegionView>,
     pub agents: Vec<AgentView>,
+    /// Under `[ha]`: this rotator's role, the leader, and why it does not rotate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaView>,
+}
+
+/// `--json` view of a rotator's role under `[ha]`.
+#[derive(Debug, Serialize)]
+pub struct HaView {
+    pub role: String,
+    pub leader: String,
+    pub detail: Option<String>,
 }
 
 /// `--json` view of one region in `admin status`.
@@ -325,9 +469,15 @@ impl From<&pb::StatusResponse> for StatusView {
                     blocking_regions: r.blocking_regions.clone(),
                     next_rotation: unix_ms_to_rfc3339(r.next_rotation_unix_ms),
                     purge_safe_at: unix_ms_to_rfc3339(r.purge_safe_unix_ms),
+                    credential: r.credential.as_ref().map(CredentialView::from),
                 })
                 .collect(),
             regions: region_views(&s.agents),
+            ha: s.ha.as_ref().map(|ha| HaView {
+                role: ha.role.clone(),
+                leader: ha.leader.clone(),
+                detail: non_empty(&ha.detail),
+            }),
             agents: s.agents.iter().map(AgentView::from).collect(),
         }
     }
@@ -371,6 +521,12 @@ fn age(ms: i64) -> String {
 
 /// Renders `admin status` as text.
 pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
+    if let Some(ha) = &status.ha {
+        let _ = writeln!(out, "ha: {} (leader: {})", ha.role, or_unknown(&ha.leader));
+        if !ha.detail.is_empty() {
+            let _ = writeln!(out, "  not rotating: {}", ha.detail);
+        }
+    }
     for r in &status.repositories {
         let digest = hex::encode(&r.digest);
         let _ = writeln!(
@@ -392,6 +548,9 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
         }
         if !r.blocked_reason.is_empty() {
             let _ = writeln!(out, "  BLOCKED: {}", r.blocked_reason);
+        }
+        if let Some(c) = &r.credential {
+            render_credentials(out, &CredentialView::from(c));
         }
     }
     render_regions(out, &status.agents);
@@ -539,4 +698,8 @@ pub fn render_outcomes(out: &mut String, outcomes: &[pb::RotateOutcome], no_wait
             }
         }
     }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
 }

@@ -28,8 +28,11 @@ pub(super) async fn main(args: &DaemonArgs, log_format: LogFormat) -> Result<Ans
     let checked = agent::check(loaded.map_err(CliError::usage)?).map_err(CliError::role)?;
     let listener = daemon::bind(checked.config().listen).await?;
     let metrics = daemon::bind_optional(checked.config().metrics).await?;
-    agent::run(checked, listener, metrics, daemon::termination())
+    let ran = agent::run(checked, listener, metrics, daemon::termination()).await;
+    // The previous sets of the last installs go before the process does.
+    tokio::task::spawn_blocking(crate::install::settle)
         .await
-        .map_err(CliError::role)?;
+        .map_err(CliError::runtime)?;
+    ran.map_err(CliError::role)?;
     Ok(Answer::Yes)
 }

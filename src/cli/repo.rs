@@ -197,6 +197,8 @@ fn write(
     });
     let outcome: InstallOutcome =
         install::install(dir, set, stamp.as_ref(), owner).map_err(CliError::runtime)?;
+    // This command exits next: the previous set must not outlive it on disk.
+    install::settle();
     if args.json {
         println!(
             "{}",

@@ -1,12 +1,15 @@
-//! `fernetd rotator --config FILE [--check]`: checks the configuration once
-//! (exit 2 when refused), binds, and runs the rotator until SIGTERM or SIGINT;
-//! with `--check`, prints every start-up check and stops there.
+//! `fernetd rotator --config FILE [--check] [--fresh-start]`: checks the configuration once
+//! (exit 2 when refused), binds, and runs the rotator until SIGTERM or SIGINT,
+//! re-reading its `[[agents]]` on SIGHUP; with `--check`, prints every
+//! start-up check and stops there.
 
-use super::{Answer, CliError, DaemonArgs, daemon};
+use super::{Answer, CliError, RotatorArgs, daemon};
 use crate::config::RotatorConfig;
 use crate::rotator;
 
-pub(super) async fn main(args: &DaemonArgs) -> Result<Answer, CliError> {
+pub(super) async fn main(args: &RotatorArgs) -> Result<Answer, CliError> {
+    let fresh_start = args.fresh_start;
+    let args = &args.daemon;
     let loaded: Result<RotatorConfig, _> = crate::config::load(&args.config);
     if args.check {
         return daemon::report_checks(&args.config, |note| {
@@ -17,7 +20,10 @@ pub(super) async fn main(args: &DaemonArgs) -> Result<Answer, CliError> {
                 .map_err(CliError::role)
         });
     }
-    let checked = rotator::check(loaded.map_err(CliError::usage)?).map_err(CliError::usage)?;
+    let checked = rotator::check(loaded.map_err(CliError::usage)?)
+        .map_err(CliError::usage)?
+        .reloaded_from(&args.config)
+        .fresh_start(fresh_start);
     let listener = daemon::bind(checked.config().listen).await?;
     let metrics = daemon::bind_optional(checked.config().metrics_listen).await?;
     rotator::run(checked, listener, metrics, daemon::termination())

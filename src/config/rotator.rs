@@ -45,6 +45,79 @@ pub struct RotatorConfig {
     /// enrolments (fsynced before each answer; reopened on SIGHUP); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
+    /// `[credential]`: how the `credential` repository's rotation migrates the
+    /// shared credential table; required when that repository is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialConfig>,
+    /// A file (mode 0600) holding the base64 text of 32 random bytes: the state
+    /// files are sealed with it (AES-256-GCM), so the state directory and its
+    /// backups hold no key in the clear. Losing it loses the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_key: Option<PathBuf>,
+    /// `[ha]`: several rotators, one leader through an etcd lease, the state in
+    /// etcd; none: the file state in `state_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaConfig>,
+}
+
+/// The name of Keystone's credential repository: rotated as a data migration.
+pub const CREDENTIAL_REPOSITORY: &str = "credential";
+
+/// `[credential]` in `rotator.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The agent (its name, or its region when it is the region's only one)
+    /// that runs `keystone-manage credential_migrate` against the shared database.
+    pub migrate_region: String,
+    /// Keystone's `[credential] cache_time` (its default: `[cache]
+    /// expiration_time`, 600 s): how long a region may serve a row it read
+    /// before the migrate; the purge waits this long after the check.
+    #[serde(with = "duration", default = "default_credential_cache_time")]
+    pub cache_time: Duration,
+}
+
+fn default_credential_cache_time() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[ha]`: the etcd cluster that holds the state and elects the leader.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// etcd client URLs: `https://host:2379`; `http://` only for loopback.
+    pub endpoints: Vec<String>,
+    /// The CA that signs the etcd servers' certificates (required for `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The client certificate presented to etcd (with `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The etcd key prefix under which this deployment's state lives.
+    #[serde(default = "default_ha_prefix")]
+    pub prefix: String,
+    /// The leader's lease: a leader that cannot renew it within this time
+    /// stops, and a standby takes over once it expired.
+    #[serde(with = "duration", default = "default_lease_ttl")]
+    pub lease_ttl: Duration,
+    /// A file (mode 0600) holding the base64 text of 32 random bytes: keys are
+    /// sealed with it before they reach etcd.
+    pub seal_key: PathBuf,
+    /// How admins reach this instance (`https://host:port`), told by standbys
+    /// as "the leader is X"; default `https://` + `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+fn default_ha_prefix() -> String {
+    "/fernetd".into()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// One managed repository (`[[repositories]]`).
@@ -55,11 +128,24 @@ pub struct RepositoryConfig {
     pub name: String,
     /// Keystone's `max_active_keys`: keys kept, the staged key included.
     pub max_active_keys: usize,
-    /// An existing Keystone repository adopted as generation 1 on first start, so
-    /// that moving a deployment to fernetd invalidates no token. Ignored once the
-    /// rotator has state for this repository.
+    /// An existing Keystone repository adopted on first start, so that moving a
+    /// deployment to fernetd invalidates no token: as generation 1, or, when it
+    /// carries an agent's stamp (recovery from a lost state directory), at the
+    /// stamp's generation and digest. Ignored once the rotator has state for
+    /// this repository.
     #[serde(default)]
     pub import: Option<PathBuf>,
+    /// A cron expression (UTC) of this repository's own: only for `credential`,
+    /// which the `[schedule]` never rotates; none = on `admin rotate` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+}
+
+impl RepositoryConfig {
+    /// Whether this is Keystone's credential repository.
+    pub fn is_credential(&self) -> bool {
+        self.name == CREDENTIAL_REPOSITORY
+    }
 }
 
 fn default_repositories() -> Vec<RepositoryConfig> {
@@ -67,6 +153,7 @@ fn default_repositories() -> Vec<RepositoryConfig> {
         name: "tokens".into(),
         max_active_keys: 3,
         import: None,
+        schedule: None,
     }]
 }
 
@@ -156,10 +243,97 @@ impl Default for FanoutConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// `https://host:port` of the rotator's Admin service.
-    pub rotator: String,
+    /// `https://host:port` of the rotator's Admin service, or a list of them
+    /// (the rotators of an `[ha]` deployment: the client finds the leader).
+    pub rotator: RotatorEndpoints,
     /// The identity (SAN) the rotator's certificate must carry.
     pub rotator_identity: String,
     /// The admin's certificate and key, and the CA that signed the rotator's.
     pub tls: TlsConfig,
+}
+
+/// `admin.toml`'s `rotator`: one endpoint (a string) or several (a list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotatorEndpoints(pub Vec<String>);
+
+impl RotatorEndpoints {
+    /// The first endpoint: the only one without HA.
+    pub fn first(&self) -> &str {
+        self.0.first().map(String::as_str).unwrap_or_default()
+    }
+}
+
+impl From<String> for RotatorEndpoints {
+    fn from(endpoint: String) -> Self {
+        RotatorEndpoints(vec![endpoint])
+    }
+}
+
+impl Serialize for RotatorEndpoints {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => serializer.serialize_str(one),
+            many => many.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RotatorEndpoints {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RotatorEndpoints;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an endpoint URL or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RotatorEndpoints(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::new();
+                while let Some(e) = seq.next_element::<String>()? {
+                    all.push(e);
+                }
+                if all.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "the list of rotator endpoints is empty",
+                    ));
+                }
+                Ok(RotatorEndpoints(all))
+            }
+        }
+        // TOML forwards `seq` to what the value holds, a string or a list.
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Serialize)]
+    struct Holder {
+        rotator: RotatorEndpoints,
+    }
+
+    #[test]
+    fn rotator_endpoints_are_one_string_or_a_list() {
+        let one: Holder = toml::from_str(r#"rotator = "https://a:7443""#).expect("one");
+        assert_eq!(one.rotator.0, ["https://a:7443"]);
+        assert_eq!(
+            toml::to_string(&one).expect("toml").trim(),
+            r#"rotator = "https://a:7443""#
+        );
+        let many: Holder =
+            toml::from_str(r#"rotator = ["https://a:7443", "https://b:7443"]"#).expect("many");
+        assert_eq!(many.rotator.0, ["https://a:7443", "https://b:7443"]);
+        assert_eq!(many.rotator.first(), "https://a:7443");
+        let back: Holder = toml::from_str(&toml::to_string(&many).expect("toml")).expect("again");
+        assert_eq!(back.rotator, many.rotator);
+        assert!(toml::from_str::<Holder>("rotator = []").is_err());
+        assert!(toml::from_str::<Holder>("rotator = 3").is_err());
+    }
 }

@@ -25,6 +25,8 @@ pub struct AdminService {
     core: Arc<Core>,
     admins: Vec<String>,
     shutdown: CancellationToken,
+    /// Under `[ha]`: a standby answers reads and refuses mutations.
+    ha: Option<Arc<super::ha::EtcdState>>,
 }
 
 impl AdminService {
@@ -33,6 +35,22 @@ impl AdminService {
             core,
             admins,
             shutdown,
+            ha: None,
+        }
+    }
+
+    pub(super) fn with_ha(mut self, ha: Option<Arc<super::ha::EtcdState>>) -> Self {
+        self.ha = ha;
+        self
+    }
+
+    /// Refuses a mutation on a standby: "not the leader; the leader is X".
+    fn leader_only(&self) -> Result<(), Status> {
+        match &self.ha {
+            Some(ha) => ha
+                .require_leader()
+                .map_err(|e| Status::failed_precondition(e.to_string())),
+            None => Ok(()),
         }
     }
 
@@ -56,6 +74,7 @@ fn status_of(e: RotatorError) -> Status {
     use RotatorError as E;
     match e {
         E::UnknownRepository(_) | E::UnknownKey { .. } => Status::not_found(e.to_string()),
+        E::Ha(super::ha::HaError::NotLeader { .. }) => Status::failed_precondition(e.to_string()),
         other => Status::internal(crate::error_chain(&other)),
     }
 }
@@ -67,7 +86,9 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.authorize(&request, "Status")?;
-        Ok(Response::new(self.core.status()))
+        let mut status = self.core.status();
+        status.ha = self.ha.as_ref().map(|ha| ha.status());
+        Ok(Response::new(status))
     }
 
     async fn rotate(
@@ -75,6 +96,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::RotateRequest>,
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let admin = self.authorize(&request, "Rotate")?;
+        self.leader_only()?;
         let r = request.into_inner();
         tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
         let response = self
@@ -90,6 +112,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::PurgeKeyRequest>,
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let admin = self.authorize(&request, "PurgeKey")?;
+        self.leader_only()?;
         let r = request.into_inner();
         tracing::warn!(admin = %admin, repository = %r.repository, key = r.index, force = r.force, "key purge requested");
         let response = self
@@ -105,6 +128,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let admin = self.authorize(&request, "Sync")?;
+        self.leader_only()?;
         tracing::info!(admin = %admin, "sync requested");
         let wait = match request.get_ref().wait_ms {
             0 => self.core.fanout.ack_wait,
@@ -167,9 +191,46 @@ impl pb::admin_server::Admin for AdminService {
 /// The certificates are read once: a one-shot command follows no files.
 pub fn connect(config: &AdminConfig) -> Result<AdminClient<Channel>, TlsError> {
     let tls = ClientTls::load_once(&config.tls)?;
-    let channel = tls.channel(&config.rotator, &config.rotator_identity)?;
+    let channel = tls.channel(config.rotator.first(), &config.rotator_identity)?;
     Ok(AdminClient::new(channel))
 }
+
+/// With several rotator endpoints (`[ha]`), a client of the one that leads:
+/// each is asked its status in turn; without a leader in reach, the first
+/// that answered (a standby says who leads when asked to act), else the first.
+pub async fn connect_leader(config: &AdminConfig) -> Result<AdminClient<Channel>, TlsError> {
+    if config.rotator.0.len() <= 1 {
+        return connect(config);
+    }
+    let tls = ClientTls::load_once(&config.tls)?;
+    let mut answered = None;
+    let mut first = None;
+    for endpoint in &config.rotator.0 {
+        let mut client = AdminClient::new(tls.channel(endpoint, &config.rotator_identity)?);
+        first.get_or_insert_with(|| client.clone());
+        let mut request = Request::new(pb::StatusRequest {});
+        request.set_timeout(LEADER_PROBE_TIMEOUT);
+        let status = tokio::time::timeout(LEADER_PROBE_TIMEOUT, client.status(request)).await;
+        let Ok(Ok(status)) = status else {
+            continue;
+        };
+        if status
+            .get_ref()
+            .ha
+            .as_ref()
+            .is_none_or(|ha| ha.role == "leader")
+        {
+            return Ok(client);
+        }
+        answered.get_or_insert(client);
+    }
+    Ok(answered
+        .or(first)
+        .unwrap_or_else(|| unreachable!("at least two endpoints")))
+}
+
+/// How long the leader search waits for each rotator.
+const LEADER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Core {
     /// One row per (agent, repository).
@@ -179,8 +240,9 @@ impl Core {
             .repos()
             .map(|(r, repo)| (r, repo, repo.current()))
             .collect();
-        let mut rows = Vec::with_capacity(self.agents.len() * self.repos.len());
-        for agent in &self.agents {
+        let agents = self.agents.snapshot();
+        let mut rows = Vec::with_capacity(agents.slots() * self.repos.len());
+        for (_, agent) in agents.iter() {
             let st = agent.lock();
             for (r, repo, current) in &currents {
                 let held = st.held[*r];
@@ -225,6 +287,7 @@ impl Core {
                     blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
                     next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
                     purge_safe_unix_ms: self.purge_safe_ms(r),
+                    credential: self.credential_status(r),
                 }
             })
             .collect();
@@ -232,6 +295,7 @@ impl Core {
             repositories,
             agents: self.agent_statuses(),
             version: crate::VERSION.to_owned(),
+            ha: None,
         }
     }
 }

@@ -15,12 +15,13 @@ use tonic::transport::Channel;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
+use super::enrol::AgentTable;
 use super::fanout::{EncodedInstall, Phase, WorkQueue};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::schedule::Backoff;
 use super::state::{AckRecord, Acks, Committed, StateStore};
-use crate::config::FanoutConfig;
+use crate::config::{AgentEndpoint, FanoutConfig};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
 
@@ -179,7 +180,12 @@ impl RepoSlot {
         lock(&self.blocked).clone()
     }
 
-    fn set_blocked(&self, blocked: Option<Blocked>) {
+    /// The agent table changed: [`Core::all_hold_current`] starts over.
+    pub(super) fn reset_demotion_cursor(&self) {
+        self.demotion_cursor.store(0, Ordering::Release);
+    }
+
+    pub(super) fn set_blocked(&self, blocked: Option<Blocked>) {
         *lock(&self.blocked) = blocked;
     }
 }
@@ -215,22 +221,19 @@ pub(super) struct AgentSlot {
     pub(super) name: String,
     pub(super) region: String,
     pub(super) endpoint: String,
+    /// The SAN its certificate must carry: a reload that changes it reconnects.
+    pub(super) identity: String,
     pub(super) channel: Channel,
     state: Mutex<AgentState>,
 }
 
 impl AgentSlot {
-    pub(super) fn new(
-        name: String,
-        region: String,
-        endpoint: String,
-        channel: Channel,
-        repos: usize,
-    ) -> Self {
+    pub(super) fn new(config: &AgentEndpoint, channel: Channel, repos: usize) -> Self {
         AgentSlot {
-            name,
-            region,
-            endpoint,
+            name: config.name().to_owned(),
+            region: config.region.clone(),
+            endpoint: config.endpoint.clone(),
+            identity: config.identity.clone(),
             channel,
             state: Mutex::new(AgentState {
                 phase: Phase::Idle,
@@ -256,27 +259,31 @@ impl AgentSlot {
     pub(super) fn lock(&self) -> MutexGuard<'_, AgentState> {
         lock(&self.state)
     }
+
+    /// Whether it holds `generation` of repository `r` (same number and
+    /// digest, no drift, confirmed by the agent since this process started).
+    pub(super) fn holds(&self, r: RepoId, generation: &Generation) -> bool {
+        let held = self.lock().held[r];
+        held.generation == generation.number
+            && held.digest == Some(generation.digest)
+            && !held.drift
+            && !held.restored
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An enrolled agent: its position in [`Core`]'s agents, fixed for the process.
+/// An enrolled agent: its slot in [`Core`]'s agent table, never reused in the
+/// process (a reload retires slots and appends new ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct AgentId(usize);
+pub(super) struct AgentId(pub(super) usize);
 
 /// A managed repository: its position in [`Core`]'s repositories and in every
 /// agent's [`Held`] row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct RepoId(usize);
-
-impl std::ops::Index<AgentId> for Vec<AgentSlot> {
-    type Output = AgentSlot;
-    fn index(&self, id: AgentId) -> &AgentSlot {
-        &self[id.0]
-    }
-}
 
 impl std::ops::Index<RepoId> for Vec<RepoSlot> {
     type Output = RepoSlot;
@@ -301,7 +308,7 @@ impl std::ops::IndexMut<RepoId> for Vec<Held> {
 /// Everything the rotator knows, shared by its tasks.
 pub(super) struct Core {
     pub(super) repos: Vec<RepoSlot>,
-    pub(super) agents: Vec<AgentSlot>,
+    pub(super) agents: AgentTable,
     pub(super) store: StateStore,
     pub(super) fanout: FanoutConfig,
     pub(super) backoff: Backoff,
@@ -311,10 +318,15 @@ pub(super) struct Core {
     /// after its last token a key must stay in every region.
     pub(super) key_lifetime: Duration,
     pub(super) audit: Option<Arc<crate::audit::AuditLog>>,
+    /// The credential repository's migrate gate (`credential.rs`), if any.
+    pub(super) credential: Option<super::credential::Gate>,
     events: broadcast::Sender<pb::Event>,
     progress: watch::Sender<u64>,
-    rotation: tokio::sync::Mutex<()>,
-    acks_dirty: AtomicBool,
+    pub(super) rotation: tokio::sync::Mutex<()>,
+    pub(super) acks_dirty: AtomicBool,
+    /// With `[ha]`: every durable write goes to etcd, fenced by leadership,
+    /// instead of `store` (issue 14; see `ha.rs`).
+    pub(super) ha: Option<Arc<super::ha::EtcdState>>,
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -340,17 +352,19 @@ impl Core {
         let core = Core {
             queue: WorkQueue::new(fanout.concurrency),
             repos,
-            agents,
+            agents: AgentTable::new(agents),
             store,
             fanout,
             backoff,
             metrics,
             key_lifetime,
             audit: None,
+            credential: None,
             events: broadcast::channel(1024).0,
             progress: watch::channel(0).0,
             rotation: tokio::sync::Mutex::new(()),
             acks_dirty: AtomicBool::new(false),
+            ha: None,
         };
         for repo in &core.repos {
             core.metrics
@@ -362,7 +376,12 @@ impl Core {
 
     /// Every enrolled agent.
     pub(super) fn agent_ids(&self) -> impl Iterator<Item = AgentId> + use<> {
-        (0..self.agents.len()).map(AgentId)
+        self.agents.ids()
+    }
+
+    /// Enrolled agent `i`; `None` once a reload removed it.
+    pub(super) fn agent(&self, i: AgentId) -> Option<Arc<AgentSlot>> {
+        self.agents.get(i)
     }
 
     /// Every managed repository, with its slot.
@@ -380,7 +399,7 @@ impl Core {
             let Some(by_region) = acks.get(&repo.name) else {
                 continue;
             };
-            for agent in &self.agents {
+            for (_, agent) in self.agents.snapshot().iter() {
                 if let Some(rec) = by_region.get(&agent.name) {
                     agent.lock().held[r] = Held {
                         generation: rec.generation,
@@ -402,7 +421,7 @@ impl Core {
         let mut acks = Acks::new();
         for (r, repo) in self.repos() {
             let by_region = acks.entry(repo.name.clone()).or_default();
-            for agent in &self.agents {
+            for (_, agent) in self.agents.snapshot().iter() {
                 let held = agent.lock().held[r];
                 if let Some(digest) = held.digest {
                     by_region.insert(
@@ -415,6 +434,13 @@ impl Core {
                     );
                 }
             }
+        }
+        if let Some(ha) = &self.ha {
+            if let Err(e) = ha.save_acks(&acks).await {
+                self.acks_dirty.store(true, Ordering::Release);
+                tracing::warn!(error = %crate::error_chain(&e), "cannot record acknowledgements in etcd");
+            }
+            return;
         }
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || store.save_acks(&acks)).await;
@@ -436,7 +462,7 @@ impl Core {
         self.progress.subscribe()
     }
 
-    fn emit(
+    pub(super) fn emit(
         &self,
         kind: &str,
         repository: &str,
@@ -455,19 +481,22 @@ impl Core {
         });
     }
 
-    fn bump_progress(&self) {
+    /// Announces a reload's change of one agent to `Watch` clients.
+    pub(super) fn emit_enrolment(&self, agent: &AgentSlot, outcome: &str) {
+        self.emit(
+            "enrolment",
+            "",
+            Some(agent),
+            0,
+            format!("{outcome} by a configuration reload ({})", agent.endpoint),
+        );
+    }
+
+    pub(super) fn bump_progress(&self) {
         self.progress.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Whether agent `i` holds `generation` of repository `r` (same number and digest).
-    pub(super) fn agent_holds(&self, i: AgentId, r: RepoId, generation: &Generation) -> bool {
-        let held = self.agents[i].lock().held[r];
-        held.generation == generation.number
-            && held.digest == Some(generation.digest)
-            && !held.drift
-            && !held.restored
-    }
-
     /// A reason not to push: the agent holds a newer generation than the
     /// rotator (lost rotator state, or a second rotator), or the same number with
     /// other keys. Pushing would be refused; an operator must look.
@@ -477,7 +506,7 @@ impl Core {
         r: RepoId,
         generation: &Generation,
     ) -> Option<String> {
-        let held = self.agents[i].lock().held[r];
+        let held = self.agent(i)?.lock().held[r];
         if held.generation > generation.number {
             Some(format!(
                 "agent holds generation {} of `{}`, newer than the rotator's {} (lost rotator state, a second rotator, or tampering): restore the rotator's state or restore the agent",
@@ -496,7 +525,11 @@ impl Core {
     }
 
     fn record_held(&self, i: AgentId, r: RepoId, held: Held) {
-        let agent = &self.agents[i];
+        // A call that was in flight when a reload removed its agent.
+        let Some(agent) = self.agent(i) else {
+            return;
+        };
+        let agent = &*agent;
         let repo = &self.repos[r];
         let current = repo.current();
         let now_holds =
@@ -541,7 +574,10 @@ impl Core {
         i: AgentId,
         state: &pb::GetStateResponse,
     ) -> Result<(), String> {
-        let agent = &self.agents[i];
+        let Some(agent) = self.agent(i) else {
+            return Ok(());
+        };
+        let agent = &*agent;
         if state.region != agent.region {
             return Err(format!(
                 "agent at {} answers as region `{}`, enrolled as `{}`",
@@ -617,16 +653,21 @@ impl Core {
 
     /// Regions that do not hold `generation` of repository `r`.
     fn regions_missing(&self, r: RepoId, generation: &Generation) -> Vec<String> {
-        self.agent_ids()
-            .filter(|&i| !self.agent_holds(i, r, generation))
-            .map(|i| self.agents[i].label())
+        self.agents
+            .snapshot()
+            .iter()
+            .filter(|(_, a)| !a.holds(r, generation))
+            .map(|(_, a)| a.label())
             .collect()
     }
 
     /// Whether repository `r` may rotate now under the safety rule.
     pub(super) fn may_rotate(&self, r: RepoId) -> bool {
         let current = self.repos[r].current();
-        self.agent_ids().all(|i| self.agent_holds(i, r, &current))
+        self.agents
+            .snapshot()
+            .iter()
+            .all(|(_, a)| a.holds(r, &current))
     }
 
     /// Rotates the selected repositories (all when `request.repositories` is
@@ -682,7 +723,12 @@ impl Core {
 
     fn select(&self, names: &[String]) -> Result<Vec<RepoId>, RotatorError> {
         if names.is_empty() {
-            return Ok(self.repos().map(|(r, _)| r).collect());
+            // "All" never includes the credential repository: it is named or left alone.
+            return Ok(self
+                .repos()
+                .filter(|(_, repo)| !super::credential::is_credential(&repo.name))
+                .map(|(r, _)| r)
+                .collect());
         }
         names
             .iter()
@@ -707,6 +753,11 @@ impl Core {
         if let Some(blocked) = self.check_safety_rule(r, &current, force, dry_run, &mut outcome) {
             return Ok(blocked);
         }
+        // The credential repository: a migrate, not the key ledger, makes its purge safe.
+        let credential = super::credential::is_credential(&repo.name);
+        if let Some(refused) = self.credential_gate(r, &current, dry_run, &outcome).await? {
+            return Ok(refused);
+        }
         let missing = std::mem::take(&mut outcome.pending_regions);
         let next_keys = repository::rotate(&current.keys, repo.max_active_keys)?;
         let next_number = current.number + 1;
@@ -720,6 +771,7 @@ impl Core {
         let (purges, unsafe_) =
             repo.ledger()
                 .check_purge(&current.keys, &next_keys, self.key_lifetime, now);
+        let unsafe_ = unsafe_.filter(|_| !credential);
         outcome.promoted_index = next_keys.primary_index().unwrap_or(0);
         outcome.purged = purges
             .iter()
@@ -919,6 +971,11 @@ impl Core {
             next_keys,
             ledger.promoted_unix(),
         )?;
+        if let Some(ha) = &self.ha {
+            ha.commit(&repo.name, &ledger, &next.committed()).await?;
+            *repo.ledger() = ledger;
+            return Ok(next);
+        }
         let store = self.store.clone();
         let name = repo.name.clone();
         let committed = next.committed();
@@ -975,11 +1032,13 @@ impl Core {
         let repo = &self.repos[r];
         let current = repo.current();
         let start = repo.demotion_cursor.load(Ordering::Acquire);
-        for i in (start..self.agents.len()).map(AgentId) {
-            if !self.agent_holds(i, r, &current) {
-                repo.demotion_cursor.store(i.0, Ordering::Release);
-                return false;
-            }
+        let agents = self.agents.snapshot();
+        if let Some((i, _)) = agents
+            .iter_from(AgentId(start))
+            .find(|(_, a)| !a.holds(r, &current))
+        {
+            repo.demotion_cursor.store(i.0, Ordering::Release);
+            return false;
         }
         if self.may_rotate(r) {
             return true;
@@ -998,9 +1057,14 @@ impl Core {
             }
             let (store, name, ledger) =
                 (self.store.clone(), repo.name.clone(), repo.ledger().clone());
-            let saved =
-                tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await;
-            if !matches!(saved, Ok(Ok(()))) {
+            let saved = match &self.ha {
+                Some(ha) => ha.save_ledger(&name, &ledger).await.is_ok(),
+                None => matches!(
+                    tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await,
+                    Ok(Ok(()))
+                ),
+            };
+            if !saved {
                 repo.ledger_dirty.store(true, Ordering::Release);
                 tracing::warn!(repository = %repo.name, "cannot record the key ledger; retrying");
             }
@@ -1015,6 +1079,9 @@ impl Core {
         let Ok(next) = repository::rotate(&current.keys, repo.max_active_keys) else {
             return 0;
         };
+        if super::credential::is_credential(&repo.name) {
+            return 0;
+        }
         let now = now_ms();
         let (purges, _) = repo
             .ledger()
@@ -1145,16 +1212,30 @@ impl Core {
     ) -> bool {
         let mut progress = self.progress();
         let deadline = tokio::time::Instant::now() + wait;
+        // Acknowledgements arrive in dispatch order: each wake-up resumes at
+        // the first agent found behind, so a fan-out costs O(agents) checks in
+        // all, not per acknowledgement. A full pass confirms before `true`.
+        let mut from = 0;
         loop {
             progress.borrow_and_update();
-            let done = self.agent_ids().all(|i| {
-                (!fresh || !self.agents[i].lock().probe)
-                    && repos
-                        .iter()
-                        .all(|&r| self.agent_holds(i, r, &self.repos[r].current()))
-            });
-            if done {
-                return true;
+            let agents = self.agents.snapshot();
+            let currents: Vec<(RepoId, Arc<Generation>)> = repos
+                .iter()
+                .map(|&r| (r, self.repos[r].current()))
+                .collect();
+            let done = |agent: &AgentSlot| {
+                (!fresh || !agent.lock().probe)
+                    && currents.iter().all(|(r, current)| agent.holds(*r, current))
+            };
+            let behind = |from: usize| {
+                agents
+                    .iter_from(AgentId(from))
+                    .find(|(_, agent)| !done(agent))
+                    .map(|(i, _)| i.0)
+            };
+            match behind(from).or_else(|| behind(0)) {
+                None => return true,
+                Some(i) => from = i,
             }
             tokio::select! {
                 changed = progress.changed() => if changed.is_err() { return false },
@@ -1243,7 +1324,12 @@ impl Core {
         let now = now_ms();
         let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let mut names = Vec::new();
-        for repo in &self.repos {
+        // The credential repository has its own schedule, if any.
+        for repo in self
+            .repos
+            .iter()
+            .filter(|r| !super::credential::is_credential(&r.name))
+        {
             let late = repo.late_rotation_ms.load(Ordering::Acquire);
             if late > 0 && now.saturating_sub(late) < interval_ms {
                 // Deferred, not dropped: a full interval after the late one.
@@ -1305,7 +1391,31 @@ impl Core {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+// ---- issue 14 (HA): a standby, and a leader at the start of its term, take
+// the committed state from etcd.
+impl Core {
+    /// Makes `generation` (committed elsewhere, read from etcd) and its ledger
+    /// current for `r` without pushing anything.
+    pub(super) fn adopt_committed(&self, r: RepoId, generation: Generation, ledger: Ledger) {
+        let repo = &self.repos[r];
+        if repo.current().number != generation.number {
+            self.emit(
+                "rotated",
+                &repo.name,
+                None,
+                generation.number,
+                String::new(),
+            );
+        }
+        self.metrics.set_generation(&repo.name, generation.number);
+        repo.set_current(generation);
+        *repo.ledger() = ledger;
+        repo.demotion_cursor.store(0, Ordering::Release);
+        self.bump_progress();
+    }
+}
+
+pub(super) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_else(|| ms.to_string())
@@ -1416,13 +1526,13 @@ pub(super) mod tests {
             .map(|r| {
                 let channel =
                     tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-                AgentSlot::new(
-                    (*r).into(),
-                    (*r).into(),
-                    "https://127.0.0.1:9".into(),
-                    channel,
-                    1,
-                )
+                let endpoint = AgentEndpoint {
+                    name: None,
+                    region: (*r).into(),
+                    endpoint: "https://127.0.0.1:9".into(),
+                    identity: format!("{r}.agent"),
+                };
+                AgentSlot::new(&endpoint, channel, 1)
             })
             .collect();
         let mut registry = prometheus_client::registry::Registry::default();
@@ -1437,7 +1547,7 @@ pub(super) mod tests {
         ))
     }
 
-    fn ack(core: &Core, i: AgentId) {
+    pub(in crate::rotator) fn ack(core: &Core, i: AgentId) {
         let current = core.repos[0].current();
         let response = pb::InstallResponse {
             repository: "tokens".into(),
@@ -1573,10 +1683,19 @@ pub(super) mod tests {
             core.observe_install(AgentId(0), RepoId(0), &current, &no_canaries)
                 .is_err()
         );
-        assert!(!core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(
+            !core
+                .agent(AgentId(0))
+                .expect("enrolled")
+                .holds(RepoId(0), &current)
+        );
         core.observe_install(AgentId(0), RepoId(0), &current, &good)
             .expect("acknowledged");
-        assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(
+            core.agent(AgentId(0))
+                .expect("enrolled")
+                .holds(RepoId(0), &current)
+        );
         let row = &core.agent_statuses()[0];
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
     }
@@ -1628,7 +1747,12 @@ pub(super) mod tests {
             },
         );
         core.restore_acks(&acks);
-        assert!(!core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(
+            !core
+                .agent(AgentId(0))
+                .expect("enrolled")
+                .holds(RepoId(0), &current)
+        );
         assert!(!core.may_rotate(RepoId(0)));
         let state = pb::GetStateResponse {
             region: "RegionOne".into(),
@@ -1678,7 +1802,11 @@ pub(super) mod tests {
         assert!(core.observe_state(AgentId(0), &wrong_region).is_err());
         core.observe_state(AgentId(0), &state(1, current.digest.0.to_vec()))
             .expect("observed");
-        assert!(core.agent_holds(AgentId(0), RepoId(0), &current));
+        assert!(
+            core.agent(AgentId(0))
+                .expect("enrolled")
+                .holds(RepoId(0), &current)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use zeroize::Zeroizing;
 
-use super::core::{AgentId, Core, Generation};
+use super::core::{AgentId, AgentSlot, Core, Generation};
 use crate::pb;
 
 /// An `InstallRequest` encoded once, shared by every push of its generation. It
@@ -109,7 +109,10 @@ impl Core {
     /// Asks for agent `i` to be worked on: now when `urgent` (a new generation,
     /// an admin sync), or after its current backoff otherwise.
     pub(super) fn enqueue(&self, i: AgentId, urgent: bool) {
-        let mut st = self.agents[i].lock();
+        let Some(agent) = self.agent(i) else {
+            return;
+        };
+        let mut st = agent.lock();
         match st.phase {
             Phase::Idle => {}
             Phase::Queued => return,
@@ -128,8 +131,8 @@ impl Core {
 
     /// Marks every agent for a state read-back and queues it.
     pub(super) fn reconcile_all(&self, urgent: bool) {
-        for i in self.agent_ids() {
-            self.agents[i].lock().probe = true;
+        for (i, agent) in self.agents.snapshot().iter() {
+            agent.lock().probe = true;
             self.enqueue(i, urgent);
         }
     }
@@ -158,7 +161,11 @@ impl Core {
                     _ = shutdown.cancelled() => return,
                 };
                 {
-                    let mut st = self.agents[i].lock();
+                    // Retired by a reload while queued: nothing to do.
+                    let Some(agent) = self.agent(i) else {
+                        continue;
+                    };
+                    let mut st = agent.lock();
                     if st.phase != Phase::Queued {
                         continue;
                     }
@@ -195,7 +202,10 @@ impl Core {
                 return Some(t);
             }
             heap.pop();
-            let mut st = self.agents[i].lock();
+            let Some(agent) = self.agent(i) else {
+                continue;
+            };
+            let mut st = agent.lock();
             // A stale entry (the agent was requeued urgently since) is skipped.
             if st.phase == Phase::Waiting(t) {
                 st.phase = Phase::Queued;
@@ -208,7 +218,10 @@ impl Core {
 
     /// Records the end of a call task: requeue, back off, or go idle.
     fn finish(&self, i: AgentId, outcome: Result<(), String>) {
-        let mut st = self.agents[i].lock();
+        let Some(agent) = self.agent(i) else {
+            return;
+        };
+        let mut st = agent.lock();
         let again = matches!(st.phase, Phase::Running { again: true });
         match outcome {
             Ok(()) => {
@@ -228,8 +241,8 @@ impl Core {
                 let delay = self.backoff.delay_random(st.failures);
                 let at = Instant::now() + delay;
                 tracing::warn!(
-                    agent = %self.agents[i].name,
-                    region = %self.agents[i].region,
+                    agent = %agent.name,
+                    region = %agent.region,
                     failures = st.failures,
                     retry_in_ms = delay.as_millis() as u64,
                     "agent call failed: {error}"
@@ -247,11 +260,13 @@ impl Core {
     /// One visit to agent `i`: read its state back if asked, then push every
     /// repository it does not hold at the current generation.
     async fn work(&self, i: AgentId) -> Result<(), String> {
-        let agent = &self.agents[i];
+        let Some(agent) = self.agent(i) else {
+            return Ok(());
+        };
         let probe = agent.lock().probe;
         if probe {
             let state = self
-                .get_state(i)
+                .get_state(&agent)
                 .await
                 .inspect_err(|_| agent.lock().connected = false)?;
             agent.lock().connected = true;
@@ -260,14 +275,14 @@ impl Core {
         }
         for (r, repo) in self.repos() {
             let generation = repo.current();
-            if self.agent_holds(i, r, &generation) {
+            if agent.holds(r, &generation) {
                 continue;
             }
             if let Some(reason) = self.agent_ahead(i, r, &generation) {
                 return Err(reason);
             }
             let started = std::time::Instant::now();
-            let result = self.install(i, &generation).await;
+            let result = self.install(&agent, &generation).await;
             agent.lock().connected = result.is_ok();
             let response = result?;
             self.metrics
@@ -280,10 +295,10 @@ impl Core {
 
     async fn install(
         &self,
-        i: AgentId,
+        agent: &AgentSlot,
         generation: &Generation,
     ) -> Result<pb::InstallResponse, String> {
-        let channel = self.agents[i].channel.clone();
+        let channel = agent.channel.clone();
         let timeout = self.fanout.call_timeout;
         let call = async move {
             let mut grpc = tonic::client::Grpc::new(channel);
@@ -302,9 +317,11 @@ impl Core {
         with_deadline(timeout, "Install", call).await
     }
 
-    async fn get_state(&self, i: AgentId) -> Result<pb::GetStateResponse, String> {
-        let mut client =
-            pb::distribution_client::DistributionClient::new(self.agents[i].channel.clone());
+    pub(super) async fn get_state(
+        &self,
+        agent: &AgentSlot,
+    ) -> Result<pb::GetStateResponse, String> {
+        let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
         let timeout = self.fanout.call_timeout;
         let call = async move {
             let mut request = tonic::Request::new(pb::GetStateRequest {});
@@ -359,10 +376,10 @@ mod tests {
         let max = core.fanout.backoff_max;
         let mut expected_nominal = base;
         for failure in 1..=10u32 {
-            core.agents[0].lock().phase = Phase::Running { again: false };
+            core.agent(first).expect("enrolled").lock().phase = Phase::Running { again: false };
             let failed_at = Instant::now();
             core.finish(first, Err("unreachable".into()));
-            let Phase::Waiting(at) = core.agents[0].lock().phase else {
+            let Phase::Waiting(at) = core.agent(first).expect("enrolled").lock().phase else {
                 panic!("not waiting after failure {failure}");
             };
             let delay = at - failed_at;
@@ -378,20 +395,30 @@ mod tests {
             tokio::time::advance(at - Instant::now()).await;
             assert_eq!(core.release_due_timers(), None);
             assert_eq!(lock(&core.queue.ready).pop_front(), Some(first));
-            assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+            assert_eq!(
+                core.agent(first).expect("enrolled").lock().phase,
+                Phase::Queued
+            );
             expected_nominal = (expected_nominal * 2).min(max);
         }
-        assert_eq!(core.agents[0].lock().failures, 10);
+        assert_eq!(core.agent(first).expect("enrolled").lock().failures, 10);
         assert_eq!(
-            core.agents[0].lock().last_error.as_deref(),
+            core.agent(first)
+                .expect("enrolled")
+                .lock()
+                .last_error
+                .as_deref(),
             Some("unreachable")
         );
 
         // A new generation while backing off: queued at once, the old timer ignored.
-        core.agents[0].lock().phase = Phase::Running { again: false };
+        core.agent(first).expect("enrolled").lock().phase = Phase::Running { again: false };
         core.finish(first, Err("unreachable".into()));
         core.enqueue(first, true);
-        assert_eq!(core.agents[0].lock().phase, Phase::Queued);
+        assert_eq!(
+            core.agent(first).expect("enrolled").lock().phase,
+            Phase::Queued
+        );
         assert_eq!(lock(&core.queue.ready).pop_front(), Some(first));
         tokio::time::advance(max).await;
         core.release_due_timers();
@@ -401,9 +428,10 @@ mod tests {
         );
 
         // Success clears the failure count and the error.
-        core.agents[0].lock().phase = Phase::Running { again: true };
+        core.agent(first).expect("enrolled").lock().phase = Phase::Running { again: true };
         core.finish(first, Ok(()));
-        let st = core.agents[0].lock();
+        let agent = core.agent(first).expect("enrolled");
+        let st = agent.lock();
         assert_eq!(
             (st.failures, st.last_error.is_none(), st.phase),
             (0, true, Phase::Queued)

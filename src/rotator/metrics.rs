@@ -28,6 +28,7 @@ pub(super) struct Metrics {
     rotations: Family<RepoLabel, Counter>,
     pub(super) push_seconds: Histogram,
     pub(super) push_failures: Counter,
+    reload_ok: Gauge,
 }
 
 impl Metrics {
@@ -38,7 +39,9 @@ impl Metrics {
             rotations: Family::default(),
             push_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             push_failures: Counter::default(),
+            reload_ok: Gauge::default(),
         };
+        m.reload_ok.set(1);
         // Per repository: where the rotation stands.
         #[rustfmt::skip]
         crate::metrics::register!(registry,
@@ -51,6 +54,10 @@ impl Metrics {
         crate::metrics::register!(registry,
             m.push_seconds => "push_duration_seconds", "Time for an agent to install a generation and acknowledge it";
             m.push_failures => "push_failures", "Failed calls to agents";
+        );
+        #[rustfmt::skip]
+        crate::metrics::register!(registry,
+            m.reload_ok => "config_last_reload_successful", "0 when the last configuration reload (SIGHUP) was refused; 1 after a successful one, and at start";
         );
         m
     }
@@ -65,6 +72,10 @@ impl Metrics {
         self.blocked
             .get_or_create(&RepoLabel::new(repository))
             .set(i64::from(blocked));
+    }
+
+    pub(super) fn set_reload(&self, ok: bool) {
+        self.reload_ok.set(i64::from(ok));
     }
 
     pub(super) fn count_rotation(&self, repository: &str) {

@@ -7,6 +7,10 @@
 //! on disk, so after a crash the rotator resumes from it and a generation number
 //! can never come back with other keys. Beside each state file, `<name>.ledger.json`
 //! holds the key ledger (when each key was created, promoted and demoted).
+//! With a seal key ([`StateStore::with_seal`]) the state file holds its
+//! content sealed (`crate::seal`): `fernetd-rotator-state 1 sealed`, then one
+//! sealed blob bound to the repository's name. A clear state file found with a
+//! seal key configured is read and sealed at once.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -21,6 +25,8 @@ use super::ledger::Ledger;
 use crate::repository::{self, KeySet};
 
 const MAGIC: &str = "fernetd-rotator-state 1";
+/// The first line of a sealed state file.
+const MAGIC_SEALED: &str = "fernetd-rotator-state 1 sealed";
 const ACKS_FILE: &str = "agents.json";
 
 /// What went wrong reading or writing the state directory. Never carries keys.
@@ -38,6 +44,14 @@ pub enum StateError {
     BadName(String),
     #[error("another rotator is using the state directory {0} (it holds its lock)")]
     Locked(PathBuf),
+    #[error("state file {path} is sealed, but no `seal_key` is configured")]
+    SealedWithoutKey { path: PathBuf },
+    #[error("state file {path} cannot be unsealed or sealed")]
+    Seal {
+        path: PathBuf,
+        #[source]
+        source: crate::seal::SealError,
+    },
 }
 
 /// One committed generation of a repository.
@@ -95,6 +109,7 @@ pub fn is_fresh(dir: &Path, name: &str) -> Result<bool, StateError> {
 pub struct StateStore {
     dir: PathBuf,
     _lock: std::sync::Arc<File>,
+    seal: Option<std::sync::Arc<crate::seal::SealKey>>,
 }
 
 impl StateStore {
@@ -132,7 +147,20 @@ impl StateStore {
         Ok(StateStore {
             dir: dir.to_path_buf(),
             _lock: std::sync::Arc::new(lock),
+            seal: None,
         })
+    }
+
+    /// Seals every state file written from now on with `key`, and opens sealed
+    /// ones with it.
+    pub fn with_seal(mut self, key: std::sync::Arc<crate::seal::SealKey>) -> Self {
+        self.seal = Some(key);
+        self
+    }
+
+    /// What a sealed state blob of `name` is bound to.
+    fn seal_context(name: &str) -> String {
+        format!("fernetd state file: {name}")
     }
 
     pub fn dir(&self) -> &Path {
@@ -173,6 +201,43 @@ impl StateStore {
         write_atomic(&self.dir, &path, &text)
     }
 
+    /// The JSON record `<name>.<kind>.json` (a credential migrate's outcome),
+    /// or `None` when none was written yet.
+    pub fn load_record<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        kind: &str,
+    ) -> Result<Option<T>, StateError> {
+        check_name(name)?;
+        let path = self.dir.join(format!("{name}.{kind}.json"));
+        match fs::read(&path) {
+            Ok(c) => serde_json::from_slice(&c)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Durably writes the JSON record `<name>.<kind>.json` (no key material).
+    pub fn save_record<T: Serialize>(
+        &self,
+        name: &str,
+        kind: &str,
+        record: &T,
+    ) -> Result<(), StateError> {
+        check_name(name)?;
+        let path = self.dir.join(format!("{name}.{kind}.json"));
+        let json = serde_json::to_vec_pretty(record).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir, &path, &json)
+    }
+
     /// The committed generation of `name`, or `None` before the first commit.
     pub fn load(&self, name: &str) -> Result<Option<Committed>, StateError> {
         let path = self.repository_path(name)?;
@@ -181,28 +246,53 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        parse_state(&content, name)
-            .map(Some)
-            .map_err(|reason| StateError::Corrupt { path, reason })
+        let sealed_prefix = format!("{MAGIC_SEALED}\n");
+        if let Some(blob) = content.strip_prefix(sealed_prefix.as_bytes()) {
+            let Some(key) = &self.seal else {
+                return Err(StateError::SealedWithoutKey { path });
+            };
+            let blob = std::str::from_utf8(blob).map_err(|_| StateError::Corrupt {
+                path: path.clone(),
+                reason: "sealed content is not UTF-8".into(),
+            })?;
+            let clear = key
+                .open(&Self::seal_context(name), blob)
+                .map_err(|source| StateError::Seal {
+                    path: path.clone(),
+                    source,
+                })?;
+            return parse_state(&clear, name)
+                .map(Some)
+                .map_err(|reason| StateError::Corrupt { path, reason });
+        }
+        let committed =
+            parse_state(&content, name).map_err(|reason| StateError::Corrupt { path, reason })?;
+        if self.seal.is_some() {
+            // A seal key was configured since this was written: no key stays
+            // in the clear a moment longer than this start.
+            self.save(name, &committed)?;
+            tracing::info!(repository = %name, "sealed the state file with the configured seal key");
+        }
+        Ok(Some(committed))
     }
 
     /// Durably records `committed` as the current generation of `name`.
     pub fn save(&self, name: &str, committed: &Committed) -> Result<(), StateError> {
         let path = self.repository_path(name)?;
-        let mut text = Zeroizing::new(String::with_capacity(128 + 60 * committed.keys.len()));
-        text.push_str(MAGIC);
-        text.push('\n');
-        text.push_str(&format!("repository {name}\n"));
-        text.push_str(&format!("generation {}\n", committed.generation));
-        text.push_str(&format!("digest {}\n", committed.keys.digest()));
-        for (index, key) in committed.keys.iter() {
-            text.push_str("key ");
-            text.push_str(&index.to_string());
-            text.push(' ');
-            text.push_str(&key.to_base64());
-            text.push('\n');
+        let text = encode_state(name, committed);
+        match &self.seal {
+            None => write_atomic(&self.dir, &path, text.as_bytes()),
+            Some(key) => {
+                let blob = key
+                    .seal(&Self::seal_context(name), text.as_bytes())
+                    .map_err(|source| StateError::Seal {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let sealed = format!("{MAGIC_SEALED}\n{blob}\n");
+                write_atomic(&self.dir, &path, sealed.as_bytes())
+            }
         }
-        write_atomic(&self.dir, &path, text.as_bytes())
     }
 
     /// The acknowledgements recorded by [`StateStore::save_acks`]; empty when none.
@@ -230,7 +320,26 @@ impl StateStore {
     }
 }
 
-fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
+/// The clear text of a state file (the content that is sealed, when sealing).
+pub(crate) fn encode_state(name: &str, committed: &Committed) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(String::with_capacity(128 + 60 * committed.keys.len()));
+    text.push_str(MAGIC);
+    text.push('\n');
+    text.push_str(&format!("repository {name}\n"));
+    text.push_str(&format!("generation {}\n", committed.generation));
+    text.push_str(&format!("digest {}\n", committed.keys.digest()));
+    for (index, key) in committed.keys.iter() {
+        text.push_str("key ");
+        text.push_str(&index.to_string());
+        text.push(' ');
+        text.push_str(&key.to_base64());
+        text.push('\n');
+    }
+    text
+}
+
+/// Reads the clear text [`encode_state`] writes.
+pub(crate) fn parse_state(content: &[u8], name: &str) -> Result<Committed, String> {
     let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
     let mut lines = text.lines();
     if lines.next() != Some(MAGIC) {
@@ -429,6 +538,66 @@ mod tests {
             .filter(|n| n.contains(TMP_MARK))
             .collect();
         assert!(left.is_empty(), "temporary files left: {left:?}");
+    }
+
+    #[test]
+    fn with_a_seal_key_no_key_is_in_the_clear_and_a_clear_state_is_sealed_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seal = std::sync::Arc::new(crate::seal::SealKey::from_bytes([3; 32]));
+        let keys = set(3);
+        let committed = Committed {
+            generation: 4,
+            keys: keys.clone(),
+        };
+        let clear = StateStore::open(dir.path()).expect("open");
+        clear.save("tokens", &committed).expect("save in the clear");
+        drop(clear);
+        let store = StateStore::open(dir.path())
+            .expect("open")
+            .with_seal(seal.clone());
+        let back = store
+            .load("tokens")
+            .expect("clear state reads")
+            .expect("present");
+        assert_eq!((back.generation, &back.keys), (4, &keys));
+        let on_disk = fs::read_to_string(dir.path().join("tokens.state")).expect("read");
+        assert!(on_disk.starts_with(MAGIC_SEALED), "{on_disk}");
+        for (_, key) in keys.iter() {
+            assert!(
+                !on_disk.contains(key.to_base64().as_str()),
+                "a key in the clear"
+            );
+        }
+        let back = store
+            .load("tokens")
+            .expect("sealed state reads")
+            .expect("present");
+        assert_eq!(back.keys, keys);
+        drop(store);
+        let unsealed = StateStore::open(dir.path()).expect("open");
+        assert!(matches!(
+            unsealed.load("tokens"),
+            Err(StateError::SealedWithoutKey { .. })
+        ));
+        drop(unsealed);
+        let wrong = StateStore::open(dir.path())
+            .expect("open")
+            .with_seal(std::sync::Arc::new(crate::seal::SealKey::from_bytes(
+                [4; 32],
+            )));
+        assert!(matches!(wrong.load("tokens"), Err(StateError::Seal { .. })));
+        // A blob of one repository does not open as another's.
+        fs::copy(
+            dir.path().join("tokens.state"),
+            dir.path().join("receipts.state"),
+        )
+        .expect("copy");
+        drop(wrong);
+        let store = StateStore::open(dir.path()).expect("open").with_seal(seal);
+        assert!(matches!(
+            store.load("receipts"),
+            Err(StateError::Seal { .. })
+        ));
     }
 
     #[test]

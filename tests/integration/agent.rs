@@ -181,6 +181,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         }],
         keystone_conf: None,
         audit_log: None,
+        credential: None,
     }
 }
 

@@ -16,7 +16,7 @@ use rustix::process::Signal;
 
 use crate::common::daemon::Daemon;
 use crate::common::fernetd_bin;
-use crate::common::keystone::{self, Regions, Response, TestPolicy};
+use crate::common::keystone::{self, Regions, Response, TestPolicy, wait_for};
 
 const NOT_RECOGNIZED: &str = "Could not recognize Fernet token";
 
@@ -336,21 +336,6 @@ const E2E_EXPIRATION: u64 = 24;
 const E2E_KEYS: usize = 14;
 const E2E_CRON: &str = "*/2 * * * * *";
 const PERIOD: Duration = Duration::from_secs(2);
-
-/// Polls `check` every 100 ms until it returns `Some`, or panics with `what`.
-fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The generation recorded in a repository by its agent (0 = none yet).
 fn installed_generation(repo: &Path) -> u64 {

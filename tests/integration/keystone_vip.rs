@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::daemon::{Daemon, free_addr};
-use crate::common::keystone::{self, Client, Regions, TestPolicy};
+use crate::common::keystone::{self, Client, Regions, TestPolicy, wait_for};
 
 /// Rotating every 2 s with 24 s tokens: Keystone's formula wants 14 keys.
 const EXPIRATION: u64 = 24;
@@ -78,20 +78,6 @@ fn render_vip(cfg: &Path, vip: SocketAddr, servers: &[(&str, SocketAddr)]) {
     }
     let out = keystone::run_ok(&mut cmd);
     std::fs::write(cfg, &out.stdout).expect("write haproxy.cfg");
-}
-
-fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn generation(repo: &Path) -> u64 {

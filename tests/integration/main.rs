@@ -4,6 +4,7 @@
 mod agent;
 mod common;
 mod completions;
+mod credential;
 mod docs;
 mod keystone_e2e;
 mod keystone_vip;

@@ -581,12 +581,14 @@ print(json.dumps(seen))
 
 /// Keystone lists the repository by path and then opens each file by path, so a
 /// swap that falls between the two can show it the new files under the old
-/// listing, a file that vanished between listing and open, or (when the old copy
-/// is removed between its `opendir` and `readdir`) nothing. No writer can prevent
-/// that for a reader built this way (`keystone-manage` rotating in place has the
-/// same windows, and more). This measures how often it happens to a reader in a
-/// tight loop and checks what it never sees: a torn key, a key of neither set,
-/// or an anomaly outside a read that raced a swap.
+/// listing, or a file that vanished between listing and open. No writer can
+/// prevent that for a reader built this way (`keystone-manage` rotating in place
+/// has the same windows, and more). An empty listing (the old copy removed
+/// between its `opendir` and `readdir`) the installer does prevent, by removing
+/// the old copy only after `install::RETIRE_GRACE`. This measures how often each
+/// happens to a reader in a tight loop and checks what it never sees: an empty
+/// listing, a torn key, a key of neither set, or an anomaly outside a read that
+/// raced a swap.
 #[test]
 fn keystone_loader_during_installs_sees_only_whole_keys() {
     use std::io::BufRead as _;
@@ -655,7 +657,8 @@ fn keystone_loader_during_installs_sees_only_whole_keys() {
          {vanished} files gone between listing and open, {empty} empty listings"
     );
     // One reader has at most one read in flight at each swap.
-    assert!(mixed + vanished + empty <= INSTALLS as u64, "{seen:?}");
+    assert!(mixed + vanished <= INSTALLS as u64, "{seen:?}");
+    assert_eq!(empty, 0, "Keystone listed an empty repository: {seen:?}");
     assert!(saw_a && saw_b, "{seen:?}");
 }
 

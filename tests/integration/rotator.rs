@@ -48,6 +48,8 @@ struct Agent {
     config: PathBuf,
     repo: PathBuf,
     daemon: Option<Daemon>,
+    /// Extra environment for the process (the clock-skew tests' offsets).
+    env: Vec<(String, String)>,
 }
 
 /// A rotator and its agents, each a real process, in one temporary directory.
@@ -58,6 +60,8 @@ struct Cluster {
     rotator_addr: SocketAddr,
     rotator_config: PathBuf,
     rotator: Option<Daemon>,
+    /// Extra environment for the rotator process.
+    rotator_env: Vec<(String, String)>,
     admin_config: PathBuf,
     agents: Vec<Agent>,
     /// Every daemon log written for this cluster.
@@ -112,6 +116,7 @@ impl Cluster {
                 }],
                 keystone_conf: None,
                 audit_log: None,
+                credential: None,
             };
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
@@ -129,6 +134,7 @@ impl Cluster {
                 config: path,
                 repo,
                 daemon: None,
+                env: Vec::new(),
             });
         }
         let rotator_addr = free_addr();
@@ -142,6 +148,7 @@ impl Cluster {
                 name: "tokens".into(),
                 max_active_keys: MAX_ACTIVE_KEYS,
                 import,
+                schedule: None,
             }],
             // Once a year: the tests rotate through `fernetd admin`.
             schedule: ScheduleConfig {
@@ -165,12 +172,15 @@ impl Cluster {
             },
             keystone_conf: None,
             audit_log: None,
+            seal_key: None,
+            ha: None,
+            credential: None,
         };
         let rotator_config = dir.path().join("rotator.toml");
         std::fs::write(&rotator_config, toml::to_string(&rotator).expect("toml"))
             .expect("write rotator.toml");
         let admin = AdminConfig {
-            rotator: format!("https://{rotator_addr}"),
+            rotator: format!("https://{rotator_addr}").into(),
             rotator_identity: ROTATOR_ID.into(),
             tls: tls_files(&pki, &ca, &admin_leaf, "admin"),
         };
@@ -184,6 +194,7 @@ impl Cluster {
             rotator_addr,
             rotator_config,
             rotator: None,
+            rotator_env: Vec::new(),
             admin_config,
             agents,
             logs: Vec::new(),
@@ -248,9 +259,10 @@ impl Cluster {
 
     async fn start_agent(&mut self, i: usize) {
         let agent = &mut self.agents[i];
-        let mut daemon = Daemon::spawn(
+        let mut daemon = Daemon::spawn_with_env(
             &format!("rotator-test-agent-{}", agent.name),
             ["agent", "--config", agent.config.to_str().expect("utf-8")],
+            &agent.env,
         );
         self.logs.push(daemon.log_path().to_path_buf());
         let tls = client_tls(
@@ -263,13 +275,14 @@ impl Cluster {
     }
 
     async fn start_rotator(&mut self) {
-        let mut daemon = Daemon::spawn(
+        let mut daemon = Daemon::spawn_with_env(
             "rotator-test-rotator",
             [
                 "rotator",
                 "--config",
                 self.rotator_config.to_str().expect("utf-8"),
             ],
+            &self.rotator_env,
         );
         self.logs.push(daemon.log_path().to_path_buf());
         let tls = client_tls(self.ca.cert_pem(), Some(&self.admin_leaf), ROTATOR_ID);
@@ -361,7 +374,19 @@ impl Cluster {
     /// Asserts every region's repository on disk has `digest`, collects its
     /// keys for the log search, and returns the sets.
     fn all_hold(&self, digest: &str, context: &str, keys: &mut BTreeSet<String>) -> Vec<KeySet> {
-        (0..self.agents.len())
+        self.hold(0..self.agents.len(), digest, context, keys)
+    }
+
+    /// [`Cluster::all_hold`] for the agents at `indices`.
+    fn hold(
+        &self,
+        indices: impl IntoIterator<Item = usize>,
+        digest: &str,
+        context: &str,
+        keys: &mut BTreeSet<String>,
+    ) -> Vec<KeySet> {
+        indices
+            .into_iter()
             .map(|i| {
                 let set = self.repo_state(i);
                 assert_eq!(
@@ -761,7 +786,7 @@ async fn a_non_admin_and_an_agent_with_the_wrong_identity_are_refused() {
     let intruder = cluster.ca.issue(&["intruder.fernetd.test"]);
     let pki = cluster.dir.path().join("intruder");
     let config = AdminConfig {
-        rotator: format!("https://{}", cluster.rotator_addr),
+        rotator: format!("https://{}", cluster.rotator_addr).into(),
         rotator_identity: ROTATOR_ID.into(),
         tls: tls_files(&pki, &cluster.ca, &intruder, "intruder"),
     };
@@ -836,9 +861,15 @@ async fn adopting_an_existing_keystone_repository_invalidates_no_token() {
     );
     let cluster = cluster.launch().await;
     let status = cluster.converged("the adopted repository everywhere").await;
+    // `fernetd repo` stamps what it writes: the import continues at the
+    // stamp's generation (1 for a repository without one).
+    let stamped = repository::read_stamp(&repo)
+        .expect("stamp readable")
+        .map_or(1, |s| s.generation);
+    assert_eq!(stamped, 3, "init and two rotations");
     assert_eq!(
         status["repositories"][0]["generation"].as_u64(),
-        Some(1),
+        Some(stamped),
         "{status:#}"
     );
     assert_eq!(
@@ -1245,3 +1276,23 @@ mod check;
 
 #[path = "audit.rs"]
 mod audit;
+
+#[path = "enrolment.rs"]
+mod enrolment;
+
+#[path = "recovery.rs"]
+mod recovery;
+
+#[path = "chaos.rs"]
+mod chaos;
+#[path = "ha.rs"]
+mod ha;
+
+#[path = "faults.rs"]
+mod faults;
+
+#[path = "soak.rs"]
+mod soak;
+
+#[path = "skew.rs"]
+mod skew;

@@ -85,10 +85,8 @@ fn staged_units(dir: &Path) -> Vec<PathBuf> {
                 .unwrap_or_else(|| {
                     panic!("{unit}: ExecStart names no known installed path: {exec}")
                 });
-            text = text.replace(
-                &format!("ExecStart={from} "),
-                &format!("ExecStart={} ", to.display()),
-            );
+            // ExecStartPre and ExecReload run the same binary.
+            text = text.replace(&format!("={from} "), &format!("={} ", to.display()));
             let path = dir.join(unit);
             std::fs::write(&path, text).unwrap();
             path

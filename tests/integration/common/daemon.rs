@@ -46,6 +46,16 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Daemon::spawn_with_env(name, args, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (a preloaded
+    /// library, a clock offset).
+    pub fn spawn_with_env<I, S>(name: &str, args: I, env: &[(String, String)]) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let dir = logs_dir();
         std::fs::create_dir_all(&dir).expect("create the daemon log directory");
@@ -59,6 +69,7 @@ impl Daemon {
         let child = Command::new(super::fernetd_bin())
             .args(args)
             .env("FERNETD_LOG", "info,fernetd=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -377,32 +377,7 @@ impl Regions {
             .enumerate()
             .map(|(i, repo)| {
                 let conf = dir.join(format!("keystone-{i}.conf"));
-                render_conf(
-                    &conf,
-                    &[
-                        // Every password login writes `last_active_at`; with three Keystones on one
-                        // SQLite file, writers must wait for the lock rather than fail after 5 s.
-                        (
-                            "DATABASE_CONNECTION",
-                            &format!("sqlite:///{}?timeout=60", db.display()),
-                        ),
-                        ("KEY_REPOSITORY", &repo.display().to_string()),
-                        (
-                            "CREDENTIAL_KEY_REPOSITORY",
-                            &credential.display().to_string(),
-                        ),
-                        ("TOKEN_EXPIRATION", &policy.expiration.to_string()),
-                        (
-                            "ALLOW_EXPIRED_WINDOW",
-                            &policy.allow_expired_window.to_string(),
-                        ),
-                        ("MAX_ACTIVE_KEYS", &policy.max_active_keys.to_string()),
-                        // A cache would hide key problems from the test (KEYSTONE-NOTES).
-                        ("CACHE_ENABLED", "false"),
-                    ],
-                    // The cheapest bcrypt Keystone allows: password checks are not under test.
-                    "\n[identity]\npassword_hash_rounds = 4\n",
-                );
+                region_conf(&conf, &db, repo, &credential, policy);
                 conf
             })
             .collect()
@@ -455,6 +430,53 @@ impl Regions {
 
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.keystones.iter().map(|k| k.addr).collect()
+    }
+}
+
+/// Renders one region's keystone.conf at `conf`: the shared SQLite database
+/// `db`, its token repository `tokens` and credential repository `credential`,
+/// the token `policy`, and no cache.
+pub fn region_conf(conf: &Path, db: &Path, tokens: &Path, credential: &Path, policy: TestPolicy) {
+    render_conf(
+        conf,
+        &[
+            // Every password login writes `last_active_at`; with three Keystones on one
+            // SQLite file, writers must wait for the lock rather than fail after 5 s.
+            (
+                "DATABASE_CONNECTION",
+                &format!("sqlite:///{}?timeout=60", db.display()),
+            ),
+            ("KEY_REPOSITORY", &tokens.display().to_string()),
+            (
+                "CREDENTIAL_KEY_REPOSITORY",
+                &credential.display().to_string(),
+            ),
+            ("TOKEN_EXPIRATION", &policy.expiration.to_string()),
+            (
+                "ALLOW_EXPIRED_WINDOW",
+                &policy.allow_expired_window.to_string(),
+            ),
+            ("MAX_ACTIVE_KEYS", &policy.max_active_keys.to_string()),
+            // A cache would hide key problems from the test (KEYSTONE-NOTES).
+            ("CACHE_ENABLED", "false"),
+        ],
+        // The cheapest bcrypt Keystone allows: password checks are not under test.
+        "\n[identity]\npassword_hash_rounds = 4\n",
+    );
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

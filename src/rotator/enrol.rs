@@ -1,0 +1,455 @@
+//! Enrolment: the table of enrolled agents, and its change by a configuration
+//! reload (SIGHUP, `systemctl reload`). The table is append-only: a removed
+//! agent's slot is retired (its channel dropped, so its connection closes) and
+//! a changed one is retired and appended anew, so an [`AgentId`] held by a
+//! queue or an in-flight call never names another agent. Agents the reload
+//! leaves alone keep their slot, their state and their open connection.
+//!
+//! A reload applies `[[agents]]` only. The whole file is checked as at start-up
+//! first, and every new channel is built, before anything changes: a refused
+//! reload changes nothing and says why. Other changed settings are named in the
+//! log as waiting for a restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use super::RotatorError;
+use super::core::{AgentId, AgentSlot, Core};
+use crate::config::{AgentEndpoint, RotatorConfig};
+
+/// The enrolled agents, by [`AgentId`]; `None` marks a retired slot.
+pub(super) struct AgentTable {
+    slots: RwLock<Arc<Vec<Option<Arc<AgentSlot>>>>>,
+}
+
+/// The table as it was at one instant: iterating it takes no lock.
+pub(super) struct Snapshot(Arc<Vec<Option<Arc<AgentSlot>>>>);
+
+impl Snapshot {
+    /// Every enrolled agent, in table order (configuration order, then
+    /// enrolment order).
+    pub(super) fn iter(&self) -> impl Iterator<Item = (AgentId, &Arc<AgentSlot>)> {
+        self.iter_from(AgentId(0))
+    }
+
+    /// Every enrolled agent from slot `start` on.
+    pub(super) fn iter_from(
+        &self,
+        start: AgentId,
+    ) -> impl Iterator<Item = (AgentId, &Arc<AgentSlot>)> {
+        self.0
+            .iter()
+            .enumerate()
+            .skip(start.0)
+            .filter_map(|(i, slot)| slot.as_ref().map(|a| (AgentId(i), a)))
+    }
+
+    /// The number of slots, retired ones included: ids are below it.
+    pub(super) fn slots(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn get(&self, i: AgentId) -> Option<&Arc<AgentSlot>> {
+        self.0.get(i.0).and_then(Option::as_ref)
+    }
+}
+
+impl AgentTable {
+    pub(super) fn new(agents: Vec<AgentSlot>) -> Self {
+        AgentTable {
+            slots: RwLock::new(Arc::new(
+                agents.into_iter().map(|a| Some(Arc::new(a))).collect(),
+            )),
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        Snapshot(self.slots.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    pub(super) fn get(&self, i: AgentId) -> Option<Arc<AgentSlot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(i.0)
+            .and_then(Option::clone)
+    }
+
+    /// Ids of every enrolled agent, from a snapshot.
+    pub(super) fn ids(&self) -> impl Iterator<Item = AgentId> + use<> {
+        let snapshot = self.snapshot();
+        (0..snapshot.slots())
+            .map(AgentId)
+            .filter(move |&i| snapshot.get(i).is_some())
+    }
+
+    /// How many agents are enrolled.
+    pub(super) fn len(&self) -> usize {
+        self.snapshot().iter().count()
+    }
+
+    /// Retires `retire` and appends `add`, as one step for every reader.
+    fn replace(&self, retire: &[AgentId], add: Vec<Arc<AgentSlot>>) -> Vec<AgentId> {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let mut next: Vec<Option<Arc<AgentSlot>>> = slots.as_ref().clone();
+        for i in retire {
+            if let Some(slot) = next.get_mut(i.0) {
+                *slot = None;
+            }
+        }
+        let mut added = Vec::with_capacity(add.len());
+        for agent in add {
+            added.push(AgentId(next.len()));
+            next.push(Some(agent));
+        }
+        *slots = Arc::new(next);
+        added
+    }
+}
+
+/// What a reload changed: the new slots of added and changed agents, the
+/// retired slots of removed ones.
+#[derive(Default)]
+pub(super) struct Enrolment {
+    pub(super) added: Vec<Arc<AgentSlot>>,
+    pub(super) removed: Vec<Arc<AgentSlot>>,
+    pub(super) changed: Vec<Arc<AgentSlot>>,
+}
+
+impl Enrolment {
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl Core {
+    /// Makes the enrolled agents those of `wanted`: new names are enrolled,
+    /// missing ones retired, and one whose region, endpoint or identity changed
+    /// is reconnected with a fresh state (it counts again once read back).
+    /// `connect` builds a slot; the first failure is returned and nothing
+    /// changes. Runs between rotations, so a safety check never sees half of it.
+    pub(super) async fn enrol(
+        &self,
+        wanted: &[AgentEndpoint],
+        connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError>,
+    ) -> Result<Enrolment, RotatorError> {
+        let _between_rotations = self.rotation.lock().await;
+        let current = self.agents.snapshot();
+        let mut change = Enrolment::default();
+        let mut retire = Vec::new();
+        let mut add = Vec::new();
+        for a in wanted {
+            let existing = current.iter().find(|(_, slot)| slot.name == a.name());
+            match existing {
+                Some((_, slot))
+                    if slot.region == a.region
+                        && slot.endpoint == a.endpoint
+                        && slot.identity == a.identity => {}
+                Some((i, _)) => {
+                    retire.push(i);
+                    let slot = Arc::new(connect(a)?);
+                    change.changed.push(slot.clone());
+                    add.push(slot);
+                }
+                None => {
+                    let slot = Arc::new(connect(a)?);
+                    change.added.push(slot.clone());
+                    add.push(slot);
+                }
+            }
+        }
+        for (i, slot) in current.iter() {
+            if !wanted.iter().any(|a| a.name() == slot.name) {
+                retire.push(i);
+                change.removed.push(slot.clone());
+            }
+        }
+        if change.is_empty() {
+            return Ok(change);
+        }
+        let added = self.agents.replace(&retire, add);
+        for (_, repo) in self.repos() {
+            repo.reset_demotion_cursor();
+        }
+        self.acks_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+        for i in added {
+            self.enqueue(i, true);
+        }
+        // A removed agent may have been the one blocking: let the scheduler
+        // and `wait_in_sync` look again.
+        self.refresh_blocked();
+        self.bump_progress();
+        Ok(change)
+    }
+
+    /// Audits and announces what a reload changed.
+    async fn report_enrolment(&self, change: &Enrolment) {
+        for (outcome, labels) in [
+            ("added", &change.added),
+            ("removed", &change.removed),
+            ("changed", &change.changed),
+        ] {
+            for agent in labels {
+                tracing::info!(agent = %agent.name, region = %agent.region, endpoint = %agent.endpoint, "reload: agent {outcome}");
+                self.emit_enrolment(agent, outcome);
+                let entry = crate::audit::Entry {
+                    actor: "reload".into(),
+                    event: "enrolment",
+                    agent: agent.name.clone(),
+                    region: agent.region.clone(),
+                    outcome,
+                    ..Default::default()
+                };
+                crate::audit::maybe_append(self.audit.as_ref(), entry).await;
+            }
+        }
+    }
+}
+
+/// Re-reads `source` on every SIGHUP until `stop` is cancelled, and applies
+/// its `[[agents]]` (see the module's documentation).
+pub(super) async fn reload_on_sighup(
+    core: Arc<Core>,
+    source: PathBuf,
+    running: RotatorConfig,
+    connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError> + Send + Sync,
+    stop: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: the configuration is not reloaded");
+            return;
+        }
+    };
+    let mut running = running;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = stop.cancelled() => return,
+        }
+        match reload(&core, &source, &running, &connect).await {
+            Ok(Reloaded {
+                config,
+                change,
+                restart,
+            }) => {
+                core.metrics.set_reload(true);
+                if !restart.is_empty() {
+                    tracing::warn!(path = %source.display(), settings = %restart.join(", "), "reload: these changed settings take effect at the next restart");
+                }
+                tracing::info!(
+                    path = %source.display(),
+                    added = change.added.len(),
+                    removed = change.removed.len(),
+                    changed = change.changed.len(),
+                    agents = core.agents.len(),
+                    "configuration reloaded"
+                );
+                core.report_enrolment(&change).await;
+                running = config;
+            }
+            Err(error) => {
+                core.metrics.set_reload(false);
+                tracing::error!(path = %source.display(), error = %crate::error_chain(&error), "reload refused, nothing changed");
+                let entry = crate::audit::Entry {
+                    actor: "reload".into(),
+                    event: "reload",
+                    outcome: "refused",
+                    detail: crate::error_chain(&error),
+                    ..Default::default()
+                };
+                crate::audit::maybe_append(core.audit.as_ref(), entry).await;
+            }
+        }
+    }
+}
+
+struct Reloaded {
+    config: RotatorConfig,
+    change: Enrolment,
+    /// Top-level settings that differ from the running ones, other than `agents`.
+    restart: Vec<String>,
+}
+
+async fn reload(
+    core: &Core,
+    source: &std::path::Path,
+    running: &RotatorConfig,
+    connect: &(impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError> + Send + Sync),
+) -> Result<Reloaded, RotatorError> {
+    let config: RotatorConfig =
+        crate::config::load(source).map_err(|e| RotatorError::Config(crate::error_chain(&e)))?;
+    let checked = super::check(config)?;
+    let config = checked.config().clone();
+    let restart = settings_needing_restart(running, &config);
+    let change = core.enrol(&config.agents, connect).await?;
+    Ok(Reloaded {
+        config,
+        change,
+        restart,
+    })
+}
+
+/// The top-level keys of `next` that differ from `running`, `agents` aside.
+fn settings_needing_restart(running: &RotatorConfig, next: &RotatorConfig) -> Vec<String> {
+    let table = |c: &RotatorConfig| match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(mut t)) => {
+            t.remove("agents");
+            t
+        }
+        _ => toml::Table::new(),
+    };
+    let (old, new) = (table(running), table(next));
+    let mut keys: Vec<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotator::core::tests::{ack, core};
+
+    fn endpoint(name: &str, port: u16) -> AgentEndpoint {
+        AgentEndpoint {
+            name: None,
+            region: name.into(),
+            endpoint: format!("https://127.0.0.1:{port}"),
+            identity: format!("{name}.agent"),
+        }
+    }
+
+    fn lazy(a: &AgentEndpoint) -> Result<AgentSlot, RotatorError> {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Ok(AgentSlot::new(a, channel, 1))
+    }
+
+    fn tokens(core: &Core) -> crate::rotator::core::RepoId {
+        core.repos().next().expect("one repository").0
+    }
+
+    fn names(slots: &[Arc<AgentSlot>]) -> Vec<&str> {
+        slots.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_adds_removes_and_reconnects_and_the_safety_rule_follows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["One", "Two"]);
+        let ids: Vec<AgentId> = core.agent_ids().collect();
+        ack(&core, ids[0]);
+        assert!(!core.may_rotate(tokens(&core)), "Two has not acknowledged");
+
+        // Two removed, Three added: Three must acknowledge before a rotation.
+        let change = core
+            .enrol(&[endpoint("One", 9), endpoint("Three", 9)], lazy)
+            .await
+            .expect("enrol");
+        assert_eq!(
+            (
+                names(&change.added),
+                names(&change.removed),
+                names(&change.changed)
+            ),
+            (vec!["Three"], vec!["Two"], vec![])
+        );
+        assert!(core.agent(ids[1]).is_none(), "Two's slot is retired");
+        let now: Vec<AgentId> = core.agent_ids().collect();
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[0], ids[0], "One keeps its slot");
+        assert!(
+            !core.may_rotate(tokens(&core)),
+            "Three has not acknowledged"
+        );
+        ack(&core, now[1]);
+        assert!(core.may_rotate(tokens(&core)));
+
+        // One's endpoint changes: a new slot that counts once it acknowledges.
+        let change = core
+            .enrol(&[endpoint("One", 10), endpoint("Three", 9)], lazy)
+            .await
+            .expect("enrol");
+        assert_eq!(names(&change.changed), vec!["One"]);
+        let one = core
+            .agent_ids()
+            .find(|&i| core.agent(i).is_some_and(|a| a.name == "One"))
+            .expect("One enrolled");
+        assert_ne!(one, ids[0], "a changed agent gets a fresh slot");
+        assert!(!core.may_rotate(tokens(&core)));
+        ack(&core, one);
+        assert!(core.may_rotate(tokens(&core)));
+
+        // Nothing changed: nothing happens.
+        let change = core
+            .enrol(&[endpoint("One", 10), endpoint("Three", 9)], lazy)
+            .await
+            .expect("enrol");
+        assert!(change.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_cannot_connect_one_agent_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path(), &["One", "Two"]);
+        let before: Vec<AgentId> = core.agent_ids().collect();
+        let refuse = |a: &AgentEndpoint| {
+            if a.region == "Four" {
+                Err(RotatorError::Config("bad endpoint".into()))
+            } else {
+                lazy(a)
+            }
+        };
+        let wanted = [
+            endpoint("One", 9),
+            endpoint("Three", 9),
+            endpoint("Four", 9),
+        ];
+        assert!(core.enrol(&wanted, refuse).await.is_err());
+        assert_eq!(core.agent_ids().collect::<Vec<_>>(), before);
+    }
+
+    #[test]
+    fn settings_other_than_agents_are_named_for_a_restart() {
+        let text = r#"
+            listen = "127.0.0.1:7000"
+            admin_identities = ["admin"]
+            state_dir = "/var/lib/fernetd"
+            [tls]
+            ca = "ca.pem"
+            cert = "cert.pem"
+            key = "key.pem"
+            [schedule]
+            cron = "0 * * * *"
+            [policy]
+            token_expiration = "1h"
+            [[repositories]]
+            name = "tokens"
+            max_active_keys = 5
+            [[agents]]
+            region = "One"
+            endpoint = "https://127.0.0.1:9"
+            identity = "one"
+        "#;
+        let running: RotatorConfig = toml::from_str(text).expect("config");
+        let mut next = running.clone();
+        next.agents.clear();
+        assert!(settings_needing_restart(&running, &next).is_empty());
+        next.schedule.cron = "0 0 * * *".into();
+        next.admin_identities.push("other".into());
+        assert_eq!(
+            settings_needing_restart(&running, &next),
+            ["admin_identities", "schedule"]
+        );
+    }
+}

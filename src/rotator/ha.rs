@@ -1,0 +1,954 @@
+//! High availability (`[ha]`): several rotators with one configuration, one
+//! leader elected through an etcd lease, the state in etcd. The leader holds
+//! `<prefix>/leader` (created only when absent, attached to its lease, its
+//! value unique to this term); every write it makes (a new generation, the
+//! ledger, acknowledgements) is one etcd transaction that also compares that
+//! key with its own value, so a deposed leader (a GC pause, SIGSTOP, a
+//! partition) commits nothing, whatever it believes. A generation is written
+//! twice in the same transaction: as `current` and as `gen/<G>`, the latter
+//! created only when absent, so etcd itself refuses a second digest for one
+//! generation. Keys are sealed (`crate::seal`) before they leave the process.
+//!
+//! A standby serves reads from what it last read from etcd (refreshed every
+//! third of the lease) and refuses mutations naming the leader. A leader that
+//! cannot renew its lease within the TTL (etcd unreachable) stops rotating and
+//! says so in status and metrics; the agents are not touched.
+//!
+//! The first leader of an empty prefix imports the rotator's file state (a
+//! single rotator moving to HA: generations and ledger kept, so no agent
+//! re-installs anything), or adopts `import` or a fresh set as a single
+//! rotator would.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, TlsOptions, Txn, TxnOp};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::RotatorError;
+use super::core::{Core, Generation, RepoSlot};
+use super::ledger::Ledger;
+use super::state::{self, Acks, Committed, StateStore};
+use crate::config::{HaConfig, RotatorConfig};
+use crate::pb;
+use crate::seal::SealKey;
+
+/// Why a leader that etcd answered stopped leading.
+const LEASE_EXPIRED: &str = "the lease expired (this process was paused or cut off longer than lease_ttl): another rotator may lead";
+
+/// What goes wrong with etcd or the election. Never carries a key.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error("etcd: {what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd did not answer {what} within {ms}ms")]
+    Timeout { what: String, ms: u128 },
+    #[error("not the leader; the leader is {leader}")]
+    NotLeader { leader: String },
+    #[error(
+        "etcd already holds generation {generation} of `{repository}` with another digest: refusing a fork"
+    )]
+    Fork { repository: String, generation: u64 },
+    #[error("etcd value {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("cannot seal or unseal {key}")]
+    Seal {
+        key: String,
+        #[source]
+        source: crate::seal::SealError,
+    },
+    #[error("cannot read {path}")]
+    Tls {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks `[ha]` without the network: endpoints, TLS files named, the TTL.
+pub(super) fn check(config: &HaConfig) -> Result<(), RotatorError> {
+    let bad = |m: String| Err(RotatorError::Config(format!("[ha] {m}")));
+    if config.endpoints.is_empty() {
+        return bad("endpoints is empty".into());
+    }
+    for endpoint in &config.endpoints {
+        let uri: http::Uri = match endpoint.parse() {
+            Ok(u) => u,
+            Err(_) => return bad(format!("endpoint `{endpoint}` is not a URL")),
+        };
+        match uri.scheme_str() {
+            Some("https") => {
+                if config.ca.is_none() {
+                    return bad(format!(
+                        "endpoint `{endpoint}` is https but `ca` is not set"
+                    ));
+                }
+            }
+            Some("http") if is_loopback(uri.host().unwrap_or_default()) => {}
+            Some("http") => {
+                return bad(format!(
+                    "endpoint `{endpoint}`: plain http:// is accepted only on loopback (tests and demos); use https:// with `ca`, `cert` and `key`"
+                ));
+            }
+            _ => {
+                return bad(format!(
+                    "endpoint `{endpoint}` must be https:// (or http:// on loopback)"
+                ));
+            }
+        }
+    }
+    if config.cert.is_some() != config.key.is_some() {
+        return bad("`cert` and `key` go together".into());
+    }
+    if config.lease_ttl < Duration::from_secs(1) {
+        return bad("lease_ttl must be at least 1s".into());
+    }
+    if !config.prefix.starts_with('/') || config.prefix.ends_with('/') {
+        return bad(format!(
+            "prefix `{}` must start with `/` and not end with one",
+            config.prefix
+        ));
+    }
+    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The leader key's value: who leads, and a token unique to this term.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LeaderValue {
+    advertise: String,
+    token: String,
+}
+
+/// One generation as stored in etcd: numbers in the clear, keys sealed.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredGeneration {
+    generation: u64,
+    digest: String,
+    /// The state file's text, sealed and bound to the repository's name.
+    sealed: String,
+}
+
+/// The role shown by `admin status` and the metrics.
+#[derive(Debug, Clone, Default)]
+struct Role {
+    leader: bool,
+    /// The leader's advertised address, when known.
+    leader_at: String,
+    detail: String,
+}
+
+/// One term of leadership: its lease and the leader key's value.
+#[derive(Debug, Clone)]
+struct Term {
+    lease: i64,
+    value: Vec<u8>,
+}
+
+/// The etcd state backend and the election.
+pub struct EtcdState {
+    client: Client,
+    prefix: String,
+    seal: Arc<SealKey>,
+    advertise: String,
+    ttl: Duration,
+    term: Mutex<Option<Term>>,
+    role: Mutex<Role>,
+    /// Unix ms of the last successful lease renewal of this term.
+    renewed_ms: AtomicI64,
+    /// Cancelled when this term ends (a failed fence, a lost lease).
+    term_stop: Mutex<CancellationToken>,
+    leader_gauge: Gauge,
+    etcd_gauge: Gauge,
+}
+
+impl std::fmt::Debug for EtcdState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdState")
+            .field("prefix", &self.prefix)
+            .field("advertise", &self.advertise)
+            .finish_non_exhaustive()
+    }
+}
+
+fn etcd(what: &str) -> impl FnOnce(etcd_client::Error) -> HaError + '_ {
+    move |source| HaError::Etcd {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+impl EtcdState {
+    /// Connects to etcd (lazily: an unreachable cluster shows at the first call).
+    pub(super) async fn connect(
+        config: &RotatorConfig,
+        ha: &HaConfig,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<EtcdState, RotatorError> {
+        let seal = Arc::new(SealKey::load(&ha.seal_key)?);
+        let request_timeout = (ha.lease_ttl / 3).max(Duration::from_millis(300));
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(request_timeout)
+            .with_timeout(request_timeout)
+            .with_keep_alive(request_timeout, request_timeout);
+        if let Some(ca) = &ha.ca {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|source| {
+                    RotatorError::Ha(HaError::Tls {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                })
+            };
+            let mut tls =
+                TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&ha.cert, &ha.key) {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        let client = Client::connect(&ha.endpoints, Some(options))
+            .await
+            .map_err(|e| RotatorError::Ha(etcd("connect")(e)))?;
+        let leader_gauge = Gauge::default();
+        let etcd_gauge = Gauge::default();
+        registry.register(
+            "ha_leader",
+            "1 while this rotator leads (holds the etcd lease), 0 as a standby",
+            leader_gauge.clone(),
+        );
+        registry.register(
+            "ha_etcd_reachable",
+            "1 when the last etcd call answered, 0 when etcd is unreachable",
+            etcd_gauge.clone(),
+        );
+        Ok(EtcdState {
+            client,
+            prefix: ha.prefix.clone(),
+            seal,
+            advertise: ha
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("https://{}", config.listen)),
+            ttl: ha.lease_ttl,
+            term: Mutex::new(None),
+            role: Mutex::new(Role {
+                detail: "starting: not yet in contact with etcd".into(),
+                ..Role::default()
+            }),
+            renewed_ms: AtomicI64::new(0),
+            term_stop: Mutex::new(CancellationToken::new()),
+            leader_gauge,
+            etcd_gauge,
+        })
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.prefix)
+    }
+
+    fn leader_key(&self) -> String {
+        self.key("leader")
+    }
+
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn reachable(&self, up: bool) {
+        self.etcd_gauge.set(i64::from(up));
+    }
+
+    /// Runs one etcd call with the lease's third as deadline, recording
+    /// whether etcd answered.
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, HaError> {
+        let deadline = (self.ttl / 3).max(Duration::from_millis(300));
+        let result = match tokio::time::timeout(deadline, call).await {
+            Ok(r) => r.map_err(etcd(what)),
+            Err(_) => Err(HaError::Timeout {
+                what: what.to_owned(),
+                ms: deadline.as_millis(),
+            }),
+        };
+        self.reachable(result.is_ok());
+        result
+    }
+
+    /// Whether this instance leads now.
+    pub(super) fn is_leader(&self) -> bool {
+        lock(&self.term).is_some()
+    }
+
+    /// Refuses a mutation on a standby, naming the leader.
+    pub(super) fn require_leader(&self) -> Result<(), HaError> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        let role = lock(&self.role).clone();
+        Err(HaError::NotLeader {
+            leader: if role.leader_at.is_empty() {
+                "unknown (no leader holds the lease)".into()
+            } else {
+                role.leader_at
+            },
+        })
+    }
+
+    /// The role for `admin status`.
+    pub(super) fn status(&self) -> pb::HaStatus {
+        let role = lock(&self.role).clone();
+        pb::HaStatus {
+            role: if role.leader { "leader" } else { "standby" }.into(),
+            leader: role.leader_at,
+            detail: role.detail,
+        }
+    }
+
+    fn set_role(&self, leader: bool, leader_at: String, detail: String) {
+        self.leader_gauge.set(i64::from(leader));
+        *lock(&self.role) = Role {
+            leader,
+            leader_at,
+            detail,
+        };
+    }
+
+    /// The fence every leader write carries.
+    fn fence(&self) -> Result<Compare, HaError> {
+        // Cloned out first: `require_leader` takes the same lock.
+        let term = lock(&self.term).clone();
+        match term {
+            Some(term) => Ok(Compare::value(
+                self.leader_key(),
+                CompareOp::Equal,
+                term.value,
+            )),
+            None => Err(self.require_leader().err().unwrap_or(HaError::NotLeader {
+                leader: "unknown".into(),
+            })),
+        }
+    }
+
+    /// Ends this term at once: a failed fence means another leads.
+    fn lose(&self, why: &str) {
+        if lock(&self.term).take().is_some() {
+            tracing::warn!(reason = %why, "stepping down: no longer the leader");
+            lock(&self.term_stop).cancel();
+        }
+        let at = lock(&self.role).leader_at.clone();
+        self.set_role(
+            false,
+            if at == self.advertise {
+                String::new()
+            } else {
+                at
+            },
+            why.to_owned(),
+        );
+    }
+
+    /// A fenced transaction: `ops` happen only while this term leads.
+    async fn fenced(
+        &self,
+        what: &str,
+        extra: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<bool, HaError> {
+        let mut compares = vec![self.fence()?];
+        compares.extend(extra);
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut client = self.client();
+        let response = self.call(what, client.txn(txn)).await?;
+        Ok(response.succeeded())
+    }
+
+    /// After a failed fenced write: whether it failed because this term ended.
+    async fn still_leading(&self) -> Result<bool, HaError> {
+        let Some(term) = lock(&self.term).clone() else {
+            return Ok(false);
+        };
+        let mut client = self.client();
+        let got = self
+            .call("read the leader", client.get(self.leader_key(), None))
+            .await?;
+        let ours = got
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == term.value.as_slice());
+        if !ours {
+            self.lose(
+                "the leader key is no longer ours (the lease expired: another rotator leads)",
+            );
+        }
+        Ok(ours)
+    }
+
+    fn seal_committed(&self, name: &str, committed: &Committed) -> Result<Vec<u8>, HaError> {
+        let text = state::encode_state(name, committed);
+        let sealed = self
+            .seal
+            .seal(&format!("fernetd etcd: {name}"), text.as_bytes())
+            .map_err(|source| HaError::Seal {
+                key: name.to_owned(),
+                source,
+            })?;
+        let stored = StoredGeneration {
+            generation: committed.generation,
+            digest: committed.keys.digest().to_hex(),
+            sealed,
+        };
+        Ok(serde_json::to_vec(&stored).unwrap_or_default())
+    }
+
+    fn unseal(&self, key: &str, name: &str, value: &[u8]) -> Result<Committed, HaError> {
+        let corrupt = |reason: String| HaError::Corrupt {
+            key: key.to_owned(),
+            reason,
+        };
+        let stored: StoredGeneration =
+            serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
+        let clear = self
+            .seal
+            .open(&format!("fernetd etcd: {name}"), &stored.sealed)
+            .map_err(|source| HaError::Seal {
+                key: key.to_owned(),
+                source,
+            })?;
+        let committed = state::parse_state(&clear, name).map_err(corrupt)?;
+        if committed.generation != stored.generation
+            || committed.keys.digest().to_hex() != stored.digest
+        {
+            return Err(corrupt(
+                "the sealed keys do not match the clear generation and digest".into(),
+            ));
+        }
+        Ok(committed)
+    }
+
+    /// Commits a generation and its ledger: one fenced transaction, the
+    /// generation's history key created only when absent.
+    pub(super) async fn commit(
+        &self,
+        name: &str,
+        ledger: &Ledger,
+        committed: &Committed,
+    ) -> Result<(), HaError> {
+        let value = self.seal_committed(name, committed)?;
+        let history = self.key(&format!("repos/{name}/gen/{:020}", committed.generation));
+        let ledger_json = serde_json::to_vec(ledger).unwrap_or_default();
+        let ops = vec![
+            TxnOp::put(
+                self.key(&format!("repos/{name}/current")),
+                value.clone(),
+                None,
+            ),
+            TxnOp::put(history.clone(), value, None),
+            TxnOp::put(self.key(&format!("repos/{name}/ledger")), ledger_json, None),
+        ];
+        let created = Compare::create_revision(history, CompareOp::Equal, 0);
+        if self
+            .fenced("commit a generation", vec![created], ops)
+            .await?
+        {
+            return Ok(());
+        }
+        if self.still_leading().await? {
+            Err(HaError::Fork {
+                repository: name.to_owned(),
+                generation: committed.generation,
+            })
+        } else {
+            self.require_leader()
+        }
+    }
+
+    /// Records a repository's ledger (fenced).
+    pub(super) async fn save_ledger(&self, name: &str, ledger: &Ledger) -> Result<(), HaError> {
+        let op = TxnOp::put(
+            self.key(&format!("repos/{name}/ledger")),
+            serde_json::to_vec(ledger).unwrap_or_default(),
+            None,
+        );
+        self.fenced_or_lose("record the ledger", op).await
+    }
+
+    /// Records acknowledgements (fenced).
+    pub(super) async fn save_acks(&self, acks: &Acks) -> Result<(), HaError> {
+        let op = TxnOp::put(
+            self.key("acks"),
+            serde_json::to_vec(acks).unwrap_or_default(),
+            None,
+        );
+        self.fenced_or_lose("record acknowledgements", op).await
+    }
+
+    async fn fenced_or_lose(&self, what: &str, op: TxnOp) -> Result<(), HaError> {
+        if self.fenced(what, vec![], vec![op]).await? {
+            return Ok(());
+        }
+        self.lose("a fenced write failed: another rotator leads");
+        self.require_leader()
+    }
+
+    /// The committed generation and ledger of `name` in etcd, if any.
+    async fn load(&self, name: &str) -> Result<Option<(Committed, Option<Ledger>)>, HaError> {
+        let mut client = self.client();
+        let key = self.key(&format!("repos/{name}/current"));
+        let got = self
+            .call("read a generation", client.get(key.clone(), None))
+            .await?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        let committed = self.unseal(&key, name, kv.value())?;
+        let ledger_key = self.key(&format!("repos/{name}/ledger"));
+        let got = self
+            .call("read a ledger", client.get(ledger_key.clone(), None))
+            .await?;
+        let ledger = match got.kvs().first() {
+            Some(kv) => Some(
+                serde_json::from_slice(kv.value()).map_err(|e| HaError::Corrupt {
+                    key: ledger_key,
+                    reason: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Some((committed, ledger)))
+    }
+
+    /// The acknowledgements recorded in etcd; empty when none.
+    pub(super) async fn load_acks(&self) -> Result<Acks, HaError> {
+        let mut client = self.client();
+        let key = self.key("acks");
+        let got = self
+            .call("read acknowledgements", client.get(key.clone(), None))
+            .await?;
+        match got.kvs().first() {
+            Some(kv) => serde_json::from_slice(kv.value()).map_err(|e| HaError::Corrupt {
+                key,
+                reason: e.to_string(),
+            }),
+            None => Ok(Acks::new()),
+        }
+    }
+
+    /// Tries to become the leader: a lease, and the leader key created only
+    /// when absent. Learns who leads otherwise.
+    async fn campaign(&self) -> Result<bool, HaError> {
+        if self.is_leader() {
+            return Ok(true);
+        }
+        let mut client = self.client();
+        // A read first: a standby polling a living leader grants no lease.
+        let current = self
+            .call("read the leader", client.get(self.leader_key(), None))
+            .await?;
+        if let Some(kv) = current.kvs().first() {
+            let leader = serde_json::from_slice::<LeaderValue>(kv.value())
+                .map(|v| v.advertise)
+                .unwrap_or_default();
+            self.set_role(false, leader, String::new());
+            return Ok(false);
+        }
+        let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = self
+            .call("grant a lease", client.lease_grant(ttl, None))
+            .await?
+            .id();
+        let value = serde_json::to_vec(&LeaderValue {
+            advertise: self.advertise.clone(),
+            token: hex::encode(rand::random::<[u8; 16]>()),
+        })
+        .unwrap_or_default();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.leader_key(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(
+                self.leader_key(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(self.leader_key(), None)]);
+        let response = self.call("campaign", client.txn(txn)).await?;
+        if response.succeeded() {
+            self.renewed_ms
+                .store(super::core::now_ms(), Ordering::Release);
+            *lock(&self.term_stop) = CancellationToken::new();
+            *lock(&self.term) = Some(Term { lease, value });
+            self.set_role(true, self.advertise.clone(), String::new());
+            tracing::info!(advertise = %self.advertise, "elected leader");
+            return Ok(true);
+        }
+        let _ = self
+            .call("revoke an unused lease", client.lease_revoke(lease))
+            .await;
+        let leader = response
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<LeaderValue>(kv.value()).ok()),
+                _ => None,
+            })
+            .map(|v| v.advertise)
+            .unwrap_or_default();
+        self.set_role(false, leader, String::new());
+        Ok(false)
+    }
+
+    /// Renews this term's lease once; ends the term when etcd says the lease
+    /// is gone, or when no renewal succeeded for a whole TTL.
+    async fn renew(&self) {
+        let Some(term) = lock(&self.term).clone() else {
+            return;
+        };
+        let mut client = self.client();
+        let renewed = self
+            .call("renew the lease", async {
+                let (mut keeper, mut stream) = client.lease_keep_alive(term.lease).await?;
+                keeper.keep_alive().await?;
+                Ok(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
+            })
+            .await;
+        match renewed {
+            Ok(ttl) if ttl > 0 => {
+                self.renewed_ms
+                    .store(super::core::now_ms(), Ordering::Release);
+                let mut role = lock(&self.role);
+                role.detail.clear();
+            }
+            Ok(_)
+            | Err(HaError::Etcd {
+                source: etcd_client::Error::LeaseKeepAliveError(_),
+                ..
+            }) => self.lose(LEASE_EXPIRED),
+            Err(e) => {
+                let since = super::core::now_ms() - self.renewed_ms.load(Ordering::Acquire);
+                let why = format!("etcd unreachable: {}", crate::error_chain(&e));
+                if u128::try_from(since).unwrap_or(0) >= self.ttl.as_millis() {
+                    self.lose(&format!(
+                        "{why}; the lease could not be renewed for lease_ttl, so rotation stopped"
+                    ));
+                } else {
+                    lock(&self.role).detail = why;
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up on shutdown so a standby takes over at once.
+    pub(super) async fn resign(&self) {
+        let term = lock(&self.term).take();
+        if let Some(term) = term {
+            let mut client = self.client();
+            let _ = self.call("resign", client.lease_revoke(term.lease)).await;
+        }
+    }
+
+    fn term_token(&self) -> CancellationToken {
+        lock(&self.term_stop).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The repositories at start: from etcd, or, for the first leader of an empty
+/// prefix, from the file state (imported), `import`, or a fresh set, written
+/// to etcd. A standby waits until a leader wrote them.
+pub(super) async fn prepare(
+    ha: &EtcdState,
+    config: &RotatorConfig,
+    store: &StateStore,
+    agents: &[super::core::AgentSlot],
+    fresh_start: bool,
+    stop: &CancellationToken,
+) -> Result<Vec<RepoSlot>, RotatorError> {
+    loop {
+        let mut found = Vec::new();
+        let mut all = true;
+        for repo in &config.repositories {
+            match ha.load(&repo.name).await {
+                Ok(Some(loaded)) => found.push(Some(loaded)),
+                Ok(None) => {
+                    all = false;
+                    found.push(None);
+                }
+                Err(e @ (HaError::Seal { .. } | HaError::Corrupt { .. })) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "etcd unreachable at start; retrying");
+                    all = false;
+                    found.clear();
+                    break;
+                }
+            }
+        }
+        if all && found.len() == config.repositories.len() {
+            return slots_from(config, found.into_iter().flatten().collect());
+        }
+        if found.len() == config.repositories.len() && ha.campaign().await.unwrap_or(false) {
+            return initialise(ha, config, store, agents, fresh_start, found).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ha.ttl / 3) => {}
+            _ = stop.cancelled() => return Err(RotatorError::Task("stopped before start".into())),
+        }
+    }
+}
+
+fn slots_from(
+    config: &RotatorConfig,
+    loaded: Vec<(Committed, Option<Ledger>)>,
+) -> Result<Vec<RepoSlot>, RotatorError> {
+    config
+        .repositories
+        .iter()
+        .zip(loaded)
+        .map(|(repo, (committed, ledger))| {
+            let mut ledger = ledger.unwrap_or_default();
+            ledger.adopt_unknown(&committed.keys, super::core::now_ms());
+            let generation = Generation::build(
+                &repo.name,
+                committed.generation,
+                committed.keys,
+                ledger.promoted_unix(),
+            )?;
+            Ok(RepoSlot::new(
+                repo.name.clone(),
+                repo.max_active_keys,
+                generation,
+                ledger,
+            ))
+        })
+        .collect()
+}
+
+/// The first leader of an empty prefix writes what a single rotator would
+/// resume from: its file state when it has one (moving to HA), else `import`
+/// or a fresh set (after asking the agents, as a single rotator does).
+async fn initialise(
+    ha: &EtcdState,
+    config: &RotatorConfig,
+    store: &StateStore,
+    agents: &[super::core::AgentSlot],
+    fresh_start: bool,
+    found: Vec<Option<(Committed, Option<Ledger>)>>,
+) -> Result<Vec<RepoSlot>, RotatorError> {
+    let fresh = super::recovery::fresh_repositories(&config.repositories, &config.state_dir)?;
+    let fresh: Vec<String> = fresh
+        .into_iter()
+        .filter(|name| {
+            config
+                .repositories
+                .iter()
+                .zip(&found)
+                .any(|(r, f)| &r.name == name && f.is_none())
+        })
+        .collect();
+    if !fresh.is_empty() && !agents.is_empty() && !fresh_start {
+        let probe = super::recovery::probe(agents, &fresh, config.fanout.call_timeout).await;
+        super::recovery::refuse_fresh_start(&probe, &config.state_dir)?;
+    }
+    let (blocking_config, blocking_store) = (config.clone(), store.clone());
+    let imports = tokio::task::spawn_blocking(move || {
+        let imports = super::prepare_imports(&blocking_config)?;
+        super::load_generations(&blocking_config, &blocking_store, imports)?;
+        Ok::<_, RotatorError>(())
+    });
+    imports
+        .await
+        .map_err(|e| RotatorError::Task(e.to_string()))??;
+    let mut loaded = Vec::with_capacity(found.len());
+    for (repo, existing) in config.repositories.iter().zip(found) {
+        if let Some(existing) = existing {
+            loaded.push(existing);
+            continue;
+        }
+        let committed = store
+            .load(&repo.name)?
+            .ok_or_else(|| RotatorError::Incomplete(repo.name.clone()))?;
+        let ledger = store.load_ledger(&repo.name)?.unwrap_or_default();
+        ha.commit(&repo.name, &ledger, &committed).await?;
+        tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "imported the file state into etcd");
+        loaded.push((committed, Some(ledger)));
+    }
+    if let Ok(acks) = store.load_acks()
+        && !acks.is_empty()
+    {
+        let _ = ha.save_acks(&acks).await;
+    }
+    slots_from(config, loaded)
+}
+
+/// Terms of leadership until `stop`: as a standby, follow etcd and campaign
+/// every third of the lease; as the leader, run the schedule, the fan-out and
+/// the reconcile until the term ends, renewing the lease meanwhile.
+pub(super) async fn terms(
+    core: Arc<Core>,
+    ha: Arc<EtcdState>,
+    schedule: super::schedule::Schedule,
+    stop: CancellationToken,
+) {
+    let tick = ha.ttl / 3;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        if !ha.is_leader() {
+            follow(&core, &ha).await;
+            match ha.campaign().await {
+                Ok(true) => {}
+                Ok(false) => {}
+                Err(e) => {
+                    let why = format!("etcd unreachable: {}", crate::error_chain(&e));
+                    let at = lock(&ha.role).leader_at.clone();
+                    ha.set_role(false, at, why);
+                }
+            }
+            if !ha.is_leader() {
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => {}
+                    _ = stop.cancelled() => {}
+                }
+                continue;
+            }
+        }
+        // A new term: take what the last leader committed, read every agent back.
+        if let Err(e) = follow_strict(&core, &ha).await {
+            ha.lose(&format!(
+                "cannot read the state at the start of the term: {}",
+                crate::error_chain(&e)
+            ));
+            continue;
+        }
+        let term = ha.term_token();
+        let term_stop = stop.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(core.clone().dispatch(term_stop.clone()));
+        core.reconcile_all(true);
+        tasks.spawn(super::reconcile_loop(core.clone(), term_stop.clone()));
+        tasks.spawn(super::schedule_loop(
+            core.clone(),
+            schedule.clone(),
+            term_stop.clone(),
+        ));
+        tasks.spawn(core.clone().credential_schedule(term_stop.clone()));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => ha.renew().await,
+                _ = term.cancelled() => break,
+                _ = stop.cancelled() => break,
+            }
+            if !ha.is_leader() {
+                break;
+            }
+        }
+        term_stop.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// A standby's refresh: the generations, ledgers and acknowledgements in etcd.
+async fn follow(core: &Core, ha: &EtcdState) {
+    if let Err(e) = follow_strict(core, ha).await {
+        tracing::debug!(error = %crate::error_chain(&e), "cannot follow etcd");
+    }
+}
+
+async fn follow_strict(core: &Core, ha: &EtcdState) -> Result<(), HaError> {
+    for (r, repo) in core.repos() {
+        let Some((committed, ledger)) = ha.load(&repo.name).await? else {
+            continue;
+        };
+        if committed.generation == repo.current().number {
+            continue;
+        }
+        let mut ledger = ledger.unwrap_or_default();
+        ledger.adopt_unknown(&committed.keys, super::core::now_ms());
+        let Ok(generation) = Generation::build(
+            &repo.name,
+            committed.generation,
+            committed.keys,
+            ledger.promoted_unix(),
+        ) else {
+            continue;
+        };
+        tracing::debug!(repository = %repo.name, generation = generation.number, "following etcd");
+        core.adopt_committed(r, generation, ledger);
+    }
+    let acks = ha.load_acks().await?;
+    core.restore_acks(&acks);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoints: &[&str]) -> HaConfig {
+        HaConfig {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            ca: None,
+            cert: None,
+            key: None,
+            prefix: "/fernetd".into(),
+            lease_ttl: Duration::from_secs(2),
+            seal_key: "/etc/fernetd/seal.key".into(),
+            advertise: None,
+        }
+    }
+
+    #[test]
+    fn plain_http_is_accepted_only_on_loopback_and_https_needs_a_ca() {
+        check(&config(&[
+            "http://127.0.0.1:2379",
+            "http://[::1]:2379",
+            "http://localhost:2379",
+        ]))
+        .expect("loopback");
+        let e = check(&config(&["http://10.0.0.5:2379"])).expect_err("plain http off loopback");
+        assert!(
+            e.to_string().contains("only on loopback") && e.is_config(),
+            "{e}"
+        );
+        let e = check(&config(&["https://etcd1:2379"])).expect_err("no ca");
+        assert!(e.to_string().contains("`ca`"), "{e}");
+        let mut with_ca = config(&["https://etcd1:2379"]);
+        with_ca.ca = Some("/etc/fernetd/etcd-ca.pem".into());
+        check(&with_ca).expect("https with a ca");
+        with_ca.cert = Some("/etc/fernetd/etcd.pem".into());
+        assert!(check(&with_ca).is_err(), "cert without key");
+        assert!(check(&config(&[])).is_err(), "no endpoint");
+        let mut short = config(&["http://127.0.0.1:2379"]);
+        short.lease_ttl = Duration::from_millis(500);
+        assert!(check(&short).is_err(), "lease under 1s");
+        let mut prefix = config(&["http://127.0.0.1:2379"]);
+        prefix.prefix = "fernetd/".into();
+        assert!(check(&prefix).is_err(), "bad prefix");
+    }
+}

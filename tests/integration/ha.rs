@@ -1,0 +1,591 @@
+//! HA (`[ha]`): two real rotators, real agents and a real three-member etcd
+//! cluster on loopback. The leader killed mid fan-out, stopped past its lease,
+//! etcd unreachable, and a single rotator's file state imported: no generation
+//! ever has two digests (etcd's history and every agent's stamp), no region
+//! two generations behind another, no key in the clear in etcd or any log.
+//!
+//! The kill test runs 5 rounds in the normal suite; `FERNETD_HA_ROUNDS=20`
+//! runs the 20 of the issue.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use fernetd::config::{HaConfig, RotatorConfig};
+use rustix::process::Signal;
+use serde_json::Value;
+
+use super::{Cluster, Sampler, agent_identity, assert_no_keys_in_logs, key_forms};
+use crate::common::daemon::{Daemon, free_addr, poll_until};
+use crate::common::etcd::Etcd;
+
+const LEASE_TTL: Duration = Duration::from_secs(2);
+const PREFIX: &str = "/fernetd";
+
+struct Rotator {
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    config: PathBuf,
+    /// An admin.toml naming this rotator alone, to ask it its role.
+    admin: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+struct Ha {
+    cluster: Cluster,
+    etcd: Etcd,
+    rotators: Vec<Rotator>,
+    seal_text: String,
+}
+
+fn ha_config(etcd: &Etcd, seal_key: PathBuf) -> HaConfig {
+    HaConfig {
+        endpoints: etcd.endpoints(),
+        ca: None,
+        cert: None,
+        key: None,
+        prefix: PREFIX.into(),
+        lease_ttl: LEASE_TTL,
+        seal_key,
+        advertise: None,
+    }
+}
+
+impl Ha {
+    /// Agents running, etcd running, two rotator configurations written and
+    /// admin.toml naming both; no rotator started.
+    async fn configure(cluster: Cluster, state_dirs: [Option<PathBuf>; 2]) -> Ha {
+        let etcd = Etcd::start(cluster.dir.path()).await;
+        let seal_text =
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        let seal = cluster.dir.path().join("seal.key");
+        std::fs::write(&seal, format!("{seal_text}\n")).expect("seal key");
+        std::fs::set_permissions(&seal, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let base = cluster.rotator_config();
+        let mut admin: fernetd::config::AdminConfig =
+            fernetd::config::load(&cluster.admin_config).expect("admin.toml");
+        let mut rotators = Vec::new();
+        let mut endpoints = Vec::new();
+        for (k, state_dir) in state_dirs.into_iter().enumerate() {
+            let addr = free_addr();
+            let metrics = free_addr();
+            let config = RotatorConfig {
+                listen: addr,
+                metrics_listen: Some(metrics),
+                state_dir: state_dir
+                    .unwrap_or_else(|| cluster.dir.path().join(format!("ha-state-{k}"))),
+                ha: Some(ha_config(&etcd, seal.clone())),
+                ..base.clone()
+            };
+            let path = cluster.dir.path().join(format!("rotator-{k}.toml"));
+            std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write");
+            endpoints.push(format!("https://{addr}"));
+            admin.rotator = format!("https://{addr}").into();
+            let admin_path = cluster.dir.path().join(format!("admin-{k}.toml"));
+            std::fs::write(&admin_path, toml::to_string(&admin).expect("toml")).expect("write");
+            rotators.push(Rotator {
+                addr,
+                metrics,
+                config: path,
+                admin: admin_path,
+                daemon: None,
+            });
+        }
+        admin.rotator = fernetd::config::RotatorEndpoints(endpoints);
+        std::fs::write(
+            &cluster.admin_config,
+            toml::to_string(&admin).expect("toml"),
+        )
+        .expect("write admin.toml");
+        Ha {
+            cluster,
+            etcd,
+            rotators,
+            seal_text,
+        }
+    }
+
+    async fn start(regions: &[&str]) -> Ha {
+        let mut cluster = Cluster::configure(regions, agent_identity, None);
+        for i in 0..cluster.agents.len() {
+            cluster.start_agent(i).await;
+        }
+        let mut ha = Ha::configure(cluster, [None, None]).await;
+        ha.start_rotator(0).await;
+        ha.start_rotator(1).await;
+        ha
+    }
+
+    /// Two regions and two rotators, the leader found, and one rotation
+    /// committed everywhere: (the cluster, the leader, its generation and digest).
+    async fn rotated_once() -> (Ha, usize, (u64, String)) {
+        let ha = Ha::start(&["RegionOne", "RegionTwo"]).await;
+        let leader = ha.leader_among(&[0, 1], Duration::from_secs(20)).await;
+        ha.cluster.converged("initial distribution").await;
+        let rotated = ha.cluster.rotate_ok();
+        (ha, leader, rotated)
+    }
+
+    /// Starts rotator `k` on a port free now: a restart does not reuse the
+    /// old port, which an outgoing connection may have taken meanwhile.
+    async fn start_rotator(&mut self, k: usize) {
+        self.move_rotator(k);
+        let r = &mut self.rotators[k];
+        let mut daemon = Daemon::spawn(
+            &format!("ha-rotator-{k}"),
+            ["rotator", "--config", r.config.to_str().expect("utf-8")],
+        );
+        self.cluster.logs.push(daemon.log_path().to_path_buf());
+        let tls = crate::common::pki::client_tls(
+            self.cluster.ca.cert_pem(),
+            Some(&self.cluster.admin_leaf),
+            super::ROTATOR_ID,
+        );
+        daemon.wait_healthy(r.addr, tls, "fernetd.v1.Admin").await;
+        r.daemon = Some(daemon);
+    }
+
+    /// Gives rotator `k` a new listening address, in its rotator.toml, its
+    /// own admin.toml and the admin.toml naming every rotator.
+    fn move_rotator(&mut self, k: usize) {
+        let addr = free_addr();
+        self.rotators[k].addr = addr;
+        let mut config: RotatorConfig =
+            fernetd::config::load(&self.rotators[k].config).expect("rotator.toml");
+        config.listen = addr;
+        std::fs::write(
+            &self.rotators[k].config,
+            toml::to_string(&config).expect("toml"),
+        )
+        .expect("write rotator.toml");
+        let mut admin: fernetd::config::AdminConfig =
+            fernetd::config::load(&self.rotators[k].admin).expect("admin.toml");
+        admin.rotator = format!("https://{addr}").into();
+        std::fs::write(
+            &self.rotators[k].admin,
+            toml::to_string(&admin).expect("toml"),
+        )
+        .expect("write admin.toml");
+        admin.rotator = fernetd::config::RotatorEndpoints(
+            self.rotators
+                .iter()
+                .map(|r| format!("https://{}", r.addr))
+                .collect(),
+        );
+        std::fs::write(
+            &self.cluster.admin_config,
+            toml::to_string(&admin).expect("toml"),
+        )
+        .expect("write admin.toml");
+    }
+
+    fn daemon(&mut self, k: usize) -> &mut Daemon {
+        self.rotators[k].daemon.as_mut().expect("rotator running")
+    }
+
+    /// `admin --json status` of rotator `k` alone.
+    fn status_of(&self, k: usize) -> Option<Value> {
+        let (_, out, _) = self
+            .cluster
+            .admin_with(&self.rotators[k].admin, &["--json", "status"]);
+        serde_json::from_str(&out).ok()
+    }
+
+    fn role(&self, k: usize) -> Option<String> {
+        self.status_of(k)
+            .and_then(|s| s["ha"]["role"].as_str().map(str::to_owned))
+    }
+
+    /// Polls until exactly one rotator among `candidates` says it leads.
+    async fn leader_among(&self, candidates: &[usize], timeout: Duration) -> usize {
+        poll_until(timeout, "a leader", || async {
+            let leaders: Vec<usize> = candidates
+                .iter()
+                .copied()
+                .filter(|&k| self.role(k).as_deref() == Some("leader"))
+                .collect();
+            (leaders.len() == 1).then(|| leaders[0])
+        })
+        .await
+    }
+
+    fn metrics(&self, k: usize) -> String {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(self.rotators[k].metrics) else {
+            return String::new();
+        };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    }
+
+    /// Every value under the prefix, and the generation → digest history in
+    /// etcd: the create-only `gen/` keys, and every revision of `current`.
+    async fn etcd_history(&self) -> (BTreeMap<u64, String>, Vec<Vec<u8>>) {
+        let mut client = self.etcd.client().await;
+        let all = client
+            .get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("read etcd");
+        let mut history = BTreeMap::new();
+        let mut values = Vec::new();
+        for kv in all.kvs() {
+            values.push(kv.value().to_vec());
+            let key = kv.key_str().expect("utf-8 key");
+            if key.contains("/gen/") {
+                let v: Value = serde_json::from_slice(kv.value()).expect("json");
+                let g = v["generation"].as_u64().expect("generation");
+                let d = v["digest"].as_str().expect("digest").to_owned();
+                assert!(history.insert(g, d).is_none(), "generation {g} twice");
+            }
+        }
+        // Every revision `current` ever had, from etcd's own history.
+        let current = format!("{PREFIX}/repos/tokens/current");
+        let revision = all.header().expect("header").revision();
+        let mut seen = 0;
+        let mut rev = revision;
+        while rev > 0 {
+            let got = client
+                .get(
+                    current.clone(),
+                    Some(etcd_client::GetOptions::new().with_revision(rev)),
+                )
+                .await
+                .expect("read a past revision");
+            let Some(kv) = got.kvs().first() else { break };
+            values.push(kv.value().to_vec());
+            let v: Value = serde_json::from_slice(kv.value()).expect("json");
+            let g = v["generation"].as_u64().expect("generation");
+            let d = v["digest"].as_str().expect("digest");
+            assert_eq!(
+                history.get(&g).map(String::as_str),
+                Some(d),
+                "generation {g} with two digests in etcd's history"
+            );
+            seen += 1;
+            rev = kv.mod_revision() - 1;
+        }
+        assert!(
+            seen >= history.len(),
+            "etcd history of `current` has {seen} revisions for {} generations",
+            history.len()
+        );
+        (history, values)
+    }
+
+    /// No generation with two digests: etcd's history, and every agent's stamp.
+    async fn check_history(&self, keys: &BTreeSet<String>) -> BTreeMap<u64, String> {
+        let (history, values) = self.etcd_history().await;
+        for i in 0..self.cluster.agents.len() {
+            let stamp = fernetd::repository::read_stamp(&self.cluster.agents[i].repo)
+                .expect("stamp")
+                .expect("a stamp");
+            assert_eq!(
+                history.get(&stamp.generation),
+                Some(&stamp.digest.to_hex()),
+                "{} holds a generation etcd does not know, or another digest",
+                self.cluster.agents[i].region
+            );
+        }
+        // No key in the clear in any value etcd holds or held.
+        for value in &values {
+            let text = String::from_utf8_lossy(value);
+            for key in keys {
+                assert!(!text.contains(key.as_str()), "a key in the clear in etcd");
+            }
+            assert!(!text.contains(&self.seal_text), "the seal key in etcd");
+        }
+        history
+    }
+
+    fn all_keys(&self, keys: &mut BTreeSet<String>) {
+        for i in 0..self.cluster.agents.len() {
+            key_forms(&self.cluster.repo_state(i), keys);
+        }
+    }
+}
+
+fn rounds() -> usize {
+    std::env::var("FERNETD_HA_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_the_leader_killed_mid_fan_out_is_replaced_within_the_lease_and_forks_nothing() {
+    let regions = [
+        "RegionOne",
+        "RegionTwo",
+        "RegionThree",
+        "RegionFour",
+        "RegionFive",
+    ];
+    let mut ha = Ha::start(&regions).await;
+    let leader = ha.leader_among(&[0, 1], Duration::from_secs(20)).await;
+    let standby = 1 - leader;
+    ha.cluster.converged("initial distribution").await;
+    let mut keys = BTreeSet::new();
+
+    // A standby answers reads from etcd and refuses mutations, naming the leader.
+    let status = ha.status_of(standby).expect("standby status");
+    assert_eq!(status["ha"]["role"], "standby", "{status:#}");
+    assert_eq!(
+        status["ha"]["leader"].as_str(),
+        Some(format!("https://{}", ha.rotators[leader].addr).as_str()),
+        "{status:#}"
+    );
+    assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(1));
+    let (code, out, _) = ha
+        .cluster
+        .admin_with(&ha.rotators[standby].admin, &["--json", "agents"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = ha
+        .cluster
+        .admin_with(&ha.rotators[standby].admin, &["rotate"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not the leader; the leader is https://"),
+        "{err}"
+    );
+    // admin.toml with both endpoints finds the leader.
+    let (g, _) = ha.cluster.rotate_ok();
+    assert_eq!(g, 2);
+
+    let repos = ha.cluster.agents.iter().map(|a| a.repo.clone()).collect();
+    let sampler = Sampler::start(repos);
+    let mut committed: BTreeMap<u64, String> = BTreeMap::new();
+    let mut takeovers = Vec::new();
+    for round in 0..rounds() {
+        let leader = ha.leader_among(&[0, 1], Duration::from_secs(20)).await;
+        let (code, v) = ha.cluster.rotate_with(&["--no-wait"]);
+        assert_eq!(code, 0, "round {round}: {v:#}");
+        let g = v[0]["generation"].as_u64().expect("generation");
+        let digest = v[0]["digest"].as_str().expect("digest").to_owned();
+        assert!(
+            committed.insert(g, digest).is_none(),
+            "generation {g} twice"
+        );
+        // Killed in the middle of the fan-out.
+        ha.daemon(leader).kill();
+        let killed = Instant::now();
+        let next = ha
+            .leader_among(&[1 - leader], LEASE_TTL + Duration::from_secs(10))
+            .await;
+        let took = killed.elapsed();
+        takeovers.push(took);
+        ha.start_rotator(leader).await;
+        let status = ha
+            .cluster
+            .converged(&format!("round {round}: after the takeover"))
+            .await;
+        assert_eq!(
+            status["repositories"][0]["generation"].as_u64(),
+            Some(g),
+            "round {round}: {status:#}"
+        );
+        assert_eq!(ha.role(next).as_deref(), Some("leader"));
+    }
+    // Rotations continue.
+    let (g, _) = ha.cluster.rotate_ok();
+    assert_eq!(g, 2 + rounds() as u64 + 1);
+    let (worst, samples, seen) = sampler.finish();
+    keys.extend(seen);
+    ha.all_keys(&mut keys);
+    let history = ha.check_history(&keys).await;
+    for (g, d) in &committed {
+        assert_eq!(history.get(g), Some(d), "generation {g}");
+    }
+    let slowest = takeovers.iter().max().copied().unwrap_or_default();
+    // The lease's TTL plus one fan-out (and the standby's polling).
+    assert!(
+        slowest <= LEASE_TTL + Duration::from_secs(5),
+        "takeovers {takeovers:?}"
+    );
+    eprintln!(
+        "ha: {} rounds, takeovers {takeovers:?}, worst region gap {worst}, {samples} samples",
+        rounds()
+    );
+    keys.insert(ha.seal_text.clone());
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_a_leader_stopped_past_its_lease_commits_nothing_and_steps_down() {
+    let (mut ha, old, _) = Ha::rotated_once().await;
+    ha.daemon(old).signal(Signal::STOP);
+    let new = ha
+        .leader_among(&[1 - old], LEASE_TTL + Duration::from_secs(10))
+        .await;
+    let (g, digest) = ha.cluster.rotate_ok();
+    ha.daemon(old).signal(Signal::CONT);
+    // The old leader wakes up believing it leads: its renewal finds the lease
+    // gone, any write fails the fence; it steps down.
+    poll_until(
+        Duration::from_secs(10),
+        "the old leader to step down",
+        || async { (ha.role(old).as_deref() == Some("standby")).then_some(()) },
+    )
+    .await;
+    assert_eq!(ha.role(new).as_deref(), Some("leader"));
+    let log = ha.rotators[old].daemon.as_ref().expect("old").log();
+    assert!(
+        log.contains("stepping down"),
+        "the old leader's log says why"
+    );
+    let (g2, _) = ha.cluster.rotate_ok();
+    assert_eq!(g2, g + 1);
+    let mut keys = BTreeSet::new();
+    ha.all_keys(&mut keys);
+    let history = ha.check_history(&keys).await;
+    assert_eq!(history.get(&g), Some(&digest));
+    assert_eq!(
+        history.keys().max(),
+        Some(&g2),
+        "nothing else was committed"
+    );
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_etcd_unreachable_stops_rotation_visibly_and_it_resumes() {
+    let (ha, leader, (g, _)) = Ha::rotated_once().await;
+    let before: Vec<_> = (0..2).map(|i| ha.cluster.repo_state(i)).collect();
+    ha.etcd.signal_all(Signal::STOP);
+    let status = poll_until(
+        Duration::from_secs(15),
+        "status to say etcd is unreachable",
+        || async {
+            let s = ha.status_of(leader)?;
+            let detail = s["ha"]["detail"].as_str()?.to_owned();
+            (detail.contains("etcd unreachable") && s["ha"]["role"] == "standby").then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        ha.metrics(leader)
+            .contains("fernetd_rotator_ha_etcd_reachable 0"),
+        "{status:#}"
+    );
+    assert!(ha.metrics(leader).contains("fernetd_rotator_ha_leader 0"));
+    // What the alert rules and the dashboard name for HA (`monitoring::HA_ONLY`).
+    let scrape = ha.metrics(leader);
+    for name in crate::monitoring::HA_ONLY {
+        assert!(
+            scrape.contains(&format!("\n{name} ")),
+            "{name} in\n{scrape}"
+        );
+    }
+    let (code, _, err) = ha
+        .cluster
+        .admin_with(&ha.rotators[leader].admin, &["rotate"]);
+    assert_ne!(code, 0, "no rotation without etcd: {err}");
+    for (i, set) in before.iter().enumerate() {
+        assert_eq!(&ha.cluster.repo_state(i), set, "agents untouched");
+    }
+    ha.etcd.signal_all(Signal::CONT);
+    ha.etcd.wait_answering().await;
+    ha.leader_among(&[0, 1], Duration::from_secs(20)).await;
+    let (g2, _) = ha.cluster.rotate_ok();
+    assert_eq!(g2, g + 1, "rotation resumed");
+    let mut keys = BTreeSet::new();
+    ha.all_keys(&mut keys);
+    ha.check_history(&keys).await;
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_a_single_rotators_file_state_is_imported_and_no_agent_reinstalls() {
+    let mut cluster = Cluster::start(&["RegionOne", "RegionTwo"], agent_identity).await;
+    cluster.converged("initial distribution").await;
+    cluster.rotate_ok();
+    let (g, digest) = cluster.rotate_ok();
+    cluster.rotator().stop().await;
+    let state_dir = cluster.rotator_config().state_dir;
+    let installed: Vec<(u64, i64)> = (0..2)
+        .map(|i| {
+            let meta = std::fs::metadata(&cluster.agents[i].repo).expect("repository");
+            (meta.ino(), meta.mtime_nsec())
+        })
+        .collect();
+    let mut ha = Ha::configure(cluster, [Some(state_dir.clone()), None]).await;
+    ha.start_rotator(0).await;
+    ha.start_rotator(1).await;
+    let status = ha.cluster.converged("the imported generation").await;
+    assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
+    assert_eq!(
+        status["repositories"][0]["digest"].as_str(),
+        Some(digest.as_str())
+    );
+    for (i, before) in installed.iter().enumerate() {
+        let meta = std::fs::metadata(&ha.cluster.agents[i].repo).expect("repository");
+        assert_eq!(
+            (meta.ino(), meta.mtime_nsec()),
+            *before,
+            "an agent re-installed"
+        );
+    }
+    // The file state left behind is sealed now.
+    let file = std::fs::read_to_string(state_dir.join("tokens.state")).expect("state");
+    assert!(file.starts_with("fernetd-rotator-state 1 sealed"));
+    let (g2, _) = ha.cluster.rotate_ok();
+    assert_eq!(g2, g + 1);
+    let mut keys = BTreeSet::new();
+    ha.all_keys(&mut keys);
+    let history = ha.check_history(&keys).await;
+    assert_eq!(history.get(&g), Some(&digest));
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_a_leader_whose_key_was_taken_commits_nothing_its_write_is_fenced() {
+    let (ha, leader, (g, digest)) = Ha::rotated_once().await;
+    // Another leader's key, as after this leader's lease expired unseen: its
+    // own lease still renews, so only the fence can stop it.
+    let mut client = ha.etcd.client().await;
+    let key = format!("{PREFIX}/leader");
+    client
+        .put(
+            key.clone(),
+            r#"{"advertise":"https://impostor.invalid:7443","token":"00"}"#,
+            None,
+        )
+        .await
+        .expect("put the leader key");
+    let (code, _, err) = ha
+        .cluster
+        .admin_with(&ha.rotators[leader].admin, &["rotate"]);
+    assert_ne!(code, 0, "a fenced leader committed: {err}");
+    assert!(err.contains("not the leader"), "{err}");
+    poll_until(
+        Duration::from_secs(10),
+        "the fenced leader to step down",
+        || async { (ha.role(leader).as_deref() == Some("standby")).then_some(()) },
+    )
+    .await;
+    let status = ha.status_of(leader).expect("status");
+    assert_eq!(
+        status["ha"]["leader"].as_str(),
+        Some("https://impostor.invalid:7443"),
+        "{status:#}"
+    );
+    let mut keys = BTreeSet::new();
+    ha.all_keys(&mut keys);
+    let history = ha.check_history(&keys).await;
+    assert_eq!(history.keys().max(), Some(&g), "nothing committed");
+    assert_eq!(history.get(&g), Some(&digest));
+    // The impostor goes; a real leader is elected and rotations continue.
+    client
+        .delete(key, None)
+        .await
+        .expect("delete the leader key");
+    ha.leader_among(&[0, 1], Duration::from_secs(20)).await;
+    let (g2, _) = ha.cluster.rotate_ok();
+    assert_eq!(g2, g + 1);
+    ha.all_keys(&mut keys);
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
