@@ -157,9 +157,6 @@ impl RotatorError {
 /// The least time an Admin call gets before the server's request timeout.
 const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Requests queued per agent channel; see [`run`].
-const AGENT_CHANNEL_BUFFER: usize = 4;
-
 /// A configuration that passed every start-up check that needs neither the
 /// network nor the state; only [`check`] makes one, so [`run`] never checks twice.
 #[derive(Debug, Clone)]
@@ -567,13 +564,12 @@ fn agent_slot(
         endpoint: a.endpoint.clone(),
         reason: crate::error_chain(&e),
     };
-    // The dispatcher has at most one call in flight per agent: a small request
-    // buffer keeps 10,000 idle channels cheap.
+    // The dispatcher has at most one call in flight per agent, so a bare
+    // HTTP/2 connection (no request buffer, no task of its own) keeps 10,000
+    // idle agents cheap.
     let channel = client_tls
-        .endpoint(&a.endpoint)
-        .map_err(endpoint_error)?
-        .buffer_size(AGENT_CHANNEL_BUFFER)
-        .connect_with_connector_lazy(client_tls.connector(&a.identity).map_err(endpoint_error)?);
+        .connection(&a.endpoint, &a.identity)
+        .map_err(endpoint_error)?;
     Ok(AgentSlot::new(a, channel, repositories))
 }
 

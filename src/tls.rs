@@ -31,6 +31,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::config::TlsConfig;
 use crate::fswatch::FileWatch;
 
+mod connection;
+pub use connection::{Connection, ConnectionError};
+
 /// The transport limits of our gRPC servers (agent and rotator), so that no
 /// peer, with or without a certificate, can take a server away from the peers
 /// it exists for. Documented with their reasons in docs/hardening.md.
@@ -896,36 +899,24 @@ impl ClientTls {
             .connect_with_connector_lazy(self.connector(server_name)?))
     }
 
-    /// The tonic endpoint for `endpoint`, with our defaults, for callers that tune
-    /// it further before `connect_with_connector_lazy(self.connector(..))`.
+    /// The tonic endpoint for `endpoint`, with our defaults.
     pub fn endpoint(&self, endpoint: &str) -> Result<Endpoint, TlsError> {
-        let authority = endpoint
-            .strip_prefix("https://")
-            .unwrap_or(endpoint)
-            .trim_end_matches('/');
-        if authority.contains("://") || authority.contains('/') || authority.is_empty() {
-            return Err(TlsError::Endpoint {
-                endpoint: endpoint.to_string(),
-                reason: "expected https://HOST:PORT".into(),
-            });
-        }
-        // TLS is ours (see the module comment), so tonic must see a plain scheme.
-        let endpoint_error = |reason: String| TlsError::Endpoint {
-            endpoint: endpoint.to_string(),
-            reason,
-        };
-        let uri: Uri = format!("http://{authority}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| endpoint_error(e.to_string()))?;
-        if uri.port_u16().is_none() {
-            return Err(endpoint_error("no port".into()));
-        }
-        Ok(Endpoint::from(uri)
+        Ok(Endpoint::from(origin(endpoint)?)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true))
+    }
+
+    /// A lazily dialled connection to `endpoint` whose server certificate must
+    /// carry `identity`: the light form of [`ClientTls::channel`] for a client
+    /// of thousands of peers (see [`Connection`]).
+    pub fn connection(&self, endpoint: &str, identity: &str) -> Result<Connection, TlsError> {
+        Ok(Connection::new(
+            self.connector(identity)?,
+            origin(endpoint)?,
+        ))
     }
 
     /// The connector that dials TCP and runs the TLS handshake with the current
@@ -942,6 +933,29 @@ impl ClientTls {
             sni,
         })
     }
+}
+
+/// `http://host:port` for `https://host:port` or `host:port`: TLS is ours (see
+/// the module comment), so the HTTP/2 layer must see a plain scheme.
+fn origin(endpoint: &str) -> Result<Uri, TlsError> {
+    let authority = endpoint
+        .strip_prefix("https://")
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    let endpoint_error = |reason: String| TlsError::Endpoint {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    if authority.contains("://") || authority.contains('/') || authority.is_empty() {
+        return Err(endpoint_error("expected https://HOST:PORT".into()));
+    }
+    let uri: Uri = format!("http://{authority}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| endpoint_error(e.to_string()))?;
+    if uri.port_u16().is_none() {
+        return Err(endpoint_error("no port".into()));
+    }
+    Ok(uri)
 }
 
 /// A `tower::Service<Uri>` for `Endpoint::connect_with_connector*`.
@@ -1175,6 +1189,66 @@ mod tests {
         stranger.ca = server.ca.clone();
         let stranger = ClientTls::load(&stranger).unwrap();
         assert!(check(&stranger, addr, "agent-1.test").await.is_err());
+    }
+
+    /// The fan-out's bare connection: calls go through, a wrong identity is
+    /// UNAVAILABLE, and a server that sends its connections away after an age
+    /// limit (GOAWAY, then close) sees the client dial again, no call lost.
+    #[tokio::test]
+    async fn a_connection_dials_lazily_checks_the_identity_and_redials() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let server = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
+        let client = write_identity(dir.path(), "rotator", &ca, &["rotator.test"]);
+        let client = ClientTls::load(&client).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = ServerTls::load(&server).unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let incoming = tokio_stream::StreamExt::map(tls.incoming(listener), move |c| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            c
+        });
+        let (_, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .max_connection_age(Duration::from_millis(100))
+                .add_service(health)
+                .serve_with_incoming(incoming),
+        );
+
+        let health =
+            |connection: Connection| tonic_health::pb::health_client::HealthClient::new(connection);
+        let wrong = client
+            .connection(&format!("https://{addr}"), "agent-2.test")
+            .unwrap();
+        let refused = health(wrong)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+        let connection = client
+            .connection(&format!("https://{addr}"), "agent-1.test")
+            .unwrap();
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let mut calls = 0;
+        while started.elapsed() < Duration::from_millis(700) {
+            health(connection.clone())
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .unwrap_or_else(|s| panic!("call {calls}: {s:?}"));
+            calls += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dialled = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(
+            dialled >= 2 && dialled < calls,
+            "{calls} calls over {dialled} connections"
+        );
     }
 
     #[tokio::test]

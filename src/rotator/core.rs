@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
@@ -223,12 +222,16 @@ pub(super) struct AgentSlot {
     pub(super) endpoint: String,
     /// The SAN its certificate must carry: a reload that changes it reconnects.
     pub(super) identity: String,
-    pub(super) channel: Channel,
+    pub(super) channel: crate::tls::Connection,
     state: Mutex<AgentState>,
 }
 
 impl AgentSlot {
-    pub(super) fn new(config: &AgentEndpoint, channel: Channel, repos: usize) -> Self {
+    pub(super) fn new(
+        config: &AgentEndpoint,
+        channel: crate::tls::Connection,
+        repos: usize,
+    ) -> Self {
         AgentSlot {
             name: config.name().to_owned(),
             region: config.region.clone(),
@@ -1524,8 +1527,7 @@ pub(super) mod tests {
         let agents = regions
             .iter()
             .map(|r| {
-                let channel =
-                    tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+                let channel = crate::tls::Connection::never_dialled();
                 let endpoint = AgentEndpoint {
                     name: None,
                     region: (*r).into(),

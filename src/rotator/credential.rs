@@ -564,7 +564,7 @@ mod tests {
                 RepoSlot::new(name.into(), 3, first, ledger)
             })
             .collect();
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = crate::tls::Connection::never_dialled();
         let endpoint = crate::config::AgentEndpoint {
             name: None,
             region: "RegionOne".into(),

@@ -331,7 +331,7 @@ mod tests {
     }
 
     fn lazy(a: &AgentEndpoint) -> Result<AgentSlot, RotatorError> {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = crate::tls::Connection::never_dialled();
         Ok(AgentSlot::new(a, channel, 1))
     }
 
