@@ -24,8 +24,8 @@ apt_install() {
     exit 3
   fi
   echo "setup-venv: installing $* with apt-get" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 ||
-    { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2; }
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "$@" >&2 ||
+    { apt-get -o DPkg::Lock::Timeout=600 update >&2 && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "$@" >&2; }
 }
 if ! command -v "$python" >/dev/null; then
   [ "$python" = python3 ] || { echo "setup-venv: $python not found" >&2; exit 3; }

@@ -27,20 +27,7 @@ fn haproxy() -> PathBuf {
             .map(PathBuf::from)
             .find(|p| p.exists())
     };
-    if let Some(path) = found() {
-        return path;
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "haproxy"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let _ = Command::new("apt-get").arg("update").status();
-        assert!(install(), "cannot install haproxy with apt-get");
-    }
+    crate::common::debian::ensure("haproxy", || found().is_some());
     found().expect("haproxy installed but not found")
 }
 

@@ -37,48 +37,8 @@ fn read(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-/// Makes `command` available, installing Debian's `package` with apt-get when
-/// it is missing (after `apt-get update` if the first attempt fails); panics
-/// when that is impossible, so a test never passes without the tool.
-pub fn ensure_debian_tool(command: &str, package: &str) {
-    let present = |c: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {c}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if present(command) {
-        return;
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !install() {
-        let updated = Command::new("apt-get")
-            .arg("update")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            updated,
-            "apt-get update failed; {command} ({package}) is required"
-        );
-        assert!(install(), "cannot install {package} for {command}");
-    }
-    assert!(
-        present(command),
-        "{package} is installed but {command} is missing"
-    );
-}
-
 fn promtool(args: &[&str]) -> String {
-    ensure_debian_tool("promtool", "prometheus");
+    crate::common::debian::ensure_tool("promtool", "prometheus");
     let out = Command::new("promtool")
         .args(args)
         .current_dir(root().join("deploy/prometheus"))

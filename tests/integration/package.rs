@@ -7,7 +7,7 @@ use std::process::Command;
 
 use fernetd::config::{AdminConfig, AgentConfig, RotatorConfig};
 
-use crate::monitoring::ensure_debian_tool;
+use crate::common::debian::ensure_tool;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -124,7 +124,7 @@ fn the_debian_package_holds_everything_and_passes_lintian() {
     // The packaged binary is the stripped one: no symbol table left.
     let extracted = out.path().join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extracted));
-    ensure_debian_tool("file", "file");
+    ensure_tool("file", "file");
     let file = run(Command::new("file").arg(extracted.join("usr/bin/fernetd")));
     assert!(
         file.contains("stripped") && !file.contains("not stripped"),
@@ -142,7 +142,7 @@ fn the_debian_package_holds_everything_and_passes_lintian() {
         "postinst must start nothing:\n{postinst}"
     );
 
-    ensure_debian_tool("lintian", "lintian");
+    ensure_tool("lintian", "lintian");
     let lintian = Command::new("lintian")
         .arg("--no-tag-display-limit")
         .arg(&deb)

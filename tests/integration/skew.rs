@@ -30,17 +30,7 @@ fn libfaketime() -> PathBuf {
             .map(PathBuf::from)
             .filter(|p| p.exists())
     };
-    if let Some(lib) = find() {
-        return lib;
-    }
-    for args in [&["update"][..], &["install", "-y", "faketime"][..]] {
-        let status = std::process::Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .expect("run apt-get: the clock-skew test needs Debian's faketime");
-        assert!(status.success(), "apt-get {args:?} failed: {status}");
-    }
+    crate::common::debian::ensure("faketime", || find().is_some());
     find().expect("libfaketime is still missing after apt-get install faketime")
 }
 

@@ -6,7 +6,6 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use crate::common::fernetd_bin;
 use crate::common::keystone::{bundle, run_ok as run};
@@ -35,7 +34,6 @@ fn systemd_dir() -> PathBuf {
 
 /// `systemd-analyze` etc., installed with apt-get when absent (as root).
 fn systemd_tool(name: &str) -> PathBuf {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
     let find = || {
         ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
             .iter()
@@ -45,27 +43,7 @@ fn systemd_tool(name: &str) -> PathBuf {
     if let Some(path) = find() {
         return path;
     }
-    INSTALLED.get_or_init(|| {
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", "systemd"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-                .expect("run apt-get to install systemd (needed to verify the units)")
-        };
-        let mut out = install();
-        if !out.status.success() {
-            // A fresh machine has no package lists yet: fetch them once and retry.
-            let _ = Command::new("apt-get").arg("update").output();
-            out = install();
-        }
-        assert!(
-            out.status.success(),
-            "apt-get install systemd failed ({}); install systemd to run this test:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    crate::common::debian::ensure("systemd", || find().is_some());
     find().unwrap_or_else(|| panic!("{name} not found even after installing systemd"))
 }
 

@@ -13,31 +13,8 @@ use super::daemon::{free_addr, logs_dir, poll_until};
 
 /// The `etcd` binary, installed from Debian's `etcd-server` when missing.
 pub fn etcd_bin() -> PathBuf {
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = INSTALL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let found = |p: &str| Path::new(p).exists().then(|| PathBuf::from(p));
-    if let Some(p) = found("/usr/bin/etcd") {
-        return p;
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "etcd-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let updated = Command::new("apt-get")
-            .arg("update")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            updated && install(),
-            "etcd is missing and `apt-get install etcd-server` failed: the HA tests need Debian's etcd-server"
-        );
-    }
+    super::debian::ensure("etcd-server", || found("/usr/bin/etcd").is_some());
     found("/usr/bin/etcd").expect("etcd-server installed /usr/bin/etcd")
 }
 

@@ -10,6 +10,7 @@ pub fn fernetd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fernetd"))
 }
 pub mod daemon;
+pub mod debian;
 pub mod etcd;
 pub mod pki;
 pub mod proxy;
