@@ -83,16 +83,31 @@ for p in "${AGENT_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1))
 : >"$WORK/rotations"
 cpu_before=$(cpu_ticks "$ROTATOR_PID")
 failed=0
+held=0
 for _ in $(seq 1 "$ROTATIONS"); do
-    t=$(now_ms)
-    if admin rotate --wait 30 >>"$WORK/logs/rotate.log" 2>&1; then
-        echo $(( $(now_ms) - t )) >>"$WORK/rotations"
-    else
+    # The key-lifetime rule holds a rotation until the key it would purge has no
+    # valid token left (the demo's tokens last seconds): a held rotation commits
+    # nothing, so it is retried at its purge-safe time and only the committed
+    # attempt is timed.
+    for _ in $(seq 1 120); do
+        t=$(now_ms)
+        if admin rotate --wait 30 >"$WORK/logs/last-rotate.log" 2>&1; then
+            echo $(( $(now_ms) - t )) >>"$WORK/rotations"
+            break
+        fi
+        if grep -q "held:" "$WORK/logs/last-rotate.log"; then
+            held=$((held + 1))
+            sleep 0.5
+            continue
+        fi
         failed=$((failed + 1))
         echo "rotation refused or failed:" >&2
-        tail -5 "$WORK/logs/rotate.log" >&2
-    fi
+        tail -5 "$WORK/logs/last-rotate.log" >&2
+        break
+    done
+    cat "$WORK/logs/last-rotate.log" >>"$WORK/logs/rotate.log"
 done
+echo "rotations held by the key-lifetime rule and retried: $held" >&2
 cpu_after=$(cpu_ticks "$ROTATOR_PID")
 done_rotations=$(wc -l <"$WORK/rotations")
 [[ $done_rotations -gt 0 ]] || { echo "no rotation succeeded" >&2; exit 3; }
