@@ -34,6 +34,13 @@ use crate::fswatch::FileWatch;
 mod connection;
 pub use connection::{Connection, ConnectionError};
 
+/// How long a client's dial (TCP and the TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client's HTTP/2 pings on an idle connection, so a region's connection
+/// stays open between rotations and a dead one is noticed.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The transport limits of our gRPC servers (agent and rotator), so that no
 /// peer, with or without a certificate, can take a server away from the peers
 /// it exists for. Documented with their reasons in docs/hardening.md.
@@ -902,10 +909,10 @@ impl ClientTls {
     /// The tonic endpoint for `endpoint`, with our defaults.
     pub fn endpoint(&self, endpoint: &str) -> Result<Endpoint, TlsError> {
         Ok(Endpoint::from(origin(endpoint)?)
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true))
     }
 

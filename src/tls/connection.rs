@@ -16,7 +16,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -25,14 +24,7 @@ use tonic::body::Body;
 use tonic::transport::Uri;
 use tower::Service as _;
 
-use super::Connector;
-
-/// How long dialling (TCP and the TLS handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 pings on an idle connection, so a region's connection stays open
-/// between rotations and a dead one is noticed.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+use super::{CONNECT_TIMEOUT, Connector, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
