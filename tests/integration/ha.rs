@@ -302,6 +302,23 @@ impl Ha {
         history
     }
 
+    /// The next rotation is accepted at `g + 1`, and generation `g` still has
+    /// `digest` in etcd's history (checked as [`Ha::check_history`] does):
+    /// the new generation, every key the agents hold, and that history.
+    async fn rotate_after(
+        &self,
+        g: u64,
+        digest: &str,
+    ) -> (u64, BTreeSet<String>, BTreeMap<u64, String>) {
+        let (g2, _) = self.cluster.rotate_ok();
+        assert_eq!(g2, g + 1);
+        let mut keys = BTreeSet::new();
+        self.all_keys(&mut keys);
+        let history = self.check_history(&keys).await;
+        assert_eq!(history.get(&g).map(String::as_str), Some(digest));
+        (g2, keys, history)
+    }
+
     fn all_keys(&self, keys: &mut BTreeSet<String>) {
         for i in 0..self.cluster.agents.len() {
             key_forms(&self.cluster.repo_state(i), keys);
@@ -437,12 +454,7 @@ async fn ha_a_leader_stopped_past_its_lease_commits_nothing_and_steps_down() {
         log.contains("stepping down"),
         "the old leader's log says why"
     );
-    let (g2, _) = ha.cluster.rotate_ok();
-    assert_eq!(g2, g + 1);
-    let mut keys = BTreeSet::new();
-    ha.all_keys(&mut keys);
-    let history = ha.check_history(&keys).await;
-    assert_eq!(history.get(&g), Some(&digest));
+    let (g2, keys, history) = ha.rotate_after(g, &digest).await;
     assert_eq!(
         history.keys().max(),
         Some(&g2),
@@ -532,12 +544,7 @@ async fn ha_a_single_rotators_file_state_is_imported_and_no_agent_reinstalls() {
     // The file state left behind is sealed now.
     let file = std::fs::read_to_string(state_dir.join("tokens.state")).expect("state");
     assert!(file.starts_with("fernetd-rotator-state 1 sealed"));
-    let (g2, _) = ha.cluster.rotate_ok();
-    assert_eq!(g2, g + 1);
-    let mut keys = BTreeSet::new();
-    ha.all_keys(&mut keys);
-    let history = ha.check_history(&keys).await;
-    assert_eq!(history.get(&g), Some(&digest));
+    let (_, keys, _) = ha.rotate_after(g, &digest).await;
     assert_no_keys_in_logs(&ha.cluster.logs, &keys);
 }
 
