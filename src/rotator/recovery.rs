@@ -89,15 +89,25 @@ pub(super) struct Probe {
     pub(super) silent: Vec<(String, String)>,
 }
 
-/// Asks every agent, at once and each within `timeout`, what it holds of
-/// `fresh` (repositories without state and without `import`).
-pub(super) async fn probe(agents: &[AgentSlot], fresh: &[String], timeout: Duration) -> Probe {
+/// Asks every agent, `concurrency` at a time and each within `timeout`, what
+/// it holds of `fresh` (repositories without state and without `import`). The
+/// bound is the fan-out's: 10,000 handshakes and answers in flight at once
+/// would time out on a small host and leave their buffers' peak in the heap.
+pub(super) async fn probe(
+    agents: &[AgentSlot],
+    fresh: &[String],
+    timeout: Duration,
+    concurrency: usize,
+) -> Probe {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut calls = tokio::task::JoinSet::new();
     for agent in agents {
         let label = agent.label();
         let mut client =
             crate::pb::distribution_client::DistributionClient::new(agent.channel.clone());
+        let permits = permits.clone();
         calls.spawn(async move {
+            let _permit = permits.acquire_owned().await;
             let mut request = tonic::Request::new(crate::pb::GetStateRequest {});
             request.set_timeout(timeout);
             let answer = tokio::time::timeout(timeout, client.get_state(request)).await;
