@@ -991,21 +991,16 @@ impl Connector {
     }
 }
 
-type ClientStream = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type TlsClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+type ClientStream = hyper_util::rt::TokioIo<TlsClientStream>;
 
-impl tower::Service<Uri> for Connector {
-    type Response = ClientStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<ClientStream>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
+impl Connector {
+    /// TCP to `uri`'s host and port, then the TLS handshake with the current
+    /// certificates and this peer's identity check.
+    fn dial(&self, uri: Uri) -> impl Future<Output = io::Result<TlsClientStream>> + Send + 'static {
         let connector = tokio_rustls::TlsConnector::from(self.client_config());
         let sni = self.sni.clone();
-        Box::pin(async move {
+        async move {
             let host = uri
                 .host()
                 .ok_or_else(|| {
@@ -1023,9 +1018,23 @@ impl tower::Service<Uri> for Connector {
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok(hyper_util::rt::TokioIo::new(tls))
-        })
+            connector.connect(name, tcp).await
+        }
+    }
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = ClientStream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<ClientStream>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dial = self.dial(uri);
+        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(dial.await?)) })
     }
 }
 
@@ -1208,54 +1217,76 @@ mod tests {
         let server = write_identity(dir.path(), "agent", &ca, &["agent-1.test"]);
         let client = write_identity(dir.path(), "rotator", &ca, &["rotator.test"]);
         let client = ClientTls::load(&client).unwrap();
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let tls = ServerTls::load(&server).unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = accepted.clone();
-        let incoming = tokio_stream::StreamExt::map(tls.incoming(listener), move |c| {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            c
-        });
-        let (_, health) = tonic_health::server::health_reporter();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .max_connection_age(Duration::from_millis(100))
-                .add_service(health)
-                .serve_with_incoming(incoming),
-        );
+        // A health server on `listener` counting the connections it accepts,
+        // until told to stop (gracefully: it ends once its connections have).
+        let serve = |listener: TcpListener| {
+            let counted = accepted.clone();
+            let incoming = tokio_stream::StreamExt::map(tls.incoming(listener), move |c| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                c
+            });
+            let (_, health) = tonic_health::server::health_reporter();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = stopped.await;
+                    }),
+            );
+            (stop, server)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, server) = serve(listener);
 
-        let health =
-            |connection: Connection| tonic_health::pb::health_client::HealthClient::new(connection);
+        let check = |connection: &Connection| {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(connection.clone());
+            async move {
+                client
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+            }
+        };
         let wrong = client
             .connection(&format!("https://{addr}"), "agent-2.test")
             .unwrap();
-        let refused = health(wrong)
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await
-            .unwrap_err();
+        let refused = check(&wrong).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        let accepted_count = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let before = accepted_count();
 
         let connection = client
             .connection(&format!("https://{addr}"), "agent-1.test")
             .unwrap();
-        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
-        let started = std::time::Instant::now();
-        let mut calls = 0;
-        while started.elapsed() < Duration::from_millis(700) {
-            health(connection.clone())
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .unwrap_or_else(|s| panic!("call {calls}: {s:?}"));
-            calls += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let dialled = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
         assert!(
-            dialled >= 2 && dialled < calls,
-            "{calls} calls over {dialled} connections"
+            !connection.is_open(),
+            "nothing dialled before the first call"
         );
+        for call in 0..5 {
+            check(&connection)
+                .await
+                .unwrap_or_else(|s| panic!("call {call}: {s:?}"));
+        }
+        assert_eq!(accepted_count() - before, 1, "five calls, one connection");
+
+        // The agent restarts: its connection closes, the next call dials anew.
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connection.is_open() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close is never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_stop, _server) = serve(TcpListener::bind(addr).await.unwrap());
+        check(&connection).await.expect("a call after the restart");
+        assert!(connection.is_open());
+        assert_eq!(accepted_count() - before, 2, "one more dial");
     }
 
     #[tokio::test]

@@ -1,28 +1,33 @@
 //! One lazily dialled HTTP/2 connection to one peer, for a client that talks to
 //! thousands of peers one call at a time (the rotator's fan-out).
 //!
-//! tonic's `Channel` puts a `tower::buffer` in front of every connection: an mpsc
-//! channel (its first block alone is 8 KiB), a worker task, a reconnect layer and
-//! a copy of the endpoint's settings, all per peer, and one more task hop per
-//! call. The fan-out has at most one call in flight per agent and needs none of
-//! that: a shared hyper `SendRequest` is already cloneable and safe to call from
-//! any task. So a [`Connection`] dials on first use through the same
-//! [`Connector`] as before (TCP, the TLS handshake with the current certificates,
-//! the exact identity check), keeps the `SendRequest`, and dials again when the
-//! connection has closed (the peer went away, a GOAWAY for its age limit, a
-//! failed keep-alive). Dropping the last clone closes the connection.
+//! tonic's `Channel` puts a `tower::buffer` in front of every connection (an
+//! mpsc channel, a worker task, a reconnect layer), and hyper's HTTP/2 client
+//! under it keeps one more unbounded channel per connection (its first block,
+//! 32 request slots, is 7.7 KiB) and spawns a task per request to pipe the
+//! body. At 10,000 agents with at most one call in flight each, none of that
+//! earns its memory, so this speaks HTTP/2 through `h2` directly: a
+//! [`Connection`] dials on first use through the same [`Connector`] (TCP, the
+//! TLS handshake with the current certificates, the exact identity check),
+//! keeps h2's `SendRequest` (cloneable, safe from any task), and one task per
+//! connection drives it and sends the keep-alive pings. It dials again when
+//! the connection has closed (the peer went away, a GOAWAY for its age limit,
+//! an unanswered ping). Dropping the last clone closes the connection.
+//!
+//! Requests are unary gRPC: the body (one small message) is collected and
+//! sent with the headers in one go.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt as _;
 use tonic::body::Body;
 use tonic::transport::Uri;
-use tower::Service as _;
 
 use super::{CONNECT_TIMEOUT, Connector, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT};
 
@@ -39,9 +44,15 @@ struct Inner {
     /// `None`: a connection that never dials (tests of the rotator's core).
     connector: Option<Connector>,
     /// `http://host:port`: TLS is ours, so HTTP/2 sees a plain scheme, as with
-    /// tonic's channel before.
+    /// tonic's channel.
     origin: Uri,
-    sender: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    sender: tokio::sync::Mutex<Option<Open>>,
+}
+
+/// The open connection: its sender, and whether its driving task has ended.
+struct Open {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -65,7 +76,7 @@ pub enum ConnectionError {
     Handshake {
         peer: String,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("{peer} is never dialled")]
     NeverDialled { peer: String },
@@ -92,79 +103,106 @@ impl Connection {
         }
     }
 
-    /// The open connection's sender, dialling when there is none or it closed.
-    /// Callers of one connection wait for one dial, not one each.
-    async fn sender(&self, stale: bool) -> Result<http2::SendRequest<Body>, ConnectionError> {
+    /// The open connection's sender, dialling when there is none or `stale`
+    /// says the last one failed. Callers of one connection wait for one dial,
+    /// not one each.
+    async fn sender(&self, stale: bool) -> Result<h2::client::SendRequest<Bytes>, ConnectionError> {
         let inner = &self.inner;
         let mut slot = inner.sender.lock().await;
-        if let Some(sender) = slot.as_ref().filter(|s| !stale && !s.is_closed()) {
-            return Ok(sender.clone());
+        if let Some(open) = slot
+            .as_ref()
+            .filter(|o| !stale && !o.closed.load(Ordering::Acquire))
+        {
+            return Ok(open.sender.clone());
         }
         *slot = None;
-        let Some(mut connector) = inner.connector.clone() else {
+        let Some(connector) = inner.connector.as_ref() else {
             return Err(ConnectionError::NeverDialled { peer: self.peer() });
         };
         let peer = self.peer();
-        let dial = connector.call(inner.origin.clone());
-        let io = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+        let io = match tokio::time::timeout(CONNECT_TIMEOUT, connector.dial(inner.origin.clone()))
+            .await
+        {
             Ok(Ok(io)) => io,
             Ok(Err(source)) => return Err(ConnectionError::Connect { peer, source }),
             Err(_) => return Err(ConnectionError::ConnectTimeout { peer }),
         };
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            // No HPACK dynamic table for what agents answer: hyper's server
-            // sends a `date` that changes every second, and each new value
-            // was indexed into a 4 KiB table per connection (80 MiB more at
-            // 10,000 agents after a few rotations).
+        let (sender, connection) = h2::client::Builder::new()
+            // No HPACK dynamic table for what agents answer: their server
+            // sends a `date` that changes every second, each new value indexed
+            // into a table of up to 4 KiB per connection.
             .header_table_size(0)
-            .handshake(io)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| ConnectionError::Handshake {
                 peer: peer.clone(),
                 source,
             })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection closed");
-            }
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(drive(connection, peer, closed.clone()));
+        *slot = Some(Open {
+            sender: sender.clone(),
+            closed,
         });
-        *slot = Some(sender.clone());
         Ok(sender)
     }
 
     /// Sends `request` on the open connection; when that connection turned out
-    /// to be closing before the request left (a GOAWAY, a reset the pool had not
+    /// to be closed or closing before the request left (a GOAWAY, a reset not
     /// noticed yet), dials once more and sends it there.
     async fn send(
         self,
-        mut request: http::Request<Body>,
-    ) -> Result<http::Response<Incoming>, BoxError> {
-        *request.uri_mut() = self.absolute(request.uri())?;
+        request: http::Request<Body>,
+    ) -> Result<http::Response<ResponseBody>, BoxError> {
+        let uri = self.absolute(request.uri())?;
+        let (parts, body) = request.into_parts();
+        let data = body.collect().await?.to_bytes();
         let mut stale = false;
         loop {
             // Not reaching the peer is UNAVAILABLE, as gRPC clients say it.
-            let mut sender = self.sender(stale).await.map_err(|e| -> BoxError {
+            let sender = self.sender(stale).await.map_err(|e| -> BoxError {
                 Box::new(tonic::Status::unavailable(crate::error_chain(&e)))
             })?;
-            if sender.ready().await.is_err() && !stale {
-                stale = true;
-                continue;
+            let mut head = http::Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = uri.clone();
+            *head.headers_mut() = parts.headers.clone();
+            let sent = match sender.ready().await {
+                Ok(mut sender) => sender.send_request(head, data.is_empty()),
+                Err(error) => Err(error),
+            };
+            let (response, mut stream) = match sent {
+                Ok(sent) => sent,
+                Err(_) if !stale => {
+                    stale = true;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if !data.is_empty() {
+                stream.send_data(data.clone(), true)?;
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !stale => {
-                        request = unsent;
-                        stale = true;
-                    }
-                    _ => return Err(error.into_error().into()),
-                },
+            match response.await {
+                Ok(response) => {
+                    return Ok(response.map(|recv| ResponseBody {
+                        recv,
+                        data_done: false,
+                    }));
+                }
+                // Refused unprocessed: safe to send again, once.
+                Err(error) if !stale && refused_unprocessed(&error) => stale = true,
+                Err(error) => return Err(error.into()),
             }
         }
+    }
+
+    /// Whether a dialled connection is open (its task still drives it).
+    #[cfg(test)]
+    pub(crate) fn is_open(&self) -> bool {
+        self.inner.sender.try_lock().is_ok_and(|o| {
+            o.as_ref()
+                .is_some_and(|o| !o.closed.load(Ordering::Acquire))
+        })
     }
 
     /// `host:port`, for messages.
@@ -183,8 +221,99 @@ impl Connection {
     }
 }
 
+/// Whether the peer said it did not process the request: a GOAWAY that
+/// stopped short of the stream, or a REFUSED_STREAM reset (RFC 9113 §8.7).
+fn refused_unprocessed(error: &h2::Error) -> bool {
+    (error.is_go_away() && error.is_remote()) || error.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// Drives one connection until it closes, pinging every
+/// [`KEEP_ALIVE_INTERVAL`] so an idle connection to a region stays open
+/// between rotations and a dead one is noticed: a ping unanswered within
+/// [`KEEP_ALIVE_TIMEOUT`] drops the connection, and its sender fails over to a
+/// new dial.
+async fn drive<T>(
+    mut connection: h2::client::Connection<T, Bytes>,
+    peer: String,
+    closed: Arc<AtomicBool>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // However this ends, the next call dials anew.
+    struct Closed(Arc<AtomicBool>);
+    impl Drop for Closed {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _closed = Closed(closed);
+    let Some(mut ping_pong) = connection.ping_pong() else {
+        if let Err(error) = connection.await {
+            tracing::debug!(%peer, %error, "connection closed");
+        }
+        return;
+    };
+    let keep_alive = async move {
+        loop {
+            tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+            let pong = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque()));
+            match pong.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return format!("keep-alive ping failed: {error}"),
+                Err(_) => {
+                    return format!("keep-alive ping unanswered within {KEEP_ALIVE_TIMEOUT:?}");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        closed = connection => if let Err(error) = closed {
+            tracing::debug!(%peer, %error, "connection closed");
+        },
+        why = keep_alive => tracing::debug!(%peer, reason = %why, "connection dropped"),
+    }
+}
+
+/// A response's body: h2's stream, its flow-control window handed back as
+/// each chunk is taken.
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Fails only when the stream is already gone.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        Poll::Ready(
+            ready!(self.recv.poll_trailers(cx))
+                .transpose()
+                .map(|t| t.map(Frame::trailers)),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
 impl tower::Service<http::Request<Body>> for Connection {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<ResponseBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
