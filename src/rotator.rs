@@ -601,13 +601,7 @@ pub async fn run(
         Some(_) => Vec::new(),
     };
     if !fresh.is_empty() && !agents.is_empty() {
-        let probe = recovery::probe(
-            &agents,
-            &fresh,
-            config.fanout.call_timeout,
-            config.fanout.concurrency,
-        )
-        .await;
+        let probe = recovery::probe(&agents, &fresh, &config.fanout).await;
         if fresh_start {
             tracing::warn!(held = ?probe.held, "--fresh-start: starting at generation 1 although agents may hold generations; they refuse it until restored");
         } else {

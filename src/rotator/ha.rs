@@ -771,13 +771,7 @@ async fn initialise(
         })
         .collect();
     if !fresh.is_empty() && !agents.is_empty() && !fresh_start {
-        let probe = super::recovery::probe(
-            agents,
-            &fresh,
-            config.fanout.call_timeout,
-            config.fanout.concurrency,
-        )
-        .await;
+        let probe = super::recovery::probe(agents, &fresh, &config.fanout).await;
         super::recovery::refuse_fresh_start(&probe, &config.state_dir)?;
     }
     let (blocking_config, blocking_store) = (config.clone(), store.clone());

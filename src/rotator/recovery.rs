@@ -8,12 +8,11 @@
 //! one, with the way to import in its message.
 
 use std::path::Path;
-use std::time::Duration;
 
 use super::RotatorError;
 use super::core::AgentSlot;
 use super::ledger::Ledger;
-use crate::config::RepositoryConfig;
+use crate::config::{FanoutConfig, RepositoryConfig};
 use crate::repository::{self, KeySet};
 
 /// A repository read for adoption on a first start.
@@ -89,17 +88,13 @@ pub(super) struct Probe {
     pub(super) silent: Vec<(String, String)>,
 }
 
-/// Asks every agent, `concurrency` at a time and each within `timeout`, what
-/// it holds of `fresh` (repositories without state and without `import`). The
-/// bound is the fan-out's: 10,000 handshakes and answers in flight at once
+/// Asks every agent what it holds of `fresh` (repositories without state and
+/// without `import`), as the fan-out calls: `concurrency` at a time, each
+/// within `call_timeout`. 10,000 handshakes and answers in flight at once
 /// would time out on a small host and leave their buffers' peak in the heap.
-pub(super) async fn probe(
-    agents: &[AgentSlot],
-    fresh: &[String],
-    timeout: Duration,
-    concurrency: usize,
-) -> Probe {
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+pub(super) async fn probe(agents: &[AgentSlot], fresh: &[String], fanout: &FanoutConfig) -> Probe {
+    let timeout = fanout.call_timeout;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(fanout.concurrency.max(1)));
     let mut calls = tokio::task::JoinSet::new();
     for agent in agents {
         let label = agent.label();

@@ -247,13 +247,12 @@ async fn drive<T>(
         }
     }
     let _closed = Closed(closed);
-    let Some(mut ping_pong) = connection.ping_pong() else {
-        if let Err(error) = connection.await {
-            tracing::debug!(%peer, %error, "connection closed");
-        }
-        return;
-    };
+    // Taken once, here: never `None`.
+    let ping_pong = connection.ping_pong();
     let keep_alive = async move {
+        let Some(mut ping_pong) = ping_pong else {
+            return std::future::pending().await;
+        };
         loop {
             tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
             let pong = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque()));
