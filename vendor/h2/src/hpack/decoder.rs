@@ -158,7 +158,9 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // fernetd: grown by the Huffman decoder as strings need it, instead
+            // of 4 KiB held by every connection for as long as it lives.
+            buffer: BytesMut::new(),
         }
     }
 
