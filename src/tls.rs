@@ -32,7 +32,7 @@ use crate::config::TlsConfig;
 use crate::fswatch::FileWatch;
 
 mod connection;
-pub use connection::{Connection, ConnectionError};
+pub use connection::{Connection, ConnectionError, grpc_frame};
 
 /// How long a client's dial (TCP and the TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -30,7 +30,8 @@ pub(super) struct Generation {
     pub(super) number: u64,
     pub(super) keys: KeySet,
     pub(super) digest: Digest,
-    encoded: Arc<EncodedInstall>,
+    /// Framed for gRPC; clones share the bytes.
+    encoded: bytes::Bytes,
 }
 
 impl std::fmt::Debug for Generation {
@@ -82,7 +83,9 @@ impl Generation {
             restore: false,
             promoted_unix: promoted_unix.into_iter().collect(),
         };
-        let encoded = Zeroizing::new(prost::Message::encode_to_vec(&request));
+        let encoded = Zeroizing::new(crate::tls::grpc_frame(&Zeroizing::new(
+            prost::Message::encode_to_vec(&request),
+        )));
         for key in &mut request.keys {
             key.material.zeroize();
         }
@@ -90,11 +93,11 @@ impl Generation {
             number,
             keys,
             digest,
-            encoded: Arc::new(EncodedInstall(encoded)),
+            encoded: bytes::Bytes::from_owner(EncodedInstall(encoded)),
         })
     }
 
-    pub(super) fn encoded(&self) -> Arc<EncodedInstall> {
+    pub(super) fn encoded(&self) -> bytes::Bytes {
         self.encoded.clone()
     }
 
@@ -1815,8 +1818,14 @@ pub(super) mod tests {
     fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
         let keys = repository::init(3).expect("init");
         let g = Generation::build("tokens", 4, keys.clone(), BTreeMap::new()).expect("build");
-        let decoded: pb::InstallRequest =
-            prost::Message::decode(&g.encoded().0[..]).expect("decodes");
+        let framed = g.encoded();
+        // One uncompressed gRPC frame: flag 0, then the message's length.
+        assert_eq!(framed[0], 0);
+        assert_eq!(
+            u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize,
+            framed.len() - 5
+        );
+        let decoded: pb::InstallRequest = prost::Message::decode(&framed[5..]).expect("decodes");
         assert_eq!(decoded.generation, 4);
         assert_eq!(decoded.digest, keys.digest().0.to_vec());
         assert_eq!(decoded.keys.len(), keys.len());

@@ -5,68 +5,36 @@
 //! each, not 10,000 idle tasks. A failed agent waits out an exponential backoff
 //! with jitter; a reconcile pass reads every agent's state back (`GetState`) and
 //! re-pushes to any whose digest differs. Each generation's `InstallRequest` is
-//! encoded once and the same bytes are written to every agent (a codec that
-//! sends pre-encoded bytes).
+//! encoded once, gRPC prefix included, and the same bytes are written to every
+//! agent by a bare unary call on its connection (`tls::Connection::unary`):
+//! tonic's per-call encoder, decoder and status machinery cost more than the
+//! rest of a push once the connection is open.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use prost::bytes::BufMut as _;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
 use zeroize::Zeroizing;
 
 use super::core::{AgentId, AgentSlot, Core, Generation};
 use crate::pb;
 
-/// An `InstallRequest` encoded once, shared by every push of its generation. It
-/// holds key material: wiped when the last push and the generation are gone.
-pub struct EncodedInstall(pub(super) Zeroizing<Vec<u8>>);
+/// An `InstallRequest` encoded once, with its gRPC prefix, shared by every
+/// push of its generation (as the owner of a `Bytes`). It holds key material:
+/// wiped when the last push and the generation are gone.
+pub(super) struct EncodedInstall(pub(super) Zeroizing<Vec<u8>>);
 
-impl std::fmt::Debug for EncodedInstall {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EncodedInstall({} bytes)", self.0.len())
+impl AsRef<[u8]> for EncodedInstall {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
-/// Sends [`EncodedInstall`] bytes as they are and decodes the response with prost.
-#[derive(Debug, Clone, Copy, Default)]
-struct PreEncodedCodec;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct PreEncodedEncoder;
-
-type ResponseDecoder =
-    <tonic_prost::ProstCodec<pb::InstallRequest, pb::InstallResponse> as Codec>::Decoder;
-
-impl Codec for PreEncodedCodec {
-    type Encode = Arc<EncodedInstall>;
-    type Decode = pb::InstallResponse;
-    type Encoder = PreEncodedEncoder;
-    type Decoder = ResponseDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        PreEncodedEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstCodec::<pb::InstallRequest, pb::InstallResponse>::default().decoder()
-    }
-}
-
-impl Encoder for PreEncodedEncoder {
-    type Item = Arc<EncodedInstall>;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put_slice(&item.0);
-        Ok(())
-    }
-}
+const INSTALL: &str = "/fernetd.v1.Distribution/Install";
 
 /// Where an agent is in the dispatcher's hands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,21 +266,15 @@ impl Core {
         agent: &AgentSlot,
         generation: &Generation,
     ) -> Result<pb::InstallResponse, String> {
-        let channel = agent.channel.clone();
+        let channel = &agent.channel;
         let timeout = self.fanout.call_timeout;
         let call = async move {
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.map_err(|e| format!("connect: {e}"))?;
-            let mut request = tonic::Request::new(generation.encoded());
-            request.set_timeout(timeout);
-            request
-                .extensions_mut()
-                .insert(tonic::GrpcMethod::new("fernetd.v1.Distribution", "Install"));
-            let path = http::uri::PathAndQuery::from_static("/fernetd.v1.Distribution/Install");
-            grpc.unary(request, path, PreEncodedCodec)
+            let answer = channel
+                .unary(INSTALL, generation.encoded(), timeout)
                 .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| crate::describe_status(&s))
+                .map_err(|s| crate::describe_status(&s))?;
+            <pb::InstallResponse as prost::Message>::decode(answer)
+                .map_err(|e| format!("Install: undecodable answer: {e}"))
         };
         with_deadline(timeout, "Install", call).await
     }

@@ -147,9 +147,7 @@ impl Connection {
         Ok(sender)
     }
 
-    /// Sends `request` on the open connection; when that connection turned out
-    /// to be closed or closing before the request left (a GOAWAY, a reset not
-    /// noticed yet), dials once more and sends it there.
+    /// Sends `request` (through tonic's generated clients).
     async fn send(
         self,
         request: http::Request<Body>,
@@ -157,18 +155,115 @@ impl Connection {
         let uri = self.absolute(request.uri())?;
         let (parts, body) = request.into_parts();
         let data = body.collect().await?.to_bytes();
+        let head = || {
+            let mut head = http::Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = uri.clone();
+            *head.headers_mut() = parts.headers.clone();
+            head
+        };
+        let response = self.exchange(head, data).await?;
+        Ok(response.map(|recv| ResponseBody {
+            recv,
+            data_done: false,
+        }))
+    }
+
+    /// A unary gRPC call without tonic's per-call machinery, for the fan-out's
+    /// thousands of identical calls: `framed` is the request message with its
+    /// 5-byte gRPC prefix ([`grpc_frame`]), sent as it is; the answer is the
+    /// response message without its prefix, or the status the peer (or the
+    /// connection) gave. `timeout` is sent as `grpc-timeout`; the caller
+    /// enforces it too.
+    pub async fn unary(
+        &self,
+        path: &'static str,
+        framed: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<Bytes, tonic::Status> {
+        let mut uri = self.inner.origin.clone().into_parts();
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let uri = Uri::from_parts(uri).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        // At most 8 digits (gRPC over HTTP/2): milliseconds cover 27 hours.
+        let deadline =
+            http::HeaderValue::try_from(format!("{}m", timeout.as_millis().min(99_999_999)))
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let head = || {
+            let mut head = http::Request::new(());
+            *head.method_mut() = http::Method::POST;
+            *head.uri_mut() = uri.clone();
+            let headers = head.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            headers.insert("grpc-timeout", deadline.clone());
+            head
+        };
+        let response = self
+            .exchange(head, framed)
+            .await
+            .map_err(tonic::Status::from_error)?;
+        let (parts, mut recv) = response.into_parts();
+        // A trailers-only answer (an error before any message) carries its
+        // status in the headers.
+        grpc_status(&parts.headers)?;
+        if parts.status != http::StatusCode::OK {
+            return Err(tonic::Status::unknown(format!(
+                "HTTP status {} from {}",
+                parts.status,
+                self.peer()
+            )));
+        }
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(h2_status)?;
+            // Fails only when the stream is already gone.
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if body.len() + chunk.len() > MAX_RESPONSE {
+                return Err(tonic::Status::out_of_range(format!(
+                    "answer from {} over {MAX_RESPONSE} bytes",
+                    self.peer()
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        match recv.trailers().await.map_err(h2_status)? {
+            Some(trailers) if trailers.contains_key(GRPC_STATUS) => grpc_status(&trailers)?,
+            _ if parts.headers.contains_key(GRPC_STATUS) => {}
+            _ => {
+                return Err(tonic::Status::internal(format!(
+                    "no grpc-status from {}",
+                    self.peer()
+                )));
+            }
+        }
+        unframe(body.freeze()).ok_or_else(|| {
+            tonic::Status::internal(format!(
+                "answer from {} is not one uncompressed gRPC message",
+                self.peer()
+            ))
+        })
+    }
+
+    /// Sends the request `head()` builds, with `data` as its body, on the open
+    /// connection; when that connection turned out to be closed or closing
+    /// before the request left (a GOAWAY, a reset not noticed yet), dials once
+    /// more and sends it there.
+    async fn exchange(
+        &self,
+        head: impl Fn() -> http::Request<()>,
+        data: Bytes,
+    ) -> Result<http::Response<h2::RecvStream>, BoxError> {
         let mut stale = false;
         loop {
             // Not reaching the peer is UNAVAILABLE, as gRPC clients say it.
             let sender = self.sender(stale).await.map_err(|e| -> BoxError {
                 Box::new(tonic::Status::unavailable(crate::error_chain(&e)))
             })?;
-            let mut head = http::Request::new(());
-            *head.method_mut() = parts.method.clone();
-            *head.uri_mut() = uri.clone();
-            *head.headers_mut() = parts.headers.clone();
             let sent = match sender.ready().await {
-                Ok(mut sender) => sender.send_request(head, data.is_empty()),
+                Ok(mut sender) => sender.send_request(head(), data.is_empty()),
                 Err(error) => Err(error),
             };
             let (response, mut stream) = match sent {
@@ -183,12 +278,7 @@ impl Connection {
                 stream.send_data(data.clone(), true)?;
             }
             match response.await {
-                Ok(response) => {
-                    return Ok(response.map(|recv| ResponseBody {
-                        recv,
-                        data_done: false,
-                    }));
-                }
+                Ok(response) => return Ok(response),
                 // Refused unprocessed: safe to send again, once.
                 Err(error) if !stale && refused_unprocessed(&error) => stale = true,
                 Err(error) => return Err(error.into()),
@@ -219,6 +309,47 @@ impl Connection {
         parts.path_and_query = uri.path_and_query().cloned();
         Ok(Uri::from_parts(parts)?)
     }
+}
+
+/// The largest answer [`Connection::unary`] takes (tonic's default limit).
+const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// `message` with the 5-byte gRPC prefix (uncompressed, its length), ready
+/// for [`Connection::unary`].
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// The message of one uncompressed gRPC frame that fills `body` exactly.
+fn unframe(mut body: Bytes) -> Option<Bytes> {
+    let prefix = body.get(..5)?;
+    let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    (prefix[0] == 0 && body.len() - 5 == length).then(|| body.split_off(5))
+}
+
+/// `Ok` when `headers` carry no status or status 0, the peer's status otherwise.
+fn grpc_status(headers: &http::HeaderMap) -> Result<(), tonic::Status> {
+    match headers.get(GRPC_STATUS) {
+        None => Ok(()),
+        Some(code) if code.as_bytes() == b"0" => Ok(()),
+        Some(_) => {
+            // tonic panics on undecodable binary details; they are not used here.
+            let mut headers = headers.clone();
+            headers.remove("grpc-status-details-bin");
+            Err(tonic::Status::from_header_map(&headers)
+                .unwrap_or_else(|| tonic::Status::unknown("no grpc-status")))
+        }
+    }
+}
+
+fn h2_status(error: h2::Error) -> tonic::Status {
+    tonic::Status::from_error(Box::new(error))
 }
 
 /// Whether the peer said it did not process the request: a GOAWAY that
@@ -343,6 +474,49 @@ mod tests {
 
     fn output_size<A, R, F: Fn(A) -> R>(_: &F) -> usize {
         std::mem::size_of::<R>()
+    }
+
+    /// What `unary` sends is one uncompressed gRPC frame; what it takes back
+    /// must be exactly one, or the answer is refused rather than misread.
+    #[test]
+    fn grpc_frames_round_trip_and_malformed_answers_are_refused() {
+        let framed = Bytes::from(grpc_frame(b"message"));
+        assert_eq!(&framed[..5], &[0, 0, 0, 0, 7]);
+        assert_eq!(unframe(framed.clone()).as_deref(), Some(&b"message"[..]));
+        assert_eq!(
+            unframe(Bytes::from(grpc_frame(b""))).as_deref(),
+            Some(&b""[..])
+        );
+        // Compressed, short, trailing bytes, too short for a prefix.
+        let mut compressed = framed.to_vec();
+        compressed[0] = 1;
+        assert_eq!(unframe(Bytes::from(compressed)), None);
+        assert_eq!(unframe(framed.slice(..framed.len() - 1)), None);
+        let mut longer = framed.to_vec();
+        longer.push(0);
+        assert_eq!(unframe(Bytes::from(longer)), None);
+        assert_eq!(unframe(Bytes::from_static(&[0, 0, 0])), None);
+    }
+
+    #[test]
+    fn a_peers_status_is_taken_from_its_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert!(grpc_status(&headers).is_ok(), "no status yet");
+        headers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+        assert!(grpc_status(&headers).is_ok());
+        headers.insert(GRPC_STATUS, http::HeaderValue::from_static("9"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("generation%203"),
+        );
+        // Undecodable details must not panic (tonic's parser would).
+        headers.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("%%%"),
+        );
+        let status = grpc_status(&headers).expect_err("an error status");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status.message(), "generation 3");
     }
 
     /// The rotator keeps one connection task per agent: its future must hold
