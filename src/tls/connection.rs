@@ -152,7 +152,7 @@ impl Connection {
         self,
         request: http::Request<Body>,
     ) -> Result<http::Response<ResponseBody>, BoxError> {
-        let uri = self.absolute(request.uri())?;
+        let uri = self.absolute(request.uri().path_and_query().cloned())?;
         let (parts, body) = request.into_parts();
         let data = body.collect().await?.to_bytes();
         let head = || {
@@ -181,9 +181,9 @@ impl Connection {
         framed: Bytes,
         timeout: std::time::Duration,
     ) -> Result<Bytes, tonic::Status> {
-        let mut uri = self.inner.origin.clone().into_parts();
-        uri.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
-        let uri = Uri::from_parts(uri).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let uri = self
+            .absolute(Some(http::uri::PathAndQuery::from_static(path)))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         // At most 8 digits (gRPC over HTTP/2): milliseconds cover 27 hours.
         let deadline =
             http::HeaderValue::try_from(format!("{}m", timeout.as_millis().min(99_999_999)))
@@ -303,11 +303,14 @@ impl Connection {
             .map_or_else(String::new, |a| a.to_string())
     }
 
-    /// `http://host:port` and the request's path.
-    fn absolute(&self, uri: &Uri) -> Result<Uri, BoxError> {
+    /// `http://host:port` and `path`.
+    fn absolute(
+        &self,
+        path: Option<http::uri::PathAndQuery>,
+    ) -> Result<Uri, http::uri::InvalidUriParts> {
         let mut parts = self.inner.origin.clone().into_parts();
-        parts.path_and_query = uri.path_and_query().cloned();
-        Ok(Uri::from_parts(parts)?)
+        parts.path_and_query = path;
+        Uri::from_parts(parts)
     }
 }
 
