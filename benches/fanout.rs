@@ -11,7 +11,10 @@
 //! Run: `FERNETD_BENCH_AGENTS=10000 cargo bench --bench fanout` (prints each
 //! figure beside the scale goal of docs/scale.md, then the figures as one JSON
 //! line; no assertion). `FERNETD_BENCH_ROTATIONS` sets the number of rotations
-//! (default 20, the fewest the p99 goal is stated over).
+//! (default 20, the fewest the p99 goal is stated over). The rotator runs with
+//! the `Environment=` settings of `systemd/fernetd-rotator.service`, as deployed
+//! (glibc's `MALLOC_ARENA_MAX` among them); `FERNETD_BENCH_UNIT_ENV=0` runs it
+//! without them, for comparison.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -31,6 +34,23 @@ const GOAL_RSS_MB: f64 = 200.0;
 const GOAL_P99_MS: f64 = 500.0;
 const GOAL_CPU_US_PER_AGENT: f64 = 25.0;
 const GOAL_COLD_START_S: f64 = 6.0;
+
+/// The `KEY=VALUE` assignments of the rotator unit's `Environment=` lines (the
+/// unit writes one or more unquoted assignments a line), unless
+/// `FERNETD_BENCH_UNIT_ENV=0`.
+fn unit_environment() -> Vec<(String, String)> {
+    if std::env::var("FERNETD_BENCH_UNIT_ENV").is_ok_and(|v| v == "0") {
+        return Vec::new();
+    }
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fernetd-rotator.service");
+    let text = std::fs::read_to_string(&unit).expect("read the rotator's unit");
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .filter_map(|assignment| assignment.split_once('='))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+}
 
 /// The `q` quantile (0..=1) of sorted `values`, nearest rank.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -263,10 +283,12 @@ async fn bench(n: usize, rotations: usize) {
         tls: admin_tls,
     };
     let log = std::fs::File::create(d.join("rotator.log")).expect("log");
+    let environment = unit_environment();
     let started = Instant::now();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fernetd"))
         .args(["rotator", "--config"])
         .arg(&rotator_toml)
+        .envs(environment.iter().map(|(k, v)| (k, v)))
         .env("FERNETD_LOG", "warn")
         .stderr(log)
         .spawn()
@@ -292,6 +314,18 @@ async fn bench(n: usize, rotations: usize) {
     let (cpu0, rss0, _) = usage(pid);
     println!(
         "fan-out bench: {n} agents (stand-ins in the bench process), one rotator process, {rotations} rotations"
+    );
+    let shown: Vec<String> = environment
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "  rotator environment from systemd/fernetd-rotator.service: {}",
+        if shown.is_empty() {
+            "none (FERNETD_BENCH_UNIT_ENV=0)".to_owned()
+        } else {
+            shown.join(" ")
+        }
     );
     println!(
         "  cold start, every agent read back and at generation 1: {:.2} s ({cpu0:.2} s CPU), RSS {} MiB",
@@ -394,6 +428,7 @@ async fn bench(n: usize, rotations: usize) {
             "cpu_per_agent_us": cpu_per_agent_us,
             "rotator_rss_mb": rss_mb,
             "rotator_peak_mib": hwm / 1024,
+            "rotator_environment": shown,
         })
     );
     let _ = child.kill();
