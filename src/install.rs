@@ -359,19 +359,6 @@ fn write_new_file(
     content: &[u8],
     owner: Option<Owner>,
 ) -> Result<(), InstallError> {
-    let (path, file) = create_file(dir, dir_path, name, content, owner)?;
-    file.sync_all().map_err(io_err("fsync", &path))
-}
-
-/// Creates `name` in `dir` exclusively, owned and 0600, and writes `content`,
-/// leaving the flush to the caller.
-fn create_file(
-    dir: &OwnedFd,
-    dir_path: &Path,
-    name: &str,
-    content: &[u8],
-    owner: Option<Owner>,
-) -> Result<(PathBuf, File), InstallError> {
     let path = dir_path.join(name);
     let fd = rustix::fs::openat(
         dir,
@@ -384,46 +371,8 @@ fn create_file(
     set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
     let mut file = File::from(fd);
     file.write_all(content).map_err(io_err("write", &path))?;
-    Ok((path, file))
-}
-
-/// Most files one flush thread takes; a set of `max_active_keys` keys needs
-/// that many plus the stamp.
-const FLUSH_THREADS: usize = 16;
-
-/// Flushes every file at once. Concurrent fsyncs of files created in one
-/// filesystem transaction share its journal commit and the disk's cache flush,
-/// where one fsync after another waits for a commit and a flush each: on ext4
-/// over virtio, 1.0 ms against 1.8 ms for four small files and their
-/// directory (docs/scale.md). A thread that cannot be started leaves its file
-/// to this one; every file is flushed before the first error is returned.
-fn sync_together(files: &[(PathBuf, File)]) -> Result<(), InstallError> {
-    let sync = |(path, file): &(PathBuf, File)| file.sync_all().map_err(io_err("fsync", path));
-    let Some((here, others)) = files.split_first() else {
-        return Ok(());
-    };
-    std::thread::scope(|scope| {
-        let mut results = Vec::with_capacity(files.len());
-        let mut threads = Vec::new();
-        for chunk in others.chunks(others.len().div_ceil(FLUSH_THREADS).max(1)) {
-            let flush = move || chunk.iter().map(sync).collect::<Vec<_>>();
-            match std::thread::Builder::new()
-                .name("fernetd-fsync".into())
-                .spawn_scoped(scope, flush)
-            {
-                Ok(thread) => threads.push(thread),
-                Err(_) => results.extend(flush()),
-            }
-        }
-        results.push(sync(here));
-        for thread in threads {
-            match thread.join() {
-                Ok(flushed) => results.extend(flushed),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        results.into_iter().collect::<Result<(), _>>()
-    })
+    file.sync_all().map_err(io_err("fsync", &path))?;
+    Ok(())
 }
 
 /// A directory being built; removed on drop unless it was put in service.
@@ -466,22 +415,20 @@ fn build<'p>(
     )
     .map_err(errno_err("open", &path))?;
     set_mode_and_owner(&dir, &path, DIR_MODE, owner)?;
-    let mut files = Vec::with_capacity(set.len() + 1);
     for (index, key) in set.iter() {
-        files.push(create_file(
+        write_new_file(
             &dir,
             &path,
             &index.to_string(),
             key.to_base64().as_bytes(),
             owner,
-        )?);
+        )?;
     }
     // The stamp stays the agent's: the Keystone user must not be able to
     // rewrite the generation (and block every later install as a rollback).
     if let Some(stamp) = stamp {
-        files.push(create_file(&dir, &path, STAMP_FILE, &stamp.encode(), None)?);
+        write_new_file(&dir, &path, STAMP_FILE, &stamp.encode(), None)?;
     }
-    sync_together(&files)?;
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", &path))?;
     Ok(staging)
 }
@@ -793,36 +740,6 @@ pub fn owner_of(path: &Path) -> io::Result<(u32, u32, u32)> {
 mod tests {
     use super::*;
     use crate::repository::{Key, read_stamp};
-
-    #[test]
-    fn files_are_flushed_together_however_many_there_are() {
-        let dir = tempfile::tempdir().unwrap();
-        let fd = rustix::fs::open(
-            dir.path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .unwrap();
-        assert!(sync_together(&[]).is_ok());
-        // More files than flush threads: some threads take several.
-        let files: Vec<_> = (0..FLUSH_THREADS * 2 + 3)
-            .map(|i| create_file(&fd, dir.path(), &i.to_string(), b"key", None).unwrap())
-            .collect();
-        sync_together(&files).unwrap();
-        for (path, _) in &files {
-            assert_eq!(std::fs::read(path).unwrap(), b"key");
-        }
-        // A failed flush is reported, whichever thread had the file: fsync
-        // of a read-only pipe end fails with EINVAL.
-        let (reader, _writer) = std::io::pipe().unwrap();
-        let mut mixed: Vec<_> = files.into_iter().take(5).collect();
-        mixed.insert(
-            3,
-            (PathBuf::from("a-pipe"), File::from(OwnedFd::from(reader))),
-        );
-        let error = sync_together(&mixed).unwrap_err().to_string();
-        assert!(error.contains("a-pipe"), "{error}");
-    }
 
     fn set_of(indices: &[u32]) -> KeySet {
         KeySet::from_keys(indices.iter().map(|&i| (i, Key::generate())))
