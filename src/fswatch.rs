@@ -8,7 +8,12 @@
 //! warning says so: a daemon that notices changes a little later beats one that
 //! refuses to start.
 //!
-//! Subscribers receive every event and pick their own paths out; watched paths
+//! Subscribers receive every event that can mean a change and pick their own
+//! paths out. Opening or reading a file cannot: Keystone opens its keys on
+//! every token operation, a certificate check reads the certificates, and a
+//! follower that took those for changes would look again, see its own look,
+//! and never rest (a hundred agents sharing one certificate directory kept
+//! each other busy that way). Watched paths
 //! are reference counted, since the rotator's client and server TLS follow the
 //! same directory and one unwatching it must not blind the other.
 
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{Event, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher};
 
 /// How often polled paths are scanned when inotify is unavailable: changes
@@ -233,10 +239,28 @@ impl FileWatch {
     }
 }
 
+/// Whether an event can mean a change: opening, reading or closing a file
+/// that was only read cannot (inotify reports every open).
+fn is_change(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Any
+                | AccessKind::Other
+                | AccessKind::Close(AccessMode::Read)
+        )
+    )
+}
+
 fn handler(subscribers: &Arc<Mutex<Subscribers>>) -> Box<dyn Fn(notify::Result<Event>) + Send> {
     let subscribers = subscribers.clone();
     Box::new(move |event: notify::Result<Event>| {
         let Ok(event) = event else { return };
+        if !is_change(&event.kind) {
+            return;
+        }
         // Snapshot, so a subscriber dropping its subscription meanwhile cannot deadlock.
         let list: Vec<Callback> = lock(&subscribers)
             .list
@@ -282,6 +306,44 @@ mod tests {
         })
         .await;
         assert!(seen.is_ok(), "no event for the new file within 10 s");
+    }
+
+    /// Reading a watched file reaches no subscriber; writing one does. Events
+    /// arrive in order, so once the write's is in, the read's would have been.
+    #[tokio::test]
+    async fn opening_and_reading_a_file_is_not_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("ca.pem");
+        std::fs::write(&cert, b"before").expect("write");
+        let watch = FileWatch::start(notify::recommended_watcher, Duration::from_secs(60));
+        assert!(!watch.is_polling(), "this test needs inotify");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _sub = watch.subscribe(move |e| {
+            let _ = tx.send((e.kind, e.paths.clone()));
+        });
+        watch.watch(dir.path()).expect("watch");
+        for _ in 0..3 {
+            assert_eq!(std::fs::read(&cert).expect("read"), b"before");
+        }
+        std::fs::write(dir.path().join("other.pem"), b"x").expect("write");
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut seen = Vec::new();
+            loop {
+                let (kind, paths) = rx.recv().await.expect("watcher alive");
+                let done = paths.iter().any(|p| p.ends_with("other.pem"));
+                seen.push((kind, paths));
+                if done {
+                    return seen;
+                }
+            }
+        })
+        .await
+        .expect("the write is reported within 10 s");
+        let reads: Vec<_> = seen
+            .iter()
+            .filter(|(_, paths)| paths.iter().any(|p| p.ends_with("ca.pem")))
+            .collect();
+        assert!(reads.is_empty(), "reads reported as changes: {reads:?}");
     }
 
     /// Two interests in one directory: the first unwatch keeps the watch.

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, EventKind};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -61,17 +60,6 @@ impl DriftWatch {
     }
 }
 
-/// Whether an event can mean a change: opening or reading a key (Keystone does
-/// it on every token operation, and so does the check itself) cannot.
-fn is_change(kind: &EventKind) -> bool {
-    !matches!(
-        kind,
-        EventKind::Access(
-            AccessKind::Open(_) | AccessKind::Read | AccessKind::Any | AccessKind::Other
-        ) | EventKind::Access(AccessKind::Close(notify::event::AccessMode::Read))
-    )
-}
-
 fn concerns(event_path: &Path, repo: &Path) -> bool {
     event_path.starts_with(repo) || event_path.parent() == repo.parent()
 }
@@ -92,9 +80,6 @@ pub fn spawn(
         .collect();
     let routes = wakers.clone();
     let subscription = watcher.subscribe(move |event: &notify::Event| {
-        if !is_change(&event.kind) {
-            return;
-        }
         for (path, waker) in &routes {
             if event.paths.iter().any(|p| concerns(p, path)) {
                 waker.notify_one();
