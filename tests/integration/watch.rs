@@ -106,9 +106,34 @@ fn admin_status(config: &Path) -> i32 {
         .unwrap_or(-1)
 }
 
+/// How many times files in `dir` are opened during `window`, as inotify
+/// reports it to a watcher of this test's own.
+async fn opens_in(dir: &Path, window: Duration) -> usize {
+    use notify::event::{AccessKind, EventKind};
+    use notify::{RecursiveMode, Watcher};
+    let opens = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = opens.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && matches!(event.kind, EventKind::Access(AccessKind::Open(_)))
+        {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .expect("an inotify watcher for the test");
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .expect("watch the certificate directory");
+    tokio::time::sleep(window).await;
+    drop(watcher);
+    opens.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A rotator and its agents, each a real process with TLS, the drift watch and
 /// the fan-out running, hold one inotify instance between them all per
-/// process; and no daemon says it could not watch.
+/// process; no daemon says it could not watch; and, idle, none keeps reading
+/// its certificate files (each once re-read them five times a second, its
+/// own reads waking its watcher again).
 #[tokio::test]
 async fn every_daemon_holds_at_most_one_inotify_instance() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -131,6 +156,14 @@ async fn every_daemon_holds_at_most_one_inotify_instance() {
             daemon.log()
         );
     }
+    // Four daemons share the demo's `ca/`: re-reading it five times a second
+    // they opened its files some 200 times in 3 s. The 30-second safety check
+    // of each TLS configuration may open a few.
+    let opens = opens_in(&dir.join("ca"), Duration::from_secs(3)).await;
+    assert!(
+        opens < 30,
+        "the idle daemons opened their certificate files {opens} times in 3 s"
+    );
     for daemon in &mut daemons {
         daemon.stop().await;
     }
