@@ -13,9 +13,9 @@
 //! every token operation, a certificate check reads the certificates, and a
 //! follower that took those for changes would look again, see its own look,
 //! and never rest (a hundred agents sharing one certificate directory kept
-//! each other busy that way). Watched paths
-//! are reference counted, since the rotator's client and server TLS follow the
-//! same directory and one unwatching it must not blind the other.
+//! each other busy that way). Watched paths are reference counted, since the
+//! rotator's client and server TLS follow the same directory and one
+//! unwatching it must not blind the other.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
