@@ -1,6 +1,8 @@
 //! Install latency: how long `install::install` takes to put a key set in place
 //! (build, fsync, swap, fsync parent, remove the old copy), per filesystem and
-//! per repository kind, plus the snapshot-consistent `repository::load`. Prints
+//! per repository kind, plus the snapshot-consistent `repository::load`. Each
+//! install carries a stamp, as an agent's does, so the keys a rotation keeps are
+//! hard-linked from the live set as they are in service. Prints
 //! median, 90th and 99th percentile and maximum over many runs.
 //! Run: `cargo bench --bench install` (optionally `-- DIR...` to measure other
 //! filesystems; defaults to the system temporary directory and /dev/shm).
@@ -9,7 +11,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fernetd::install;
-use fernetd::repository::{self, KeySet};
+use fernetd::repository::{self, KeySet, Stamp};
+
+/// The stamp an agent writes with generation `generation` of `set`.
+fn stamp(generation: u64, set: &KeySet) -> Stamp {
+    Stamp {
+        generation,
+        digest: set.digest(),
+        promoted: Default::default(),
+        agent: true,
+    }
+}
 
 fn figures(name: &str, mut samples: Vec<Duration>) {
     samples.sort_unstable();
@@ -39,12 +51,15 @@ fn bench_dir(base: &Path, runs: usize) -> Result<(), Box<dyn std::error::Error>>
                 install::install(&real, &set, None, None)?;
                 std::os::unix::fs::symlink(&real, &target)?;
             }
-            install::install(&target, &set, None, None)?;
+            let mut generation = 1;
+            install::install(&target, &set, Some(&stamp(generation, &set)), None)?;
             let mut samples = Vec::with_capacity(runs);
             for _ in 0..runs {
                 set = repository::rotate(&set, keys)?;
+                generation += 1;
+                let stamp = stamp(generation, &set);
                 let started = Instant::now();
-                let outcome = install::install(&target, &set, None, None)?;
+                let outcome = install::install(&target, &set, Some(&stamp), None)?;
                 samples.push(started.elapsed());
                 std::hint::black_box(outcome);
             }

@@ -27,6 +27,14 @@
 //! inode freed in the last half minute, which made file creation most of an
 //! agent's CPU at a fast rotation cadence. Anything that does not match exactly
 //! is written fresh, as before.
+//!
+//! For the same reason the previous set is not deleted after its grace but
+//! stripped: names linked elsewhere are unlinked, the inodes only it held (the
+//! purged key, the old stamp) are truncated to nothing, and the directory is
+//! kept, in memory as this repository's spare, for the next install to build
+//! in. A steady rotation then allocates and frees no inode at all. A spare
+//! left by a process that stopped is a leftover like any other: it holds no
+//! key, and [`clean_leftovers`] removes it.
 
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -53,10 +61,29 @@ const INPLACE_TMP_PREFIX: &str = ".fernetd-tmp-";
 /// does not linger.
 pub const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
+/// Most files a spare keeps: a rotation writes one new key and the stamp.
+const SPARE_FILES: usize = 4;
+/// Name of a kept inode inside a spare; not an integer, so never a key.
+const SPARE_PREFIX: &str = ".fernetd-spare-";
+
 /// What the reaper thread is asked to do, in order.
 enum Reap {
-    Remove(Instant, PathBuf),
+    /// Strip `retired`, the previous set of repository `target`, at the deadline.
+    Retire {
+        at: Instant,
+        retired: PathBuf,
+        target: PathBuf,
+    },
     Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Each repository's spare directory, stripped of keys (see the module
+/// documentation); taken by the next install, under the parent's lock.
+static SPARES: std::sync::Mutex<std::collections::BTreeMap<PathBuf, PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn spares() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<PathBuf, PathBuf>> {
+    SPARES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Reap>>> =
@@ -74,9 +101,13 @@ fn reaper() -> Option<&'static std::sync::mpsc::Sender<Reap>> {
                     // handling them one after another is never late.
                     for reap in rx {
                         match reap {
-                            Reap::Remove(at, path) => {
+                            Reap::Retire {
+                                at,
+                                retired,
+                                target,
+                            } => {
                                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                                remove_retired(&path);
+                                recycle(&target, &retired);
                             }
                             Reap::Flush(done) => {
                                 let _ = done.send(());
@@ -98,31 +129,124 @@ fn remove_retired(path: &Path) {
     }
 }
 
-/// Hands the previous set at `path` to the reaper, or removes it now when
-/// there is none.
-fn retire(path: PathBuf) {
-    let deadline = Instant::now() + RETIRE_GRACE;
-    match reaper() {
-        Some(tx) => {
-            if let Err(std::sync::mpsc::SendError(Reap::Remove(_, path))) =
-                tx.send(Reap::Remove(deadline, path))
-            {
-                remove_retired(&path);
+/// Strips the previous set at `retired` into `target`'s spare, or removes it
+/// when it cannot be stripped.
+fn recycle(target: &Path, retired: &Path) {
+    match strip(retired) {
+        Ok(()) => {
+            if let Some(older) = spares().insert(target.to_path_buf(), retired.to_path_buf()) {
+                remove_retired(&older);
             }
         }
-        None => remove_retired(&path),
+        Err(e) => {
+            tracing::debug!(path = %retired.display(), error = %e, "previous key directory not kept as a spare");
+            remove_retired(retired);
+        }
     }
 }
 
-/// Waits until every previous set this process retired is removed (at most
-/// [`RETIRE_GRACE`]); for a command that exits right after installing.
-pub fn settle() {
+/// Unlinks every name in `dir`; the regular files nothing else links (the only
+/// ones whose inode an unlink would free) are truncated and kept under
+/// [`SPARE_PREFIX`] names instead, up to [`SPARE_FILES`].
+fn strip(dir: &Path) -> io::Result<()> {
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let names = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut kept = 0;
+    for name in names {
+        let st = rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let sole = rustix::fs::FileType::from_raw_mode(st.st_mode)
+            == rustix::fs::FileType::RegularFile
+            && st.st_nlink == 1;
+        if sole && kept < SPARE_FILES {
+            // Truncated first: the purged key leaves the disk now, as an
+            // unlink would have taken it.
+            drop(rustix::fs::openat(
+                &fd,
+                name.as_os_str(),
+                OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?);
+            let spare = format!("{SPARE_PREFIX}{kept}");
+            rustix::fs::renameat_with(
+                &fd,
+                name.as_os_str(),
+                &fd,
+                spare.as_str(),
+                RenameFlags::NOREPLACE,
+            )?;
+            kept += 1;
+        } else {
+            rustix::fs::unlinkat(&fd, name.as_os_str(), AtFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// Hands the previous set at `retired` to the reaper, or removes it now when
+/// there is none.
+fn retire(target: PathBuf, retired: PathBuf) {
+    let at = Instant::now() + RETIRE_GRACE;
+    match reaper() {
+        Some(tx) => {
+            if let Err(std::sync::mpsc::SendError(Reap::Retire { retired, .. })) =
+                tx.send(Reap::Retire {
+                    at,
+                    retired,
+                    target,
+                })
+            {
+                remove_retired(&retired);
+            }
+        }
+        None => remove_retired(&retired),
+    }
+}
+
+/// Waits until the reaper has handled every set retired so far.
+fn flush_reaper() {
     if let Some(Some(tx)) = REAPER.get() {
         let (done, wait) = std::sync::mpsc::channel();
         if tx.send(Reap::Flush(done)).is_ok() {
             let _ = wait.recv();
         }
     }
+}
+
+/// Waits until every previous set this process retired is gone (at most
+/// [`RETIRE_GRACE`]), spares included; for a process about to exit.
+pub fn settle() {
+    flush_reaper();
+    let drained = std::mem::take(&mut *spares());
+    for spare in drained.into_values() {
+        remove_retired(&spare);
+    }
+}
+
+/// [`settle`] for the repository at `target` only: tests run side by side in
+/// one process, and one must not take another's spare away.
+#[cfg(test)]
+fn settle_one(target: &Path) {
+    flush_reaper();
+    let spare = split(target).and_then(|(path, name)| spares().remove(&path.join(name)));
+    if let Some(spare) = spare {
+        remove_retired(&spare);
+    }
+}
+
+/// A repository path's parent directory and file name.
+fn split(target: &Path) -> Option<(PathBuf, String)> {
+    let name = target.file_name()?.to_str()?.to_owned();
+    let path = match target.parent()? {
+        p if p.as_os_str().is_empty() => PathBuf::from("."),
+        p => p.to_path_buf(),
+    };
+    Some((path, name))
 }
 
 /// Who owns the files of a repository (Keystone's `--keystone-user`/`--keystone-group`).
@@ -270,16 +394,7 @@ impl Parent {
         let no_parent = || InstallError::NoParent {
             path: target.to_path_buf(),
         };
-        let name = target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(no_parent)?
-            .to_owned();
-        let path = match target.parent() {
-            Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
-            Some(p) => p.to_path_buf(),
-            None => return Err(no_parent()),
-        };
+        let (path, name) = split(target).ok_or_else(no_parent)?;
         let fd = rustix::fs::open(
             &path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -293,6 +408,46 @@ impl Parent {
 
     fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// The repository's path, as the spare registry knows it.
+    fn target(&self) -> PathBuf {
+        self.path.join(&self.name)
+    }
+
+    /// Renames this repository's spare, if it has a usable one, to `name`;
+    /// returns the names of the inodes it kept.
+    fn take_spare(&self, name: &str) -> Option<Vec<String>> {
+        let spare = spares().remove(&self.target())?;
+        let usable = spare.parent() == Some(self.path.as_path())
+            && spare
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|from| {
+                    rustix::fs::renameat_with(
+                        &self.fd,
+                        from,
+                        &self.fd,
+                        name,
+                        RenameFlags::NOREPLACE,
+                    )
+                    .is_ok()
+                });
+        if !usable {
+            remove_retired(&spare);
+            return None;
+        }
+        let listed: Option<Vec<String>> = std::fs::read_dir(self.join(name))
+            .ok()?
+            .map(|e| {
+                let n = e.ok()?.file_name().into_string().ok()?;
+                n.starts_with(SPARE_PREFIX).then_some(n)
+            })
+            .collect();
+        if listed.is_none() {
+            remove_retired(&self.join(name));
+        }
+        listed
     }
 
     /// Siblings this installer makes, all hidden and non-numeric.
@@ -361,6 +516,60 @@ fn set_mode_and_owner(
     Ok(())
 }
 
+/// The owner a file made here gets: the configured one, or this process's.
+fn wanted_owner(owner: Option<Owner>) -> (u32, u32) {
+    match owner {
+        Some(o) => (o.uid, o.gid),
+        None => (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ),
+    }
+}
+
+/// Writes `name` like [`write_new_file`], into the kept inode `spare` (renamed
+/// to `name` once written) when it is still a regular file nothing else links
+/// and can be given the owner a new file would get.
+fn write_file(
+    dir: &OwnedFd,
+    dir_path: &Path,
+    name: &str,
+    content: &[u8],
+    owner: Option<Owner>,
+    spare: Option<String>,
+) -> Result<(), InstallError> {
+    let Some(spare) = spare else {
+        return write_new_file(dir, dir_path, name, content, owner);
+    };
+    let reusable = rustix::fs::openat(
+        dir,
+        spare.as_str(),
+        OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+    .filter(|fd| {
+        rustix::fs::fstat(fd).is_ok_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_nlink == 1
+                // A configured owner is set below; this process's own cannot
+                // always be taken back from another.
+                && (owner.is_some() || (st.st_uid, st.st_gid) == wanted_owner(None))
+        })
+    });
+    let Some(fd) = reusable else {
+        let _ = rustix::fs::unlinkat(dir, spare.as_str(), AtFlags::empty());
+        return write_new_file(dir, dir_path, name, content, owner);
+    };
+    let path = dir_path.join(name);
+    set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
+    let mut file = File::from(fd);
+    file.write_all(content).map_err(io_err("write", &path))?;
+    file.sync_all().map_err(io_err("fsync", &path))?;
+    rustix::fs::renameat_with(dir, spare.as_str(), dir, name, RenameFlags::NOREPLACE)
+        .map_err(errno_err("create", &path))
+}
+
 /// Creates `name` in `dir` exclusively, owned and 0600, writes `content`, fsyncs.
 fn write_new_file(
     dir: &OwnedFd,
@@ -419,13 +628,7 @@ impl Reusable {
         dest: &OwnedFd,
         name: &str,
     ) -> bool {
-        let (uid, gid) = match owner {
-            Some(o) => (o.uid, o.gid),
-            None => (
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            ),
-        };
+        let (uid, gid) = wanted_owner(owner);
         let candidates = [Some(name), (index != 0).then_some("0")];
         candidates.into_iter().flatten().any(|source| {
             let Ok(fd) = rustix::fs::openat(
@@ -490,8 +693,14 @@ fn build<'p>(
 ) -> Result<Staging<'p>, InstallError> {
     let name = parent.sibling(kind);
     let path = parent.join(&name);
-    rustix::fs::mkdirat(&parent.fd, name.as_str(), Mode::from_raw_mode(DIR_MODE))
-        .map_err(errno_err("create", &path))?;
+    let mut spare = match parent.take_spare(&name) {
+        Some(files) => files,
+        None => {
+            rustix::fs::mkdirat(&parent.fd, name.as_str(), Mode::from_raw_mode(DIR_MODE))
+                .map_err(errno_err("create", &path))?;
+            Vec::new()
+        }
+    };
     let staging = Staging {
         parent,
         name,
@@ -513,13 +722,17 @@ fn build<'p>(
             .as_ref()
             .is_some_and(|l| l.link_same(index, content.as_bytes(), owner, &dir, &name));
         if !linked {
-            write_new_file(&dir, &path, &name, content.as_bytes(), owner)?;
+            write_file(&dir, &path, &name, content.as_bytes(), owner, spare.pop())?;
         }
     }
     // The stamp stays the agent's: the Keystone user must not be able to
     // rewrite the generation (and block every later install as a rollback).
     if let Some(stamp) = stamp {
-        write_new_file(&dir, &path, STAMP_FILE, &stamp.encode(), None)?;
+        write_file(&dir, &path, STAMP_FILE, &stamp.encode(), None, spare.pop())?;
+    }
+    for unused in spare {
+        rustix::fs::unlinkat(&dir, unused.as_str(), AtFlags::empty())
+            .map_err(errno_err("remove", &path.join(&unused)))?;
     }
     rustix::fs::fsync(&dir).map_err(errno_err("fsync", &path))?;
     Ok(staging)
@@ -668,7 +881,7 @@ fn exchange(
             let mut staging = staging;
             staging.armed = false;
             parent.fsync_after_swap(target);
-            retire(parent.join(&staging.name));
+            retire(parent.target(), parent.join(&staging.name));
             Ok(Method::Exchange)
         }
         Err(e) if exchange_unsupported(e) => {
@@ -716,7 +929,7 @@ fn flip(parent: &Parent, mut staging: Staging<'_>, target: &Path) -> Result<Meth
         .to_str()
         .filter(|n| !n.contains('/') && parent.is_ours(n));
     match old_name {
-        Some(n) => retire(parent.join(n)),
+        Some(n) => retire(parent.target(), parent.join(n)),
         None => tracing::warn!(
             repository = %target.display(),
             previous = %old.display(),
@@ -877,7 +1090,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(listed.len(), 2, "the old listing was emptied: {listed:?}");
-        settle();
+        settle_one(&target);
         assert_eq!(names(tmp.path()), vec!["keys"]);
     }
 
@@ -899,7 +1112,7 @@ mod tests {
         assert_eq!(out.method, Method::Exchange);
         assert_eq!(repository::load(&target).unwrap(), b);
         assert_eq!(read_stamp(&target).unwrap().map(|s| s.generation), Some(2));
-        settle();
+        settle_one(&target);
         assert_eq!(names(tmp.path()), vec!["keys"]);
         assert_eq!(names(&target), vec![".fernetd-stamp", "0", "1", "2"]);
     }
@@ -928,7 +1141,7 @@ mod tests {
         let c = set_of(&[0, 2, 3]);
         install(&target, &c, None, None).unwrap();
         assert_eq!(repository::load(&target).unwrap(), c);
-        settle();
+        settle_one(&target);
         let ours: Vec<String> = names(tmp.path())
             .into_iter()
             .filter(|n| n.contains("fernetd-data"))
@@ -1077,7 +1290,7 @@ mod tests {
             let (_, _, mode) = owner_of(&target.join(n)).unwrap();
             assert_eq!(mode, 0o600, "{n}");
         }
-        settle();
+        settle_one(&target);
     }
 
     #[test]
@@ -1105,7 +1318,7 @@ mod tests {
             assert!(!tampered.contains(&meta.ino()), "{n}");
             assert_ne!(meta.ino(), inode(&outside), "{n}");
         }
-        settle();
+        settle_one(&target);
     }
 
     #[test]
@@ -1122,7 +1335,7 @@ mod tests {
         for n in ["1", "2", "3"] {
             assert!(!before.contains(&inode(&target.join(n))), "{n}");
         }
-        settle();
+        settle_one(&target);
     }
 
     #[test]
@@ -1147,6 +1360,103 @@ mod tests {
             Err(InstallError::Io { op, .. }) => assert_eq!(op, "change the owner of"),
             Err(e) => panic!("{e}"),
         }
-        settle();
+        settle_one(&target);
+    }
+
+    /// Every file under `dir`, with its content.
+    fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(all_files(&path));
+            } else {
+                let content = std::fs::read(&path).unwrap();
+                out.push((path, content));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_previous_set_is_stripped_of_keys_and_built_over_by_the_next_install() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        // Three keys at most: b drops a's key 1, c drops b's key 2.
+        let a = set_of(&[0, 1, 2]);
+        install(&target, &a, Some(&stamp(1, &a)), None).unwrap();
+        let b = repository::rotate(&a, 3).unwrap();
+        let c = repository::rotate(&b, 3).unwrap();
+        install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
+        let live_b = inode(&target);
+        flush_reaper();
+        // The retired set (a) is a spare: no name of a, no byte of any key.
+        let spare: Vec<String> = names(tmp.path())
+            .into_iter()
+            .filter(|n| n != "keys")
+            .collect();
+        assert_eq!(spare.len(), 1, "{spare:?}");
+        let spare_dir = tmp.path().join(&spare[0]);
+        let spare_inode = inode(&spare_dir);
+        let kept = names(&spare_dir);
+        assert!(
+            !kept.is_empty() && kept.iter().all(|n| n.starts_with(SPARE_PREFIX)),
+            "{kept:?}"
+        );
+        let kept_inodes: Vec<u64> = kept.iter().map(|n| inode(&spare_dir.join(n))).collect();
+        for (path, content) in all_files(&spare_dir) {
+            assert!(content.is_empty(), "{} still holds data", path.display());
+        }
+        // The next install builds in the spare: its directory and its inodes.
+        install(&target, &c, Some(&stamp(3, &c)), None).unwrap();
+        assert_eq!(repository::load(&target).unwrap(), c);
+        assert_eq!(read_stamp(&target).unwrap().map(|s| s.generation), Some(3));
+        assert_eq!(inode(&target), spare_inode);
+        let reused = ["0", STAMP_FILE]
+            .iter()
+            .filter(|n| kept_inodes.contains(&inode(&target.join(n))))
+            .count();
+        assert_eq!(
+            reused, 2,
+            "the new key and the stamp are written into kept inodes"
+        );
+        assert_eq!(names(&target), vec![".fernetd-stamp", "0", "3", "4"]);
+        for n in ["0", "3", "4", STAMP_FILE] {
+            assert_eq!(owner_of(&target.join(n)).unwrap().2, 0o600, "{n}");
+        }
+        // b is retired in turn; once settled nothing but the repository is left.
+        assert_ne!(inode(&target), live_b);
+        settle_one(&target);
+        assert_eq!(names(tmp.path()), vec!["keys"]);
+        // No key of a that c dropped is left on disk anywhere.
+        let every: Vec<Vec<u8>> = all_files(tmp.path()).into_iter().map(|(_, c)| c).collect();
+        for (index, key) in a.iter() {
+            if c.iter().all(|(_, k)| k != key) {
+                let text = key.to_base64();
+                assert!(
+                    !every.iter().any(|c| c == text.as_bytes()),
+                    "purged key {index} lingers"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_spare_with_anything_unexpected_in_it_is_not_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
+        let (_, b) = install_then_rotate(&target, None);
+        install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
+        flush_reaper();
+        let spare = names(tmp.path()).into_iter().find(|n| n != "keys").unwrap();
+        let spare_dir = tmp.path().join(&spare);
+        std::fs::write(spare_dir.join("7"), b"planted").unwrap();
+        let c = repository::rotate(&b, 4).unwrap();
+        install(&target, &c, Some(&stamp(3, &c)), None).unwrap();
+        assert_eq!(repository::load(&target).unwrap(), c);
+        assert_eq!(names(&target), vec![".fernetd-stamp", "0", "2", "3", "4"]);
+        assert!(!spare_dir.exists());
+        settle_one(&target);
+        assert_eq!(names(tmp.path()), vec!["keys"]);
     }
 }
