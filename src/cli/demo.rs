@@ -45,6 +45,10 @@ pub(super) async fn main(args: &DemoArgs) -> Result<Answer, CliError> {
         return Ok(Answer::Yes);
     }
     let result = run(layout, args.rotations).await;
+    // The agents' previous sets and spares go before the process does.
+    tokio::task::spawn_blocking(crate::install::settle)
+        .await
+        .map_err(CliError::runtime)?;
     if temporary {
         // Safe at once: `agent::run` returns only after its file watches are gone.
         let _ = std::fs::remove_dir_all(&dir);
