@@ -164,14 +164,9 @@ fn strip(dir: &Path) -> io::Result<()> {
             == rustix::fs::FileType::RegularFile
             && st.st_nlink == 1;
         if sole && kept < SPARE_FILES {
-            // Truncated first: the purged key leaves the disk now, as an
-            // unlink would have taken it.
-            drop(rustix::fs::openat(
-                &fd,
-                name.as_os_str(),
-                OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?);
+            // Renamed first, so that a (very) late reader of the old name
+            // finds it gone, as after an unlink; then truncated, so the purged
+            // key leaves the disk as an unlink would have taken it.
             let spare = format!("{SPARE_PREFIX}{kept}");
             rustix::fs::renameat_with(
                 &fd,
@@ -181,6 +176,12 @@ fn strip(dir: &Path) -> io::Result<()> {
                 RenameFlags::NOREPLACE,
             )?;
             kept += 1;
+            drop(rustix::fs::openat(
+                &fd,
+                spare.as_str(),
+                OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?);
         } else {
             rustix::fs::unlinkat(&fd, name.as_os_str(), AtFlags::empty())?;
         }
