@@ -160,9 +160,7 @@ fn strip(dir: &Path) -> io::Result<()> {
     let mut kept = 0;
     for name in names {
         let st = rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-        let sole = rustix::fs::FileType::from_raw_mode(st.st_mode)
-            == rustix::fs::FileType::RegularFile
-            && st.st_nlink == 1;
+        let sole = is_regular(&st) && st.st_nlink == 1;
         if sole && kept < SPARE_FILES {
             // Renamed first, so that a (very) late reader of the old name
             // finds it gone, as after an unlink; then truncated, so the purged
@@ -501,6 +499,11 @@ fn unique() -> String {
     )
 }
 
+/// Whether `st` describes a regular file (not a symlink, directory or device).
+fn is_regular(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+}
+
 /// Gives a file or directory exactly `mode` and, when configured, its owner.
 fn set_mode_and_owner(
     fd: &OwnedFd,
@@ -551,7 +554,7 @@ fn write_file(
     .ok()
     .filter(|fd| {
         rustix::fs::fstat(fd).is_ok_and(|st| {
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            is_regular(&st)
                 && st.st_nlink == 1
                 // A configured owner is set below; this process's own cannot
                 // always be taken back from another.
@@ -563,12 +566,24 @@ fn write_file(
         return write_new_file(dir, dir_path, name, content, owner);
     };
     let path = dir_path.join(name);
-    set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
-    let mut file = File::from(fd);
-    file.write_all(content).map_err(io_err("write", &path))?;
-    file.sync_all().map_err(io_err("fsync", &path))?;
+    fill(fd, &path, content, owner)?;
     rustix::fs::renameat_with(dir, spare.as_str(), dir, name, RenameFlags::NOREPLACE)
         .map_err(errno_err("create", &path))
+}
+
+/// Makes the open file `fd` (at `path`) exactly 0600 with `owner`, writes
+/// `content` and fsyncs it.
+fn fill(
+    fd: OwnedFd,
+    path: &Path,
+    content: &[u8],
+    owner: Option<Owner>,
+) -> Result<(), InstallError> {
+    // The umask may have narrowed the mode; Keystone expects exactly 0600.
+    set_mode_and_owner(&fd, path, FILE_MODE, owner)?;
+    let mut file = File::from(fd);
+    file.write_all(content).map_err(io_err("write", path))?;
+    file.sync_all().map_err(io_err("fsync", path))
 }
 
 /// Creates `name` in `dir` exclusively, owned and 0600, writes `content`, fsyncs.
@@ -587,12 +602,7 @@ fn write_new_file(
         Mode::from_raw_mode(FILE_MODE),
     )
     .map_err(errno_err("create", &path))?;
-    // The umask may have narrowed the mode; Keystone expects exactly 0600.
-    set_mode_and_owner(&fd, &path, FILE_MODE, owner)?;
-    let mut file = File::from(fd);
-    file.write_all(content).map_err(io_err("write", &path))?;
-    file.sync_all().map_err(io_err("fsync", &path))?;
-    Ok(())
+    fill(fd, &path, content, owner)
 }
 
 /// The live repository as a source of files to hard-link into a new set; see
@@ -612,8 +622,7 @@ impl Reusable {
         )
         .ok()?;
         let stamp = rustix::fs::statat(&dir, STAMP_FILE, AtFlags::SYMLINK_NOFOLLOW).ok()?;
-        (rustix::fs::FileType::from_raw_mode(stamp.st_mode) == rustix::fs::FileType::RegularFile)
-            .then_some(Reusable { dir })
+        is_regular(&stamp).then_some(Reusable { dir })
     }
 
     /// Links into `dest/name` the live file holding exactly `content` (Keystone
@@ -643,8 +652,7 @@ impl Reusable {
             let Ok(st) = rustix::fs::fstat(&fd) else {
                 return false;
             };
-            let exact = rustix::fs::FileType::from_raw_mode(st.st_mode)
-                == rustix::fs::FileType::RegularFile
+            let exact = is_regular(&st)
                 && st.st_mode & 0o7777 == FILE_MODE
                 && (st.st_uid, st.st_gid) == (uid, gid)
                 && usize::try_from(st.st_size).is_ok_and(|n| n == content.len());
@@ -1254,19 +1262,20 @@ mod tests {
         std::fs::symlink_metadata(path).unwrap().ino()
     }
 
-    /// Installs `a` stamped, then its rotation; returns the rotated set.
-    fn install_then_rotate(target: &Path, owner: Option<Owner>) -> (KeySet, KeySet) {
+    /// A repository holding three keys, stamped, and the set its next
+    /// rotation makes (not yet installed).
+    fn stamped_repo_and_its_rotation() -> (tempfile::TempDir, PathBuf, KeySet) {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("keys");
         let a = set_of(&[0, 1, 2]);
-        install(target, &a, Some(&stamp(1, &a)), owner).unwrap();
+        install(&target, &a, Some(&stamp(1, &a)), None).unwrap();
         let b = repository::rotate(&a, 4).unwrap();
-        (a, b)
+        (tmp, target, b)
     }
 
     #[test]
     fn a_rotation_links_the_keys_it_keeps_and_writes_only_the_new_one() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let (_, b) = install_then_rotate(&target, None);
+        let (_tmp, target, b) = stamped_repo_and_its_rotation();
         let before: Vec<(String, u64)> = ["0", "1", "2", STAMP_FILE]
             .iter()
             .map(|n| (n.to_string(), inode(&target.join(n))))
@@ -1297,9 +1306,7 @@ mod tests {
     #[test]
     fn a_live_file_that_is_not_exactly_the_key_is_written_fresh() {
         use std::os::unix::fs::PermissionsExt as _;
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let (_, b) = install_then_rotate(&target, None);
+        let (tmp, target, b) = stamped_repo_and_its_rotation();
         // 1: other bytes of the same length; 2: a looser mode; 0 (the future
         // 3): a symlink to a file holding exactly the right key.
         std::fs::write(target.join("1"), Key::generate().to_base64().as_bytes()).unwrap();
@@ -1341,9 +1348,7 @@ mod tests {
 
     #[test]
     fn a_new_owner_gets_new_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let (_, b) = install_then_rotate(&target, None);
+        let (_tmp, target, b) = stamped_repo_and_its_rotation();
         let before = inode(&target.join("1"));
         let owner = Owner {
             uid: 4242,
@@ -1444,9 +1449,7 @@ mod tests {
 
     #[test]
     fn a_spare_with_anything_unexpected_in_it_is_not_used() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("keys");
-        let (_, b) = install_then_rotate(&target, None);
+        let (tmp, target, b) = stamped_repo_and_its_rotation();
         install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
         flush_reaper();
         let spare = names(tmp.path()).into_iter().find(|n| n != "keys").unwrap();
