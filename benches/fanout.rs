@@ -14,7 +14,8 @@
 //! (default 20, the fewest the p99 goal is stated over). The rotator runs with
 //! the `Environment=` settings of `systemd/fernetd-rotator.service`, as deployed
 //! (glibc's `MALLOC_ARENA_MAX` among them); `FERNETD_BENCH_UNIT_ENV=0` runs it
-//! without them, for comparison.
+//! without them, for comparison. `FERNETD_BENCH_BIN=path` runs another build
+//! of `fernetd` as the rotator (an A/B of two commits with the same bench).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -285,7 +286,12 @@ async fn bench(n: usize, rotations: usize) {
     let log = std::fs::File::create(d.join("rotator.log")).expect("log");
     let environment = unit_environment();
     let started = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fernetd"))
+    // Another build of fernetd, for an A/B of two commits with one bench.
+    let binary = std::env::var_os("FERNETD_BENCH_BIN").map_or_else(
+        || env!("CARGO_BIN_EXE_fernetd").into(),
+        std::path::PathBuf::from,
+    );
+    let mut child = std::process::Command::new(&binary)
         .args(["rotator", "--config"])
         .arg(&rotator_toml)
         .envs(environment.iter().map(|(k, v)| (k, v)))
@@ -315,6 +321,7 @@ async fn bench(n: usize, rotations: usize) {
     println!(
         "fan-out bench: {n} agents (stand-ins in the bench process), one rotator process, {rotations} rotations"
     );
+    println!("  rotator binary: {}", binary.display());
     let shown: Vec<String> = environment
         .iter()
         .map(|(k, v)| format!("{k}={v}"))

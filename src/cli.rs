@@ -338,8 +338,10 @@ fn dispatch(command: Command, log_format: LogFormat) -> Result<Answer, CliError>
         Command::Repo(args) => repo::run(&args),
         Command::Token(args) => token::run(&args),
         Command::Rotator(args) => daemon::runtime()?.block_on(rotator::main(&args)),
-        Command::Agent(args) => daemon::runtime()?.block_on(agent::main(&args, log_format)),
-        Command::Admin(args) => daemon::runtime()?.block_on(admin::main(&args)),
+        Command::Agent(args) => {
+            daemon::single_thread_runtime()?.block_on(agent::main(&args, log_format))
+        }
+        Command::Admin(args) => daemon::single_thread_runtime()?.block_on(admin::main(&args)),
         Command::Demo(args) => daemon::runtime()?.block_on(demo::main(&args)),
         Command::Completions(args) => completions::completions(&args),
         Command::Man(args) => completions::man(&args),

@@ -10,9 +10,22 @@ use tokio::net::TcpListener;
 use super::CliError;
 use crate::config::LogFormat;
 
-/// A multi-threaded runtime for the network commands.
+/// A multi-threaded runtime, for the commands that serve many peers at once
+/// (the rotator: thousands of handshakes at start) or run a fleet (the demo).
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)
+}
+
+/// A runtime on the calling thread, for the commands that talk to a few peers:
+/// an agent (its rotator, an admin, a metrics scraper; file work goes to
+/// blocking threads as before) and a one-shot admin command. Worker threads
+/// would only hand each other wake-ups: with a hundred agents on one host,
+/// those context switches were a large part of a rotation's cost.
+pub(super) fn single_thread_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(CliError::runtime)

@@ -107,8 +107,7 @@ impl Connection {
     /// says the last one failed. Callers of one connection wait for one dial,
     /// not one each.
     async fn sender(&self, stale: bool) -> Result<h2::client::SendRequest<Bytes>, ConnectionError> {
-        let inner = &self.inner;
-        let mut slot = inner.sender.lock().await;
+        let mut slot = self.inner.sender.lock().await;
         if let Some(open) = slot
             .as_ref()
             .filter(|o| !stale && !o.closed.load(Ordering::Acquire))
@@ -116,6 +115,18 @@ impl Connection {
             return Ok(open.sender.clone());
         }
         *slot = None;
+        // Boxed: the dial (TCP, TLS, HTTP/2 handshakes) is rare and its future
+        // large; inline, it would size every call's future, and the fan-out
+        // copies each call's task in whole when it spawns it.
+        let open = Box::pin(self.dial()).await?;
+        let sender = open.sender.clone();
+        *slot = Some(open);
+        Ok(sender)
+    }
+
+    /// A new connection, its driving task started.
+    async fn dial(&self) -> Result<Open, ConnectionError> {
+        let inner = &self.inner;
         let Some(connector) = inner.connector.as_ref() else {
             return Err(ConnectionError::NeverDialled { peer: self.peer() });
         };
@@ -140,11 +151,7 @@ impl Connection {
             })?;
         let closed = Arc::new(AtomicBool::new(false));
         tokio::spawn(drive(connection, peer, closed.clone()));
-        *slot = Some(Open {
-            sender: sender.clone(),
-            closed,
-        });
-        Ok(sender)
+        Ok(Open { sender, closed })
     }
 
     /// Sends `request` (through tonic's generated clients).
