@@ -31,8 +31,9 @@
 //! For the same reason the previous set is not deleted after its grace but
 //! stripped: names linked elsewhere are unlinked, the inodes only it held (the
 //! purged key, the old stamp) are truncated to nothing, and the directory is
-//! kept, in memory as this repository's spare, for the next install to build
-//! in. A steady rotation then allocates and frees no inode at all. A spare
+//! kept, in memory as one of this repository's spares (at most
+//! [`SPARE_SETS`]), for a later install to build in. A steady rotation then
+//! allocates and frees no inode at all. A spare
 //! left by a process that stopped is a leftover like any other: it holds no
 //! key, and [`clean_leftovers`] removes it.
 
@@ -63,6 +64,12 @@ pub const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
 /// Most files a spare keeps: a rotation writes one new key and the stamp.
 const SPARE_FILES: usize = 4;
+/// Most spares a repository keeps. Two, so that installs about a grace apart
+/// still find one: with a single spare, a strip that landed just after the
+/// next install left that install none (it made new inodes), and the strip
+/// after it found the slot full and freed a whole set, so every other install
+/// of a fast series paid for new inodes.
+const SPARE_SETS: usize = 2;
 /// Name of a kept inode inside a spare; not an integer, so never a key.
 const SPARE_PREFIX: &str = ".fernetd-spare-";
 
@@ -77,12 +84,13 @@ enum Reap {
     Flush(std::sync::mpsc::Sender<()>),
 }
 
-/// Each repository's spare directory, stripped of keys (see the module
-/// documentation); taken by the next install, under the parent's lock.
-static SPARES: std::sync::Mutex<std::collections::BTreeMap<PathBuf, PathBuf>> =
+/// Each repository's spare directories, stripped of keys (see the module
+/// documentation), oldest first; taken by the next installs, under the
+/// parent's lock.
+static SPARES: std::sync::Mutex<std::collections::BTreeMap<PathBuf, Vec<PathBuf>>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-fn spares() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<PathBuf, PathBuf>> {
+fn spares() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<PathBuf, Vec<PathBuf>>> {
     SPARES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -129,13 +137,19 @@ fn remove_retired(path: &Path) {
     }
 }
 
-/// Strips the previous set at `retired` into `target`'s spare, or removes it
-/// when it cannot be stripped.
+/// Strips the previous set at `retired` into one of `target`'s spares, or
+/// removes it when it cannot be stripped.
 fn recycle(target: &Path, retired: &Path) {
     match strip(retired) {
         Ok(()) => {
-            if let Some(older) = spares().insert(target.to_path_buf(), retired.to_path_buf()) {
-                remove_retired(&older);
+            let oldest = {
+                let mut spares = spares();
+                let kept = spares.entry(target.to_path_buf()).or_default();
+                kept.push(retired.to_path_buf());
+                (kept.len() > SPARE_SETS).then(|| kept.remove(0))
+            };
+            if let Some(oldest) = oldest {
+                remove_retired(&oldest);
             }
         }
         Err(e) => {
@@ -222,7 +236,7 @@ fn flush_reaper() {
 pub fn settle() {
     flush_reaper();
     let drained = std::mem::take(&mut *spares());
-    for spare in drained.into_values() {
+    for spare in drained.into_values().flatten() {
         remove_retired(&spare);
     }
 }
@@ -232,8 +246,8 @@ pub fn settle() {
 #[cfg(test)]
 fn settle_one(target: &Path) {
     flush_reaper();
-    let spare = split(target).and_then(|(path, name)| spares().remove(&path.join(name)));
-    if let Some(spare) = spare {
+    let kept = split(target).and_then(|(path, name)| spares().remove(&path.join(name)));
+    for spare in kept.into_iter().flatten() {
         remove_retired(&spare);
     }
 }
@@ -417,7 +431,16 @@ impl Parent {
     /// Renames this repository's spare, if it has a usable one, to `name`;
     /// returns the names of the inodes it kept.
     fn take_spare(&self, name: &str) -> Option<Vec<String>> {
-        let spare = spares().remove(&self.target())?;
+        let spare = {
+            let mut spares = spares();
+            let target = self.target();
+            let kept = spares.get_mut(&target)?;
+            let spare = kept.pop();
+            if kept.is_empty() {
+                spares.remove(&target);
+            }
+            spare?
+        };
         let usable = spare.parent() == Some(self.path.as_path())
             && spare
                 .file_name()
@@ -1445,6 +1468,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Installs less than a grace apart (a fast series of rotations) still
+    /// build in spares: with one spare per repository, a strip that landed
+    /// after the next install left that install none, and every other install
+    /// of such a series made new inodes.
+    #[test]
+    fn installs_less_than_a_grace_apart_still_build_in_spares() {
+        let (tmp, target, b) = stamped_repo_and_its_rotation();
+        let c = repository::rotate(&b, 4).unwrap();
+        let d = repository::rotate(&c, 4).unwrap();
+        let e = repository::rotate(&d, 4).unwrap();
+        install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
+        install(&target, &c, Some(&stamp(3, &c)), None).unwrap();
+        flush_reaper();
+        // Both retired sets were stripped after their grace, and both are kept.
+        let spares: Vec<u64> = names(tmp.path())
+            .into_iter()
+            .filter(|n| n != "keys")
+            .map(|n| inode(&tmp.path().join(n)))
+            .collect();
+        assert_eq!(spares.len(), 2, "{:?}", names(tmp.path()));
+        install(&target, &d, Some(&stamp(4, &d)), None).unwrap();
+        let first = inode(&target);
+        install(&target, &e, Some(&stamp(5, &e)), None).unwrap();
+        let second = inode(&target);
+        assert!(
+            spares.contains(&first) && spares.contains(&second) && first != second,
+            "both installs build in a spare: {first} and {second} among {spares:?}"
+        );
+        assert_eq!(repository::load(&target).unwrap(), e);
+        assert_eq!(read_stamp(&target).unwrap().map(|s| s.generation), Some(5));
+        settle_one(&target);
+        assert_eq!(names(tmp.path()), vec!["keys"]);
     }
 
     #[test]
