@@ -428,8 +428,8 @@ impl Parent {
         self.path.join(&self.name)
     }
 
-    /// Renames this repository's spare, if it has a usable one, to `name`;
-    /// returns the names of the inodes it kept.
+    /// Renames this repository's newest spare, if it has a usable one, to
+    /// `name`; returns the names of the inodes it kept.
     fn take_spare(&self, name: &str) -> Option<Vec<String>> {
         let spare = {
             let mut spares = spares();
