@@ -449,6 +449,12 @@ fn build_server(files: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(material.chain, material.key)
         .map_err(config_error(files))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session tickets and no session cache: see `build_client`. No fernetd
+    // client could resume, so tickets were two more records per handshake and
+    // sessions kept in memory that would let whoever held one resume as the
+    // peer whose certificate opened it.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
@@ -468,6 +474,15 @@ fn build_client(files: &TlsConfig) -> Result<Arc<ClientSide>, TlsError> {
         .with_client_auth_cert(material.chain, material.key)
         .map_err(config_error(files))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No TLS session resumption. rustls resumes a session only with the very
+    // verifier that checked the first handshake, and each dial here gets its
+    // own (`Connector::client_config`: this peer's exact identity, against the
+    // certificates current at the dial), so a stored ticket was never used:
+    // the client kept up to 256 servers' tickets, resumption secrets that let
+    // their holder resume as this client, for nothing. A rotator's
+    // connections live for hours (an agent's `max_connection_age`), and a
+    // reconnect is a full handshake, as it was.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(ClientSide {
         config: Arc::new(config),
         roots,
@@ -1205,6 +1220,103 @@ mod tests {
         stranger.ca = server.ca.clone();
         let stranger = ClientTls::load(&stranger).unwrap();
         assert!(check(&stranger, addr, "agent-1.test").await.is_err());
+    }
+
+    /// Two full handshakes between `server` and `client` (one verifier
+    /// instance for both, so that only the session stores decide whether the
+    /// second resumes): how the second went and how many tickets the client
+    /// was sent in all.
+    async fn two_handshakes(
+        server: ServerConfig,
+        mut client: ClientConfig,
+        roots: Arc<RootCertStore>,
+    ) -> (rustls::HandshakeKind, u32) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                // Behind the tickets, if any: the client reads up to here.
+                tls.write_all(b"x").await.unwrap();
+                let _ = tls.read(&mut [0u8; 1]).await;
+            }
+        });
+        let algorithms = client.crypto_provider().signature_verification_algorithms;
+        client
+            .dangerous()
+            .set_certificate_verifier(Arc::new(ExactIdentity {
+                roots,
+                expected: "agent-1.test".into(),
+                algorithms,
+            }));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let mut tickets = 0;
+        let mut kind = None;
+        for _ in 0..2 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("agent-1.test").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.unwrap();
+            tickets += tls.get_ref().1.tls13_tickets_received();
+            kind = tls.get_ref().1.handshake_kind();
+        }
+        (kind.unwrap(), tickets)
+    }
+
+    /// No TLS session is ever resumed, from either side: our server sends no
+    /// ticket (even to a client that would keep it), our client keeps none
+    /// (even from a server that sends them). The control pair, a server that
+    /// sends tickets and a client that keeps them, resumes.
+    #[tokio::test]
+    async fn tls_sessions_are_never_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let server =
+            build_server(&write_identity(dir.path(), "agent", &ca, &["agent-1.test"])).unwrap();
+        let client = build_client(&write_identity(
+            dir.path(),
+            "rotator",
+            &ca,
+            &["rotator.test"],
+        ))
+        .unwrap();
+        let issuing = || {
+            let mut config = (*server).clone();
+            config.send_tls13_tickets = 2;
+            config.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+            config
+        };
+        let keeping = || {
+            let mut config = (*client.config).clone();
+            config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+            config
+        };
+        let roots = || client.roots.clone();
+
+        let (kind, tickets) = two_handshakes(issuing(), keeping(), roots()).await;
+        assert_eq!(
+            (kind, tickets),
+            (rustls::HandshakeKind::Resumed, 4),
+            "control"
+        );
+
+        let (kind, tickets) = two_handshakes((*server).clone(), keeping(), roots()).await;
+        assert_eq!(
+            (kind, tickets),
+            (rustls::HandshakeKind::Full, 0),
+            "our server"
+        );
+
+        let ours = (*client.config).clone();
+        let (kind, tickets) = two_handshakes(issuing(), ours, roots()).await;
+        assert_eq!(
+            (kind, tickets),
+            (rustls::HandshakeKind::Full, 4),
+            "our client"
+        );
     }
 
     /// The fan-out's bare connection: calls go through, a wrong identity is
