@@ -25,12 +25,20 @@ WORK=$(mktemp -d /var/tmp/fernetd-compare.XXXXXX)
 PIDS=()
 SSHD_PID=
 cleanup() {
+    local status=$?
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [[ -n "$SSHD_PID" ]] && kill "$SSHD_PID" 2>/dev/null || true
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    # A failed run keeps its fleet and logs for a look.
+    if [[ $status -eq 0 ]]; then
+        rm -rf "$WORK"
+    else
+        echo "failed (exit $status); the fleet and its logs are kept in $WORK" >&2
+    fi
 }
 trap cleanup EXIT
+# `set -e` alone would end the run without a word.
+trap 'echo "compare-rsync.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -119,7 +127,10 @@ rotator_rss=$(rss_kib "$ROTATOR_PID")
 agent_rss=$(for p in "${AGENT_PIDS[@]}"; do rss_kib "$p"; done | quantile 0.5)
 agent_rss_max=$(for p in "${AGENT_PIDS[@]}"; do rss_kib "$p"; done | quantile 1)
 # The repository the agents now hold, for rsync to push.
-src=$(ls -d "$WORK"/fleet/regions/*/fernet-keys | head -1)
+# (A glob, not `ls | head -1`: under pipefail, ls killed by SIGPIPE once head
+# has its line ended a run here without a word.)
+regions=("$WORK"/fleet/regions/*/fernet-keys)
+src=${regions[0]}
 
 # --- rsync over ssh, sequentially, to the same N regions ----------------------
 rsync_ms=null
