@@ -10,14 +10,17 @@
 pub mod admin;
 mod core;
 mod credential;
+mod duties;
 mod enrol;
 mod fanout;
 mod ha;
+mod leader;
 pub mod ledger;
 mod metrics;
 mod recovery;
 pub mod schedule;
 pub mod state;
+mod store;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,11 +28,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{AgentSlot, Core, Generation, RepoSlot};
-use self::ledger::Ledger;
+use self::core::{AgentSlot, Core};
 use self::metrics::{AgentCollector, Metrics};
 use self::schedule::{Schedule, ScheduleError};
-use self::state::{StateError, StateStore};
+use self::state::StateError;
 use crate::config::{RotatorConfig, duration};
 
 /// What stops the rotator from starting or running.
@@ -407,7 +409,7 @@ pub fn preflight(
             a.identity
         ));
     }
-    let imports = prepare_imports(config)?;
+    let imports = store::prepare_imports(config)?;
     for (repo, import) in config.repositories.iter().zip(imports) {
         if let (Some(imported), Some(path)) = (import, &repo.import) {
             note(format!(
@@ -449,96 +451,6 @@ pub fn preflight(
         ),
     });
     Ok(checked)
-}
-
-/// The imports a first start will adopt, by repository position, read before
-/// the state is opened so that a bad `import` leaves no state behind. A
-/// repository that already has state ignores `import`, so it is not read.
-fn prepare_imports(
-    config: &RotatorConfig,
-) -> Result<Vec<Option<recovery::Imported>>, RotatorError> {
-    let mut imports = Vec::with_capacity(config.repositories.len());
-    for repo in &config.repositories {
-        let import = match &repo.import {
-            Some(path) if state::is_fresh(&config.state_dir, &repo.name)? => {
-                Some(recovery::import_keys(repo, path)?)
-            }
-            _ => None,
-        };
-        imports.push(import);
-    }
-    Ok(imports)
-}
-
-/// Loads each repository's committed generation, adopting an existing Keystone
-/// repository (`imports`, from [`prepare_imports`]) or creating a fresh set on
-/// first start, and committing it.
-fn load_generations(
-    config: &RotatorConfig,
-    store: &StateStore,
-    imports: Vec<Option<recovery::Imported>>,
-) -> Result<Vec<RepoSlot>, RotatorError> {
-    let mut slots = Vec::with_capacity(config.repositories.len());
-    for (repo, import) in config.repositories.iter().zip(imports) {
-        let now = core::now_ms();
-        let (number, keys, ledger) = match store.load(&repo.name)? {
-            Some(committed) => {
-                if repo.import.is_some() {
-                    tracing::info!(repository = %repo.name, "state exists; `import` is only used on first start");
-                }
-                tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "resumed from state");
-                let recorded = store.load_ledger(&repo.name)?;
-                let known = recorded.is_some();
-                let mut ledger = recorded.unwrap_or_default();
-                let adopted = ledger.adopt_unknown(&committed.keys, now);
-                if !adopted.is_empty() {
-                    tracing::warn!(repository = %repo.name, keys = ?adopted, ledger = known, "the key ledger does not know these keys' times: each is taken as demoted now, the safe choice (its purge waits a full token lifetime)");
-                    store.save_ledger(&repo.name, &ledger)?;
-                }
-                (committed.generation, committed.keys, ledger)
-            }
-            None => {
-                let import = match (import, &repo.import) {
-                    (Some(imported), _) => Some(imported),
-                    // The state vanished since `prepare_imports` looked.
-                    (None, Some(path)) => Some(recovery::import_keys(repo, path)?),
-                    (None, None) => None,
-                };
-                let (number, keys, ledger) = match import {
-                    Some(imported) => {
-                        let ledger = imported.ledger(now);
-                        if let Some(path) = &repo.import {
-                            tracing::info!(repository = %repo.name, path = %path.display(), indices = ?imported.keys.indices(), generation = imported.generation, "adopting existing Keystone repository at the generation of its stamp (1 without one); its keys' times are unknown, so each is taken as demoted now, the safe choice");
-                        }
-                        (imported.generation, imported.keys, ledger)
-                    }
-                    None => {
-                        let keys = crate::repository::init(repo.max_active_keys)?;
-                        let ledger = Ledger::fresh(&keys, now);
-                        (1, keys, ledger)
-                    }
-                };
-                store.save_ledger(&repo.name, &ledger)?;
-                store.save(
-                    &repo.name,
-                    &state::Committed {
-                        generation: number,
-                        keys: keys.clone(),
-                    },
-                )?;
-                tracing::info!(repository = %repo.name, generation = number, digest = %keys.digest(), "committed the first generation");
-                (number, keys, ledger)
-            }
-        };
-        let generation = Generation::build(&repo.name, number, keys, ledger.promoted_unix())?;
-        slots.push(RepoSlot::new(
-            repo.name.clone(),
-            repo.max_active_keys,
-            generation,
-            ledger,
-        ));
-    }
-    Ok(slots)
 }
 
 /// One lazy mTLS channel per agent: a bad endpoint or identity is refused
@@ -594,47 +506,6 @@ pub async fn run(
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let agents = agent_slots(&config, &client_tls)?;
-    // A lost state directory must not silently become generation 1. Under
-    // `[ha]` the state is in etcd: the first leader of an empty prefix asks.
-    let fresh = match &config.ha {
-        None => recovery::fresh_repositories(&config.repositories, &config.state_dir)?,
-        Some(_) => Vec::new(),
-    };
-    if !fresh.is_empty() && !agents.is_empty() {
-        let probe = recovery::probe(&agents, &fresh, &config.fanout).await;
-        if fresh_start {
-            tracing::warn!(held = ?probe.held, "--fresh-start: starting at generation 1 although agents may hold generations; they refuse it until restored");
-        } else {
-            recovery::refuse_fresh_start(&probe, &config.state_dir)?;
-        }
-    }
-    // Under `[ha]` the file state is only what a first leader imports; it is
-    // sealed with `seal_key`, or else `[ha] seal_key`.
-    let seal = match (&seal, &config.ha) {
-        (None, Some(h)) => Some(Arc::new(crate::seal::SealKey::load(&h.seal_key)?)),
-        _ => seal,
-    };
-    let blocking_config = config.clone();
-    let ha_mode = config.ha.is_some();
-    let (store, repos) = tokio::task::spawn_blocking(move || {
-        // Read before the state is opened: a bad `import` leaves no state behind.
-        let imports = if ha_mode {
-            Vec::new()
-        } else {
-            prepare_imports(&blocking_config)?
-        };
-        let mut store = StateStore::open(&blocking_config.state_dir)?;
-        if let Some(seal) = seal {
-            store = store.with_seal(seal);
-        }
-        if ha_mode {
-            return Ok::<_, RotatorError>((store, Vec::new()));
-        }
-        let repos = load_generations(&blocking_config, &store, imports)?;
-        Ok::<_, RotatorError>((store, repos))
-    })
-    .await
-    .map_err(|e| RotatorError::Task(e.to_string()))??;
 
     let stop = CancellationToken::new();
     let trigger = stop.clone();
@@ -647,15 +518,9 @@ pub async fn run(
     let mut root = prometheus_client::registry::Registry::default();
     crate::certs::register_expiry(&mut root, &config.tls.cert);
     let registry = root.sub_registry_with_prefix("fernetd_rotator");
+    // The one place the state's home is chosen: files, or etcd under `[ha]`.
     let metrics = Metrics::new(registry);
-    let (ha, repos) = match &config.ha {
-        Some(h) => {
-            let etcd = Arc::new(ha::EtcdState::connect(&config, h, registry).await?);
-            let repos = ha::prepare(&etcd, &config, &store, &agents, fresh_start, &stop).await?;
-            (Some(etcd), repos)
-        }
-        None => (None, repos),
-    };
+    let (store, repos) = store::open(&config, seal, &agents, fresh_start, registry, &stop).await?;
     let mut core = Core::new(
         repos,
         agents,
@@ -664,7 +529,6 @@ pub async fn run(
         metrics,
         key_lifetime,
     );
-    core.ha = ha.clone();
     core.audit = config
         .audit_log
         .as_deref()
@@ -673,7 +537,7 @@ pub async fn run(
     if let Some(log) = core.audit.clone() {
         tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
     }
-    core.credential = credential::Gate::open(&config, &store, registry)?;
+    core.credential = credential::Gate::open(&config, &store, registry).await?;
     core.resume_credential_hold();
     let core = Arc::new(core);
     if let Some(source) = source {
@@ -691,11 +555,7 @@ pub async fn run(
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
     }));
-    let acks = match &ha {
-        Some(etcd) => etcd.load_acks().await.map_err(RotatorError::from),
-        None => store.load_acks().map_err(RotatorError::from),
-    };
-    let acks = acks.unwrap_or_else(|e| {
+    let acks = store.load_acks().await.unwrap_or_else(|e| {
         tracing::warn!(
             "ignoring recorded acknowledgements: {}",
             crate::error_chain(&e)
@@ -713,22 +573,18 @@ pub async fn run(
     );
 
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(etcd) = &ha {
-        // Under `[ha]` the fan-out, reconcile and schedule run only in a term
-        // of leadership.
-        tasks.spawn(ha::terms(
-            core.clone(),
-            etcd.clone(),
-            schedule,
-            stop.clone(),
-        ));
-    } else {
-        tasks.spawn(core.clone().dispatch(stop.clone()));
-        // Read every agent back at start: acknowledgements on disk are only a hint.
-        core.reconcile_all(true);
-        tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
-        tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
-        tasks.spawn(core.clone().credential_schedule(stop.clone()));
+    let leadership = store.leadership();
+    match &leadership {
+        // Under `[ha]` the leader's duties run only in a term of leadership.
+        Some(etcd) => {
+            tasks.spawn(leader::terms(
+                core.clone(),
+                etcd.clone(),
+                schedule,
+                stop.clone(),
+            ));
+        }
+        None => duties::spawn(&core, schedule, &stop, &mut tasks),
     }
     if let Some(metrics_listener) = metrics_listener {
         let registry = Arc::new(root);
@@ -745,7 +601,7 @@ pub async fn run(
         .await;
     let admin =
         admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone())
-            .with_ha(ha.clone());
+            .with_ha(leadership.clone());
     // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
     // the request timeout leaves them that time, beyond the default wait.
     let limits = crate::tls::Limits {
@@ -771,101 +627,10 @@ pub async fn run(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     core.flush_acks().await;
-    if let Some(etcd) = &ha {
+    if let Some(etcd) = &leadership {
         // A standby takes over at once rather than after the lease's TTL.
         etcd.resign().await;
     }
     tracing::info!("rotator stopped");
     served.map_err(RotatorError::Serve)
-}
-
-/// Periodic read-back of every agent, and lazy recording of acknowledgements.
-async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
-    let mut reconcile = tokio::time::interval(core.fanout.reconcile_interval);
-    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    reconcile.tick().await;
-    let mut flush = tokio::time::interval(std::time::Duration::from_secs(1));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = reconcile.tick() => core.reconcile_all(false),
-            _ = flush.tick() => {
-                core.flush_acks().await;
-                core.flush_ledgers().await;
-            }
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Rotates at each cron occurrence. A scheduled rotation that is blocked (an
-/// agent behind) or held (it would purge a key a valid token may need) is owed,
-/// and performed once: as soon as every agent caught up, or at the purge-safe
-/// time. A cron tick less than one interval after such a late rotation is
-/// deferred to one interval after it, so no key lives an interval less than
-/// the schedule promises.
-async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationToken) {
-    let mut progress = core.progress();
-    loop {
-        let now = chrono::Utc::now();
-        let Some((next, delay)) = schedule.delay_from(now) else {
-            tracing::warn!(
-                schedule = schedule.expr(),
-                "the schedule has no further occurrence"
-            );
-            return;
-        };
-        let interval = schedule.rotation_interval(now);
-        for repo in core
-            .repos
-            .iter()
-            .filter(|r| !credential::is_credential(&r.name))
-        {
-            repo.next_rotation_ms.store(
-                next.timestamp_millis(),
-                std::sync::atomic::Ordering::Release,
-            );
-        }
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            let held = until(core.held_until_ms());
-            tokio::select! {
-                _ = &mut sleep => {
-                    core.scheduled_tick(interval, stop.clone()).await;
-                    break;
-                }
-                _ = held => {
-                    tracing::info!("purge-safe time reached: performing the rotation that was held");
-                    core.scheduled_rotation(true, stop.clone()).await;
-                }
-                changed = progress.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    // Demotions are recorded as soon as every agent holds a
-                    // generation: the key-lifetime rule counts from then.
-                    for (r, _) in core.repos() {
-                        core.note_demotions(r);
-                    }
-                    core.refresh_blocked();
-                    if core.owed_now() {
-                        tracing::info!("every agent caught up: performing the rotation that was blocked");
-                        core.scheduled_rotation(true, stop.clone()).await;
-                    }
-                }
-                _ = stop.cancelled() => return,
-            }
-        }
-    }
-}
-
-/// Sleeps until the Unix time `at_ms`; pending forever when there is none.
-async fn until(at_ms: Option<i64>) {
-    let Some(at_ms) = at_ms else {
-        return std::future::pending().await;
-    };
-    let wait = u64::try_from(at_ms.saturating_sub(core::now_ms())).unwrap_or(0);
-    // A little after, so the purge-safe comparison has certainly passed.
-    tokio::time::sleep(std::time::Duration::from_millis(wait + 5)).await;
 }

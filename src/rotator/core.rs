@@ -19,7 +19,8 @@ use super::fanout::{EncodedInstall, Phase, WorkQueue};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::schedule::Backoff;
-use super::state::{AckRecord, Acks, Committed, StateStore};
+use super::state::{AckRecord, Acks, Committed};
+use super::store::{Store, StoreError};
 use crate::config::{AgentEndpoint, FanoutConfig};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
@@ -315,7 +316,8 @@ impl std::ops::IndexMut<RepoId> for Vec<Held> {
 pub(super) struct Core {
     pub(super) repos: Vec<RepoSlot>,
     pub(super) agents: AgentTable,
-    pub(super) store: StateStore,
+    /// Where every durable write goes (files, or etcd under `[ha]`), chosen at start.
+    pub(super) store: Store,
     pub(super) fanout: FanoutConfig,
     pub(super) backoff: Backoff,
     pub(super) queue: WorkQueue,
@@ -330,9 +332,6 @@ pub(super) struct Core {
     progress: watch::Sender<u64>,
     pub(super) rotation: tokio::sync::Mutex<()>,
     pub(super) acks_dirty: AtomicBool,
-    /// With `[ha]`: every durable write goes to etcd, fenced by leadership,
-    /// instead of `store` (issue 14; see `ha.rs`).
-    pub(super) ha: Option<Arc<super::ha::EtcdState>>,
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -346,7 +345,7 @@ impl Core {
     pub(super) fn new(
         repos: Vec<RepoSlot>,
         agents: Vec<AgentSlot>,
-        store: StateStore,
+        store: Store,
         fanout: FanoutConfig,
         metrics: Metrics,
         key_lifetime: Duration,
@@ -370,7 +369,6 @@ impl Core {
             progress: watch::channel(0).0,
             rotation: tokio::sync::Mutex::new(()),
             acks_dirty: AtomicBool::new(false),
-            ha: None,
         };
         for repo in &core.repos {
             core.metrics
@@ -441,23 +439,34 @@ impl Core {
                 }
             }
         }
-        if let Some(ha) = &self.ha {
-            if let Err(e) = ha.save_acks(&acks).await {
-                self.acks_dirty.store(true, Ordering::Release);
-                tracing::warn!(error = %crate::error_chain(&e), "cannot record acknowledgements in etcd");
-            }
-            return;
+        if let Err(e) = self.store.save_acks(acks).await {
+            self.acks_dirty.store(true, Ordering::Release);
+            tracing::warn!(error = %crate::error_chain(&e), "cannot record acknowledgements");
         }
-        let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || store.save_acks(&acks)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                self.acks_dirty.store(true, Ordering::Release);
-                tracing::warn!("cannot record acknowledgements: {}", crate::error_chain(&e));
+    }
+
+    /// Takes what the store holds now: the generations and ledgers another
+    /// rotator committed (a standby following the leader, a new term), the
+    /// acknowledgements, and the last credential migrate.
+    pub(super) async fn refresh(&self) -> Result<(), StoreError> {
+        for (r, repo) in self.repos() {
+            let Some((committed, ledger)) = self.store.load(&repo.name).await? else {
+                continue;
+            };
+            if committed.generation == repo.current().number {
+                continue;
             }
-            Err(e) => tracing::warn!("acknowledgement writer failed: {e}"),
+            let Ok((generation, ledger, _)) =
+                super::store::generation_of(&repo.name, committed, ledger)
+            else {
+                continue;
+            };
+            tracing::debug!(repository = %repo.name, generation = generation.number, "following the store");
+            self.adopt_committed(r, generation, ledger);
         }
+        let acks = self.store.load_acks().await?;
+        self.restore_acks(&acks);
+        self.refresh_credential_record().await
     }
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
@@ -977,21 +986,9 @@ impl Core {
             next_keys,
             ledger.promoted_unix(),
         )?;
-        if let Some(ha) = &self.ha {
-            ha.commit(&repo.name, &ledger, &next.committed()).await?;
-            *repo.ledger() = ledger;
-            return Ok(next);
-        }
-        let store = self.store.clone();
-        let name = repo.name.clone();
-        let committed = next.committed();
-        let saved = ledger.clone();
-        tokio::task::spawn_blocking(move || {
-            store.save_ledger(&name, &saved)?;
-            store.save(&name, &committed)
-        })
-        .await
-        .map_err(|e| RotatorError::Task(e.to_string()))??;
+        self.store
+            .commit(&repo.name, &ledger, &next.committed())
+            .await?;
         *repo.ledger() = ledger;
         Ok(next)
     }
@@ -1061,16 +1058,8 @@ impl Core {
             if !repo.ledger_dirty.swap(false, Ordering::AcqRel) {
                 continue;
             }
-            let (store, name, ledger) =
-                (self.store.clone(), repo.name.clone(), repo.ledger().clone());
-            let saved = match &self.ha {
-                Some(ha) => ha.save_ledger(&name, &ledger).await.is_ok(),
-                None => matches!(
-                    tokio::task::spawn_blocking(move || store.save_ledger(&name, &ledger)).await,
-                    Ok(Ok(()))
-                ),
-            };
-            if !saved {
+            let ledger = repo.ledger().clone();
+            if self.store.save_ledger(&repo.name, &ledger).await.is_err() {
                 repo.ledger_dirty.store(true, Ordering::Release);
                 tracing::warn!(repository = %repo.name, "cannot record the key ledger; retrying");
             }
@@ -1501,26 +1490,21 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::rotator::state::StateStore;
 
-    /// A core with `regions` agents behind channels that are never dialled (no
-    /// dispatcher runs), so the tests drive acknowledgements by hand.
-    pub(in crate::rotator) fn core(dir: &std::path::Path, regions: &[&str]) -> Arc<Core> {
-        core_with(dir, regions, 3, Duration::ZERO)
+    /// A core over a memory store with `regions` agents behind channels that
+    /// are never dialled (no dispatcher runs), so the tests drive
+    /// acknowledgements by hand.
+    pub(in crate::rotator) fn core(regions: &[&str]) -> Arc<Core> {
+        core_with(regions, 3, Duration::ZERO)
     }
 
     /// A core as [`core`] with `max_active_keys` and a key lifetime.
-    fn core_with(
-        dir: &std::path::Path,
-        regions: &[&str],
-        max_active_keys: usize,
-        key_lifetime: Duration,
-    ) -> Arc<Core> {
-        let store = StateStore::open(dir).expect("state dir");
+    fn core_with(regions: &[&str], max_active_keys: usize, key_lifetime: Duration) -> Arc<Core> {
+        let store = Store::memory();
         let keys = repository::init(max_active_keys).expect("init");
         let ledger = Ledger::fresh(&keys, now_ms());
         let first = Generation::build("tokens", 1, keys, ledger.promoted_unix()).expect("build");
-        store.save("tokens", &first.committed()).expect("save");
+        store.put_committed("tokens", first.committed(), ledger.clone());
         let repos = vec![RepoSlot::new(
             "tokens".into(),
             max_active_keys,
@@ -1576,8 +1560,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn no_rotation_while_a_region_has_not_acknowledged_the_current_generation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne", "RegionTwo"]);
+        let core = core(&["RegionOne", "RegionTwo"]);
         let stop = CancellationToken::new();
         ack(&core, AgentId(0));
         let r = core
@@ -1596,7 +1579,12 @@ pub(super) mod tests {
             vec!["RegionTwo".to_owned()]
         );
         // Nothing was written: the state still holds generation 1.
-        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        let on_disk = core
+            .store
+            .committed("tokens")
+            .await
+            .expect("load")
+            .expect("state");
         assert_eq!(on_disk.generation, 1);
 
         ack(&core, AgentId(1));
@@ -1609,15 +1597,19 @@ pub(super) mod tests {
         assert!(r.outcomes[0].rotated);
         assert_eq!(r.outcomes[0].generation, 2);
         // Durable before anything could be sent.
-        let on_disk = core.store.load("tokens").expect("load").expect("state");
+        let on_disk = core
+            .store
+            .committed("tokens")
+            .await
+            .expect("load")
+            .expect("state");
         assert_eq!(on_disk.generation, 2);
         assert_eq!(on_disk.keys.digest(), core.repos[0].current().digest);
     }
 
     #[tokio::test]
     async fn dry_run_changes_nothing_and_force_names_the_regions_that_will_reject_tokens() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne", "RegionTwo", "RegionThree"]);
+        let core = core(&["RegionOne", "RegionTwo", "RegionThree"]);
         let stop = CancellationToken::new();
         ack(&core, AgentId(0));
         let before = core.repos[0].current().digest;
@@ -1634,7 +1626,8 @@ pub(super) mod tests {
         assert_eq!(core.repos[0].current().digest, before);
         assert_eq!(
             core.store
-                .load("tokens")
+                .committed("tokens")
+                .await
                 .expect("load")
                 .expect("state")
                 .generation,
@@ -1662,8 +1655,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn an_answer_that_does_not_match_what_was_sent_is_not_an_acknowledgement() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne"]);
+        let core = core(&["RegionOne"]);
         let current = core.repos[0].current();
         let good = pb::InstallResponse {
             repository: "tokens".into(),
@@ -1710,8 +1702,7 @@ pub(super) mod tests {
     /// memory agree and keep agreeing; no save runs on orphaned.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_rotate_never_leaves_disk_and_memory_apart() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne"]);
+        let core = core(&["RegionOne"]);
         let stop = CancellationToken::new();
         for round in 0..40 {
             ack(&core, AgentId(0));
@@ -1725,7 +1716,12 @@ pub(super) mod tests {
             drop(core.rotation.lock().await);
             let window = std::time::Instant::now() + Duration::from_millis(30);
             while std::time::Instant::now() < window {
-                let on_disk = core.store.load("tokens").expect("load").expect("state");
+                let on_disk = core
+                    .store
+                    .committed("tokens")
+                    .await
+                    .expect("load")
+                    .expect("state");
                 let current = core.repos[0].current();
                 assert_eq!(
                     (on_disk.generation, on_disk.keys.digest()),
@@ -1739,8 +1735,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn acknowledgements_from_disk_do_not_count_until_the_agent_is_read_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne"]);
+        let core = core(&["RegionOne"]);
         let current = core.repos[0].current();
         let mut acks = Acks::new();
         acks.entry("tokens".into()).or_default().insert(
@@ -1775,8 +1770,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn an_agent_ahead_of_the_rotator_or_forked_is_reported_not_overwritten() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["RegionOne"]);
+        let core = core(&["RegionOne"]);
         let current = core.repos[0].current();
         let state = |generation: u64, digest: Vec<u8>| pb::GetStateResponse {
             region: "RegionOne".into(),

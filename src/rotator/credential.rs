@@ -27,8 +27,8 @@ use super::schedule::Schedule;
 use crate::config::{CREDENTIAL_REPOSITORY, CredentialConfig, RotatorConfig};
 use crate::pb;
 
-/// The file kind of the last migrate's record in the state directory.
-const RECORD: &str = "migrate";
+/// The kind of the last migrate's record in the store.
+const RECORD: &str = super::store::CREDENTIAL_MIGRATE;
 
 /// Whether a repository name is Keystone's credential repository.
 pub(super) fn is_credential(name: &str) -> bool {
@@ -195,9 +195,9 @@ pub(super) fn validate(config: &RotatorConfig) -> Result<(), RotatorError> {
 impl Gate {
     /// The gate of `config`'s credential repository, with its last migrate
     /// read from the state; None when there is no credential repository.
-    pub(super) fn open(
+    pub(super) async fn open(
         config: &RotatorConfig,
-        store: &super::state::StateStore,
+        store: &super::store::Store,
         registry: &mut Registry,
     ) -> Result<Option<Gate>, RotatorError> {
         let Some(repo) = config.repositories.iter().find(|r| r.is_credential()) else {
@@ -208,7 +208,8 @@ impl Gate {
                 "the credential repository needs a [credential] section".into(),
             ));
         };
-        let record: Option<MigrateRecord> = store.load_record(CREDENTIAL_REPOSITORY, RECORD)?;
+        let record: Option<MigrateRecord> =
+            store.load_record(CREDENTIAL_REPOSITORY, RECORD).await?;
         let metrics = CredentialMetrics::new(registry);
         if let Some(record) = &record {
             metrics.show(record);
@@ -410,15 +411,31 @@ impl Core {
         Ok(record)
     }
 
+    /// Takes the last migrate the store holds (recorded by another leader).
+    pub(super) async fn refresh_credential_record(&self) -> Result<(), super::store::StoreError> {
+        let Some(gate) = &self.credential else {
+            return Ok(());
+        };
+        let record: Option<MigrateRecord> = self
+            .store
+            .load_record(CREDENTIAL_REPOSITORY, RECORD)
+            .await?;
+        if let Some(record) = record {
+            gate.metrics.show(&record);
+            *gate.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        }
+        Ok(())
+    }
+
     async fn record_migrate(&self, gate: &Gate, record: &MigrateRecord) {
-        let (store, saved) = (self.store.clone(), record.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            store.save_record(CREDENTIAL_REPOSITORY, RECORD, &saved)
-        })
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
+        if let Err(e) = self
+            .store
+            .save_record(CREDENTIAL_REPOSITORY, RECORD, record)
+            .await
+        {
             tracing::warn!(
-                "cannot record the credential migrate in the state directory; status shows it until a restart"
+                error = %crate::error_chain(&e),
+                "cannot record the credential migrate; status shows it until a restart"
             );
         }
         *gate.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
@@ -541,29 +558,43 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(960);
 
 #[cfg(test)]
 mod tests {
-    use super::super::core::{AgentSlot, RepoSlot};
+    use super::super::core::AgentSlot;
     use super::super::ledger::Ledger;
     use super::super::metrics::Metrics;
-    use super::super::state::StateStore;
+    use super::super::store::Store;
     use super::*;
     use std::sync::Arc;
 
-    /// A core with `tokens` and `credential` (3 keys each), one agent behind a
-    /// channel nobody answers, a key lifetime of a day (the token ledger would
-    /// hold any purge), and a credential gate with a cache time of 60 s.
-    fn core(dir: &std::path::Path) -> Arc<Core> {
-        let store = StateStore::open(dir).expect("state dir");
-        let repos = ["tokens", CREDENTIAL_REPOSITORY]
-            .into_iter()
-            .map(|name| {
-                let keys = crate::repository::init(3).expect("init");
-                let ledger = Ledger::fresh(&keys, now_ms());
-                let first =
-                    Generation::build(name, 1, keys, ledger.promoted_unix()).expect("build");
-                store.save(name, &first.committed()).expect("save");
-                RepoSlot::new(name.into(), 3, first, ledger)
-            })
-            .collect();
+    /// A core with `tokens` and `credential` (3 keys each) over a memory
+    /// store, one agent behind a channel nobody answers, a key lifetime of a
+    /// day (the token ledger would hold any purge), and a credential gate with
+    /// a cache time of 60 s.
+    async fn core() -> Arc<Core> {
+        let store = Store::memory();
+        for name in ["tokens", CREDENTIAL_REPOSITORY] {
+            let keys = crate::repository::init(3).expect("init");
+            let ledger = Ledger::fresh(&keys, now_ms());
+            let first = Generation::build(name, 1, keys, ledger.promoted_unix()).expect("build");
+            store.put_committed(name, first.committed(), ledger);
+        }
+        core_on(store).await
+    }
+
+    /// A core over `store` as a rotator starting on it finds it (another
+    /// rotator's store after a failover): the generations it holds, and a
+    /// gate that has seen no migrate yet.
+    async fn core_on(store: Store) -> Arc<Core> {
+        let mut repos = Vec::new();
+        for name in ["tokens", CREDENTIAL_REPOSITORY] {
+            let (committed, ledger) = store.load(name).await.expect("load").expect("state");
+            let config = crate::config::RepositoryConfig {
+                name: name.into(),
+                max_active_keys: 3,
+                import: None,
+                schedule: None,
+            };
+            repos.push(super::super::store::slot(&config, committed, ledger).expect("slot"));
+        }
         let channel = crate::tls::Connection::never_dialled();
         let endpoint = crate::config::AgentEndpoint {
             name: None,
@@ -647,8 +678,7 @@ mod tests {
     #[tokio::test]
     async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_and_the_cache_time()
      {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path());
+        let core = core().await;
         let (t, c) = ids(&core);
         let stop = CancellationToken::new();
         ack_all(&core);
@@ -698,6 +728,7 @@ mod tests {
         let recorded: Option<MigrateRecord> = core
             .store
             .load_record(CREDENTIAL_REPOSITORY, RECORD)
+            .await
             .expect("record");
         assert!(recorded.is_some_and(|r| !r.passed));
 
@@ -734,6 +765,52 @@ mod tests {
             ack_all(&core);
         }
         assert_eq!(core.repos[c].current().keys.indices(), vec![0, 2, 3]);
+    }
+
+    /// A failover: the old leader's passed migrate is in the store, so the
+    /// new leader's first credential rotation needs no new check (the migrate
+    /// agent answers nobody here: a new check would fail and refuse it).
+    #[tokio::test]
+    async fn a_credential_rotation_right_after_a_failover_needs_no_new_migrate_when_one_passed() {
+        let old = core().await;
+        let (_, c) = ids(&old);
+        let current = old.repos[c].current();
+        let record = MigrateRecord {
+            unix_ms: now_ms() - 61_000,
+            generation: current.number,
+            digest: current.digest.to_hex(),
+            agent: "RegionOne".into(),
+            passed: true,
+            ..Default::default()
+        };
+        old.record_migrate(old.credential.as_ref().expect("gate"), &record)
+            .await;
+
+        // The standby started before the migrate; a new term refreshes it.
+        let new = core_on(old.store.clone()).await;
+        assert_eq!(
+            new.credential_status(c)
+                .expect("status")
+                .last_migrate_unix_ms,
+            0
+        );
+        new.refresh().await.expect("refresh");
+        ack_all(&new);
+        let r = new
+            .rotate(
+                &only(&[CREDENTIAL_REPOSITORY]),
+                "test",
+                CancellationToken::new(),
+            )
+            .await
+            .expect("rotate");
+        assert!(r.outcomes[0].rotated, "{:?}", r.outcomes[0]);
+        assert_eq!(new.repos[c].current().number, 2);
+        assert!(
+            new.credential_status(c)
+                .expect("status")
+                .last_migrate_passed
+        );
     }
 
     fn config(extra: &str) -> RotatorConfig {

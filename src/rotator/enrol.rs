@@ -345,8 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reload_adds_removes_and_reconnects_and_the_safety_rule_follows() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["One", "Two"]);
+        let core = core(&["One", "Two"]);
         let ids: Vec<AgentId> = core.agent_ids().collect();
         ack(&core, ids[0]);
         assert!(!core.may_rotate(tokens(&core)), "Two has not acknowledged");
@@ -400,8 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reload_that_cannot_connect_one_agent_changes_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path(), &["One", "Two"]);
+        let core = core(&["One", "Two"]);
         let before: Vec<AgentId> = core.agent_ids().collect();
         let refuse = |a: &AgentEndpoint| {
             if a.region == "Four" {

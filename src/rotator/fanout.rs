@@ -336,8 +336,7 @@ mod tests {
     /// (a new generation) does not wait.
     #[tokio::test(start_paused = true)]
     async fn a_failed_agent_is_retried_after_a_growing_jittered_backoff() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = crate::rotator::core::tests::core(dir.path(), &["RegionOne"]);
+        let core = crate::rotator::core::tests::core(&["RegionOne"]);
         let first = core.agent_ids().next().expect("one agent");
         let base = core.fanout.backoff_base;
         let max = core.fanout.backoff_max;
@@ -413,8 +412,7 @@ mod tests {
     /// keeps them so.
     #[test]
     fn a_push_task_stays_small() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let core = crate::rotator::core::tests::core(dir.path(), &["RegionOne"]);
+        let core = crate::rotator::core::tests::core(&["RegionOne"]);
         let first = core.agent_ids().next().expect("one agent");
         let size = std::mem::size_of_val(&core.work(first));
         assert!(size <= 1280, "a push's future takes {size} bytes");

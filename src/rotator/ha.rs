@@ -29,9 +29,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::core::{Core, Generation, RepoSlot};
 use super::ledger::Ledger;
-use super::state::{self, Acks, Committed, StateStore};
+use super::state::{self, Acks, Committed};
 use crate::config::{HaConfig, RotatorConfig};
 use crate::pb;
 use crate::seal::SealKey;
@@ -165,7 +164,7 @@ pub struct EtcdState {
     prefix: String,
     seal: Arc<SealKey>,
     advertise: String,
-    ttl: Duration,
+    pub(super) ttl: Duration,
     term: Mutex<Option<Term>>,
     role: Mutex<Role>,
     /// Unix ms of the last successful lease renewal of this term.
@@ -322,6 +321,13 @@ impl EtcdState {
         }
     }
 
+    /// A standby that cannot campaign: says why, keeping who led last.
+    pub(super) fn unreachable(&self, error: &HaError) {
+        let why = format!("etcd unreachable: {}", crate::error_chain(error));
+        let at = lock(&self.role).leader_at.clone();
+        self.set_role(false, at, why);
+    }
+
     fn set_role(&self, leader: bool, leader_at: String, detail: String) {
         self.leader_gauge.set(i64::from(leader));
         *lock(&self.role) = Role {
@@ -348,7 +354,7 @@ impl EtcdState {
     }
 
     /// Ends this term at once: a failed fence means another leads.
-    fn lose(&self, why: &str) {
+    pub(super) fn lose(&self, why: &str) {
         if lock(&self.term).take().is_some() {
             tracing::warn!(reason = %why, "stepping down: no longer the leader");
             lock(&self.term_stop).cancel();
@@ -508,8 +514,51 @@ impl EtcdState {
         self.require_leader()
     }
 
+    /// Records the JSON record `kind` of repository `name` (fenced; no key material).
+    pub(super) async fn save_record<T: Serialize>(
+        &self,
+        name: &str,
+        kind: &str,
+        record: &T,
+    ) -> Result<(), HaError> {
+        let op = TxnOp::put(
+            self.key(&format!("repos/{name}/{kind}")),
+            serde_json::to_vec(record).unwrap_or_default(),
+            None,
+        );
+        self.fenced_or_lose("record a repository's record", op)
+            .await
+    }
+
+    /// The JSON record `kind` of repository `name`, if one was written.
+    pub(super) async fn load_record<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        kind: &str,
+    ) -> Result<Option<T>, HaError> {
+        let mut client = self.client();
+        let key = self.key(&format!("repos/{name}/{kind}"));
+        let got = self
+            .call("read a record", client.get(key.clone(), None))
+            .await?;
+        match got.kvs().first() {
+            Some(kv) => {
+                serde_json::from_slice(kv.value())
+                    .map(Some)
+                    .map_err(|e| HaError::Corrupt {
+                        key,
+                        reason: e.to_string(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The committed generation and ledger of `name` in etcd, if any.
-    async fn load(&self, name: &str) -> Result<Option<(Committed, Option<Ledger>)>, HaError> {
+    pub(super) async fn load(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Committed, Option<Ledger>)>, HaError> {
         let mut client = self.client();
         let key = self.key(&format!("repos/{name}/current"));
         let got = self
@@ -553,7 +602,7 @@ impl EtcdState {
 
     /// Tries to become the leader: a lease, and the leader key created only
     /// when absent. Learns who leads otherwise.
-    async fn campaign(&self) -> Result<bool, HaError> {
+    pub(super) async fn campaign(&self) -> Result<bool, HaError> {
         if self.is_leader() {
             return Ok(true);
         }
@@ -622,7 +671,7 @@ impl EtcdState {
 
     /// Renews this term's lease once; ends the term when etcd says the lease
     /// is gone, or when no renewal succeeded for a whole TTL.
-    async fn renew(&self) {
+    pub(super) async fn renew(&self) {
         let Some(term) = lock(&self.term).clone() else {
             return;
         };
@@ -669,241 +718,13 @@ impl EtcdState {
         }
     }
 
-    fn term_token(&self) -> CancellationToken {
+    pub(super) fn term_token(&self) -> CancellationToken {
         lock(&self.term_stop).clone()
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The repositories at start: from etcd, or, for the first leader of an empty
-/// prefix, from the file state (imported), `import`, or a fresh set, written
-/// to etcd. A standby waits until a leader wrote them.
-pub(super) async fn prepare(
-    ha: &EtcdState,
-    config: &RotatorConfig,
-    store: &StateStore,
-    agents: &[super::core::AgentSlot],
-    fresh_start: bool,
-    stop: &CancellationToken,
-) -> Result<Vec<RepoSlot>, RotatorError> {
-    loop {
-        let mut found = Vec::new();
-        let mut all = true;
-        for repo in &config.repositories {
-            match ha.load(&repo.name).await {
-                Ok(Some(loaded)) => found.push(Some(loaded)),
-                Ok(None) => {
-                    all = false;
-                    found.push(None);
-                }
-                Err(e @ (HaError::Seal { .. } | HaError::Corrupt { .. })) => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "etcd unreachable at start; retrying");
-                    all = false;
-                    found.clear();
-                    break;
-                }
-            }
-        }
-        if all && found.len() == config.repositories.len() {
-            return slots_from(config, found.into_iter().flatten().collect());
-        }
-        if found.len() == config.repositories.len() && ha.campaign().await.unwrap_or(false) {
-            return initialise(ha, config, store, agents, fresh_start, found).await;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(ha.ttl / 3) => {}
-            _ = stop.cancelled() => return Err(RotatorError::Task("stopped before start".into())),
-        }
-    }
-}
-
-fn slots_from(
-    config: &RotatorConfig,
-    loaded: Vec<(Committed, Option<Ledger>)>,
-) -> Result<Vec<RepoSlot>, RotatorError> {
-    config
-        .repositories
-        .iter()
-        .zip(loaded)
-        .map(|(repo, (committed, ledger))| {
-            let mut ledger = ledger.unwrap_or_default();
-            ledger.adopt_unknown(&committed.keys, super::core::now_ms());
-            let generation = Generation::build(
-                &repo.name,
-                committed.generation,
-                committed.keys,
-                ledger.promoted_unix(),
-            )?;
-            Ok(RepoSlot::new(
-                repo.name.clone(),
-                repo.max_active_keys,
-                generation,
-                ledger,
-            ))
-        })
-        .collect()
-}
-
-/// The first leader of an empty prefix writes what a single rotator would
-/// resume from: its file state when it has one (moving to HA), else `import`
-/// or a fresh set (after asking the agents, as a single rotator does).
-async fn initialise(
-    ha: &EtcdState,
-    config: &RotatorConfig,
-    store: &StateStore,
-    agents: &[super::core::AgentSlot],
-    fresh_start: bool,
-    found: Vec<Option<(Committed, Option<Ledger>)>>,
-) -> Result<Vec<RepoSlot>, RotatorError> {
-    let fresh = super::recovery::fresh_repositories(&config.repositories, &config.state_dir)?;
-    let fresh: Vec<String> = fresh
-        .into_iter()
-        .filter(|name| {
-            config
-                .repositories
-                .iter()
-                .zip(&found)
-                .any(|(r, f)| &r.name == name && f.is_none())
-        })
-        .collect();
-    if !fresh.is_empty() && !agents.is_empty() && !fresh_start {
-        let probe = super::recovery::probe(agents, &fresh, &config.fanout).await;
-        super::recovery::refuse_fresh_start(&probe, &config.state_dir)?;
-    }
-    let (blocking_config, blocking_store) = (config.clone(), store.clone());
-    let imports = tokio::task::spawn_blocking(move || {
-        let imports = super::prepare_imports(&blocking_config)?;
-        super::load_generations(&blocking_config, &blocking_store, imports)?;
-        Ok::<_, RotatorError>(())
-    });
-    imports
-        .await
-        .map_err(|e| RotatorError::Task(e.to_string()))??;
-    let mut loaded = Vec::with_capacity(found.len());
-    for (repo, existing) in config.repositories.iter().zip(found) {
-        if let Some(existing) = existing {
-            loaded.push(existing);
-            continue;
-        }
-        let committed = store
-            .load(&repo.name)?
-            .ok_or_else(|| RotatorError::Incomplete(repo.name.clone()))?;
-        let ledger = store.load_ledger(&repo.name)?.unwrap_or_default();
-        ha.commit(&repo.name, &ledger, &committed).await?;
-        tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "imported the file state into etcd");
-        loaded.push((committed, Some(ledger)));
-    }
-    if let Ok(acks) = store.load_acks()
-        && !acks.is_empty()
-    {
-        let _ = ha.save_acks(&acks).await;
-    }
-    slots_from(config, loaded)
-}
-
-/// Terms of leadership until `stop`: as a standby, follow etcd and campaign
-/// every third of the lease; as the leader, run the schedule, the fan-out and
-/// the reconcile until the term ends, renewing the lease meanwhile.
-pub(super) async fn terms(
-    core: Arc<Core>,
-    ha: Arc<EtcdState>,
-    schedule: super::schedule::Schedule,
-    stop: CancellationToken,
-) {
-    let tick = ha.ttl / 3;
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        if !ha.is_leader() {
-            follow(&core, &ha).await;
-            match ha.campaign().await {
-                Ok(true) => {}
-                Ok(false) => {}
-                Err(e) => {
-                    let why = format!("etcd unreachable: {}", crate::error_chain(&e));
-                    let at = lock(&ha.role).leader_at.clone();
-                    ha.set_role(false, at, why);
-                }
-            }
-            if !ha.is_leader() {
-                tokio::select! {
-                    _ = tokio::time::sleep(tick) => {}
-                    _ = stop.cancelled() => {}
-                }
-                continue;
-            }
-        }
-        // A new term: take what the last leader committed, read every agent back.
-        if let Err(e) = follow_strict(&core, &ha).await {
-            ha.lose(&format!(
-                "cannot read the state at the start of the term: {}",
-                crate::error_chain(&e)
-            ));
-            continue;
-        }
-        let term = ha.term_token();
-        let term_stop = stop.child_token();
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(core.clone().dispatch(term_stop.clone()));
-        core.reconcile_all(true);
-        tasks.spawn(super::reconcile_loop(core.clone(), term_stop.clone()));
-        tasks.spawn(super::schedule_loop(
-            core.clone(),
-            schedule.clone(),
-            term_stop.clone(),
-        ));
-        tasks.spawn(core.clone().credential_schedule(term_stop.clone()));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(tick) => ha.renew().await,
-                _ = term.cancelled() => break,
-                _ = stop.cancelled() => break,
-            }
-            if !ha.is_leader() {
-                break;
-            }
-        }
-        term_stop.cancel();
-        while tasks.join_next().await.is_some() {}
-    }
-}
-
-/// A standby's refresh: the generations, ledgers and acknowledgements in etcd.
-async fn follow(core: &Core, ha: &EtcdState) {
-    if let Err(e) = follow_strict(core, ha).await {
-        tracing::debug!(error = %crate::error_chain(&e), "cannot follow etcd");
-    }
-}
-
-async fn follow_strict(core: &Core, ha: &EtcdState) -> Result<(), HaError> {
-    for (r, repo) in core.repos() {
-        let Some((committed, ledger)) = ha.load(&repo.name).await? else {
-            continue;
-        };
-        if committed.generation == repo.current().number {
-            continue;
-        }
-        let mut ledger = ledger.unwrap_or_default();
-        ledger.adopt_unknown(&committed.keys, super::core::now_ms());
-        let Ok(generation) = Generation::build(
-            &repo.name,
-            committed.generation,
-            committed.keys,
-            ledger.promoted_unix(),
-        ) else {
-            continue;
-        };
-        tracing::debug!(repository = %repo.name, generation = generation.number, "following etcd");
-        core.adopt_committed(r, generation, ledger);
-    }
-    let acks = ha.load_acks().await?;
-    core.restore_acks(&acks);
-    Ok(())
 }
 
 #[cfg(test)]
