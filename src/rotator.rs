@@ -13,6 +13,7 @@ mod credential;
 mod duties;
 mod enrol;
 mod fanout;
+mod fleet;
 mod ha;
 mod leader;
 pub mod ledger;
@@ -21,6 +22,7 @@ mod recovery;
 pub mod schedule;
 pub mod state;
 mod store;
+mod types;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,7 +30,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{AgentSlot, Core};
+use self::core::Core;
+use self::fleet::AgentSlot;
 use self::metrics::{AgentCollector, Metrics};
 use self::schedule::{Schedule, ScheduleError};
 use self::state::StateError;

@@ -14,7 +14,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::RotatorError;
-use super::core::{Core, Generation, RepoId, RepoSlot, now_ms};
+use super::core::Core;
+use super::types::{Generation, RepoId, RepoSlot, now_ms};
 use crate::config::AdminConfig;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
@@ -240,7 +241,7 @@ impl Core {
             .repos()
             .map(|(r, repo)| (r, repo, repo.current()))
             .collect();
-        let agents = self.agents.snapshot();
+        let agents = self.fleet.agents.snapshot();
         let mut rows = Vec::with_capacity(agents.slots() * self.repos.len());
         for (_, agent) in agents.iter() {
             let st = agent.lock();

@@ -4,323 +4,32 @@
 //! fan-out dispatcher all act through [`Core`]; its fields stay private to the
 //! rotator's modules.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
-use super::enrol::AgentTable;
-use super::fanout::{EncodedInstall, Phase, WorkQueue};
+use super::fleet::{AgentSlot, Fleet};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
-use super::schedule::Backoff;
-use super::state::{AckRecord, Acks, Committed};
+use super::state::{AckRecord, Acks};
 use super::store::{Store, StoreError};
-use crate::config::{AgentEndpoint, FanoutConfig};
+use super::types::{AgentId, Blocked, Generation, Held, RepoId, RepoSlot, now_ms, rfc3339};
+use crate::config::FanoutConfig;
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
-
-/// One committed generation of a repository, with its Install request encoded
-/// once for every push.
-pub(super) struct Generation {
-    pub(super) number: u64,
-    pub(super) keys: KeySet,
-    pub(super) digest: Digest,
-    /// Framed for gRPC; clones share the bytes.
-    encoded: bytes::Bytes,
-}
-
-impl std::fmt::Debug for Generation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Generation")
-            .field("number", &self.number)
-            .field("digest", &self.digest)
-            .field("indices", &self.keys.indices())
-            .finish()
-    }
-}
-
-impl Generation {
-    /// Encodes the Install request for `keys` as generation `number`, with
-    /// canary tokens made with the primary and the staged key.
-    pub(super) fn build(
-        repository: &str,
-        number: u64,
-        keys: KeySet,
-        promoted_unix: BTreeMap<u32, i64>,
-    ) -> Result<Self, RotatorError> {
-        let (Some(primary_index), Some(primary), Some(staged)) =
-            (keys.primary_index(), keys.primary(), keys.staged())
-        else {
-            return Err(RotatorError::Incomplete(repository.to_owned()));
-        };
-        let digest = keys.digest();
-        let mut request = pb::InstallRequest {
-            repository: repository.to_owned(),
-            generation: number,
-            keys: keys
-                .iter()
-                .map(|(index, key)| pb::Key {
-                    index,
-                    material: key.as_bytes().to_vec(),
-                })
-                .collect(),
-            digest: digest.0.to_vec(),
-            canaries: vec![
-                pb::Canary {
-                    token: crate::token::canary(primary),
-                    key_index: primary_index,
-                },
-                pb::Canary {
-                    token: crate::token::canary(staged),
-                    key_index: 0,
-                },
-            ],
-            restore: false,
-            promoted_unix: promoted_unix.into_iter().collect(),
-        };
-        let encoded = Zeroizing::new(crate::tls::grpc_frame(&Zeroizing::new(
-            prost::Message::encode_to_vec(&request),
-        )));
-        for key in &mut request.keys {
-            key.material.zeroize();
-        }
-        Ok(Generation {
-            number,
-            keys,
-            digest,
-            encoded: bytes::Bytes::from_owner(EncodedInstall(encoded)),
-        })
-    }
-
-    pub(super) fn encoded(&self) -> bytes::Bytes {
-        self.encoded.clone()
-    }
-
-    pub(super) fn committed(&self) -> Committed {
-        Committed {
-            generation: self.number,
-            keys: self.keys.clone(),
-        }
-    }
-}
-
-/// Why a repository's next rotation is held back.
-#[derive(Debug, Clone)]
-pub(super) struct Blocked {
-    pub(super) reason: String,
-    pub(super) regions: Vec<String>,
-    /// Held by the key-lifetime rule until then (Unix ms; `Some(0)` = until the
-    /// purged key is demoted everywhere); `None` for the safety rule.
-    pub(super) until_ms: Option<i64>,
-}
-
-/// One managed repository.
-pub(super) struct RepoSlot {
-    pub(super) name: String,
-    pub(super) max_active_keys: usize,
-    current: RwLock<Arc<Generation>>,
-    blocked: Mutex<Option<Blocked>>,
-    /// A scheduled rotation was blocked and is owed once the agents catch up.
-    pub(super) overdue: AtomicBool,
-    pub(super) next_rotation_ms: AtomicI64,
-    /// When an owed scheduled rotation was performed late (Unix ms, 0 = never):
-    /// the next cron tick within one interval of it is skipped.
-    pub(super) late_rotation_ms: AtomicI64,
-    /// The owed rotation is a cron tick deferred after a late one: performing
-    /// it does not count as late again (the schedule returns to its grid).
-    deferred: AtomicBool,
-    /// When each key was created, promoted and demoted; durable in the state.
-    ledger: Mutex<Ledger>,
-    ledger_dirty: AtomicBool,
-    /// Where [`Core::all_hold_current`] resumes.
-    demotion_cursor: AtomicUsize,
-}
-
-impl RepoSlot {
-    pub(super) fn new(
-        name: String,
-        max_active_keys: usize,
-        generation: Generation,
-        ledger: Ledger,
-    ) -> Self {
-        RepoSlot {
-            name,
-            max_active_keys,
-            current: RwLock::new(Arc::new(generation)),
-            blocked: Mutex::new(None),
-            overdue: AtomicBool::new(false),
-            next_rotation_ms: AtomicI64::new(0),
-            late_rotation_ms: AtomicI64::new(0),
-            deferred: AtomicBool::new(false),
-            ledger: Mutex::new(ledger),
-            ledger_dirty: AtomicBool::new(false),
-            demotion_cursor: AtomicUsize::new(0),
-        }
-    }
-
-    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        lock(&self.ledger)
-    }
-
-    pub(super) fn current(&self) -> Arc<Generation> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_current(&self, generation: Generation) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
-    }
-
-    pub(super) fn blocked(&self) -> Option<Blocked> {
-        lock(&self.blocked).clone()
-    }
-
-    /// The agent table changed: [`Core::all_hold_current`] starts over.
-    pub(super) fn reset_demotion_cursor(&self) {
-        self.demotion_cursor.store(0, Ordering::Release);
-    }
-
-    pub(super) fn set_blocked(&self, blocked: Option<Blocked>) {
-        *lock(&self.blocked) = blocked;
-    }
-}
-
-/// What an agent was last seen holding for one repository.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Held {
-    pub(super) generation: u64,
-    pub(super) digest: Option<Digest>,
-    /// Unix time (ms) it was last confirmed; 0 = never.
-    pub(super) unix_ms: i64,
-    /// The agent reported that its on-disk repository differs from what it installed.
-    pub(super) drift: bool,
-    /// Read from the rotator's disk at start, not yet confirmed by the agent:
-    /// shown in status, never counted by the safety rule.
-    pub(super) restored: bool,
-}
-
-/// Per-agent mutable state: a few words, whatever the number of agents.
-#[derive(Debug)]
-pub(super) struct AgentState {
-    pub(super) phase: Phase,
-    /// Read the agent's state back before pushing.
-    pub(super) probe: bool,
-    pub(super) failures: u32,
-    pub(super) last_error: Option<String>,
-    pub(super) connected: bool,
-    pub(super) held: Vec<Held>,
-}
-
-/// One enrolled agent: its own name (a controller) and the region it serves.
-pub(super) struct AgentSlot {
-    pub(super) name: String,
-    pub(super) region: String,
-    pub(super) endpoint: String,
-    /// The SAN its certificate must carry: a reload that changes it reconnects.
-    pub(super) identity: String,
-    pub(super) channel: crate::tls::Connection,
-    state: Mutex<AgentState>,
-}
-
-impl AgentSlot {
-    pub(super) fn new(
-        config: &AgentEndpoint,
-        channel: crate::tls::Connection,
-        repos: usize,
-    ) -> Self {
-        AgentSlot {
-            name: config.name().to_owned(),
-            region: config.region.clone(),
-            endpoint: config.endpoint.clone(),
-            identity: config.identity.clone(),
-            channel,
-            state: Mutex::new(AgentState {
-                phase: Phase::Idle,
-                probe: true,
-                failures: 0,
-                last_error: None,
-                connected: false,
-                held: vec![Held::default(); repos],
-            }),
-        }
-    }
-
-    /// How lists of agents name it: the region alone when the agent is the
-    /// region's only one (its name is the region), else `name (region)`.
-    pub(super) fn label(&self) -> String {
-        if self.name == self.region {
-            self.region.clone()
-        } else {
-            format!("{} ({})", self.name, self.region)
-        }
-    }
-
-    pub(super) fn lock(&self) -> MutexGuard<'_, AgentState> {
-        lock(&self.state)
-    }
-
-    /// Whether it holds `generation` of repository `r` (same number and
-    /// digest, no drift, confirmed by the agent since this process started).
-    pub(super) fn holds(&self, r: RepoId, generation: &Generation) -> bool {
-        let held = self.lock().held[r];
-        held.generation == generation.number
-            && held.digest == Some(generation.digest)
-            && !held.drift
-            && !held.restored
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An enrolled agent: its slot in [`Core`]'s agent table, never reused in the
-/// process (a reload retires slots and appends new ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct AgentId(pub(super) usize);
-
-/// A managed repository: its position in [`Core`]'s repositories and in every
-/// agent's [`Held`] row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct RepoId(usize);
-
-impl std::ops::Index<RepoId> for Vec<RepoSlot> {
-    type Output = RepoSlot;
-    fn index(&self, id: RepoId) -> &RepoSlot {
-        &self[id.0]
-    }
-}
-
-impl std::ops::Index<RepoId> for Vec<Held> {
-    type Output = Held;
-    fn index(&self, id: RepoId) -> &Held {
-        &self[id.0]
-    }
-}
-
-impl std::ops::IndexMut<RepoId> for Vec<Held> {
-    fn index_mut(&mut self, id: RepoId) -> &mut Held {
-        &mut self[id.0]
-    }
-}
 
 /// Everything the rotator knows, shared by its tasks.
 pub(super) struct Core {
     pub(super) repos: Vec<RepoSlot>,
-    pub(super) agents: AgentTable,
+    /// The enrolled agents and the dispatcher's queues.
+    pub(super) fleet: Fleet,
     /// Where every durable write goes (files, or etcd under `[ha]`), chosen at start.
     pub(super) store: Store,
     pub(super) fanout: FanoutConfig,
-    pub(super) backoff: Backoff,
-    pub(super) queue: WorkQueue,
     pub(super) metrics: Metrics,
     /// Token expiration + `allow_expired_window` + token cache time: how long
     /// after its last token a key must stay in every region.
@@ -334,13 +43,6 @@ pub(super) struct Core {
     pub(super) acks_dirty: AtomicBool,
 }
 
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Core {
     pub(super) fn new(
         repos: Vec<RepoSlot>,
@@ -350,17 +52,11 @@ impl Core {
         metrics: Metrics,
         key_lifetime: Duration,
     ) -> Self {
-        let backoff = Backoff {
-            base: fanout.backoff_base,
-            max: fanout.backoff_max,
-        };
         let core = Core {
-            queue: WorkQueue::new(fanout.concurrency),
             repos,
-            agents: AgentTable::new(agents),
+            fleet: Fleet::new(agents, &fanout),
             store,
             fanout,
-            backoff,
             metrics,
             key_lifetime,
             audit: None,
@@ -378,14 +74,9 @@ impl Core {
         core
     }
 
-    /// Every enrolled agent.
-    pub(super) fn agent_ids(&self) -> impl Iterator<Item = AgentId> + use<> {
-        self.agents.ids()
-    }
-
     /// Enrolled agent `i`; `None` once a reload removed it.
     pub(super) fn agent(&self, i: AgentId) -> Option<Arc<AgentSlot>> {
-        self.agents.get(i)
+        self.fleet.agents.get(i)
     }
 
     /// Every managed repository, with its slot.
@@ -403,7 +94,7 @@ impl Core {
             let Some(by_region) = acks.get(&repo.name) else {
                 continue;
             };
-            for (_, agent) in self.agents.snapshot().iter() {
+            for (_, agent) in self.fleet.agents.snapshot().iter() {
                 if let Some(rec) = by_region.get(&agent.name) {
                     agent.lock().held[r] = Held {
                         generation: rec.generation,
@@ -425,7 +116,7 @@ impl Core {
         let mut acks = Acks::new();
         for (r, repo) in self.repos() {
             let by_region = acks.entry(repo.name.clone()).or_default();
-            for (_, agent) in self.agents.snapshot().iter() {
+            for (_, agent) in self.fleet.agents.snapshot().iter() {
                 let held = agent.lock().held[r];
                 if let Some(digest) = held.digest {
                     by_region.insert(
@@ -668,7 +359,8 @@ impl Core {
 
     /// Regions that do not hold `generation` of repository `r`.
     fn regions_missing(&self, r: RepoId, generation: &Generation) -> Vec<String> {
-        self.agents
+        self.fleet
+            .agents
             .snapshot()
             .iter()
             .filter(|(_, a)| !a.holds(r, generation))
@@ -679,7 +371,8 @@ impl Core {
     /// Whether repository `r` may rotate now under the safety rule.
     pub(super) fn may_rotate(&self, r: RepoId) -> bool {
         let current = self.repos[r].current();
-        self.agents
+        self.fleet
+            .agents
             .snapshot()
             .iter()
             .all(|(_, a)| a.holds(r, &current))
@@ -922,7 +615,7 @@ impl Core {
         let reason = format!(
             "{} of {} agents have not acknowledged generation {}: {}",
             missing.len(),
-            self.agents.len(),
+            self.fleet.agents.len(),
             current.number,
             missing.join(", ")
         );
@@ -1007,7 +700,7 @@ impl Core {
         // With no agent enrolled, every agent holds it at once.
         self.note_demotions(r);
         self.bump_progress();
-        self.push_all();
+        self.fleet.push_all();
     }
 
     /// Records in the ledger that keys of `r` stopped being primary everywhere,
@@ -1035,7 +728,7 @@ impl Core {
         let repo = &self.repos[r];
         let current = repo.current();
         let start = repo.demotion_cursor.load(Ordering::Acquire);
-        let agents = self.agents.snapshot();
+        let agents = self.fleet.agents.snapshot();
         if let Some((i, _)) = agents
             .iter_from(AgentId(start))
             .find(|(_, a)| !a.holds(r, &current))
@@ -1213,7 +906,7 @@ impl Core {
         let mut from = 0;
         loop {
             progress.borrow_and_update();
-            let agents = self.agents.snapshot();
+            let agents = self.fleet.agents.snapshot();
             let currents: Vec<(RepoId, Arc<Generation>)> = repos
                 .iter()
                 .map(|&r| (r, self.repos[r].current()))
@@ -1246,7 +939,7 @@ impl Core {
         wait: Duration,
         shutdown: CancellationToken,
     ) -> Vec<pb::AgentStatus> {
-        self.reconcile_all(true);
+        self.fleet.reconcile_all(true);
         let all: Vec<RepoId> = self.repos().map(|(r, _)| r).collect();
         self.wait_in_sync(&all, wait, true, shutdown).await;
         self.agent_statuses()
@@ -1410,12 +1103,6 @@ impl Core {
     }
 }
 
-pub(super) fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| ms.to_string())
-}
-
 /// The keys a rotation purges, each with the age of the youngest token it can
 /// have signed.
 fn purge_note(purges: &[super::ledger::Purge], now: i64) -> String {
@@ -1490,6 +1177,8 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::config::AgentEndpoint;
+    use std::collections::BTreeMap;
 
     /// A core over a memory store with `regions` agents behind channels that
     /// are never dialled (no dispatcher runs), so the tests drive

@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::core::{Blocked, Core, Generation, RepoId, now_ms, rfc3339};
+use super::core::Core;
 use super::schedule::Schedule;
+use super::types::{Blocked, Generation, RepoId, now_ms, rfc3339};
 use crate::config::{CREDENTIAL_REPOSITORY, CredentialConfig, RotatorConfig};
 use crate::pb;
 
@@ -353,7 +354,7 @@ impl Core {
             return Err(RotatorError::Config("no [credential] section".into()));
         };
         let name = &gate.config.migrate_region;
-        let agents = self.agents.snapshot();
+        let agents = self.fleet.agents.snapshot();
         let agent = agents
             .iter()
             .find(|(_, a)| &a.name == name)
@@ -372,7 +373,7 @@ impl Core {
                 record.agent = agent.label();
                 // A quick read-back first: the migrate itself may take minutes,
                 // and the rotation lock is held meanwhile.
-                if let Err(e) = self.get_state(&agent).await {
+                if let Err(e) = super::fanout::get_state(&agent, self.fanout.call_timeout).await {
                     record.reason = format!("the agent does not answer: {e}");
                     self.record_migrate(gate, &record).await;
                     return Ok(record);
@@ -558,7 +559,7 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(960);
 
 #[cfg(test)]
 mod tests {
-    use super::super::core::AgentSlot;
+    use super::super::fleet::AgentSlot;
     use super::super::ledger::Ledger;
     use super::super::metrics::Metrics;
     use super::super::store::Store;
@@ -645,7 +646,7 @@ mod tests {
                 canaries_valid: true,
                 ..Default::default()
             };
-            for i in core.agent_ids() {
+            for i in core.fleet.agents.ids() {
                 core.observe_install(i, r, &current, &response)
                     .expect("acknowledged");
             }

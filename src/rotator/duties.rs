@@ -9,8 +9,9 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{self, Core};
+use super::core::Core;
 use super::schedule::Schedule;
+use super::types::now_ms;
 
 /// Starts every duty on `tasks`, until `stop`. Every agent is read back first:
 /// acknowledgements remembered in the store are only a hint.
@@ -20,8 +21,8 @@ pub(super) fn spawn(
     stop: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) {
-    tasks.spawn(core.clone().dispatch(stop.clone()));
-    core.reconcile_all(true);
+    tasks.spawn(super::fanout::dispatch(core.clone(), stop.clone()));
+    core.fleet.reconcile_all(true);
     tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
     tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
     tasks.spawn(core.clone().credential_schedule(stop.clone()));
@@ -36,7 +37,7 @@ async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = reconcile.tick() => core.reconcile_all(false),
+            _ = reconcile.tick() => core.fleet.reconcile_all(false),
             _ = flush.tick() => {
                 core.flush_acks().await;
                 core.flush_ledgers().await;
@@ -113,7 +114,7 @@ async fn until(at_ms: Option<i64>) {
     let Some(at_ms) = at_ms else {
         return std::future::pending().await;
     };
-    let wait = u64::try_from(at_ms.saturating_sub(core::now_ms())).unwrap_or(0);
+    let wait = u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0);
     // A little after, so the purge-safe comparison has certainly passed.
     tokio::time::sleep(std::time::Duration::from_millis(wait + 5)).await;
 }

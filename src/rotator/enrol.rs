@@ -11,103 +11,14 @@
 //! log as waiting for a restart.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::core::{AgentId, AgentSlot, Core};
+use super::core::Core;
+use super::fleet::AgentSlot;
 use crate::config::{AgentEndpoint, RotatorConfig};
-
-/// The enrolled agents, by [`AgentId`]; `None` marks a retired slot.
-pub(super) struct AgentTable {
-    slots: RwLock<Arc<Vec<Option<Arc<AgentSlot>>>>>,
-}
-
-/// The table as it was at one instant: iterating it takes no lock.
-pub(super) struct Snapshot(Arc<Vec<Option<Arc<AgentSlot>>>>);
-
-impl Snapshot {
-    /// Every enrolled agent, in table order (configuration order, then
-    /// enrolment order).
-    pub(super) fn iter(&self) -> impl Iterator<Item = (AgentId, &Arc<AgentSlot>)> {
-        self.iter_from(AgentId(0))
-    }
-
-    /// Every enrolled agent from slot `start` on.
-    pub(super) fn iter_from(
-        &self,
-        start: AgentId,
-    ) -> impl Iterator<Item = (AgentId, &Arc<AgentSlot>)> {
-        self.0
-            .iter()
-            .enumerate()
-            .skip(start.0)
-            .filter_map(|(i, slot)| slot.as_ref().map(|a| (AgentId(i), a)))
-    }
-
-    /// The number of slots, retired ones included: ids are below it.
-    pub(super) fn slots(&self) -> usize {
-        self.0.len()
-    }
-
-    pub(super) fn get(&self, i: AgentId) -> Option<&Arc<AgentSlot>> {
-        self.0.get(i.0).and_then(Option::as_ref)
-    }
-}
-
-impl AgentTable {
-    pub(super) fn new(agents: Vec<AgentSlot>) -> Self {
-        AgentTable {
-            slots: RwLock::new(Arc::new(
-                agents.into_iter().map(|a| Some(Arc::new(a))).collect(),
-            )),
-        }
-    }
-
-    pub(super) fn snapshot(&self) -> Snapshot {
-        Snapshot(self.slots.read().unwrap_or_else(|p| p.into_inner()).clone())
-    }
-
-    pub(super) fn get(&self, i: AgentId) -> Option<Arc<AgentSlot>> {
-        self.slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(i.0)
-            .and_then(Option::clone)
-    }
-
-    /// Ids of every enrolled agent, from a snapshot.
-    pub(super) fn ids(&self) -> impl Iterator<Item = AgentId> + use<> {
-        let snapshot = self.snapshot();
-        (0..snapshot.slots())
-            .map(AgentId)
-            .filter(move |&i| snapshot.get(i).is_some())
-    }
-
-    /// How many agents are enrolled.
-    pub(super) fn len(&self) -> usize {
-        self.snapshot().iter().count()
-    }
-
-    /// Retires `retire` and appends `add`, as one step for every reader.
-    fn replace(&self, retire: &[AgentId], add: Vec<Arc<AgentSlot>>) -> Vec<AgentId> {
-        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        let mut next: Vec<Option<Arc<AgentSlot>>> = slots.as_ref().clone();
-        for i in retire {
-            if let Some(slot) = next.get_mut(i.0) {
-                *slot = None;
-            }
-        }
-        let mut added = Vec::with_capacity(add.len());
-        for agent in add {
-            added.push(AgentId(next.len()));
-            next.push(Some(agent));
-        }
-        *slots = Arc::new(next);
-        added
-    }
-}
 
 /// What a reload changed: the new slots of added and changed agents, the
 /// retired slots of removed ones.
@@ -136,7 +47,7 @@ impl Core {
         connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError>,
     ) -> Result<Enrolment, RotatorError> {
         let _between_rotations = self.rotation.lock().await;
-        let current = self.agents.snapshot();
+        let current = self.fleet.agents.snapshot();
         let mut change = Enrolment::default();
         let mut retire = Vec::new();
         let mut add = Vec::new();
@@ -169,14 +80,14 @@ impl Core {
         if change.is_empty() {
             return Ok(change);
         }
-        let added = self.agents.replace(&retire, add);
+        let added = self.fleet.agents.replace(&retire, add);
         for (_, repo) in self.repos() {
             repo.reset_demotion_cursor();
         }
         self.acks_dirty
             .store(true, std::sync::atomic::Ordering::Release);
         for i in added {
-            self.enqueue(i, true);
+            self.fleet.enqueue(i, true);
         }
         // A removed agent may have been the one blocking: let the scheduler
         // and `wait_in_sync` look again.
@@ -247,7 +158,7 @@ pub(super) async fn reload_on_sighup(
                     added = change.added.len(),
                     removed = change.removed.len(),
                     changed = change.changed.len(),
-                    agents = core.agents.len(),
+                    agents = core.fleet.agents.len(),
                     "configuration reloaded"
                 );
                 core.report_enrolment(&change).await;
@@ -320,6 +231,7 @@ fn settings_needing_restart(running: &RotatorConfig, next: &RotatorConfig) -> Ve
 mod tests {
     use super::*;
     use crate::rotator::core::tests::{ack, core};
+    use crate::rotator::types::AgentId;
 
     fn endpoint(name: &str, port: u16) -> AgentEndpoint {
         AgentEndpoint {
@@ -335,7 +247,7 @@ mod tests {
         Ok(AgentSlot::new(a, channel, 1))
     }
 
-    fn tokens(core: &Core) -> crate::rotator::core::RepoId {
+    fn tokens(core: &Core) -> crate::rotator::types::RepoId {
         core.repos().next().expect("one repository").0
     }
 
@@ -346,7 +258,7 @@ mod tests {
     #[tokio::test]
     async fn a_reload_adds_removes_and_reconnects_and_the_safety_rule_follows() {
         let core = core(&["One", "Two"]);
-        let ids: Vec<AgentId> = core.agent_ids().collect();
+        let ids: Vec<AgentId> = core.fleet.agents.ids().collect();
         ack(&core, ids[0]);
         assert!(!core.may_rotate(tokens(&core)), "Two has not acknowledged");
 
@@ -364,7 +276,7 @@ mod tests {
             (vec!["Three"], vec!["Two"], vec![])
         );
         assert!(core.agent(ids[1]).is_none(), "Two's slot is retired");
-        let now: Vec<AgentId> = core.agent_ids().collect();
+        let now: Vec<AgentId> = core.fleet.agents.ids().collect();
         assert_eq!(now.len(), 2);
         assert_eq!(now[0], ids[0], "One keeps its slot");
         assert!(
@@ -381,7 +293,9 @@ mod tests {
             .expect("enrol");
         assert_eq!(names(&change.changed), vec!["One"]);
         let one = core
-            .agent_ids()
+            .fleet
+            .agents
+            .ids()
             .find(|&i| core.agent(i).is_some_and(|a| a.name == "One"))
             .expect("One enrolled");
         assert_ne!(one, ids[0], "a changed agent gets a fresh slot");
@@ -400,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn a_reload_that_cannot_connect_one_agent_changes_nothing() {
         let core = core(&["One", "Two"]);
-        let before: Vec<AgentId> = core.agent_ids().collect();
+        let before: Vec<AgentId> = core.fleet.agents.ids().collect();
         let refuse = |a: &AgentEndpoint| {
             if a.region == "Four" {
                 Err(RotatorError::Config("bad endpoint".into()))
@@ -414,7 +328,7 @@ mod tests {
             endpoint("Four", 9),
         ];
         assert!(core.enrol(&wanted, refuse).await.is_err());
-        assert_eq!(core.agent_ids().collect::<Vec<_>>(), before);
+        assert_eq!(core.fleet.agents.ids().collect::<Vec<_>>(), before);
     }
 
     #[test]

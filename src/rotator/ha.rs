@@ -643,7 +643,7 @@ impl EtcdState {
         let response = self.call("campaign", client.txn(txn)).await?;
         if response.succeeded() {
             self.renewed_ms
-                .store(super::core::now_ms(), Ordering::Release);
+                .store(super::types::now_ms(), Ordering::Release);
             *lock(&self.term_stop) = CancellationToken::new();
             *lock(&self.term) = Some(Term { lease, value });
             self.set_role(true, self.advertise.clone(), String::new());
@@ -686,7 +686,7 @@ impl EtcdState {
         match renewed {
             Ok(ttl) if ttl > 0 => {
                 self.renewed_ms
-                    .store(super::core::now_ms(), Ordering::Release);
+                    .store(super::types::now_ms(), Ordering::Release);
                 let mut role = lock(&self.role);
                 role.detail.clear();
             }
@@ -696,7 +696,7 @@ impl EtcdState {
                 ..
             }) => self.lose(LEASE_EXPIRED),
             Err(e) => {
-                let since = super::core::now_ms() - self.renewed_ms.load(Ordering::Acquire);
+                let since = super::types::now_ms() - self.renewed_ms.load(Ordering::Acquire);
                 let why = format!("etcd unreachable: {}", crate::error_chain(&e));
                 if u128::try_from(since).unwrap_or(0) >= self.ttl.as_millis() {
                     self.lose(&format!(

@@ -16,7 +16,8 @@ use prometheus_client::registry::Registry;
 
 use std::sync::atomic::Ordering;
 
-use super::core::{Core, RepoId, RepoSlot};
+use super::core::Core;
+use super::types::{RepoId, RepoSlot};
 use crate::metrics::RepoLabel;
 use crate::pb;
 

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use super::RotatorError;
-use super::core::AgentSlot;
+use super::fleet::AgentSlot;
 use super::ledger::Ledger;
 use crate::config::{FanoutConfig, RepositoryConfig};
 use crate::repository::{self, KeySet};

@@ -16,10 +16,10 @@ mod first;
 use std::sync::Arc;
 
 use super::RotatorError;
-use super::core::{Generation, RepoSlot, now_ms};
 use super::ha::{EtcdState, HaError};
 use super::ledger::Ledger;
 use super::state::{Acks, Committed, StateError, StateStore};
+use super::types::{Generation, RepoSlot, now_ms};
 use crate::config::RepositoryConfig;
 
 pub(super) use first::{open, prepare_imports};

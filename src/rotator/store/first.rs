@@ -14,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Store, slot};
 use crate::config::RotatorConfig;
 use crate::rotator::RotatorError;
-use crate::rotator::core::{AgentSlot, Generation, RepoSlot, now_ms};
+use crate::rotator::fleet::AgentSlot;
 use crate::rotator::ha::{EtcdState, HaError};
 use crate::rotator::ledger::Ledger;
 use crate::rotator::recovery;
 use crate::rotator::state::{self, Committed, StateStore};
+use crate::rotator::types::{Generation, RepoSlot, now_ms};
 
 /// Opens the store `config` names (its state directory, or etcd under
 /// `[ha]`) and loads every repository's committed generation, making the

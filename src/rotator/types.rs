@@ -1,0 +1,257 @@
+//! The rotator's vocabulary: ids of agents and repositories, a committed
+//! [`Generation`] with its Install request encoded once, a repository's slot,
+//! what an agent holds, and what kind of repository one is. Every other
+//! rotator module builds on these; they import none of them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use zeroize::{Zeroize as _, Zeroizing};
+
+use super::RotatorError;
+use super::ledger::Ledger;
+use super::state::Committed;
+use crate::pb;
+use crate::repository::{Digest, KeySet};
+
+/// An `InstallRequest` encoded once, with its gRPC prefix, shared by every
+/// push of its generation (as the owner of a `Bytes`). It holds key material:
+/// wiped when the last push and the generation are gone.
+pub(super) struct EncodedInstall(pub(super) Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for EncodedInstall {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// One committed generation of a repository, with its Install request encoded
+/// once for every push.
+pub(super) struct Generation {
+    pub(super) number: u64,
+    pub(super) keys: KeySet,
+    pub(super) digest: Digest,
+    /// Framed for gRPC; clones share the bytes.
+    encoded: bytes::Bytes,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("number", &self.number)
+            .field("digest", &self.digest)
+            .field("indices", &self.keys.indices())
+            .finish()
+    }
+}
+
+impl Generation {
+    /// Encodes the Install request for `keys` as generation `number`, with
+    /// canary tokens made with the primary and the staged key.
+    pub(super) fn build(
+        repository: &str,
+        number: u64,
+        keys: KeySet,
+        promoted_unix: BTreeMap<u32, i64>,
+    ) -> Result<Self, RotatorError> {
+        let (Some(primary_index), Some(primary), Some(staged)) =
+            (keys.primary_index(), keys.primary(), keys.staged())
+        else {
+            return Err(RotatorError::Incomplete(repository.to_owned()));
+        };
+        let digest = keys.digest();
+        let mut request = pb::InstallRequest {
+            repository: repository.to_owned(),
+            generation: number,
+            keys: keys
+                .iter()
+                .map(|(index, key)| pb::Key {
+                    index,
+                    material: key.as_bytes().to_vec(),
+                })
+                .collect(),
+            digest: digest.0.to_vec(),
+            canaries: vec![
+                pb::Canary {
+                    token: crate::token::canary(primary),
+                    key_index: primary_index,
+                },
+                pb::Canary {
+                    token: crate::token::canary(staged),
+                    key_index: 0,
+                },
+            ],
+            restore: false,
+            promoted_unix: promoted_unix.into_iter().collect(),
+        };
+        let encoded = Zeroizing::new(crate::tls::grpc_frame(&Zeroizing::new(
+            prost::Message::encode_to_vec(&request),
+        )));
+        for key in &mut request.keys {
+            key.material.zeroize();
+        }
+        Ok(Generation {
+            number,
+            keys,
+            digest,
+            encoded: bytes::Bytes::from_owner(EncodedInstall(encoded)),
+        })
+    }
+
+    pub(super) fn encoded(&self) -> bytes::Bytes {
+        self.encoded.clone()
+    }
+
+    pub(super) fn committed(&self) -> Committed {
+        Committed {
+            generation: self.number,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+/// Why a repository's next rotation is held back.
+#[derive(Debug, Clone)]
+pub(super) struct Blocked {
+    pub(super) reason: String,
+    pub(super) regions: Vec<String>,
+    /// Held by the key-lifetime rule until then (Unix ms; `Some(0)` = until the
+    /// purged key is demoted everywhere); `None` for the safety rule.
+    pub(super) until_ms: Option<i64>,
+}
+
+/// One managed repository.
+pub(super) struct RepoSlot {
+    pub(super) name: String,
+    pub(super) max_active_keys: usize,
+    current: RwLock<Arc<Generation>>,
+    blocked: Mutex<Option<Blocked>>,
+    /// A scheduled rotation was blocked and is owed once the agents catch up.
+    pub(super) overdue: AtomicBool,
+    pub(super) next_rotation_ms: AtomicI64,
+    /// When an owed scheduled rotation was performed late (Unix ms, 0 = never):
+    /// the next cron tick within one interval of it is skipped.
+    pub(super) late_rotation_ms: AtomicI64,
+    /// The owed rotation is a cron tick deferred after a late one: performing
+    /// it does not count as late again (the schedule returns to its grid).
+    pub(super) deferred: AtomicBool,
+    /// When each key was created, promoted and demoted; durable in the state.
+    pub(super) ledger: Mutex<Ledger>,
+    pub(super) ledger_dirty: AtomicBool,
+    /// Where `Core::all_hold_current` resumes.
+    pub(super) demotion_cursor: AtomicUsize,
+}
+
+impl RepoSlot {
+    pub(super) fn new(
+        name: String,
+        max_active_keys: usize,
+        generation: Generation,
+        ledger: Ledger,
+    ) -> Self {
+        RepoSlot {
+            name,
+            max_active_keys,
+            current: RwLock::new(Arc::new(generation)),
+            blocked: Mutex::new(None),
+            overdue: AtomicBool::new(false),
+            next_rotation_ms: AtomicI64::new(0),
+            late_rotation_ms: AtomicI64::new(0),
+            deferred: AtomicBool::new(false),
+            ledger: Mutex::new(ledger),
+            ledger_dirty: AtomicBool::new(false),
+            demotion_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
+    }
+
+    pub(super) fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn set_current(&self, generation: Generation) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+    }
+
+    pub(super) fn blocked(&self) -> Option<Blocked> {
+        lock(&self.blocked).clone()
+    }
+
+    /// The agent table changed: `Core::all_hold_current` starts over.
+    pub(super) fn reset_demotion_cursor(&self) {
+        self.demotion_cursor.store(0, Ordering::Release);
+    }
+
+    pub(super) fn set_blocked(&self, blocked: Option<Blocked>) {
+        *lock(&self.blocked) = blocked;
+    }
+}
+
+/// What an agent was last seen holding for one repository.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Held {
+    pub(super) generation: u64,
+    pub(super) digest: Option<Digest>,
+    /// Unix time (ms) it was last confirmed; 0 = never.
+    pub(super) unix_ms: i64,
+    /// The agent reported that its on-disk repository differs from what it installed.
+    pub(super) drift: bool,
+    /// Read from the rotator's disk at start, not yet confirmed by the agent:
+    /// shown in status, never counted by the safety rule.
+    pub(super) restored: bool,
+}
+
+/// An enrolled agent: its slot in `Core`'s agent table, never reused in the
+/// process (a reload retires slots and appends new ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct AgentId(pub(super) usize);
+
+/// A managed repository: its position in `Core`'s repositories and in every
+/// agent's [`Held`] row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct RepoId(pub(super) usize);
+
+impl std::ops::Index<RepoId> for Vec<RepoSlot> {
+    type Output = RepoSlot;
+    fn index(&self, id: RepoId) -> &RepoSlot {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<RepoId> for Vec<Held> {
+    type Output = Held;
+    fn index(&self, id: RepoId) -> &Held {
+        &self[id.0]
+    }
+}
+
+impl std::ops::IndexMut<RepoId> for Vec<Held> {
+    fn index_mut(&mut self, id: RepoId) -> &mut Held {
+        &mut self[id.0]
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix time in ms as RFC 3339 (UTC, seconds).
+pub(super) fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
