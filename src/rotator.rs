@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod state;
 mod store;
 mod types;
+mod views;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use self::core::Core;
 use self::fleet::AgentSlot;
-use self::metrics::{AgentCollector, Metrics};
+use self::metrics::Metrics;
 use self::schedule::{Schedule, ScheduleError};
 use self::state::StateError;
+use self::views::AgentCollector;
 use crate::config::{RotatorConfig, duration};
 
 /// What stops the rotator from starting or running.

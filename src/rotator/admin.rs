@@ -5,7 +5,6 @@
 //! `admin_identities` may call it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -15,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::RotatorError;
 use super::core::Core;
-use super::types::{Generation, RepoId, RepoSlot, now_ms};
+use super::types::now_ms;
 use crate::config::AdminConfig;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
@@ -87,7 +86,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.authorize(&request, "Status")?;
-        let mut status = self.core.status();
+        let mut status = super::views::status(&self.core);
         status.ha = self.ha.as_ref().map(|ha| ha.status());
         Ok(Response::new(status))
     }
@@ -135,7 +134,8 @@ impl pb::admin_server::Admin for AdminService {
             0 => self.core.fanout.ack_wait,
             ms => Duration::from_millis(ms),
         };
-        let agents = self.core.sync(wait, self.shutdown.clone()).await;
+        self.core.sync(wait, self.shutdown.clone()).await;
+        let agents = super::views::agent_statuses(&self.core);
         Ok(Response::new(pb::SyncResponse { agents }))
     }
 
@@ -145,7 +145,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         self.authorize(&request, "ListAgents")?;
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.core.agent_statuses(),
+            agents: super::views::agent_statuses(&self.core),
         }))
     }
 
@@ -232,71 +232,3 @@ pub async fn connect_leader(config: &AdminConfig) -> Result<AdminClient<Channel>
 
 /// How long the leader search waits for each rotator.
 const LEADER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-impl Core {
-    /// One row per (agent, repository).
-    pub(super) fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
-        let now = now_ms();
-        let currents: Vec<(RepoId, &RepoSlot, Arc<Generation>)> = self
-            .repos()
-            .map(|(r, repo)| (r, repo, repo.current()))
-            .collect();
-        let agents = self.fleet.agents.snapshot();
-        let mut rows = Vec::with_capacity(agents.slots() * self.repos.len());
-        for (_, agent) in agents.iter() {
-            let st = agent.lock();
-            for (r, repo, current) in &currents {
-                let held = st.held[*r];
-                rows.push(pb::AgentStatus {
-                    name: agent.name.clone(),
-                    region: agent.region.clone(),
-                    endpoint: agent.endpoint.clone(),
-                    repository: repo.name.clone(),
-                    acked_generation: held.generation,
-                    digest_match: held.generation == current.number
-                        && held.digest == Some(current.digest)
-                        && !held.drift,
-                    lag: current.number.saturating_sub(held.generation),
-                    last_ack_age_ms: if held.unix_ms == 0 {
-                        -1
-                    } else {
-                        (now - held.unix_ms).max(0)
-                    },
-                    last_error: st.last_error.clone().unwrap_or_default(),
-                    connected: st.connected,
-                });
-            }
-        }
-        rows
-    }
-
-    pub(super) fn status(&self) -> pb::StatusResponse {
-        let repositories = self
-            .repos()
-            .map(|(r, repo)| {
-                let current = repo.current();
-                let blocked = repo.blocked();
-                pb::RepositoryStatus {
-                    name: repo.name.clone(),
-                    generation: current.number,
-                    digest: current.digest.0.to_vec(),
-                    indices: current.keys.indices(),
-                    blocked_reason: blocked
-                        .as_ref()
-                        .map(|b| b.reason.clone())
-                        .unwrap_or_default(),
-                    blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
-                    next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
-                    purge_safe_unix_ms: self.purge_safe_ms(r),
-                    credential: self.credential_status(r),
-                }
-            })
-            .collect();
-        pb::StatusResponse {
-            repositories,
-            agents: self.agent_statuses(),
-            version: crate::VERSION.to_owned(),
-            ha: None,
-        }
-    }
-}

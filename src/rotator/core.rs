@@ -12,13 +12,13 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::fleet::{AgentSlot, Fleet};
+use super::fleet::{AgentSlot, Enrolment, Fleet, plan};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
 use super::store::{Store, StoreError};
 use super::types::{AgentId, Blocked, Generation, Held, RepoId, RepoSlot, now_ms, rfc3339};
-use crate::config::FanoutConfig;
+use crate::config::{AgentEndpoint, FanoutConfig};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
 
@@ -158,6 +158,34 @@ impl Core {
         let acks = self.store.load_acks().await?;
         self.restore_acks(&acks);
         self.refresh_credential_record().await
+    }
+
+    /// Makes the enrolled agents those of `wanted` (`enrol::plan`); the first
+    /// slot `connect` cannot build is returned and nothing changes. Runs
+    /// between rotations, so a safety check never sees half of it.
+    pub(super) async fn enrol(
+        &self,
+        wanted: &[AgentEndpoint],
+        connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError>,
+    ) -> Result<Enrolment, RotatorError> {
+        let _between_rotations = self.rotation.lock().await;
+        let (change, retire, add) = plan(&self.fleet.agents.snapshot(), wanted, connect)?;
+        if change.is_empty() {
+            return Ok(change);
+        }
+        let added = self.fleet.agents.replace(&retire, add);
+        for (_, repo) in self.repos() {
+            repo.reset_demotion_cursor();
+        }
+        self.acks_dirty.store(true, Ordering::Release);
+        for i in added {
+            self.fleet.enqueue(i, true);
+        }
+        // A removed agent may have been the one blocking: let the scheduler
+        // and `wait_in_sync` look again.
+        self.refresh_blocked();
+        self.bump_progress();
+        Ok(change)
     }
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
@@ -934,15 +962,10 @@ impl Core {
     }
 
     /// Reads every agent back now and re-pushes where needed; waits up to `wait`.
-    pub(super) async fn sync(
-        &self,
-        wait: Duration,
-        shutdown: CancellationToken,
-    ) -> Vec<pb::AgentStatus> {
+    pub(super) async fn sync(&self, wait: Duration, shutdown: CancellationToken) {
         self.fleet.reconcile_all(true);
         let all: Vec<RepoId> = self.repos().map(|(r, _)| r).collect();
         self.wait_in_sync(&all, wait, true, shutdown).await;
-        self.agent_statuses()
     }
 
     /// A scheduled rotation, or a retry of one that was blocked or held. Never
@@ -1261,7 +1284,7 @@ pub(super) mod tests {
         assert_eq!(o.generation, 1);
         assert_eq!(o.pending_regions, vec!["RegionTwo".to_owned()]);
         assert_eq!(core.repos[0].current().number, 1);
-        let status = core.status();
+        let status = crate::rotator::views::status(&core);
         assert!(status.repositories[0].blocked_reason.contains("RegionTwo"));
         assert_eq!(
             status.repositories[0].blocking_regions,
@@ -1278,7 +1301,11 @@ pub(super) mod tests {
 
         ack(&core, AgentId(1));
         core.refresh_blocked();
-        assert!(core.status().repositories[0].blocked_reason.is_empty());
+        assert!(
+            crate::rotator::views::status(&core).repositories[0]
+                .blocked_reason
+                .is_empty()
+        );
         let r = core
             .rotate(&request(false, false), "test", stop)
             .await
@@ -1382,7 +1409,7 @@ pub(super) mod tests {
                 .expect("enrolled")
                 .holds(RepoId(0), &current)
         );
-        let row = &core.agent_statuses()[0];
+        let row = &crate::rotator::views::agent_statuses(&core)[0];
         assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
     }
 

@@ -17,105 +17,28 @@ use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
 use super::core::Core;
-use super::fleet::AgentSlot;
+use super::fleet::{AgentSlot, Enrolment};
 use crate::config::{AgentEndpoint, RotatorConfig};
 
-/// What a reload changed: the new slots of added and changed agents, the
-/// retired slots of removed ones.
-#[derive(Default)]
-pub(super) struct Enrolment {
-    pub(super) added: Vec<Arc<AgentSlot>>,
-    pub(super) removed: Vec<Arc<AgentSlot>>,
-    pub(super) changed: Vec<Arc<AgentSlot>>,
-}
-
-impl Enrolment {
-    fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
-    }
-}
-
-impl Core {
-    /// Makes the enrolled agents those of `wanted`: new names are enrolled,
-    /// missing ones retired, and one whose region, endpoint or identity changed
-    /// is reconnected with a fresh state (it counts again once read back).
-    /// `connect` builds a slot; the first failure is returned and nothing
-    /// changes. Runs between rotations, so a safety check never sees half of it.
-    pub(super) async fn enrol(
-        &self,
-        wanted: &[AgentEndpoint],
-        connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError>,
-    ) -> Result<Enrolment, RotatorError> {
-        let _between_rotations = self.rotation.lock().await;
-        let current = self.fleet.agents.snapshot();
-        let mut change = Enrolment::default();
-        let mut retire = Vec::new();
-        let mut add = Vec::new();
-        for a in wanted {
-            let existing = current.iter().find(|(_, slot)| slot.name == a.name());
-            match existing {
-                Some((_, slot))
-                    if slot.region == a.region
-                        && slot.endpoint == a.endpoint
-                        && slot.identity == a.identity => {}
-                Some((i, _)) => {
-                    retire.push(i);
-                    let slot = Arc::new(connect(a)?);
-                    change.changed.push(slot.clone());
-                    add.push(slot);
-                }
-                None => {
-                    let slot = Arc::new(connect(a)?);
-                    change.added.push(slot.clone());
-                    add.push(slot);
-                }
-            }
-        }
-        for (i, slot) in current.iter() {
-            if !wanted.iter().any(|a| a.name() == slot.name) {
-                retire.push(i);
-                change.removed.push(slot.clone());
-            }
-        }
-        if change.is_empty() {
-            return Ok(change);
-        }
-        let added = self.fleet.agents.replace(&retire, add);
-        for (_, repo) in self.repos() {
-            repo.reset_demotion_cursor();
-        }
-        self.acks_dirty
-            .store(true, std::sync::atomic::Ordering::Release);
-        for i in added {
-            self.fleet.enqueue(i, true);
-        }
-        // A removed agent may have been the one blocking: let the scheduler
-        // and `wait_in_sync` look again.
-        self.refresh_blocked();
-        self.bump_progress();
-        Ok(change)
-    }
-
-    /// Audits and announces what a reload changed.
-    async fn report_enrolment(&self, change: &Enrolment) {
-        for (outcome, labels) in [
-            ("added", &change.added),
-            ("removed", &change.removed),
-            ("changed", &change.changed),
-        ] {
-            for agent in labels {
-                tracing::info!(agent = %agent.name, region = %agent.region, endpoint = %agent.endpoint, "reload: agent {outcome}");
-                self.emit_enrolment(agent, outcome);
-                let entry = crate::audit::Entry {
-                    actor: "reload".into(),
-                    event: "enrolment",
-                    agent: agent.name.clone(),
-                    region: agent.region.clone(),
-                    outcome,
-                    ..Default::default()
-                };
-                crate::audit::maybe_append(self.audit.as_ref(), entry).await;
-            }
+/// Audits and announces what a reload changed.
+async fn report(core: &Core, change: &Enrolment) {
+    for (outcome, labels) in [
+        ("added", &change.added),
+        ("removed", &change.removed),
+        ("changed", &change.changed),
+    ] {
+        for agent in labels {
+            tracing::info!(agent = %agent.name, region = %agent.region, endpoint = %agent.endpoint, "reload: agent {outcome}");
+            core.emit_enrolment(agent, outcome);
+            let entry = crate::audit::Entry {
+                actor: "reload".into(),
+                event: "enrolment",
+                agent: agent.name.clone(),
+                region: agent.region.clone(),
+                outcome,
+                ..Default::default()
+            };
+            crate::audit::maybe_append(core.audit.as_ref(), entry).await;
         }
     }
 }
@@ -161,7 +84,7 @@ pub(super) async fn reload_on_sighup(
                     agents = core.fleet.agents.len(),
                     "configuration reloaded"
                 );
-                core.report_enrolment(&change).await;
+                report(&core, &change).await;
                 running = config;
             }
             Err(error) => {

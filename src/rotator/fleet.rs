@@ -215,6 +215,63 @@ impl AgentTable {
     }
 }
 
+/// What a reload changed: the new slots of added and changed agents, the
+/// retired slots of removed ones.
+#[derive(Default)]
+pub(super) struct Enrolment {
+    pub(super) added: Vec<Arc<AgentSlot>>,
+    pub(super) removed: Vec<Arc<AgentSlot>>,
+    pub(super) changed: Vec<Arc<AgentSlot>>,
+}
+
+impl Enrolment {
+    pub(super) fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The change that makes the enrolled agents those of `wanted`: new names
+/// are enrolled, missing ones retired, and one whose region, endpoint or
+/// identity changed is reconnected with a fresh state (it counts again once
+/// read back). `connect` builds a slot; the first failure is returned.
+/// Returns the change, the slots to retire and the slots to append.
+pub(super) fn plan<E>(
+    current: &Snapshot,
+    wanted: &[AgentEndpoint],
+    connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, E>,
+) -> Result<(Enrolment, Vec<AgentId>, Vec<Arc<AgentSlot>>), E> {
+    let mut change = Enrolment::default();
+    let mut retire = Vec::new();
+    let mut add = Vec::new();
+    for a in wanted {
+        let existing = current.iter().find(|(_, slot)| slot.name == a.name());
+        match existing {
+            Some((_, slot))
+                if slot.region == a.region
+                    && slot.endpoint == a.endpoint
+                    && slot.identity == a.identity => {}
+            Some((i, _)) => {
+                retire.push(i);
+                let slot = Arc::new(connect(a)?);
+                change.changed.push(slot.clone());
+                add.push(slot);
+            }
+            None => {
+                let slot = Arc::new(connect(a)?);
+                change.added.push(slot.clone());
+                add.push(slot);
+            }
+        }
+    }
+    for (i, slot) in current.iter() {
+        if !wanted.iter().any(|a| a.name() == slot.name) {
+            retire.push(i);
+            change.removed.push(slot.clone());
+        }
+    }
+    Ok((change, retire, add))
+}
+
 /// The agent table and the dispatcher's queues.
 pub(super) struct Fleet {
     pub(super) agents: AgentTable,
