@@ -8,6 +8,7 @@
 //! API it serves lives in [`admin`], its metrics in `metrics`.
 
 pub mod admin;
+mod calls;
 mod core;
 mod credential;
 mod duties;

@@ -12,13 +12,14 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::fleet::{AgentSlot, Enrolment, Fleet, plan};
+use super::credential::{Gate, MigrateRecord, is_credential};
+use super::fleet::{AgentSlot, Enrolment, Fleet, Plan, plan};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
-use super::store::{Store, StoreError};
+use super::store::{CREDENTIAL_MIGRATE, Store, StoreError};
 use super::types::{AgentId, Blocked, Generation, Held, RepoId, RepoSlot, now_ms, rfc3339};
-use crate::config::{AgentEndpoint, FanoutConfig};
+use crate::config::{AgentEndpoint, CREDENTIAL_REPOSITORY, FanoutConfig};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
 
@@ -36,7 +37,7 @@ pub(super) struct Core {
     pub(super) key_lifetime: Duration,
     pub(super) audit: Option<Arc<crate::audit::AuditLog>>,
     /// The credential repository's migrate gate (`credential.rs`), if any.
-    pub(super) credential: Option<super::credential::Gate>,
+    pub(super) credential: Option<Gate>,
     events: broadcast::Sender<pb::Event>,
     progress: watch::Sender<u64>,
     pub(super) rotation: tokio::sync::Mutex<()>,
@@ -169,7 +170,11 @@ impl Core {
         connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, RotatorError>,
     ) -> Result<Enrolment, RotatorError> {
         let _between_rotations = self.rotation.lock().await;
-        let (change, retire, add) = plan(&self.fleet.agents.snapshot(), wanted, connect)?;
+        let Plan {
+            change,
+            retire,
+            add,
+        } = plan(&self.fleet.agents.snapshot(), wanted, connect)?;
         if change.is_empty() {
             return Ok(change);
         }
@@ -462,7 +467,7 @@ impl Core {
             // "All" never includes the credential repository: it is named or left alone.
             return Ok(self
                 .repos()
-                .filter(|(_, repo)| !super::credential::is_credential(&repo.name))
+                .filter(|(_, repo)| !is_credential(&repo.name))
                 .map(|(r, _)| r)
                 .collect());
         }
@@ -490,7 +495,7 @@ impl Core {
             return Ok(blocked);
         }
         // The credential repository: a migrate, not the key ledger, makes its purge safe.
-        let credential = super::credential::is_credential(&repo.name);
+        let credential = is_credential(&repo.name);
         if let Some(refused) = self.credential_gate(r, &current, dry_run, &outcome).await? {
             return Ok(refused);
         }
@@ -795,7 +800,7 @@ impl Core {
         let Ok(next) = repository::rotate(&current.keys, repo.max_active_keys) else {
             return 0;
         };
-        if super::credential::is_credential(&repo.name) {
+        if is_credential(&repo.name) {
             return 0;
         }
         let now = now_ms();
@@ -1036,11 +1041,7 @@ impl Core {
         let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let mut names = Vec::new();
         // The credential repository has its own schedule, if any.
-        for repo in self
-            .repos
-            .iter()
-            .filter(|r| !super::credential::is_credential(&r.name))
-        {
+        for repo in self.repos.iter().filter(|r| !is_credential(&r.name)) {
             let late = repo.late_rotation_ms.load(Ordering::Acquire);
             if late > 0 && now.saturating_sub(late) < interval_ms {
                 // Deferred, not dropped: a full interval after the late one.
@@ -1126,6 +1127,173 @@ impl Core {
     }
 }
 
+impl Core {
+    /// The credential repository's id, when this rotator manages one.
+    fn credential_repo(&self) -> Option<RepoId> {
+        self.repos()
+            .find(|(_, repo)| is_credential(&repo.name))
+            .map(|(r, _)| r)
+    }
+
+    /// The hook in `rotate_one`, after the safety rule: `Some(outcome)` when
+    /// the credential rotation may not be committed now (migrate needed and
+    /// failed, or the cache time still running); `None` to go on and commit.
+    async fn credential_gate(
+        &self,
+        r: RepoId,
+        current: &Generation,
+        dry_run: bool,
+        outcome: &pb::RotateOutcome,
+    ) -> Result<Option<pb::RotateOutcome>, RotatorError> {
+        let Some(gate) = self.credential.as_ref() else {
+            return Ok(None);
+        };
+        let repo = &self.repos[r];
+        if !is_credential(&repo.name) {
+            return Ok(None);
+        }
+        let mut refused = outcome.clone();
+        // `--force` skips the safety rule, never this: a region without the
+        // current generation may hold rows under a key the purge removes.
+        if !self.may_rotate(r) {
+            refused.message = format!(
+                "blocked: a credential rotation is never forced: every agent must hold generation {} first",
+                current.number
+            );
+            return Ok(Some(refused));
+        }
+        let now = now_ms();
+        let safe = match gate.safe_ms(current) {
+            Some(safe) => safe,
+            None if dry_run => {
+                refused.message = gate.dry_run_message(current);
+                return Ok(Some(refused));
+            }
+            None => {
+                let agents = self.fleet.agents.snapshot();
+                let record = super::credential::migrate(
+                    gate,
+                    &agents,
+                    &repo.name,
+                    current,
+                    self.fanout.call_timeout,
+                )
+                .await;
+                self.record_migrate(gate, &record).await;
+                if !record.passed {
+                    let reason = record.refusal();
+                    tracing::warn!(repository = %repo.name, "credential rotation blocked: {reason}");
+                    self.emit("blocked", &repo.name, None, current.number, reason.clone());
+                    refused.message = format!("blocked: {reason}");
+                    return Ok(Some(refused));
+                }
+                gate.safe_after(&record)
+            }
+        };
+        if now >= safe {
+            return Ok(None);
+        }
+        let reason = gate.held_reason(current, safe);
+        refused.held_for_lifetime = true;
+        refused.safe_unix_ms = safe;
+        refused.message = if dry_run {
+            format!("dry run: would be held: {reason}")
+        } else {
+            format!("held: {reason}")
+        };
+        if !dry_run {
+            // Owed: the scheduler performs it at the safe time.
+            repo.overdue.store(true, Ordering::Release);
+            repo.set_blocked(Some(Blocked {
+                reason: reason.clone(),
+                regions: Vec::new(),
+                until_ms: Some(safe),
+            }));
+            self.metrics.set_blocked(&repo.name, true);
+            self.emit("held", &repo.name, None, current.number, reason);
+            self.bump_progress();
+        }
+        Ok(Some(refused))
+    }
+
+    /// Records a migrate in the store (so a restart or the next leader knows
+    /// it), shows, audits and announces it.
+    pub(super) async fn record_migrate(&self, gate: &Gate, record: &MigrateRecord) {
+        if let Err(e) = self
+            .store
+            .save_record(CREDENTIAL_REPOSITORY, CREDENTIAL_MIGRATE, record)
+            .await
+        {
+            tracing::warn!(
+                error = %crate::error_chain(&e),
+                "cannot record the credential migrate; status shows it until a restart"
+            );
+        }
+        gate.take(record.clone(), true);
+        crate::audit::maybe_append(self.audit.as_ref(), record.audit_entry()).await;
+        self.emit(
+            "credential_migrate",
+            CREDENTIAL_REPOSITORY,
+            None,
+            record.generation,
+            record.event_message(),
+        );
+    }
+
+    /// Takes the last migrate the store holds (recorded by another leader).
+    async fn refresh_credential_record(&self) -> Result<(), StoreError> {
+        let Some(gate) = &self.credential else {
+            return Ok(());
+        };
+        let record: Option<MigrateRecord> = self
+            .store
+            .load_record(CREDENTIAL_REPOSITORY, CREDENTIAL_MIGRATE)
+            .await?;
+        if let Some(record) = record {
+            gate.take(record, false);
+        }
+        Ok(())
+    }
+
+    /// After a restart: a passed migrate of the current generation whose cache
+    /// time has not run out yet is owed again, so the scheduler commits it.
+    pub(super) fn resume_credential_hold(&self) {
+        let (Some(gate), Some(r)) = (self.credential.as_ref(), self.credential_repo()) else {
+            return;
+        };
+        let repo = &self.repos[r];
+        if let Some(safe) = gate.safe_ms(&repo.current()) {
+            repo.overdue.store(true, Ordering::Release);
+            repo.set_blocked(Some(Blocked {
+                reason: format!(
+                    "credentials migrated; the rotation purging the previous key is committed at {}",
+                    rfc3339(safe)
+                ),
+                regions: Vec::new(),
+                until_ms: Some(safe),
+            }));
+            self.metrics.set_blocked(&repo.name, true);
+        }
+    }
+
+    /// The `credential` section of `status` for repository `r`.
+    pub(super) fn credential_status(&self, r: RepoId) -> Option<pb::CredentialStatus> {
+        let gate = self.credential.as_ref()?;
+        if !is_credential(&self.repos[r].name) {
+            return None;
+        }
+        Some(gate.status(&self.repos[r].current()))
+    }
+
+    /// The credential repository's own schedule, when it has one.
+    pub(super) fn credential_schedule(&self) -> Option<(RepoId, super::schedule::Schedule)> {
+        let (Some(gate), Some(r)) = (self.credential.as_ref(), self.credential_repo()) else {
+            return None;
+        };
+        Some((r, gate.schedule()?))
+    }
+}
+
 /// The keys a rotation purges, each with the age of the youngest token it can
 /// have signed.
 fn purge_note(purges: &[super::ledger::Purge], now: i64) -> String {
@@ -1196,6 +1364,9 @@ fn rejecting_note(missing: &[String], force: bool) -> String {
         String::new()
     }
 }
+
+#[cfg(test)]
+mod credential_tests;
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -1284,12 +1455,9 @@ pub(super) mod tests {
         assert_eq!(o.generation, 1);
         assert_eq!(o.pending_regions, vec!["RegionTwo".to_owned()]);
         assert_eq!(core.repos[0].current().number, 1);
-        let status = crate::rotator::views::status(&core);
-        assert!(status.repositories[0].blocked_reason.contains("RegionTwo"));
-        assert_eq!(
-            status.repositories[0].blocking_regions,
-            vec!["RegionTwo".to_owned()]
-        );
+        let blocked = core.repos[0].blocked().expect("blocked");
+        assert!(blocked.reason.contains("RegionTwo"));
+        assert_eq!(blocked.regions, vec!["RegionTwo".to_owned()]);
         // Nothing was written: the state still holds generation 1.
         let on_disk = core
             .store
@@ -1301,11 +1469,7 @@ pub(super) mod tests {
 
         ack(&core, AgentId(1));
         core.refresh_blocked();
-        assert!(
-            crate::rotator::views::status(&core).repositories[0]
-                .blocked_reason
-                .is_empty()
-        );
+        assert!(core.repos[0].blocked().is_none());
         let r = core
             .rotate(&request(false, false), "test", stop)
             .await
@@ -1409,8 +1573,13 @@ pub(super) mod tests {
                 .expect("enrolled")
                 .holds(RepoId(0), &current)
         );
-        let row = &crate::rotator::views::agent_statuses(&core)[0];
-        assert!(row.digest_match && row.lag == 0 && row.last_ack_age_ms >= 0);
+        let held = core.agent(AgentId(0)).expect("enrolled").lock().held[RepoId(0)];
+        assert!(
+            held.generation == current.number
+                && held.digest == Some(current.digest)
+                && !held.drift
+                && held.unix_ms > 0
+        );
     }
 
     /// Admin `rotate` calls cancelled at random points (the client gave up):

@@ -11,7 +11,6 @@
 //! scheduler's owed-rotation path commits it at the safe time.
 
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -19,17 +18,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::core::Core;
+use super::fleet::Snapshot;
 use super::schedule::Schedule;
-use super::types::{Blocked, Generation, RepoId, now_ms, rfc3339};
+use super::types::{Generation, now_ms, rfc3339};
 use crate::config::{CREDENTIAL_REPOSITORY, CredentialConfig, RotatorConfig};
 use crate::pb;
 
 /// The kind of the last migrate's record in the store.
-const RECORD: &str = super::store::CREDENTIAL_MIGRATE;
+pub(super) const RECORD: &str = super::store::CREDENTIAL_MIGRATE;
 
 /// Whether a repository name is Keystone's credential repository.
 pub(super) fn is_credential(name: &str) -> bool {
@@ -223,7 +221,7 @@ impl Gate {
         }))
     }
 
-    fn record(&self) -> Option<MigrateRecord> {
+    pub(super) fn record(&self) -> Option<MigrateRecord> {
         self.record
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -231,7 +229,7 @@ impl Gate {
     }
 
     /// When a passed migrate of `current` makes the purge safe (Unix ms).
-    fn safe_ms(&self, current: &Generation) -> Option<i64> {
+    pub(super) fn safe_ms(&self, current: &Generation) -> Option<i64> {
         let record = self.record()?;
         let cache = i64::try_from(self.config.cache_time.as_millis()).unwrap_or(i64::MAX);
         (record.passed
@@ -241,316 +239,193 @@ impl Gate {
     }
 }
 
-impl Core {
-    /// The credential repository's id, when this rotator manages one.
-    fn credential_repo(&self) -> Option<RepoId> {
-        self.repos()
-            .find(|(_, repo)| is_credential(&repo.name))
-            .map(|(r, _)| r)
+impl Gate {
+    fn cache_ms(&self) -> i64 {
+        i64::try_from(self.config.cache_time.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// The hook in `rotate_one`, after the safety rule: `Some(outcome)` when
-    /// the credential rotation may not be committed now (migrate needed and
-    /// failed, or the cache time still running); `None` to go on and commit.
-    pub(super) async fn credential_gate(
-        &self,
-        r: RepoId,
-        current: &Generation,
-        dry_run: bool,
-        outcome: &pb::RotateOutcome,
-    ) -> Result<Option<pb::RotateOutcome>, RotatorError> {
-        let Some(gate) = self.credential.as_ref() else {
-            return Ok(None);
-        };
-        let repo = &self.repos[r];
-        if !is_credential(&repo.name) {
-            return Ok(None);
+    /// The credential repository's own cron, if it has one.
+    pub(super) fn schedule(&self) -> Option<Schedule> {
+        self.schedule.clone()
+    }
+
+    /// When a passed migrate `record` makes the purge safe (Unix ms): its end
+    /// plus the cache time.
+    pub(super) fn safe_after(&self, record: &MigrateRecord) -> i64 {
+        record.unix_ms.saturating_add(self.cache_ms())
+    }
+
+    /// Takes `record` as the last migrate (one just made, or one another
+    /// leader made) and shows it.
+    pub(super) fn take(&self, record: MigrateRecord, fresh: bool) {
+        self.metrics.show(&record);
+        if fresh && !record.passed {
+            self.metrics.failures.inc();
         }
-        let mut refused = outcome.clone();
-        // `--force` skips the safety rule, never this: a region without the
-        // current generation may hold rows under a key the purge removes.
-        if !self.may_rotate(r) {
-            refused.message = format!(
-                "blocked: a credential rotation is never forced: every agent must hold generation {} first",
-                current.number
-            );
-            return Ok(Some(refused));
-        }
-        let now = now_ms();
-        let safe = match gate.safe_ms(current) {
-            Some(safe) => safe,
-            None if dry_run => {
-                refused.message = format!(
-                    "dry run: would first migrate the credential table at `{}` under generation {}, then hold the rotation for the credential cache time ({})",
-                    gate.config.migrate_region,
-                    current.number,
-                    crate::config::duration::format(&gate.config.cache_time)
-                );
-                return Ok(Some(refused));
-            }
-            None => {
-                let record = self.migrate(r, current).await?;
-                if !record.passed {
-                    let reason = format!(
-                        "credential migrate at `{}` failed: {}{}; nothing was rotated or purged",
-                        record.agent,
-                        record.reason,
-                        record
-                            .after
-                            .or(record.before)
-                            .map(|rows| format!(" ({rows})"))
-                            .unwrap_or_default()
-                    );
-                    tracing::warn!(repository = %repo.name, "credential rotation blocked: {reason}");
-                    self.emit("blocked", &repo.name, None, current.number, reason.clone());
-                    refused.message = format!("blocked: {reason}");
-                    return Ok(Some(refused));
-                }
-                record.unix_ms.saturating_add(
-                    i64::try_from(gate.config.cache_time.as_millis()).unwrap_or(i64::MAX),
-                )
-            }
-        };
-        if now >= safe {
-            return Ok(None);
-        }
-        let reason = format!(
+        *self.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+    }
+
+    /// Why a passed migrate of `current` holds the rotation until `safe`.
+    pub(super) fn held_reason(&self, current: &Generation, safe: i64) -> String {
+        format!(
             "every credential is under the primary key of generation {} (checked at {}); the rotation that purges the previous key waits the regions' credential cache time ({}), until {}, and is then committed by the rotator",
             current.number,
-            rfc3339(safe - i64::try_from(gate.config.cache_time.as_millis()).unwrap_or(0)),
-            crate::config::duration::format(&gate.config.cache_time),
+            rfc3339(safe - i64::try_from(self.config.cache_time.as_millis()).unwrap_or(0)),
+            crate::config::duration::format(&self.config.cache_time),
             rfc3339(safe)
-        );
-        refused.held_for_lifetime = true;
-        refused.safe_unix_ms = safe;
-        refused.message = if dry_run {
-            format!("dry run: would be held: {reason}")
-        } else {
-            format!("held: {reason}")
-        };
-        if !dry_run {
-            // Owed: the scheduler performs it at the safe time.
-            repo.overdue.store(true, Ordering::Release);
-            repo.set_blocked(Some(Blocked {
-                reason: reason.clone(),
-                regions: Vec::new(),
-                until_ms: Some(safe),
-            }));
-            self.metrics.set_blocked(&repo.name, true);
-            self.emit("held", &repo.name, None, current.number, reason);
-            self.bump_progress();
-        }
-        Ok(Some(refused))
+        )
     }
 
-    /// Asks the migrate agent to migrate and count under `current`, and
-    /// records, audits and shows the outcome.
-    async fn migrate(
-        &self,
-        r: RepoId,
-        current: &Generation,
-    ) -> Result<MigrateRecord, RotatorError> {
-        let Some(gate) = self.credential.as_ref() else {
-            return Err(RotatorError::Config("no [credential] section".into()));
-        };
-        let name = &gate.config.migrate_region;
-        let agents = self.fleet.agents.snapshot();
-        let agent = agents
-            .iter()
-            .find(|(_, a)| &a.name == name)
-            .or_else(|| agents.iter().find(|(_, a)| &a.region == name))
-            .map(|(_, a)| a.clone());
-        let mut record = MigrateRecord {
-            unix_ms: now_ms(),
-            generation: current.number,
-            digest: current.digest.to_hex(),
-            agent: name.clone(),
-            ..Default::default()
-        };
-        match agent {
-            None => record.reason = format!("no enrolled agent is named {name:?}"),
-            Some(agent) => {
-                record.agent = agent.label();
-                // A quick read-back first: the migrate itself may take minutes,
-                // and the rotation lock is held meanwhile.
-                if let Err(e) = super::fanout::get_state(&agent, self.fanout.call_timeout).await {
-                    record.reason = format!("the agent does not answer: {e}");
-                    self.record_migrate(gate, &record).await;
-                    return Ok(record);
-                }
-                let mut client =
-                    pb::distribution_client::DistributionClient::new(agent.channel.clone());
-                let request = pb::MigrateCredentialsRequest {
-                    repository: self.repos[r].name.clone(),
-                    generation: current.number,
-                    digest: current.digest.0.to_vec(),
-                };
-                tracing::info!(agent = %agent.name, generation = current.number, "migrating the credential table");
-                match tokio::time::timeout(MIGRATE_TIMEOUT, client.migrate_credentials(request))
-                    .await
-                {
-                    Err(_) => {
-                        record.reason = format!(
-                            "no answer within {}",
-                            crate::config::duration::format(&MIGRATE_TIMEOUT)
-                        )
-                    }
-                    Ok(Err(status)) => record.reason = crate::describe_status(&status),
-                    Ok(Ok(answer)) => {
-                        let answer = answer.into_inner();
-                        record.passed = answer.passed;
-                        record.reason = answer.reason;
-                        record.before = answer.before.as_ref().map(Rows::from);
-                        record.after = answer.after.as_ref().map(Rows::from);
-                    }
-                }
-                // The check ends when the answer arrives: the cache time counts from here.
-                record.unix_ms = now_ms();
-            }
-        }
-        self.record_migrate(gate, &record).await;
-        Ok(record)
+    /// What a dry run of a credential rotation without a passed migrate says.
+    pub(super) fn dry_run_message(&self, current: &Generation) -> String {
+        format!(
+            "dry run: would first migrate the credential table at `{}` under generation {}, then hold the rotation for the credential cache time ({})",
+            self.config.migrate_region,
+            current.number,
+            crate::config::duration::format(&self.config.cache_time)
+        )
     }
 
-    /// Takes the last migrate the store holds (recorded by another leader).
-    pub(super) async fn refresh_credential_record(&self) -> Result<(), super::store::StoreError> {
-        let Some(gate) = &self.credential else {
-            return Ok(());
-        };
-        let record: Option<MigrateRecord> = self
-            .store
-            .load_record(CREDENTIAL_REPOSITORY, RECORD)
-            .await?;
-        if let Some(record) = record {
-            gate.metrics.show(&record);
-            *gate.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
-        }
-        Ok(())
-    }
-
-    async fn record_migrate(&self, gate: &Gate, record: &MigrateRecord) {
-        if let Err(e) = self
-            .store
-            .save_record(CREDENTIAL_REPOSITORY, RECORD, record)
-            .await
-        {
-            tracing::warn!(
-                error = %crate::error_chain(&e),
-                "cannot record the credential migrate; status shows it until a restart"
-            );
-        }
-        *gate.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
-        gate.metrics.show(record);
-        if !record.passed {
-            gate.metrics.failures.inc();
-        }
-        let rows = |r: Option<Rows>| r.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
-        let entry = crate::audit::Entry {
-            actor: "rotator".into(),
-            event: "credential_migrate",
-            repository: CREDENTIAL_REPOSITORY.into(),
-            agent: record.agent.clone(),
-            generation: record.generation,
-            digest: record.digest.clone(),
-            outcome: if record.passed { "passed" } else { "failed" },
-            detail: format!(
-                "before: {}; after: {}{}",
-                rows(record.before),
-                rows(record.after),
-                if record.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {}", record.reason)
-                }
-            ),
-            ..Default::default()
-        };
-        crate::audit::maybe_append(self.audit.as_ref(), entry).await;
-        self.emit(
-            "credential_migrate",
-            CREDENTIAL_REPOSITORY,
-            None,
-            record.generation,
-            if record.passed {
-                format!("passed: {}", rows(record.after))
-            } else {
-                format!("failed: {}", record.reason)
-            },
-        );
-    }
-
-    /// After a restart: a passed migrate of the current generation whose cache
-    /// time has not run out yet is owed again, so the scheduler commits it.
-    pub(super) fn resume_credential_hold(&self) {
-        let (Some(gate), Some(r)) = (self.credential.as_ref(), self.credential_repo()) else {
-            return;
-        };
-        let repo = &self.repos[r];
-        if let Some(safe) = gate.safe_ms(&repo.current()) {
-            repo.overdue.store(true, Ordering::Release);
-            repo.set_blocked(Some(Blocked {
-                reason: format!(
-                    "credentials migrated; the rotation purging the previous key is committed at {}",
-                    rfc3339(safe)
-                ),
-                regions: Vec::new(),
-                until_ms: Some(safe),
-            }));
-            self.metrics.set_blocked(&repo.name, true);
-        }
-    }
-
-    /// The `credential` section of `status` for repository `r`.
-    pub(super) fn credential_status(&self, r: RepoId) -> Option<pb::CredentialStatus> {
-        let gate = self.credential.as_ref()?;
-        if !is_credential(&self.repos[r].name) {
-            return None;
-        }
-        let record = gate.record().unwrap_or_default();
-        let current = self.repos[r].current();
-        Some(pb::CredentialStatus {
-            migrate_agent: gate.config.migrate_region.clone(),
+    /// The `credential` section of `status`, `current` being the repository's
+    /// current generation.
+    pub(super) fn status(&self, current: &Generation) -> pb::CredentialStatus {
+        let record = self.record().unwrap_or_default();
+        pb::CredentialStatus {
+            migrate_agent: self.config.migrate_region.clone(),
             last_migrate_unix_ms: record.unix_ms,
             last_migrate_generation: record.generation,
             last_migrate_passed: record.passed,
             last_migrate_reason: record.reason,
             before: record.before.map(Into::into),
             after: record.after.map(Into::into),
-            next_safe_rotation_unix_ms: gate.safe_ms(&current).unwrap_or(0),
-            cache_time_ms: u64::try_from(gate.config.cache_time.as_millis()).unwrap_or(u64::MAX),
-        })
-    }
-
-    /// Rotates the credential repository on its own cron, when it has one.
-    /// Never on `[schedule]`: a tick there skips it.
-    pub(super) async fn credential_schedule(self: std::sync::Arc<Self>, stop: CancellationToken) {
-        let (Some(gate), Some(r)) = (self.credential.as_ref(), self.credential_repo()) else {
-            return;
-        };
-        let Some(schedule) = gate.schedule.clone() else {
-            return;
-        };
-        loop {
-            let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
-                return;
-            };
-            self.repos[r]
-                .next_rotation_ms
-                .store(next.timestamp_millis(), Ordering::Release);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => return,
-            }
-            let request = pb::RotateRequest {
-                no_wait: true,
-                repositories: vec![CREDENTIAL_REPOSITORY.into()],
-                ..Default::default()
-            };
-            if let Err(e) = self.rotate(&request, "schedule", stop.clone()).await {
-                tracing::error!(error = %crate::error_chain(&e), "scheduled credential rotation failed");
-            }
+            next_safe_rotation_unix_ms: self.safe_ms(current).unwrap_or(0),
+            cache_time_ms: u64::try_from(self.config.cache_time.as_millis()).unwrap_or(u64::MAX),
         }
     }
+
+    /// A gate over `config` that has seen no migrate (tests).
+    #[cfg(test)]
+    pub(super) fn new(config: CredentialConfig, registry: &mut Registry) -> Gate {
+        Gate {
+            config,
+            schedule: None,
+            record: Mutex::new(None),
+            metrics: CredentialMetrics::new(registry),
+        }
+    }
+}
+
+impl MigrateRecord {
+    /// Why a failed migrate refuses the rotation.
+    pub(super) fn refusal(&self) -> String {
+        format!(
+            "credential migrate at `{}` failed: {}{}; nothing was rotated or purged",
+            self.agent,
+            self.reason,
+            self.after
+                .or(self.before)
+                .map(|rows| format!(" ({rows})"))
+                .unwrap_or_default()
+        )
+    }
+
+    fn rows(r: Option<Rows>) -> String {
+        r.map_or_else(|| "unknown".to_owned(), |r| r.to_string())
+    }
+
+    /// The audit log's entry for this migrate.
+    pub(super) fn audit_entry(&self) -> crate::audit::Entry {
+        crate::audit::Entry {
+            actor: "rotator".into(),
+            event: "credential_migrate",
+            repository: CREDENTIAL_REPOSITORY.into(),
+            agent: self.agent.clone(),
+            generation: self.generation,
+            digest: self.digest.clone(),
+            outcome: if self.passed { "passed" } else { "failed" },
+            detail: format!(
+                "before: {}; after: {}{}",
+                Self::rows(self.before),
+                Self::rows(self.after),
+                if self.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", self.reason)
+                }
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// The `credential_migrate` event's message.
+    pub(super) fn event_message(&self) -> String {
+        if self.passed {
+            format!("passed: {}", Self::rows(self.after))
+        } else {
+            format!("failed: {}", self.reason)
+        }
+    }
+}
+
+/// Asks the migrate agent among `agents` to migrate `repository` and count its
+/// rows under `current`: the outcome, passed or not, as a record.
+pub(super) async fn migrate(
+    gate: &Gate,
+    agents: &Snapshot,
+    repository: &str,
+    current: &Generation,
+    call_timeout: Duration,
+) -> MigrateRecord {
+    let name = &gate.config.migrate_region;
+    let agent = agents
+        .iter()
+        .find(|(_, a)| &a.name == name)
+        .or_else(|| agents.iter().find(|(_, a)| &a.region == name))
+        .map(|(_, a)| a.clone());
+    let mut record = MigrateRecord {
+        unix_ms: now_ms(),
+        generation: current.number,
+        digest: current.digest.to_hex(),
+        agent: name.clone(),
+        ..Default::default()
+    };
+    let Some(agent) = agent else {
+        record.reason = format!("no enrolled agent is named {name:?}");
+        return record;
+    };
+    record.agent = agent.label();
+    // A quick read-back first: the migrate itself may take minutes, and the
+    // rotation lock is held meanwhile.
+    if let Err(e) = super::calls::get_state(&agent, call_timeout).await {
+        record.reason = format!("the agent does not answer: {e}");
+        return record;
+    }
+    let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
+    let request = pb::MigrateCredentialsRequest {
+        repository: repository.to_owned(),
+        generation: current.number,
+        digest: current.digest.0.to_vec(),
+    };
+    tracing::info!(agent = %agent.name, generation = current.number, "migrating the credential table");
+    match tokio::time::timeout(MIGRATE_TIMEOUT, client.migrate_credentials(request)).await {
+        Err(_) => {
+            record.reason = format!(
+                "no answer within {}",
+                crate::config::duration::format(&MIGRATE_TIMEOUT)
+            )
+        }
+        Ok(Err(status)) => record.reason = crate::describe_status(&status),
+        Ok(Ok(answer)) => {
+            let answer = answer.into_inner();
+            record.passed = answer.passed;
+            record.reason = answer.reason;
+            record.before = answer.before.as_ref().map(Rows::from);
+            record.after = answer.after.as_ref().map(Rows::from);
+        }
+    }
+    // The check ends when the answer arrives: the cache time counts from here.
+    record.unix_ms = now_ms();
+    record
 }
 
 /// A credential migrate updates one row at a time: a large table takes a
@@ -559,260 +434,7 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(960);
 
 #[cfg(test)]
 mod tests {
-    use super::super::fleet::AgentSlot;
-    use super::super::ledger::Ledger;
-    use super::super::metrics::Metrics;
-    use super::super::store::Store;
     use super::*;
-    use std::sync::Arc;
-
-    /// A core with `tokens` and `credential` (3 keys each) over a memory
-    /// store, one agent behind a channel nobody answers, a key lifetime of a
-    /// day (the token ledger would hold any purge), and a credential gate with
-    /// a cache time of 60 s.
-    async fn core() -> Arc<Core> {
-        let store = Store::memory();
-        for name in ["tokens", CREDENTIAL_REPOSITORY] {
-            let keys = crate::repository::init(3).expect("init");
-            let ledger = Ledger::fresh(&keys, now_ms());
-            let first = Generation::build(name, 1, keys, ledger.promoted_unix()).expect("build");
-            store.put_committed(name, first.committed(), ledger);
-        }
-        core_on(store).await
-    }
-
-    /// A core over `store` as a rotator starting on it finds it (another
-    /// rotator's store after a failover): the generations it holds, and a
-    /// gate that has seen no migrate yet.
-    async fn core_on(store: Store) -> Arc<Core> {
-        let mut repos = Vec::new();
-        for name in ["tokens", CREDENTIAL_REPOSITORY] {
-            let (committed, ledger) = store.load(name).await.expect("load").expect("state");
-            let config = crate::config::RepositoryConfig {
-                name: name.into(),
-                max_active_keys: 3,
-                import: None,
-                schedule: None,
-            };
-            repos.push(super::super::store::slot(&config, committed, ledger).expect("slot"));
-        }
-        let channel = crate::tls::Connection::never_dialled();
-        let endpoint = crate::config::AgentEndpoint {
-            name: None,
-            region: "RegionOne".into(),
-            endpoint: "https://127.0.0.1:9".into(),
-            identity: "regionone.agent".into(),
-        };
-        let agents = vec![AgentSlot::new(&endpoint, channel, 2)];
-        let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
-        let mut core = Core::new(
-            repos,
-            agents,
-            store,
-            crate::config::FanoutConfig::default(),
-            metrics,
-            Duration::from_secs(86_400),
-        );
-        core.credential = Some(Gate {
-            config: CredentialConfig {
-                migrate_region: "RegionOne".into(),
-                cache_time: Duration::from_secs(60),
-            },
-            schedule: None,
-            record: Mutex::new(None),
-            metrics: CredentialMetrics::new(&mut registry),
-        });
-        Arc::new(core)
-    }
-
-    fn ids(core: &Core) -> (RepoId, RepoId) {
-        let id = |n: &str| {
-            core.repos()
-                .find(|(_, r)| r.name == n)
-                .map(|(r, _)| r)
-                .expect("repo")
-        };
-        (id("tokens"), id(CREDENTIAL_REPOSITORY))
-    }
-
-    fn ack_all(core: &Core) {
-        for (r, repo) in core.repos() {
-            let current = repo.current();
-            let response = pb::InstallResponse {
-                repository: repo.name.clone(),
-                generation: current.number,
-                digest: current.digest.0.to_vec(),
-                canaries_valid: true,
-                ..Default::default()
-            };
-            for i in core.fleet.agents.ids() {
-                core.observe_install(i, r, &current, &response)
-                    .expect("acknowledged");
-            }
-        }
-    }
-
-    /// A passed migrate of the current credential generation, `age` ago.
-    fn passed(core: &Core, age: Duration) {
-        let (_, c) = ids(core);
-        let current = core.repos[c].current();
-        let gate = core.credential.as_ref().expect("gate");
-        *gate.record.lock().expect("lock") = Some(MigrateRecord {
-            unix_ms: now_ms() - i64::try_from(age.as_millis()).expect("ms"),
-            generation: current.number,
-            digest: current.digest.to_hex(),
-            agent: "RegionOne".into(),
-            passed: true,
-            ..Default::default()
-        });
-    }
-
-    fn only(names: &[&str]) -> pb::RotateRequest {
-        pb::RotateRequest {
-            no_wait: true,
-            repositories: names.iter().map(|n| (*n).to_owned()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_and_the_cache_time()
-     {
-        let core = core().await;
-        let (t, c) = ids(&core);
-        let stop = CancellationToken::new();
-        ack_all(&core);
-
-        // Neither "all" nor the token schedule touches the credential keys.
-        let all = core
-            .rotate(&only(&[]), "test", stop.clone())
-            .await
-            .expect("rotate");
-        assert_eq!(all.outcomes.len(), 1);
-        assert_eq!(all.outcomes[0].repository, "tokens");
-        ack_all(&core);
-        core.scheduled_tick(Duration::from_secs(3600), stop.clone())
-            .await;
-        // The tick tried tokens (held by the ledger: its purge needs a day)...
-        assert_eq!(core.repos[t].current().number, 2);
-        assert!(
-            core.repos[t]
-                .blocked()
-                .is_some_and(|b| b.until_ms.is_some())
-        );
-        // ...and never the credential repository: no migrate was even tried.
-        assert_eq!(core.repos[c].current().number, 1);
-        assert_eq!(
-            core.credential_status(c)
-                .expect("status")
-                .last_migrate_unix_ms,
-            0
-        );
-
-        // The migrate agent does not answer: refused with the reason, nothing rotated.
-        let r = core
-            .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
-            .await
-            .expect("rotate");
-        let o = &r.outcomes[0];
-        assert!(!o.rotated && !o.held_for_lifetime, "{o:?}");
-        assert!(
-            o.message
-                .contains("credential migrate at `RegionOne` failed"),
-            "{}",
-            o.message
-        );
-        assert_eq!(core.repos[c].current().number, 1);
-        let status = core.credential_status(c).expect("credential status");
-        assert!(!status.last_migrate_passed && status.last_migrate_unix_ms > 0);
-        let recorded: Option<MigrateRecord> = core
-            .store
-            .load_record(CREDENTIAL_REPOSITORY, RECORD)
-            .await
-            .expect("record");
-        assert!(recorded.is_some_and(|r| !r.passed));
-
-        // Passed just now: held for the cache time, owed to the scheduler.
-        passed(&core, Duration::ZERO);
-        let r = core
-            .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
-            .await
-            .expect("rotate");
-        let o = &r.outcomes[0];
-        assert!(!o.rotated && o.held_for_lifetime, "{o:?}");
-        assert!(o.safe_unix_ms > now_ms() + 50_000, "{o:?}");
-        assert!(core.repos[c].overdue.load(Ordering::Acquire));
-        assert_eq!(core.held_until_ms(), Some(o.safe_unix_ms));
-
-        // Passed a cache time ago: committed, twice, the second purging the
-        // previous key although the token ledger would hold it for a day.
-        for generation in [2, 3] {
-            passed(&core, Duration::from_secs(61));
-            let r = core
-                .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
-                .await
-                .expect("rotate");
-            assert!(r.outcomes[0].rotated, "{:?}", r.outcomes[0]);
-            assert_eq!(core.repos[c].current().number, generation);
-            assert_eq!(core.repos[c].current().keys.len(), 3);
-            // The passed migrate was of the previous generation: the next needs its own.
-            assert_eq!(
-                core.credential_status(c)
-                    .expect("status")
-                    .next_safe_rotation_unix_ms,
-                0
-            );
-            ack_all(&core);
-        }
-        assert_eq!(core.repos[c].current().keys.indices(), vec![0, 2, 3]);
-    }
-
-    /// A failover: the old leader's passed migrate is in the store, so the
-    /// new leader's first credential rotation needs no new check (the migrate
-    /// agent answers nobody here: a new check would fail and refuse it).
-    #[tokio::test]
-    async fn a_credential_rotation_right_after_a_failover_needs_no_new_migrate_when_one_passed() {
-        let old = core().await;
-        let (_, c) = ids(&old);
-        let current = old.repos[c].current();
-        let record = MigrateRecord {
-            unix_ms: now_ms() - 61_000,
-            generation: current.number,
-            digest: current.digest.to_hex(),
-            agent: "RegionOne".into(),
-            passed: true,
-            ..Default::default()
-        };
-        old.record_migrate(old.credential.as_ref().expect("gate"), &record)
-            .await;
-
-        // The standby started before the migrate; a new term refreshes it.
-        let new = core_on(old.store.clone()).await;
-        assert_eq!(
-            new.credential_status(c)
-                .expect("status")
-                .last_migrate_unix_ms,
-            0
-        );
-        new.refresh().await.expect("refresh");
-        ack_all(&new);
-        let r = new
-            .rotate(
-                &only(&[CREDENTIAL_REPOSITORY]),
-                "test",
-                CancellationToken::new(),
-            )
-            .await
-            .expect("rotate");
-        assert!(r.outcomes[0].rotated, "{:?}", r.outcomes[0]);
-        assert_eq!(new.repos[c].current().number, 2);
-        assert!(
-            new.credential_status(c)
-                .expect("status")
-                .last_migrate_passed
-        );
-    }
 
     fn config(extra: &str) -> RotatorConfig {
         toml::from_str(&format!(

@@ -25,7 +25,7 @@ pub(super) fn spawn(
     core.fleet.reconcile_all(true);
     tasks.spawn(reconcile_loop(core.clone(), stop.clone()));
     tasks.spawn(schedule_loop(core.clone(), schedule, stop.clone()));
-    tasks.spawn(core.clone().credential_schedule(stop.clone()));
+    tasks.spawn(credential_schedule(core.clone(), stop.clone()));
 }
 
 /// Periodic read-back of every agent, and lazy recording of acknowledgements.
@@ -117,4 +117,33 @@ async fn until(at_ms: Option<i64>) {
     let wait = u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0);
     // A little after, so the purge-safe comparison has certainly passed.
     tokio::time::sleep(std::time::Duration::from_millis(wait + 5)).await;
+}
+
+/// Rotates the credential repository on its own cron, when it has one.
+/// Never on `[schedule]`: a tick there skips it.
+async fn credential_schedule(core: Arc<Core>, stop: CancellationToken) {
+    let Some((r, schedule)) = core.credential_schedule() else {
+        return;
+    };
+    loop {
+        let Some((next, delay)) = schedule.delay_from(chrono::Utc::now()) else {
+            return;
+        };
+        core.repos[r].next_rotation_ms.store(
+            next.timestamp_millis(),
+            std::sync::atomic::Ordering::Release,
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+        let request = crate::pb::RotateRequest {
+            no_wait: true,
+            repositories: vec![core.repos[r].name.clone()],
+            ..Default::default()
+        };
+        if let Err(e) = core.rotate(&request, "schedule", stop.clone()).await {
+            tracing::error!(error = %crate::error_chain(&e), "scheduled credential rotation failed");
+        }
+    }
 }

@@ -11,16 +11,12 @@
 //! rest of a push once the connection is open.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::calls::{get_state, install};
 use super::core::Core;
-use super::fleet::AgentSlot;
-use super::types::{AgentId, Generation};
-use crate::pb;
-
-const INSTALL: &str = "/fernetd.v1.Distribution/Install";
+use super::types::AgentId;
 
 /// The dispatcher: runs until `shutdown` turns true.
 pub(super) async fn dispatch(core: Arc<Core>, shutdown: CancellationToken) {
@@ -99,73 +95,9 @@ async fn work(core: &Core, i: AgentId) -> Result<(), String> {
     Ok(())
 }
 
-async fn install(
-    agent: &AgentSlot,
-    generation: &Generation,
-    timeout: Duration,
-) -> Result<pb::InstallResponse, String> {
-    let channel = &agent.channel;
-    let call = || async move {
-        let answer = channel
-            .unary(INSTALL, generation.encoded(), timeout)
-            .await
-            .map_err(|s| crate::describe_status(&s))?;
-        <pb::InstallResponse as prost::Message>::decode(answer)
-            .map_err(|e| format!("Install: undecodable answer: {e}"))
-    };
-    with_deadline(timeout, "Install", call).await
-}
-
-/// Reads agent `agent`'s state back (`GetState`).
-pub(super) async fn get_state(
-    agent: &AgentSlot,
-    timeout: Duration,
-) -> Result<pb::GetStateResponse, String> {
-    let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
-    let call = || async move {
-        let mut request = tonic::Request::new(pb::GetStateRequest {});
-        request.set_timeout(timeout);
-        client
-            .get_state(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| crate::describe_status(&s))
-    };
-    with_deadline(timeout, "GetState", call).await
-}
-
-/// The future `call` makes, failed with a message naming `what` when it has not
-/// finished within `timeout`. It takes the maker, not the future: an async
-/// fn's argument keeps its slot for the whole call, so a future passed in
-/// would be held twice (as the argument and inside the timeout), and the call
-/// task that awaits this is copied in whole when spawned.
-async fn with_deadline<T, F: std::future::Future<Output = Result<T, String>>>(
-    timeout: Duration,
-    what: &str,
-    call: impl FnOnce() -> F,
-) -> Result<T, String> {
-    let call = tokio::time::timeout(timeout, call());
-    call.await.unwrap_or_else(|_| {
-        Err(format!(
-            "{what}: no answer within {}ms",
-            timeout.as_millis()
-        ))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::time::Instant;
-
-    #[test]
-    fn statuses_are_described_with_their_code() {
-        let s = tonic::Status::failed_precondition("generation 3 is older than 5");
-        assert_eq!(
-            crate::describe_status(&s),
-            "FailedPrecondition: generation 3 is older than 5"
-        );
-    }
 
     /// Every push runs in a task of its own, and spawning copies the future
     /// into the task whole: the rare paths (a dial with its TLS handshake, a
@@ -179,14 +111,5 @@ mod tests {
         let first = core.fleet.agents.ids().next().expect("one agent");
         let size = std::mem::size_of_val(&work(&core, first));
         assert!(size <= 1280, "a push's future takes {size} bytes");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_call_without_answer_fails_at_its_deadline() {
-        let started = Instant::now();
-        let r: Result<(), String> =
-            with_deadline(Duration::from_secs(3), "Install", std::future::pending).await;
-        assert_eq!(r, Err("Install: no answer within 3000ms".to_owned()));
-        assert_eq!(started.elapsed(), Duration::from_secs(3));
     }
 }

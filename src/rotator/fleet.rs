@@ -234,12 +234,11 @@ impl Enrolment {
 /// are enrolled, missing ones retired, and one whose region, endpoint or
 /// identity changed is reconnected with a fresh state (it counts again once
 /// read back). `connect` builds a slot; the first failure is returned.
-/// Returns the change, the slots to retire and the slots to append.
 pub(super) fn plan<E>(
     current: &Snapshot,
     wanted: &[AgentEndpoint],
     connect: impl Fn(&AgentEndpoint) -> Result<AgentSlot, E>,
-) -> Result<(Enrolment, Vec<AgentId>, Vec<Arc<AgentSlot>>), E> {
+) -> Result<Plan, E> {
     let mut change = Enrolment::default();
     let mut retire = Vec::new();
     let mut add = Vec::new();
@@ -269,7 +268,19 @@ pub(super) fn plan<E>(
             change.removed.push(slot.clone());
         }
     }
-    Ok((change, retire, add))
+    Ok(Plan {
+        change,
+        retire,
+        add,
+    })
+}
+
+/// A change of the agent table ([`plan`]): what it changes, the slots to
+/// retire and the slots to append.
+pub(super) struct Plan {
+    pub(super) change: Enrolment,
+    pub(super) retire: Vec<AgentId>,
+    pub(super) add: Vec<Arc<AgentSlot>>,
 }
 
 /// The agent table and the dispatcher's queues.
