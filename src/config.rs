@@ -322,7 +322,7 @@ impl AgentConfig {
 mod rotator;
 pub use self::rotator::{
     AdminConfig, AgentEndpoint, CREDENTIAL_REPOSITORY, CredentialConfig, FanoutConfig, HaConfig,
-    PolicyConfig, RepositoryConfig, RotatorConfig, RotatorEndpoints, ScheduleConfig,
+    PolicyConfig, RepoKind, RepositoryConfig, RotatorConfig, RotatorEndpoints, ScheduleConfig,
 };
 
 // ---------------------------------------------------------------- admin

@@ -38,7 +38,7 @@ use self::metrics::Metrics;
 use self::schedule::{Schedule, ScheduleError};
 use self::state::StateError;
 use self::views::AgentCollector;
-use crate::config::{RotatorConfig, duration};
+use crate::config::{RepoKind, RotatorConfig, duration};
 
 /// What stops the rotator from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -295,7 +295,11 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
     // The tightest spacing the schedule produces is what ages keys fastest.
     let interval = schedule.rotation_interval(chrono::Utc::now());
     // Credential keys sign no token: Keystone's token formula is not theirs.
-    for repo in config.repositories.iter().filter(|r| !r.is_credential()) {
+    for repo in config
+        .repositories
+        .iter()
+        .filter(|r| r.kind().signs_tokens())
+    {
         let minimum = crate::policy::min_active_keys(
             config.policy.token_expiration,
             config.policy.allow_expired_window,
@@ -317,7 +321,7 @@ fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), R
         let repos: Vec<(&str, usize)> = config
             .repositories
             .iter()
-            .filter(|r| !r.is_credential())
+            .filter(|r| r.kind().signs_tokens())
             .map(|r| (r.name.as_str(), r.max_active_keys))
             .collect();
         let keystone = crate::policy::KeystoneConf::load(path)?;
@@ -358,7 +362,7 @@ pub fn preflight(
     ));
     let interval = checked.schedule.rotation_interval(chrono::Utc::now());
     for repo in &config.repositories {
-        if repo.is_credential() {
+        if repo.kind() == RepoKind::Credential {
             note(format!(
                 "repository `{}`: 3 keys, rotated only as a credential migrate ({})",
                 repo.name,

@@ -142,9 +142,39 @@ pub struct RepositoryConfig {
 }
 
 impl RepositoryConfig {
-    /// Whether this is Keystone's credential repository.
-    pub fn is_credential(&self) -> bool {
-        self.name == CREDENTIAL_REPOSITORY
+    /// What this repository holds, which decides how it rotates.
+    pub fn kind(&self) -> RepoKind {
+        RepoKind::of(&self.name)
+    }
+}
+
+/// What a Keystone key repository holds: Fernet token keys, receipt keys, or
+/// the credential keys that encrypt rows of the shared `credential` table.
+/// Token and receipt keys sign something that expires, so Keystone's
+/// `max_active_keys` formula and the key ledger govern their purges; credential
+/// keys sign nothing, and a migrate of the table makes their purge safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoKind {
+    Tokens,
+    Receipts,
+    Credential,
+}
+
+impl RepoKind {
+    /// The kind of the repository named `name`: the name is the one Keystone
+    /// and the agents know it by (`credential`, `receipts`, else tokens).
+    pub fn of(name: &str) -> RepoKind {
+        match name {
+            CREDENTIAL_REPOSITORY => RepoKind::Credential,
+            "receipts" => RepoKind::Receipts,
+            _ => RepoKind::Tokens,
+        }
+    }
+
+    /// Whether its keys sign expiring tokens or receipts, so the token
+    /// formula, the key ledger and `[schedule]` apply.
+    pub fn signs_tokens(self) -> bool {
+        self != RepoKind::Credential
     }
 }
 

@@ -12,16 +12,34 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::RotatorError;
-use super::credential::{Gate, MigrateRecord, is_credential};
+use super::credential::{Gate, MigrateRecord};
 use super::fleet::{AgentSlot, Enrolment, Fleet, Plan, plan};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
 use super::store::{CREDENTIAL_MIGRATE, Store, StoreError};
 use super::types::{AgentId, Blocked, Generation, Held, RepoId, RepoSlot, now_ms, rfc3339};
-use crate::config::{AgentEndpoint, CREDENTIAL_REPOSITORY, FanoutConfig};
+use crate::config::{AgentEndpoint, CREDENTIAL_REPOSITORY, FanoutConfig, RepoKind};
 use crate::pb;
 use crate::repository::{self, Digest, KeySet};
+
+/// One repository's rotation: the outcome the admin is shown and, when a
+/// purge-safe time holds it, why, so the scheduler records it without reading
+/// the message.
+pub(super) struct Rotation {
+    pub(super) outcome: pb::RotateOutcome,
+    pub(super) hold: Option<String>,
+}
+
+impl Rotation {
+    /// An outcome that is not held.
+    fn shown(outcome: pb::RotateOutcome) -> Self {
+        Rotation {
+            outcome,
+            hold: None,
+        }
+    }
+}
 
 /// Everything the rotator knows, shared by its tasks.
 pub(super) struct Core {
@@ -419,6 +437,22 @@ impl Core {
         actor: &str,
         shutdown: CancellationToken,
     ) -> Result<pb::RotateResponse, RotatorError> {
+        let outcomes = self
+            .rotations(request, actor, shutdown)
+            .await?
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        Ok(pb::RotateResponse { outcomes })
+    }
+
+    /// [`Core::rotate`], each outcome with why it was held (typed).
+    async fn rotations(
+        self: &Arc<Self>,
+        request: &pb::RotateRequest,
+        actor: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Vec<Rotation>, RotatorError> {
         let selected = self.select(&request.repositories)?;
         // Commits (state saved, then taken into memory) run in a task of their
         // own: a cancelled Admin call must not leave a save running beside the
@@ -431,15 +465,15 @@ impl Core {
             let mut outcomes = Vec::with_capacity(selected.len());
             let mut committed = Vec::new();
             for r in selected {
-                let outcome = this.rotate_one(r, force, dry_run).await?;
+                let rotation = this.rotate_one(r, force, dry_run).await?;
                 if !dry_run {
-                    this.audit_outcome(&actor, "rotation", force, &outcome)
+                    this.audit_outcome(&actor, "rotation", force, &rotation.outcome)
                         .await;
                 }
-                if outcome.rotated {
+                if rotation.outcome.rotated {
                     committed.push((r, outcomes.len()));
                 }
-                outcomes.push(outcome);
+                outcomes.push(rotation);
             }
             Ok::<_, RotatorError>((outcomes, committed))
         })
@@ -454,12 +488,12 @@ impl Core {
             self.wait_in_sync(&repos, wait, false, shutdown).await;
             for (r, o) in committed {
                 let generation = self.repos[r].current();
-                if generation.number == outcomes[o].generation {
-                    outcomes[o].pending_regions = self.regions_missing(r, &generation);
+                if generation.number == outcomes[o].outcome.generation {
+                    outcomes[o].outcome.pending_regions = self.regions_missing(r, &generation);
                 }
             }
         }
-        Ok(pb::RotateResponse { outcomes })
+        Ok(outcomes)
     }
 
     fn select(&self, names: &[String]) -> Result<Vec<RepoId>, RotatorError> {
@@ -467,7 +501,7 @@ impl Core {
             // "All" never includes the credential repository: it is named or left alone.
             return Ok(self
                 .repos()
-                .filter(|(_, repo)| !is_credential(&repo.name))
+                .filter(|(_, repo)| repo.kind.signs_tokens())
                 .map(|(r, _)| r)
                 .collect());
         }
@@ -487,15 +521,15 @@ impl Core {
         r: RepoId,
         force: bool,
         dry_run: bool,
-    ) -> Result<pb::RotateOutcome, RotatorError> {
+    ) -> Result<Rotation, RotatorError> {
         let repo = &self.repos[r];
         let current = repo.current();
         let mut outcome = self.outcome_of(r, &current);
         if let Some(blocked) = self.check_safety_rule(r, &current, force, dry_run, &mut outcome) {
-            return Ok(blocked);
+            return Ok(Rotation::shown(blocked));
         }
         // The credential repository: a migrate, not the key ledger, makes its purge safe.
-        let credential = is_credential(&repo.name);
+        let credential = repo.kind == RepoKind::Credential;
         if let Some(refused) = self.credential_gate(r, &current, dry_run, &outcome).await? {
             return Ok(refused);
         }
@@ -533,9 +567,12 @@ impl Core {
             };
             if !dry_run {
                 tracing::warn!(repository = %repo.name, key = unsafe_.index(), "rotation held: {reason}");
-                self.emit("held", &repo.name, None, current.number, reason);
+                self.emit("held", &repo.name, None, current.number, reason.clone());
             }
-            return Ok(outcome);
+            return Ok(Rotation {
+                outcome,
+                hold: Some(reason),
+            });
         }
         if dry_run {
             outcome.generation = next_number;
@@ -548,7 +585,7 @@ impl Core {
                 purge_note(&purges, now),
                 rejecting_note(&missing, force)
             );
-            return Ok(outcome);
+            return Ok(Rotation::shown(outcome));
         }
         let next = self.commit(r, &current, next_keys, now).await?;
         outcome.generation = next.number;
@@ -585,7 +622,7 @@ impl Core {
             outcome.message.clone(),
         );
         self.publish(r, next);
-        Ok(outcome)
+        Ok(Rotation::shown(outcome))
     }
 
     /// Records what a rotation or purge did in the audit log, on disk before
@@ -800,7 +837,7 @@ impl Core {
         let Ok(next) = repository::rotate(&current.keys, repo.max_active_keys) else {
             return 0;
         };
-        if is_credential(&repo.name) {
+        if repo.kind == RepoKind::Credential {
             return 0;
         }
         let now = now_ms();
@@ -1005,9 +1042,9 @@ impl Core {
             repositories: names,
             ..Default::default()
         };
-        match self.rotate(&request, "schedule", shutdown).await {
-            Ok(response) => {
-                for o in response.outcomes {
+        match self.rotations(&request, "schedule", shutdown).await {
+            Ok(rotations) => {
+                for Rotation { outcome: o, hold } in rotations {
                     let Some(repo) = self.repos.iter().find(|r| r.name == o.repository) else {
                         continue;
                     };
@@ -1015,9 +1052,9 @@ impl Core {
                     if o.rotated && !repo.deferred.swap(false, Ordering::AcqRel) && only_overdue {
                         repo.late_rotation_ms.store(now_ms(), Ordering::Release);
                     }
-                    if o.held_for_lifetime {
+                    if let Some(reason) = hold {
                         repo.set_blocked(Some(Blocked {
-                            reason: o.message.trim_start_matches("held: ").to_owned(),
+                            reason,
                             regions: Vec::new(),
                             until_ms: Some(o.safe_unix_ms),
                         }));
@@ -1041,7 +1078,7 @@ impl Core {
         let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let mut names = Vec::new();
         // The credential repository has its own schedule, if any.
-        for repo in self.repos.iter().filter(|r| !is_credential(&r.name)) {
+        for repo in self.repos.iter().filter(|r| r.kind.signs_tokens()) {
             let late = repo.late_rotation_ms.load(Ordering::Acquire);
             if late > 0 && now.saturating_sub(late) < interval_ms {
                 // Deferred, not dropped: a full interval after the late one.
@@ -1131,7 +1168,7 @@ impl Core {
     /// The credential repository's id, when this rotator manages one.
     fn credential_repo(&self) -> Option<RepoId> {
         self.repos()
-            .find(|(_, repo)| is_credential(&repo.name))
+            .find(|(_, repo)| repo.kind == RepoKind::Credential)
             .map(|(r, _)| r)
     }
 
@@ -1144,12 +1181,12 @@ impl Core {
         current: &Generation,
         dry_run: bool,
         outcome: &pb::RotateOutcome,
-    ) -> Result<Option<pb::RotateOutcome>, RotatorError> {
+    ) -> Result<Option<Rotation>, RotatorError> {
         let Some(gate) = self.credential.as_ref() else {
             return Ok(None);
         };
         let repo = &self.repos[r];
-        if !is_credential(&repo.name) {
+        if repo.kind != RepoKind::Credential {
             return Ok(None);
         }
         let mut refused = outcome.clone();
@@ -1160,14 +1197,14 @@ impl Core {
                 "blocked: a credential rotation is never forced: every agent must hold generation {} first",
                 current.number
             );
-            return Ok(Some(refused));
+            return Ok(Some(Rotation::shown(refused)));
         }
         let now = now_ms();
         let safe = match gate.safe_ms(current) {
             Some(safe) => safe,
             None if dry_run => {
                 refused.message = gate.dry_run_message(current);
-                return Ok(Some(refused));
+                return Ok(Some(Rotation::shown(refused)));
             }
             None => {
                 let agents = self.fleet.agents.snapshot();
@@ -1185,7 +1222,7 @@ impl Core {
                     tracing::warn!(repository = %repo.name, "credential rotation blocked: {reason}");
                     self.emit("blocked", &repo.name, None, current.number, reason.clone());
                     refused.message = format!("blocked: {reason}");
-                    return Ok(Some(refused));
+                    return Ok(Some(Rotation::shown(refused)));
                 }
                 gate.safe_after(&record)
             }
@@ -1210,10 +1247,13 @@ impl Core {
                 until_ms: Some(safe),
             }));
             self.metrics.set_blocked(&repo.name, true);
-            self.emit("held", &repo.name, None, current.number, reason);
+            self.emit("held", &repo.name, None, current.number, reason.clone());
             self.bump_progress();
         }
-        Ok(Some(refused))
+        Ok(Some(Rotation {
+            outcome: refused,
+            hold: Some(reason),
+        }))
     }
 
     /// Records a migrate in the store (so a restart or the next leader knows
@@ -1279,7 +1319,7 @@ impl Core {
     /// The `credential` section of `status` for repository `r`.
     pub(super) fn credential_status(&self, r: RepoId) -> Option<pb::CredentialStatus> {
         let gate = self.credential.as_ref()?;
-        if !is_credential(&self.repos[r].name) {
+        if self.repos[r].kind != RepoKind::Credential {
             return None;
         }
         Some(gate.status(&self.repos[r].current()))

@@ -23,16 +23,11 @@ use super::RotatorError;
 use super::fleet::Snapshot;
 use super::schedule::Schedule;
 use super::types::{Generation, now_ms, rfc3339};
-use crate::config::{CREDENTIAL_REPOSITORY, CredentialConfig, RotatorConfig};
+use crate::config::{CREDENTIAL_REPOSITORY, CredentialConfig, RepoKind, RotatorConfig};
 use crate::pb;
 
 /// The kind of the last migrate's record in the store.
 pub(super) const RECORD: &str = super::store::CREDENTIAL_MIGRATE;
-
-/// Whether a repository name is Keystone's credential repository.
-pub(super) fn is_credential(name: &str) -> bool {
-    name == CREDENTIAL_REPOSITORY
-}
 
 /// Rows by key, as recorded (the wire type without its protobuf baggage).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +150,7 @@ impl CredentialMetrics {
 /// `[credential]` section naming an enrolled agent, a schedule only of its own.
 pub(super) fn validate(config: &RotatorConfig) -> Result<(), RotatorError> {
     for repo in &config.repositories {
-        if !repo.is_credential() {
+        if repo.kind() != RepoKind::Credential {
             if repo.schedule.is_some() {
                 return Err(RotatorError::Config(format!(
                     "repository `{}`: only the `{CREDENTIAL_REPOSITORY}` repository has a schedule of its own; the others follow [schedule]",
@@ -199,7 +194,11 @@ impl Gate {
         store: &super::store::Store,
         registry: &mut Registry,
     ) -> Result<Option<Gate>, RotatorError> {
-        let Some(repo) = config.repositories.iter().find(|r| r.is_credential()) else {
+        let Some(repo) = config
+            .repositories
+            .iter()
+            .find(|r| r.kind() == RepoKind::Credential)
+        else {
             return Ok(None);
         };
         let Some(credential) = config.credential.clone() else {

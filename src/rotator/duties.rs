@@ -65,11 +65,7 @@ async fn schedule_loop(core: Arc<Core>, schedule: Schedule, stop: CancellationTo
             return;
         };
         let interval = schedule.rotation_interval(now);
-        for repo in core
-            .repos
-            .iter()
-            .filter(|r| !super::credential::is_credential(&r.name))
-        {
+        for repo in core.repos.iter().filter(|r| r.kind.signs_tokens()) {
             repo.next_rotation_ms.store(
                 next.timestamp_millis(),
                 std::sync::atomic::Ordering::Release,

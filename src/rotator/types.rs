@@ -12,6 +12,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 use super::RotatorError;
 use super::ledger::Ledger;
 use super::state::Committed;
+use crate::config::RepoKind;
 use crate::pb;
 use crate::repository::{Digest, KeySet};
 
@@ -124,6 +125,8 @@ pub(super) struct Blocked {
 /// One managed repository.
 pub(super) struct RepoSlot {
     pub(super) name: String,
+    /// What it holds, which decides how it rotates.
+    pub(super) kind: RepoKind,
     pub(super) max_active_keys: usize,
     current: RwLock<Arc<Generation>>,
     blocked: Mutex<Option<Blocked>>,
@@ -151,6 +154,7 @@ impl RepoSlot {
         ledger: Ledger,
     ) -> Self {
         RepoSlot {
+            kind: RepoKind::of(&name),
             name,
             max_active_keys,
             current: RwLock::new(Arc::new(generation)),
