@@ -251,7 +251,7 @@ fn default_repositories() -> Vec<AgentRepository> {
 pub enum AgentConfigError {
     #[error("no repository configured")]
     NoRepository,
-    #[error("repository name {0:?} must be non-empty letters, digits, '-' or '_'")]
+    #[error("repository name {0:?} must be 1 to 64 ASCII letters, digits, '-' or '_'")]
     BadName(String),
     #[error("repository {0:?} is configured twice")]
     DuplicateName(String),
@@ -269,6 +269,21 @@ pub enum AgentConfigError {
         "[credential] keystone_manage needs keystone_conf: credential_migrate must run with this region's keystone.conf"
     )]
     CredentialWithoutKeystoneConf,
+}
+
+/// The longest repository name, on the rotator and on an agent alike.
+pub const MAX_REPOSITORY_NAME: usize = 64;
+
+/// Whether `name` may name a key repository: 1 to [`MAX_REPOSITORY_NAME`]
+/// ASCII letters, digits, `-` or `_`. The rotator and every agent apply this
+/// one rule, so a name one side accepts is never refused by the other; the
+/// name becomes one path component (the rotator's state file, an etcd key).
+pub fn is_repository_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_REPOSITORY_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl AgentConfig {
@@ -290,8 +305,7 @@ impl AgentConfig {
             return Err(AgentConfigError::CredentialWithoutKeystoneConf);
         }
         for (i, repo) in self.repositories.iter().enumerate() {
-            let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
-            if repo.name.is_empty() || !repo.name.chars().all(valid) {
+            if !is_repository_name(&repo.name) {
                 return Err(AgentConfigError::BadName(repo.name.clone()));
             }
             if !repo.path.is_absolute() {
@@ -326,3 +340,46 @@ pub use self::rotator::{
 };
 
 // ---------------------------------------------------------------- admin
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rotator and an agent refuse the same names: a name one accepts is
+    /// never refused by the other (64 characters at most on both sides).
+    #[test]
+    fn the_repository_name_rule_takes_64_characters_on_both_sides() {
+        let longest = "a".repeat(MAX_REPOSITORY_NAME);
+        let longer = "a".repeat(MAX_REPOSITORY_NAME + 1);
+        for (name, valid) in [
+            (longest.as_str(), true),
+            ("tokens-2_b", true),
+            (longer.as_str(), false),
+            ("", false),
+            ("to kens", false),
+            ("../x", false),
+        ] {
+            let agent: AgentConfig = toml::from_str(&format!(
+                r#"
+                region = "region-one"
+                listen = "127.0.0.1:7443"
+                rotator_identity = "rotator.example.net"
+                [tls]
+                ca = "/ca.pem"
+                cert = "/agent.pem"
+                key = "/agent.key"
+                [[repositories]]
+                name = "{name}"
+                path = "/etc/keystone/fernet-keys"
+                "#
+            ))
+            .expect("parse");
+            assert_eq!(agent.validate().is_ok(), valid, "agent, {name:?}");
+            assert_eq!(
+                crate::rotator::state::check_name(name).is_ok(),
+                valid,
+                "rotator, {name:?}"
+            );
+        }
+    }
+}

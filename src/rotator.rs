@@ -24,6 +24,7 @@ pub mod schedule;
 pub mod state;
 mod store;
 mod types;
+mod validate;
 mod views;
 
 use std::future::Future;
@@ -210,7 +211,7 @@ impl Checked {
 /// names, the cron expression, Keystone's `max_active_keys` formula and, when
 /// configured, keystone.conf's agreement (its warnings are logged here, once).
 pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
-    let (schedule, cache) = validate(&config)?;
+    let (schedule, cache) = validate::validate(&config)?;
     let key_lifetime = config.policy.token_expiration + config.policy.allow_expired_window + cache;
     let seal = config
         .seal_key
@@ -226,118 +227,6 @@ pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
         seal,
         fresh_start: false,
     })
-}
-
-/// The schedule, and the token cache time keystone.conf gives (zero without).
-fn validate(config: &RotatorConfig) -> Result<(Schedule, std::time::Duration), RotatorError> {
-    let schedule = Schedule::parse(&config.schedule.cron)?;
-    credential::validate(config)?;
-    if let Some(h) = &config.ha {
-        ha::check(h)?;
-    }
-    if config.repositories.is_empty() {
-        return Err(RotatorError::Config("no repositories configured".into()));
-    }
-    if config.admin_identities.is_empty() {
-        return Err(RotatorError::Config(
-            "admin_identities is empty: nobody could call the Admin API".into(),
-        ));
-    }
-    let mut names = std::collections::BTreeSet::new();
-    for repo in &config.repositories {
-        state::check_name(&repo.name)?;
-        if !names.insert(&repo.name) {
-            return Err(RotatorError::Config(format!(
-                "repository `{}` is listed twice",
-                repo.name
-            )));
-        }
-    }
-    let mut names = std::collections::BTreeSet::new();
-    for agent in &config.agents {
-        if agent.name().trim().is_empty() || agent.region.trim().is_empty() {
-            return Err(RotatorError::Config(
-                "an agent's name and region must not be empty".into(),
-            ));
-        }
-        if !names.insert(agent.name()) {
-            return Err(RotatorError::Config(if agent.name.is_none() {
-                format!(
-                    "agent region `{}` is listed twice (several controllers of one region each need their own `name`)",
-                    agent.region
-                )
-            } else {
-                format!("agent name `{}` is listed twice", agent.name())
-            }));
-        }
-    }
-    if config.fanout.concurrency == 0 {
-        return Err(RotatorError::Config(
-            "fanout.concurrency must be at least 1".into(),
-        ));
-    }
-    let fanout = &config.fanout;
-    for (key, value) in [
-        ("fanout.call_timeout", fanout.call_timeout),
-        ("fanout.backoff_base", fanout.backoff_base),
-        ("fanout.backoff_max", fanout.backoff_max),
-        ("fanout.reconcile_interval", fanout.reconcile_interval),
-    ] {
-        if value.is_zero() {
-            return Err(RotatorError::Config(format!("{key} must be more than 0s")));
-        }
-    }
-    if fanout.backoff_max < fanout.backoff_base {
-        return Err(RotatorError::Config(
-            "fanout.backoff_max must not be shorter than fanout.backoff_base".into(),
-        ));
-    }
-    // The tightest spacing the schedule produces is what ages keys fastest.
-    let interval = schedule.rotation_interval(chrono::Utc::now());
-    // Credential keys sign no token: Keystone's token formula is not theirs.
-    for repo in config
-        .repositories
-        .iter()
-        .filter(|r| r.kind().signs_tokens())
-    {
-        let minimum = crate::policy::min_active_keys(
-            config.policy.token_expiration,
-            config.policy.allow_expired_window,
-            interval,
-        );
-        if repo.max_active_keys < minimum {
-            return Err(RotatorError::Policy {
-                repository: repo.name.clone(),
-                configured: repo.max_active_keys,
-                minimum,
-                expiration: duration::format(&config.policy.token_expiration),
-                window: duration::format(&config.policy.allow_expired_window),
-                interval: duration::format(&interval),
-            });
-        }
-    }
-    let mut cache = std::time::Duration::ZERO;
-    if let Some(path) = &config.keystone_conf {
-        let repos: Vec<(&str, usize)> = config
-            .repositories
-            .iter()
-            .filter(|r| r.kind().signs_tokens())
-            .map(|r| (r.name.as_str(), r.max_active_keys))
-            .collect();
-        let keystone = crate::policy::KeystoneConf::load(path)?;
-        let warnings = keystone.check_rotator(
-            config.policy.token_expiration,
-            config.policy.allow_expired_window,
-            &repos,
-            interval,
-        )?;
-        for warning in warnings {
-            tracing::warn!(keystone_conf = %path.display(), "{warning}");
-        }
-        // A cached "valid" outlives the token by the cache time: keys wait for it too.
-        cache = keystone.token_cache_ttl.unwrap_or_default();
-    }
-    Ok((schedule, cache))
 }
 
 /// Every check the rotator runs before it opens its state, in the same order,

@@ -71,61 +71,6 @@ pub enum HaError {
     },
 }
 
-/// Checks `[ha]` without the network: endpoints, TLS files named, the TTL.
-pub(super) fn check(config: &HaConfig) -> Result<(), RotatorError> {
-    let bad = |m: String| Err(RotatorError::Config(format!("[ha] {m}")));
-    if config.endpoints.is_empty() {
-        return bad("endpoints is empty".into());
-    }
-    for endpoint in &config.endpoints {
-        let uri: http::Uri = match endpoint.parse() {
-            Ok(u) => u,
-            Err(_) => return bad(format!("endpoint `{endpoint}` is not a URL")),
-        };
-        match uri.scheme_str() {
-            Some("https") => {
-                if config.ca.is_none() {
-                    return bad(format!(
-                        "endpoint `{endpoint}` is https but `ca` is not set"
-                    ));
-                }
-            }
-            Some("http") if is_loopback(uri.host().unwrap_or_default()) => {}
-            Some("http") => {
-                return bad(format!(
-                    "endpoint `{endpoint}`: plain http:// is accepted only on loopback (tests and demos); use https:// with `ca`, `cert` and `key`"
-                ));
-            }
-            _ => {
-                return bad(format!(
-                    "endpoint `{endpoint}` must be https:// (or http:// on loopback)"
-                ));
-            }
-        }
-    }
-    if config.cert.is_some() != config.key.is_some() {
-        return bad("`cert` and `key` go together".into());
-    }
-    if config.lease_ttl < Duration::from_secs(1) {
-        return bad("lease_ttl must be at least 1s".into());
-    }
-    if !config.prefix.starts_with('/') || config.prefix.ends_with('/') {
-        return bad(format!(
-            "prefix `{}` must start with `/` and not end with one",
-            config.prefix
-        ));
-    }
-    Ok(())
-}
-
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// The leader key's value: who leads, and a token unique to this term.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LeaderValue {
@@ -725,51 +670,4 @@ impl EtcdState {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(endpoints: &[&str]) -> HaConfig {
-        HaConfig {
-            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-            ca: None,
-            cert: None,
-            key: None,
-            prefix: "/fernetd".into(),
-            lease_ttl: Duration::from_secs(2),
-            seal_key: "/etc/fernetd/seal.key".into(),
-            advertise: None,
-        }
-    }
-
-    #[test]
-    fn plain_http_is_accepted_only_on_loopback_and_https_needs_a_ca() {
-        check(&config(&[
-            "http://127.0.0.1:2379",
-            "http://[::1]:2379",
-            "http://localhost:2379",
-        ]))
-        .expect("loopback");
-        let e = check(&config(&["http://10.0.0.5:2379"])).expect_err("plain http off loopback");
-        assert!(
-            e.to_string().contains("only on loopback") && e.is_config(),
-            "{e}"
-        );
-        let e = check(&config(&["https://etcd1:2379"])).expect_err("no ca");
-        assert!(e.to_string().contains("`ca`"), "{e}");
-        let mut with_ca = config(&["https://etcd1:2379"]);
-        with_ca.ca = Some("/etc/fernetd/etcd-ca.pem".into());
-        check(&with_ca).expect("https with a ca");
-        with_ca.cert = Some("/etc/fernetd/etcd.pem".into());
-        assert!(check(&with_ca).is_err(), "cert without key");
-        assert!(check(&config(&[])).is_err(), "no endpoint");
-        let mut short = config(&["http://127.0.0.1:2379"]);
-        short.lease_ttl = Duration::from_millis(500);
-        assert!(check(&short).is_err(), "lease under 1s");
-        let mut prefix = config(&["http://127.0.0.1:2379"]);
-        prefix.prefix = "fernetd/".into();
-        assert!(check(&prefix).is_err(), "bad prefix");
-    }
 }

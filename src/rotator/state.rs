@@ -40,7 +40,7 @@ pub enum StateError {
     },
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("invalid repository name `{0}`: use letters, digits, `-` and `_`")]
+    #[error("invalid repository name `{0}`: use 1 to 64 letters, digits, `-` and `_`")]
     BadName(String),
     #[error("another rotator is using the state directory {0} (it holds its lock)")]
     Locked(PathBuf),
@@ -77,12 +77,7 @@ pub type Acks = BTreeMap<String, BTreeMap<String, AckRecord>>;
 /// Refuses a repository name that could not be a file name in the state
 /// directory (or could escape it).
 pub fn check_name(name: &str) -> Result<(), StateError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if valid {
+    if crate::config::is_repository_name(name) {
         Ok(())
     } else {
         Err(StateError::BadName(name.to_owned()))
