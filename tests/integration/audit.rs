@@ -8,9 +8,11 @@ use fernetd::pb;
 use fernetd::pb::distribution_client::DistributionClient;
 use serde_json::Value;
 
-use super::{ADMIN_ID, Cluster, ROTATOR_ID, agent_identity, assert_no_keys_in_logs, key_forms};
 use crate::common::daemon::connect;
 use crate::common::pki::client_tls;
+use crate::rotator::{
+    ADMIN_ID, Cluster, ROTATOR_ID, agent_identity, assert_no_keys_in_logs, key_forms,
+};
 
 fn lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

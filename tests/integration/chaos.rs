@@ -21,9 +21,9 @@ use rand::{Rng as _, SeedableRng as _};
 use rustix::process::Signal;
 use serde_json::Value;
 
-use super::{Cluster, agent_identity};
 use crate::common::daemon::poll_until;
 use crate::common::proxy::{Fault, Proxy};
+use crate::rotator::{Cluster, agent_identity};
 
 const REGIONS: [&str; 5] = [
     "RegionOne",

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use fernetd::config::{AgentConfig, RotatorConfig};
 
-use super::{Cluster, agent_identity};
+use crate::rotator::{Cluster, agent_identity};
 
 /// `fernetd ROLE --config FILE [--check]`: (exit code, stdout, the error line).
 fn run(role: &str, config: &Path, check: bool) -> (i32, String, String) {

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use super::{Cluster, agent_identity, region_rows};
 use crate::common::daemon::poll_until;
+use crate::rotator::{Cluster, agent_identity, region_rows};
 
 const FLEET: [&str; 4] = [
     "ctl1.regionone@RegionOne",

@@ -14,8 +14,8 @@ use std::time::Duration;
 use rustix::process::Signal;
 use serde_json::Value;
 
-use super::{Cluster, agent_identity, assert_no_keys_in_logs};
 use crate::common::daemon::poll_until;
+use crate::rotator::{Cluster, agent_identity, assert_no_keys_in_logs};
 
 /// The local ports of the established TCP connections to `addr` on this host:
 /// the rotator's connections to an agent (nothing else here dials agents).

@@ -14,9 +14,9 @@ use fernetd::repository::{self, KeySet};
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use super::{Cluster, agent_identity};
 use crate::common::daemon::poll_until;
 use crate::common::pki::{Leaf, client_tls};
+use crate::rotator::{Cluster, agent_identity};
 
 /// A tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs {

@@ -18,9 +18,9 @@ use fernetd::config::{HaConfig, RotatorConfig};
 use rustix::process::Signal;
 use serde_json::Value;
 
-use super::{Cluster, Sampler, agent_identity, assert_no_keys_in_logs, key_forms};
 use crate::common::daemon::{Daemon, free_addr, poll_until};
 use crate::common::etcd::Etcd;
+use crate::rotator::{Cluster, Sampler, agent_identity, assert_no_keys_in_logs, key_forms};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const PREFIX: &str = "/fernetd";
@@ -142,7 +142,7 @@ impl Ha {
         let tls = crate::common::pki::client_tls(
             self.cluster.ca.cert_pem(),
             Some(&self.cluster.admin_leaf),
-            super::ROTATOR_ID,
+            crate::rotator::ROTATOR_ID,
         );
         daemon.wait_healthy(r.addr, tls, "fernetd.v1.Admin").await;
         r.daemon = Some(daemon);

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Cluster, agent_identity, assert_no_keys_in_logs, key_forms};
 use crate::common::daemon::poll_until;
+use crate::rotator::{Cluster, agent_identity, assert_no_keys_in_logs, key_forms};
 use fernetd::repository;
 
 /// `fernetd token validate --repository REPO TOKEN`: the exit code.

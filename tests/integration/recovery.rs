@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use super::{Cluster, agent_identity, assert_no_keys_in_logs, key_forms};
+use crate::rotator::{Cluster, agent_identity, assert_no_keys_in_logs, key_forms};
 
 /// Copies a repository, stamp included, as an operator would with `cp -a`.
 fn copy_repository(from: &Path, to: &Path) {
@@ -155,7 +155,7 @@ async fn fresh_start_is_allowed_only_when_asked_for() {
     let tls = crate::common::pki::client_tls(
         cluster.ca.cert_pem(),
         Some(&cluster.admin_leaf),
-        super::ROTATOR_ID,
+        crate::rotator::ROTATOR_ID,
     );
     daemon
         .wait_healthy(cluster.rotator_addr, tls, "fernetd.v1.Admin")

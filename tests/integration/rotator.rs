@@ -22,15 +22,15 @@ use crate::common::daemon::{Daemon, free_addr, poll_until};
 use crate::common::keystone;
 use crate::common::pki::{Ca, Leaf, client_tls};
 
-const ROTATOR_ID: &str = "rotator.fernetd.test";
-const ADMIN_ID: &str = "admin.fernetd.test";
-const MAX_ACTIVE_KEYS: usize = 4;
+pub(crate) const ROTATOR_ID: &str = "rotator.fernetd.test";
+pub(crate) const ADMIN_ID: &str = "admin.fernetd.test";
+pub(crate) const MAX_ACTIVE_KEYS: usize = 4;
 
-fn agent_identity(region: &str) -> String {
+pub(crate) fn agent_identity(region: &str) -> String {
     format!("{}.agents.fernetd.test", region.to_lowercase())
 }
 
-fn tls_files(dir: &Path, ca: &Ca, leaf: &Leaf, name: &str) -> TlsConfig {
+pub(crate) fn tls_files(dir: &Path, ca: &Ca, leaf: &Leaf, name: &str) -> TlsConfig {
     let ca_path = ca.write(&dir.join("ca.pem"));
     let (cert, key) = leaf.write(dir, name);
     TlsConfig {
@@ -40,44 +40,47 @@ fn tls_files(dir: &Path, ca: &Ca, leaf: &Leaf, name: &str) -> TlsConfig {
     }
 }
 
-struct Agent {
+pub(crate) struct Agent {
     /// The agent's own name: its region, or a controller's name.
-    name: String,
-    region: String,
-    addr: SocketAddr,
-    config: PathBuf,
-    repo: PathBuf,
-    daemon: Option<Daemon>,
+    pub(crate) name: String,
+    pub(crate) region: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) config: PathBuf,
+    pub(crate) repo: PathBuf,
+    pub(crate) daemon: Option<Daemon>,
     /// Extra environment for the process (the clock-skew tests' offsets).
-    env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// A rotator and its agents, each a real process, in one temporary directory.
-struct Cluster {
-    dir: tempfile::TempDir,
-    ca: Ca,
-    admin_leaf: Leaf,
-    rotator_addr: SocketAddr,
-    rotator_config: PathBuf,
-    rotator: Option<Daemon>,
+pub(crate) struct Cluster {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) ca: Ca,
+    pub(crate) admin_leaf: Leaf,
+    pub(crate) rotator_addr: SocketAddr,
+    pub(crate) rotator_config: PathBuf,
+    pub(crate) rotator: Option<Daemon>,
     /// Extra environment for the rotator process.
-    rotator_env: Vec<(String, String)>,
-    admin_config: PathBuf,
-    agents: Vec<Agent>,
+    pub(crate) rotator_env: Vec<(String, String)>,
+    pub(crate) admin_config: PathBuf,
+    pub(crate) agents: Vec<Agent>,
     /// Every daemon log written for this cluster.
-    logs: Vec<PathBuf>,
+    pub(crate) logs: Vec<PathBuf>,
 }
 
 impl Cluster {
     /// `regions` agents; `enrolled_identity` may enrol an agent under another
     /// identity than its certificate carries.
-    async fn start(regions: &[&str], enrolled_identity: impl Fn(&str) -> String) -> Cluster {
+    pub(crate) async fn start(
+        regions: &[&str],
+        enrolled_identity: impl Fn(&str) -> String,
+    ) -> Cluster {
         let cluster = Cluster::configure(regions, enrolled_identity, None);
         cluster.launch().await
     }
 
     /// Writes every file; `import` is an existing repository the rotator adopts.
-    fn configure(
+    pub(crate) fn configure(
         regions: &[&str],
         enrolled_identity: impl Fn(&str) -> String,
         import: Option<PathBuf>,
@@ -201,7 +204,7 @@ impl Cluster {
         }
     }
 
-    async fn launch(mut self) -> Cluster {
+    pub(crate) async fn launch(mut self) -> Cluster {
         for i in 0..self.agents.len() {
             self.start_agent(i).await;
         }
@@ -209,12 +212,12 @@ impl Cluster {
         self
     }
 
-    fn rotator_config(&self) -> RotatorConfig {
+    pub(crate) fn rotator_config(&self) -> RotatorConfig {
         fernetd::config::load(&self.rotator_config).expect("rotator.toml")
     }
 
     /// Rewrites rotator.toml with another schedule and token lifetime.
-    fn set_schedule(&self, cron: &str, token_expiration: Duration) -> RotatorConfig {
+    pub(crate) fn set_schedule(&self, cron: &str, token_expiration: Duration) -> RotatorConfig {
         let mut config = self.rotator_config();
         config.schedule.cron = cron.into();
         config.policy.token_expiration = token_expiration;
@@ -222,14 +225,14 @@ impl Cluster {
         config
     }
 
-    fn write_rotator_config(&self, config: &RotatorConfig) {
+    pub(crate) fn write_rotator_config(&self, config: &RotatorConfig) {
         std::fs::write(&self.rotator_config, toml::to_string(config).expect("toml"))
             .expect("write rotator.toml");
     }
 
     /// Starts the rotator on its configuration, expecting it to refuse with
     /// exit 2 (a configuration error); returns what it said.
-    fn refused_start(&self) -> String {
+    pub(crate) fn refused_start(&self) -> String {
         let out = Command::new(crate::common::fernetd_bin())
             .args(["rotator", "--config"])
             .arg(&self.rotator_config)
@@ -241,7 +244,7 @@ impl Cluster {
     }
 
     /// `GET /metrics` from the rotator.
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         use std::io::{Read as _, Write as _};
         let addr = self
             .rotator_config()
@@ -257,7 +260,7 @@ impl Cluster {
         response
     }
 
-    async fn start_agent(&mut self, i: usize) {
+    pub(crate) async fn start_agent(&mut self, i: usize) {
         let agent = &mut self.agents[i];
         let mut daemon = Daemon::spawn_with_env(
             &format!("rotator-test-agent-{}", agent.name),
@@ -274,7 +277,7 @@ impl Cluster {
         agent.daemon = Some(daemon);
     }
 
-    async fn start_rotator(&mut self) {
+    pub(crate) async fn start_rotator(&mut self) {
         let mut daemon = Daemon::spawn_with_env(
             "rotator-test-rotator",
             [
@@ -292,16 +295,16 @@ impl Cluster {
         self.rotator = Some(daemon);
     }
 
-    fn rotator(&mut self) -> &mut Daemon {
+    pub(crate) fn rotator(&mut self) -> &mut Daemon {
         self.rotator.as_mut().expect("rotator running")
     }
 
-    fn agent(&mut self, i: usize) -> &mut Daemon {
+    pub(crate) fn agent(&mut self, i: usize) -> &mut Daemon {
         self.agents[i].daemon.as_mut().expect("agent running")
     }
 
     /// `fernetd admin --config admin.toml ARGS...`: (exit code, stdout, stderr).
-    fn admin_with(&self, config: &Path, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn admin_with(&self, config: &Path, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(crate::common::fernetd_bin())
             .arg("admin")
             .arg("--config")
@@ -316,11 +319,11 @@ impl Cluster {
         )
     }
 
-    fn admin(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn admin(&self, args: &[&str]) -> (i32, String, String) {
         self.admin_with(&self.admin_config, args)
     }
 
-    fn admin_json(&self, args: &[&str]) -> (i32, Value) {
+    pub(crate) fn admin_json(&self, args: &[&str]) -> (i32, Value) {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let (code, out, err) = self.admin(&all);
@@ -330,12 +333,12 @@ impl Cluster {
         (code, value)
     }
 
-    fn status(&self) -> (i32, Value) {
+    pub(crate) fn status(&self) -> (i32, Value) {
         self.admin_json(&["status"])
     }
 
     /// Polls `admin status` until every agent holds the rotator's generation.
-    async fn converged(&self, what: &str) -> Value {
+    pub(crate) async fn converged(&self, what: &str) -> Value {
         poll_until(Duration::from_secs(30), what, || async {
             let (code, status) = self.status();
             (code == 0).then_some(status)
@@ -345,7 +348,7 @@ impl Cluster {
 
     /// `fernetd admin --json rotate ARGS...`, again while the key-lifetime rule
     /// holds it (a purged key's tokens may still be valid), for up to 15 s.
-    fn rotate_with(&self, args: &[&str]) -> (i32, Value) {
+    pub(crate) fn rotate_with(&self, args: &[&str]) -> (i32, Value) {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         let mut all = vec!["rotate"];
         all.extend_from_slice(args);
@@ -359,7 +362,7 @@ impl Cluster {
     }
 
     /// Rotates and expects every region to acknowledge: (generation, digest).
-    fn rotate_ok(&self) -> (u64, String) {
+    pub(crate) fn rotate_ok(&self) -> (u64, String) {
         let (code, v) = self.rotate_with(&["--wait", "20"]);
         assert_eq!(code, 0, "rotate: {v:#}");
         let o = &v[0];
@@ -373,12 +376,17 @@ impl Cluster {
 
     /// Asserts every region's repository on disk has `digest`, collects its
     /// keys for the log search, and returns the sets.
-    fn all_hold(&self, digest: &str, context: &str, keys: &mut BTreeSet<String>) -> Vec<KeySet> {
+    pub(crate) fn all_hold(
+        &self,
+        digest: &str,
+        context: &str,
+        keys: &mut BTreeSet<String>,
+    ) -> Vec<KeySet> {
         self.hold(0..self.agents.len(), digest, context, keys)
     }
 
     /// [`Cluster::all_hold`] for the agents at `indices`.
-    fn hold(
+    pub(crate) fn hold(
         &self,
         indices: impl IntoIterator<Item = usize>,
         digest: &str,
@@ -401,14 +409,14 @@ impl Cluster {
             .collect()
     }
 
-    fn repo_state(&self, i: usize) -> KeySet {
+    pub(crate) fn repo_state(&self, i: usize) -> KeySet {
         repository::load(&self.agents[i].repo).expect("agent repository readable")
     }
 }
 
 /// Every key in every form it could leak in: url-safe base64 (the file form),
 /// standard base64 and hex of the raw bytes.
-fn key_forms(set: &KeySet, into: &mut BTreeSet<String>) {
+pub(crate) fn key_forms(set: &KeySet, into: &mut BTreeSet<String>) {
     for (_, key) in set.iter() {
         into.insert(key.to_base64().to_string());
         into.insert(base64::engine::general_purpose::STANDARD.encode(key.as_bytes()));
@@ -417,7 +425,7 @@ fn key_forms(set: &KeySet, into: &mut BTreeSet<String>) {
 }
 
 /// No daemon log may contain any key that was written.
-fn assert_no_keys_in_logs(logs: &[PathBuf], keys: &BTreeSet<String>) {
+pub(crate) fn assert_no_keys_in_logs(logs: &[PathBuf], keys: &BTreeSet<String>) {
     assert!(!keys.is_empty(), "the test saw no keys to search for");
     for log in logs {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -438,7 +446,7 @@ fn assert_no_keys_in_logs(logs: &[PathBuf], keys: &BTreeSet<String>) {
 
 /// Keystone's own `FernetUtils.load_keys` over each directory: the SHA-256 of
 /// the keys in the order Keystone uses them (primary first) and their count.
-fn keystone_load(dirs: &[PathBuf]) -> Vec<(String, usize)> {
+pub(crate) fn keystone_load(dirs: &[PathBuf]) -> Vec<(String, usize)> {
     const SCRIPT: &str = r#"
 import sys, hashlib
 import keystone.conf
@@ -461,7 +469,7 @@ for d in sys.argv[1:]:
 }
 
 /// What [`keystone_load`] should print for `set`.
-fn keystone_view(set: &KeySet) -> (String, usize) {
+pub(crate) fn keystone_view(set: &KeySet) -> (String, usize) {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     for (_, key) in set.keystone_order() {
@@ -471,7 +479,7 @@ fn keystone_view(set: &KeySet) -> (String, usize) {
 }
 
 /// Copies a repository (key files only) so Keystone can read it later.
-fn snapshot(from: &Path, to: &Path) {
+pub(crate) fn snapshot(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("snapshot dir");
     for entry in std::fs::read_dir(from).expect("read repository") {
         let entry = entry.expect("entry");
@@ -577,14 +585,14 @@ async fn twenty_rotations_reach_every_region_and_keystone_reads_them() {
 /// Watches every region's repository on disk through the whole test: no two
 /// regions may ever be two generations apart. Each rotation raises the primary
 /// index by one, so the primary indices measure the distance.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    samples: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<(u32, BTreeSet<String>)>>,
+pub(crate) struct Sampler {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) samples: Arc<AtomicUsize>,
+    pub(crate) thread: Option<std::thread::JoinHandle<(u32, BTreeSet<String>)>>,
 }
 
 impl Sampler {
-    fn start(repos: Vec<PathBuf>) -> Sampler {
+    pub(crate) fn start(repos: Vec<PathBuf>) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(AtomicUsize::new(0));
         let (s, n) = (stop.clone(), samples.clone());
@@ -621,7 +629,7 @@ impl Sampler {
         }
     }
 
-    fn finish(mut self) -> (u32, usize, BTreeSet<String>) {
+    pub(crate) fn finish(mut self) -> (u32, usize, BTreeSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let (worst, keys) = self
             .thread
@@ -633,7 +641,7 @@ impl Sampler {
     }
 }
 
-fn region_rows<'a>(status: &'a Value, region: &str) -> Vec<&'a Value> {
+pub(crate) fn region_rows<'a>(status: &'a Value, region: &str) -> Vec<&'a Value> {
     status["agents"]
         .as_array()
         .expect("agents")
@@ -1076,12 +1084,12 @@ async fn the_schedule_rotates_by_itself_and_a_blocked_rotation_happens_once_the_
 
 /// What the load test saw of the agent process.
 #[derive(Debug, Default, Clone, Copy)]
-struct ProcessPeak {
-    rss_kib: u64,
-    fds: usize,
+pub(crate) struct ProcessPeak {
+    pub(crate) rss_kib: u64,
+    pub(crate) fds: usize,
 }
 
-fn process_now(pid: u32) -> ProcessPeak {
+pub(crate) fn process_now(pid: u32) -> ProcessPeak {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kib = status
         .lines()
@@ -1094,7 +1102,7 @@ fn process_now(pid: u32) -> ProcessPeak {
 }
 
 /// One rotation through the admin CLI, timed.
-fn timed_rotation(cluster: &Cluster) -> Duration {
+pub(crate) fn timed_rotation(cluster: &Cluster) -> Duration {
     let started = std::time::Instant::now();
     tokio::task::block_in_place(|| cluster.rotate_ok());
     started.elapsed()
@@ -1264,35 +1272,3 @@ fn a_corrupt_state_exits_2_naming_the_file() {
     let stderr = cluster.refused_start();
     assert!(stderr.contains(&*state.to_string_lossy()), "{stderr}");
 }
-
-#[path = "lifetimes.rs"]
-mod lifetimes;
-
-#[path = "controllers.rs"]
-mod controllers;
-
-#[path = "check.rs"]
-mod check;
-
-#[path = "audit.rs"]
-mod audit;
-
-#[path = "enrolment.rs"]
-mod enrolment;
-
-#[path = "recovery.rs"]
-mod recovery;
-
-#[path = "chaos.rs"]
-mod chaos;
-#[path = "ha.rs"]
-mod ha;
-
-#[path = "faults.rs"]
-mod faults;
-
-#[path = "soak.rs"]
-mod soak;
-
-#[path = "skew.rs"]
-mod skew;

@@ -12,8 +12,8 @@ use fernetd::pb;
 use fernetd::pb::distribution_client::DistributionClient;
 use fernetd::repository;
 
-use super::{Cluster, agent_identity};
 use crate::common::pki::client_tls;
+use crate::rotator::{Cluster, agent_identity};
 
 const HOUR: i64 = 3600;
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Cluster, agent_identity};
+use crate::rotator::{Cluster, agent_identity};
 
 /// What one process holds at one moment.
 #[derive(Debug, Clone, Copy, Default)]
