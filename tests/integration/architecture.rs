@@ -1,7 +1,8 @@
 //! The rotator's shape, checked from its source: the import graph of
 //! `src/rotator` has no circle (a module's use of its parent's items, such as
 //! `super::RotatorError`, is no edge), `impl Core` is written only in
-//! `core.rs`, and every module and file ARCHITECTURE.md names exists.
+//! `core.rs`, and every module, file and item ARCHITECTURE.md and
+//! docs/library.md name exists.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -183,4 +184,135 @@ fn impl_core_is_written_only_in_core_rs() {
             rel.display()
         );
     }
+}
+
+/// Every backticked name in `text` (between single backticks).
+fn backticked(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// ARCHITECTURE.md and docs/library.md name only what exists: each `file.rs`
+/// (or `dir/file.rs`) is a file of the crate, each module of a module map a
+/// module of the library, and each `module::Item` an item written in that
+/// module.
+#[test]
+fn architecture_md_names_only_modules_and_items_that_exist() {
+    for (doc, least) in [("ARCHITECTURE.md", 40), ("docs/library.md", 5)] {
+        let text = std::fs::read_to_string(root().join(doc)).expect(doc);
+        let (checked, missing) = names_that_do_not_exist(&text);
+        assert!(
+            checked > least,
+            "{doc}: too little checked ({checked}): the scan is broken"
+        );
+        assert!(
+            missing.is_empty(),
+            "{doc} names what does not exist: {missing:?}"
+        );
+    }
+}
+
+/// How many names of `text` were checked, and those that do not exist.
+fn names_that_do_not_exist(text: &str) -> (usize, Vec<String>) {
+    let files: Vec<String> = sources(&root().join("src"))
+        .into_iter()
+        .chain(sources(&root().join("tests")))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for name in backticked(text) {
+        let name = name.trim();
+        let is_path = name.ends_with(".rs")
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_/.".contains(c));
+        if is_path {
+            checked += 1;
+            if !files.iter().any(|f| f.ends_with(&format!("/{name}"))) {
+                missing.push(format!("file {name}"));
+            }
+            continue;
+        }
+        // `module::Item` or `module::function`: the item is written in the module.
+        let Some((module, item)) = name.split_once("::") else {
+            continue;
+        };
+        let plain =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let item = item.split("::").next().unwrap_or("");
+        let item = item.split('(').next().unwrap_or("");
+        if !plain(module) || !plain(item) || !module.starts_with(|c: char| c.is_ascii_lowercase()) {
+            continue;
+        }
+        let in_module: Vec<&String> = files
+            .iter()
+            .filter(|f| f.contains("/src/"))
+            .filter(|f| f.ends_with(&format!("/{module}.rs")) || f.contains(&format!("/{module}/")))
+            .collect();
+        if in_module.is_empty() {
+            continue;
+        }
+        checked += 1;
+        // Written there: defined, or re-exported by a `pub use`.
+        let found = in_module.iter().any(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| {
+                t.lines().any(|line| {
+                    let line = line.trim_start();
+                    let defined = [
+                        "fn", "struct", "enum", "trait", "type", "mod", "const", "static",
+                    ]
+                    .iter()
+                    .any(|kind| {
+                        line.split_whitespace()
+                            .skip_while(|w| *w != *kind)
+                            .nth(1)
+                            .is_some_and(|w| {
+                                w.trim_end_matches(|c: char| {
+                                    !(c.is_ascii_alphanumeric() || c == '_')
+                                })
+                                .split(['<', '(', ':'])
+                                .next()
+                                    == Some(item)
+                            })
+                    });
+                    let reexported = line.starts_with("pub use")
+                        && line
+                            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .any(|w| w == item);
+                    defined || reexported
+                })
+            })
+        });
+        if !found {
+            missing.push(format!("item {name}"));
+        }
+    }
+    // The module map: the first column of each row names a module of the library.
+    for line in text.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Some(module) = cells
+            .get(2)
+            .and_then(|c| c.strip_prefix('`'))
+            .and_then(|c| c.strip_suffix('`'))
+        else {
+            continue;
+        };
+        if module.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            checked += 1;
+            let src = root().join("src");
+            if !src.join(format!("{module}.rs")).exists() && !src.join(module).is_dir() {
+                missing.push(format!("module {module}"));
+            }
+        }
+    }
+    (checked, missing)
+}
+
+#[test]
+fn the_architecture_check_catches_a_name_that_is_gone() {
+    let text = "`fanout::PreEncodedCodec` and `rotator/gone.rs`";
+    assert_eq!(
+        backticked(text),
+        vec!["fanout::PreEncodedCodec", "rotator/gone.rs"]
+    );
 }
