@@ -562,6 +562,26 @@ pub fn rotate_with(
     Ok(next)
 }
 
+/// `set` without key `index` (a compromised key), still a set Keystone can
+/// use: a purged primary is replaced by the staged key (promoted above every
+/// index the set held), a purged staged key, or the staged key so promoted,
+/// by `new_staged`. `None` when `set` has no key `index`.
+pub fn without_key(set: &KeySet, index: u32, new_staged: Key) -> Option<KeySet> {
+    set.get(index)?;
+    let mut next = set.clone();
+    next.remove(index);
+    let primary = set.primary_index();
+    if index == 0 || Some(index) == primary {
+        if Some(index) == primary
+            && let Some(staged) = next.remove(0)
+        {
+            next.insert(index.max(next.primary_index().unwrap_or(0)) + 1, staged);
+        }
+        next.insert(0, new_staged);
+    }
+    Some(next)
+}
+
 /// `keystone-manage fernet_setup` on an empty repository: a first key is made as
 /// 0 and rotated once, so the repository holds 0 (staged) and 1 (primary).
 pub fn init(max_active_keys: usize) -> Result<KeySet, RotateError> {
@@ -878,6 +898,29 @@ mod tests {
             "does not decode to 32 bytes"
         );
         assert!(parse_key(b"!!!!").is_err());
+    }
+
+    #[test]
+    fn a_purged_key_leaves_a_set_keystone_can_use() {
+        let key = |n: u8| Key::from_bytes([n; 32]);
+        let set = KeySet::from_keys([(0, key(0)), (3, key(3)), (4, key(4)), (5, key(5))]);
+        // A secondary: gone, nothing else moves.
+        let next = without_key(&set, 3, key(9)).expect("has 3");
+        assert_eq!(next.indices(), vec![0, 4, 5]);
+        assert_eq!(next.get(5), set.get(5));
+        // The primary: the staged key takes its place above it, a new staged key.
+        let next = without_key(&set, 5, key(9)).expect("has 5");
+        assert_eq!(next.indices(), vec![0, 3, 4, 6]);
+        assert_eq!(next.get(6), set.get(0));
+        assert_eq!(next.get(0), Some(&key(9)));
+        assert_eq!(next.primary(), set.staged());
+        // The staged key: replaced, the primary stays.
+        let next = without_key(&set, 0, key(9)).expect("has 0");
+        assert_eq!(next.indices(), vec![0, 3, 4, 5]);
+        assert_eq!(next.get(0), Some(&key(9)));
+        assert_eq!(next.primary(), set.primary());
+        // No such key.
+        assert!(without_key(&set, 7, key(9)).is_none());
     }
 
     #[test]

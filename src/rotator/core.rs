@@ -872,13 +872,15 @@ impl Core {
             let repo = &self.repos[r];
             let current = repo.current();
             let index = request.index;
-            if current.keys.get(index).is_none() {
+            let Some(next_keys) =
+                repository::without_key(&current.keys, index, repository::Key::generate())
+            else {
                 return Err(RotatorError::UnknownKey {
                     repository: repo.name.clone(),
                     index,
                     indices: current.keys.indices(),
                 });
-            }
+            };
             let mut outcome = self.outcome_of(r, &current);
             if let Some(blocked) =
                 self.check_safety_rule(r, &current, request.force, false, &mut outcome)
@@ -890,20 +892,7 @@ impl Core {
                 });
             }
             let missing = std::mem::take(&mut outcome.pending_regions);
-            let mut next_keys = current.keys.clone();
-            next_keys.remove(index);
             let primary = current.keys.primary_index();
-            if index == 0 || Some(index) == primary {
-                if Some(index) == primary
-                    && let Some(staged) = next_keys.remove(0)
-                {
-                    next_keys.insert(
-                        index.max(next_keys.primary_index().unwrap_or(0)) + 1,
-                        staged,
-                    );
-                }
-                next_keys.insert(0, repository::Key::generate());
-            }
             let now = now_ms();
             self.note_demotions(r);
             let times = repo.ledger().keys.get(&index).copied().unwrap_or_default();
