@@ -448,36 +448,22 @@ impl Managed {
         restore: bool,
         started: Instant,
     ) -> Result<Installed, Refusal> {
-        if let Some(installed) = desired.digest {
-            if stamp.generation < desired.generation && !restore {
-                return Err(Refusal::Rollback {
-                    offered: stamp.generation,
-                    installed: desired.generation,
-                });
-            }
-            if stamp.generation == desired.generation && stamp.digest != installed {
-                return Err(Refusal::Fork {
+        let installed = desired.digest.map(|digest| (desired.generation, digest));
+        if accept(installed, (stamp.generation, stamp.digest), restore)? == Accept::Again {
+            // A re-push of what is installed: answer from the disk when it
+            // still proves the set, re-install when it drifted.
+            let (path, s, c) = (self.path.clone(), stamp.clone(), canaries.clone());
+            if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
+                self.metrics.canaries(&self.name, canaries.len() as u64, 0);
+                self.metrics.installed(&self.name, "unchanged");
+                return Ok(Installed {
                     generation: stamp.generation,
-                    installed,
-                    offered: stamp.digest,
+                    digest: stamp.digest,
+                    indices: proof.set.indices(),
+                    unchanged: true,
+                    canaries_valid: !canaries.is_empty(),
+                    micros: elapsed_micros(started),
                 });
-            }
-            if stamp.generation == desired.generation {
-                // A re-push of what is installed: answer from the disk when it
-                // still proves the set, re-install when it drifted.
-                let (path, s, c) = (self.path.clone(), stamp.clone(), canaries.clone());
-                if let Ok(proof) = blocking(move || prove(&path, &s, &c)).await? {
-                    self.metrics.canaries(&self.name, canaries.len() as u64, 0);
-                    self.metrics.installed(&self.name, "unchanged");
-                    return Ok(Installed {
-                        generation: stamp.generation,
-                        digest: stamp.digest,
-                        indices: proof.set.indices(),
-                        unchanged: true,
-                        canaries_valid: !canaries.is_empty(),
-                        micros: elapsed_micros(started),
-                    });
-                }
             }
         }
 
@@ -715,8 +701,73 @@ fn elapsed_micros(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// What an offered generation is to what is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accept {
+    /// Newer (or a first install, or an explicit restore): install it.
+    New,
+    /// The installed generation again: prove it from disk, re-install if it drifted.
+    Again,
+}
+
+/// The rollback and fork rule: `offered` (generation, digest) against what is
+/// `installed`, if anything. An older generation is refused unless `restore`
+/// says so explicitly; the installed generation with another digest always.
+fn accept(
+    installed: Option<(u64, Digest)>,
+    offered: (u64, Digest),
+    restore: bool,
+) -> Result<Accept, Refusal> {
+    let Some((generation, digest)) = installed else {
+        return Ok(Accept::New);
+    };
+    if offered.0 < generation && !restore {
+        return Err(Refusal::Rollback {
+            offered: offered.0,
+            installed: generation,
+        });
+    }
+    if offered.0 == generation && offered.1 != digest {
+        return Err(Refusal::Fork {
+            generation,
+            installed: digest,
+            offered: offered.1,
+        });
+    }
+    Ok(if offered.0 == generation {
+        Accept::Again
+    } else {
+        Accept::New
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rollback_is_refused_unless_restored_and_a_fork_always() {
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        assert_eq!(accept(None, (1, a), false).ok(), Some(Accept::New));
+        assert_eq!(accept(Some((3, a)), (4, b), false).ok(), Some(Accept::New));
+        assert_eq!(
+            accept(Some((3, a)), (3, a), false).ok(),
+            Some(Accept::Again)
+        );
+        assert!(matches!(
+            accept(Some((3, a)), (2, b), false),
+            Err(Refusal::Rollback {
+                offered: 2,
+                installed: 3
+            })
+        ));
+        assert_eq!(accept(Some((3, a)), (2, b), true).ok(), Some(Accept::New));
+        for restore in [false, true] {
+            assert!(matches!(
+                accept(Some((3, a)), (3, b), restore),
+                Err(Refusal::Fork { generation: 3, .. })
+            ));
+        }
+    }
+
     use super::*;
     use crate::repository::Key;
     use std::time::Duration;
