@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::RotatorError;
 use super::core::Core;
-use super::types::now_ms;
+use super::types::{Event, Outcome, PurgeOrder, RotateOrder, now_ms};
 use crate::config::AdminConfig;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
@@ -101,10 +101,10 @@ impl pb::admin_server::Admin for AdminService {
         tracing::info!(admin = %admin, force = r.force, dry_run = r.dry_run, no_wait = r.no_wait, "rotation requested");
         let response = self
             .core
-            .rotate(&r, &admin, self.shutdown.clone())
+            .rotate(&rotate_order(r), &admin, self.shutdown.clone())
             .await
             .map_err(status_of)?;
-        Ok(Response::new(response))
+        Ok(Response::new(rotate_response(response)))
     }
 
     async fn purge_key(
@@ -117,10 +117,10 @@ impl pb::admin_server::Admin for AdminService {
         tracing::warn!(admin = %admin, repository = %r.repository, key = r.index, force = r.force, "key purge requested");
         let response = self
             .core
-            .purge_key(&r, &admin, self.shutdown.clone())
+            .purge_key(&purge_order(r), &admin, self.shutdown.clone())
             .await
             .map_err(status_of)?;
-        Ok(Response::new(response))
+        Ok(Response::new(rotate_response(response)))
     }
 
     async fn sync(
@@ -165,7 +165,7 @@ impl pb::admin_server::Admin for AdminService {
             loop {
                 let item = tokio::select! {
                     e = events.recv() => match e {
-                        Ok(event) => Ok(event),
+                        Ok(event) => Ok(event_of(event)),
                         Err(broadcast::error::RecvError::Lagged(n)) => Ok(pb::Event {
                             unix_ms: now_ms(),
                             kind: "lagged".into(),
@@ -228,6 +228,71 @@ pub async fn connect_leader(config: &AdminConfig) -> Result<AdminClient<Channel>
     Ok(answered
         .or(first)
         .unwrap_or_else(|| unreachable!("at least two endpoints")))
+}
+
+/// The domain's order for a `Rotate` call.
+fn rotate_order(r: pb::RotateRequest) -> RotateOrder {
+    RotateOrder {
+        repositories: r.repositories,
+        force: r.force,
+        dry_run: r.dry_run,
+        no_wait: r.no_wait,
+        wait_ms: r.wait_ms,
+    }
+}
+
+/// The domain's order for a `PurgeKey` call.
+fn purge_order(r: pb::PurgeKeyRequest) -> PurgeOrder {
+    PurgeOrder {
+        repository: r.repository,
+        index: r.index,
+        force: r.force,
+        wait_ms: r.wait_ms,
+    }
+}
+
+/// The answer to `Rotate` and `PurgeKey`.
+fn rotate_response(outcomes: Vec<Outcome>) -> pb::RotateResponse {
+    pb::RotateResponse {
+        outcomes: outcomes
+            .into_iter()
+            .map(|o| pb::RotateOutcome {
+                repository: o.repository,
+                rotated: o.rotated,
+                generation: o.generation,
+                digest: o.digest,
+                indices: o.indices,
+                pending_regions: o.pending_regions,
+                rejecting_regions: o.rejecting_regions,
+                message: o.message,
+                promoted_index: o.promoted_index,
+                purged: o
+                    .purged
+                    .into_iter()
+                    .map(|p| pb::PurgedKey {
+                        index: p.index,
+                        demoted_unix_ms: p.demoted_unix_ms,
+                        safe_unix_ms: p.safe_unix_ms,
+                    })
+                    .collect(),
+                safe_unix_ms: o.safe_unix_ms,
+                held_for_lifetime: o.held_for_lifetime,
+            })
+            .collect(),
+    }
+}
+
+/// An event as `Watch` streams it.
+fn event_of(e: Event) -> pb::Event {
+    pb::Event {
+        unix_ms: e.unix_ms,
+        kind: e.kind,
+        repository: e.repository,
+        region: e.region,
+        generation: e.generation,
+        message: e.message,
+        agent: e.agent,
+    }
 }
 
 /// How long the leader search waits for each rotator.

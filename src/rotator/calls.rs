@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::fleet::AgentSlot;
-use super::types::Generation;
+use super::types::{Answer, Generation, RepoReport, Report};
 use crate::pb;
 
 const INSTALL: &str = "/fernetd.v1.Distribution/Install";
@@ -16,7 +16,7 @@ pub(super) async fn install(
     agent: &AgentSlot,
     generation: &Generation,
     timeout: Duration,
-) -> Result<pb::InstallResponse, String> {
+) -> Result<Answer, String> {
     let channel = &agent.channel;
     let call = || async move {
         let answer = channel
@@ -24,16 +24,18 @@ pub(super) async fn install(
             .await
             .map_err(|s| crate::describe_status(&s))?;
         <pb::InstallResponse as prost::Message>::decode(answer)
+            .map(|a| Answer {
+                generation: a.generation,
+                digest: a.digest,
+                canaries_valid: a.canaries_valid,
+            })
             .map_err(|e| format!("Install: undecodable answer: {e}"))
     };
     with_deadline(timeout, "Install", call).await
 }
 
 /// Reads agent `agent`'s state back (`GetState`).
-pub(super) async fn get_state(
-    agent: &AgentSlot,
-    timeout: Duration,
-) -> Result<pb::GetStateResponse, String> {
+pub(super) async fn get_state(agent: &AgentSlot, timeout: Duration) -> Result<Report, String> {
     let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
     let call = || async move {
         let mut request = tonic::Request::new(pb::GetStateRequest {});
@@ -41,10 +43,28 @@ pub(super) async fn get_state(
         client
             .get_state(request)
             .await
-            .map(tonic::Response::into_inner)
+            .map(|r| report(r.into_inner()))
             .map_err(|s| crate::describe_status(&s))
     };
     with_deadline(timeout, "GetState", call).await
+}
+
+/// What a `GetState` answer says the agent holds.
+fn report(state: pb::GetStateResponse) -> Report {
+    Report {
+        region: state.region,
+        repositories: state
+            .repositories
+            .into_iter()
+            .map(|r| RepoReport {
+                name: r.name,
+                generation: r.generation,
+                digest: r.digest,
+                drift: r.drift,
+                drift_detail: r.drift_detail,
+            })
+            .collect(),
+    }
 }
 
 /// The future `call` makes, failed with a message naming `what` when it has not

@@ -18,22 +18,24 @@ use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
 use super::store::{CREDENTIAL_MIGRATE, Store, StoreError};
-use super::types::{AgentId, Blocked, Generation, Held, RepoId, RepoSlot, now_ms, rfc3339};
+use super::types::{
+    AgentId, Answer, Blocked, Event, Generation, Held, Outcome, PurgeOrder, Purged, RepoId,
+    RepoSlot, Report, RotateOrder, now_ms, rfc3339,
+};
 use crate::config::{AgentEndpoint, CREDENTIAL_REPOSITORY, FanoutConfig, RepoKind};
-use crate::pb;
 use crate::repository::{self, Digest, KeySet};
 
 /// One repository's rotation: the outcome the admin is shown and, when a
 /// purge-safe time holds it, why, so the scheduler records it without reading
 /// the message.
 pub(super) struct Rotation {
-    pub(super) outcome: pb::RotateOutcome,
+    pub(super) outcome: Outcome,
     pub(super) hold: Option<String>,
 }
 
 impl Rotation {
     /// An outcome that is not held.
-    fn shown(outcome: pb::RotateOutcome) -> Self {
+    fn shown(outcome: Outcome) -> Self {
         Rotation {
             outcome,
             hold: None,
@@ -56,7 +58,7 @@ pub(super) struct Core {
     pub(super) audit: Option<Arc<crate::audit::AuditLog>>,
     /// The credential repository's migrate gate (`credential.rs`), if any.
     pub(super) credential: Option<Gate>,
-    events: broadcast::Sender<pb::Event>,
+    events: broadcast::Sender<Event>,
     progress: watch::Sender<u64>,
     pub(super) rotation: tokio::sync::Mutex<()>,
     pub(super) acks_dirty: AtomicBool,
@@ -211,7 +213,7 @@ impl Core {
         Ok(change)
     }
 
-    pub(super) fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
@@ -227,7 +229,7 @@ impl Core {
         generation: u64,
         message: String,
     ) {
-        let _ = self.events.send(pb::Event {
+        let _ = self.events.send(Event {
             unix_ms: now_ms(),
             kind: kind.to_owned(),
             repository: repository.to_owned(),
@@ -326,11 +328,7 @@ impl Core {
     }
 
     /// Learns from an agent's `GetState` answer what it holds.
-    pub(super) fn observe_state(
-        &self,
-        i: AgentId,
-        state: &pb::GetStateResponse,
-    ) -> Result<(), String> {
+    pub(super) fn observe_state(&self, i: AgentId, state: &Report) -> Result<(), String> {
         let Some(agent) = self.agent(i) else {
             return Ok(());
         };
@@ -376,7 +374,7 @@ impl Core {
         i: AgentId,
         r: RepoId,
         generation: &Generation,
-        response: &pb::InstallResponse,
+        response: &Answer,
     ) -> Result<(), String> {
         let digest = Digest::from_slice(&response.digest);
         if response.generation != generation.number || digest != Some(generation.digest) {
@@ -433,23 +431,23 @@ impl Core {
     /// empty), one after another, and waits for acknowledgements unless told not to.
     pub(super) async fn rotate(
         self: &Arc<Self>,
-        request: &pb::RotateRequest,
+        request: &RotateOrder,
         actor: &str,
         shutdown: CancellationToken,
-    ) -> Result<pb::RotateResponse, RotatorError> {
+    ) -> Result<Vec<Outcome>, RotatorError> {
         let outcomes = self
             .rotations(request, actor, shutdown)
             .await?
             .into_iter()
             .map(|r| r.outcome)
             .collect();
-        Ok(pb::RotateResponse { outcomes })
+        Ok(outcomes)
     }
 
     /// [`Core::rotate`], each outcome with why it was held (typed).
     async fn rotations(
         self: &Arc<Self>,
-        request: &pb::RotateRequest,
+        request: &RotateOrder,
         actor: &str,
         shutdown: CancellationToken,
     ) -> Result<Vec<Rotation>, RotatorError> {
@@ -550,7 +548,7 @@ impl Core {
         outcome.promoted_index = next_keys.primary_index().unwrap_or(0);
         outcome.purged = purges
             .iter()
-            .map(|p| pb::PurgedKey {
+            .map(|p| Purged {
                 index: p.index,
                 demoted_unix_ms: p.demoted_ms.unwrap_or(0),
                 safe_unix_ms: p.safe_ms.unwrap_or(0),
@@ -627,13 +625,7 @@ impl Core {
 
     /// Records what a rotation or purge did in the audit log, on disk before
     /// the caller is answered.
-    async fn audit_outcome(
-        &self,
-        actor: &str,
-        event: &'static str,
-        force: bool,
-        o: &pb::RotateOutcome,
-    ) {
+    async fn audit_outcome(&self, actor: &str, event: &'static str, force: bool, o: &Outcome) {
         let outcome = match (o.rotated, o.held_for_lifetime) {
             (true, _) if force && !o.rejecting_regions.is_empty() => "forced",
             (true, _) => "committed",
@@ -655,8 +647,8 @@ impl Core {
     }
 
     /// An outcome that describes the current generation of `r`, unchanged.
-    fn outcome_of(&self, r: RepoId, current: &Generation) -> pb::RotateOutcome {
-        pb::RotateOutcome {
+    fn outcome_of(&self, r: RepoId, current: &Generation) -> Outcome {
+        Outcome {
             repository: self.repos[r].name.clone(),
             generation: current.number,
             digest: current.digest.0.to_vec(),
@@ -674,8 +666,8 @@ impl Core {
         current: &Generation,
         force: bool,
         dry_run: bool,
-        outcome: &mut pb::RotateOutcome,
-    ) -> Option<pb::RotateOutcome> {
+        outcome: &mut Outcome,
+    ) -> Option<Outcome> {
         let repo = &self.repos[r];
         let missing = self.regions_missing(r, current);
         if missing.is_empty() || force {
@@ -859,10 +851,10 @@ impl Core {
     /// key by a new one.
     pub(super) async fn purge_key(
         self: &Arc<Self>,
-        request: &pb::PurgeKeyRequest,
+        request: &PurgeOrder,
         actor: &str,
         shutdown: CancellationToken,
-    ) -> Result<pb::RotateResponse, RotatorError> {
+    ) -> Result<Vec<Outcome>, RotatorError> {
         let r = *self
             .select(std::slice::from_ref(&request.repository))?
             .first()
@@ -887,9 +879,7 @@ impl Core {
             {
                 self.audit_outcome(actor, "purge", request.force, &blocked)
                     .await;
-                return Ok(pb::RotateResponse {
-                    outcomes: vec![blocked],
-                });
+                return Ok(vec![blocked]);
             }
             let missing = std::mem::take(&mut outcome.pending_regions);
             let primary = current.keys.primary_index();
@@ -908,7 +898,7 @@ impl Core {
             outcome.digest = next.digest.0.to_vec();
             outcome.indices = next.keys.indices();
             outcome.promoted_index = next.keys.primary_index().unwrap_or(0);
-            outcome.purged = vec![pb::PurgedKey {
+            outcome.purged = vec![Purged {
                 index,
                 demoted_unix_ms: times.demoted_ms.unwrap_or(0),
                 safe_unix_ms: 0,
@@ -945,7 +935,7 @@ impl Core {
         if generation.number == outcomes[0].generation {
             outcomes[0].pending_regions = self.regions_missing(r, &generation);
         }
-        Ok(pb::RotateResponse { outcomes })
+        Ok(outcomes)
     }
 
     /// Waits until every agent holds the current generation of every repository
@@ -1026,7 +1016,7 @@ impl Core {
         if names.is_empty() {
             return;
         }
-        let request = pb::RotateRequest {
+        let request = RotateOrder {
             no_wait: true,
             repositories: names,
             ..Default::default()
@@ -1169,7 +1159,7 @@ impl Core {
         r: RepoId,
         current: &Generation,
         dry_run: bool,
-        outcome: &pb::RotateOutcome,
+        outcome: &Outcome,
     ) -> Result<Option<Rotation>, RotatorError> {
         let Some(gate) = self.credential.as_ref() else {
             return Ok(None);
@@ -1305,15 +1295,6 @@ impl Core {
         }
     }
 
-    /// The `credential` section of `status` for repository `r`.
-    pub(super) fn credential_status(&self, r: RepoId) -> Option<pb::CredentialStatus> {
-        let gate = self.credential.as_ref()?;
-        if self.repos[r].kind != RepoKind::Credential {
-            return None;
-        }
-        Some(gate.status(&self.repos[r].current()))
-    }
-
     /// The credential repository's own schedule, when it has one.
     pub(super) fn credential_schedule(&self) -> Option<(RepoId, super::schedule::Schedule)> {
         let (Some(gate), Some(r)) = (self.credential.as_ref(), self.credential_repo()) else {
@@ -1401,7 +1382,7 @@ mod credential_tests;
 pub(super) mod tests {
     use super::*;
     use crate::config::AgentEndpoint;
-    use std::collections::BTreeMap;
+    use crate::rotator::types::RepoReport;
 
     /// A core over a memory store with `regions` agents behind channels that
     /// are never dialled (no dispatcher runs), so the tests drive
@@ -1450,19 +1431,17 @@ pub(super) mod tests {
 
     pub(in crate::rotator) fn ack(core: &Core, i: AgentId) {
         let current = core.repos[0].current();
-        let response = pb::InstallResponse {
-            repository: "tokens".into(),
+        let response = Answer {
             generation: current.number,
             digest: current.digest.0.to_vec(),
             canaries_valid: true,
-            ..Default::default()
         };
         core.observe_install(i, RepoId(0), &current, &response)
             .expect("acknowledged");
     }
 
-    fn request(force: bool, dry_run: bool) -> pb::RotateRequest {
-        pb::RotateRequest {
+    fn request(force: bool, dry_run: bool) -> RotateOrder {
+        RotateOrder {
             force,
             dry_run,
             no_wait: true,
@@ -1479,7 +1458,7 @@ pub(super) mod tests {
             .rotate(&request(false, false), "test", stop.clone())
             .await
             .expect("rotate");
-        let o = &r.outcomes[0];
+        let o = &r[0];
         assert!(!o.rotated);
         assert_eq!(o.generation, 1);
         assert_eq!(o.pending_regions, vec!["RegionTwo".to_owned()]);
@@ -1503,8 +1482,8 @@ pub(super) mod tests {
             .rotate(&request(false, false), "test", stop)
             .await
             .expect("rotate");
-        assert!(r.outcomes[0].rotated);
-        assert_eq!(r.outcomes[0].generation, 2);
+        assert!(r[0].rotated);
+        assert_eq!(r[0].generation, 2);
         // Durable before anything could be sent.
         let on_disk = core
             .store
@@ -1526,7 +1505,7 @@ pub(super) mod tests {
             .rotate(&request(true, true), "test", stop.clone())
             .await
             .expect("dry run");
-        let o = &r.outcomes[0];
+        let o = &r[0];
         assert!(!o.rotated && o.message.starts_with("dry run"), "{o:?}");
         assert_eq!(
             o.rejecting_regions,
@@ -1547,7 +1526,7 @@ pub(super) mod tests {
             .rotate(&request(true, false), "test", stop)
             .await
             .expect("forced");
-        let o = &r.outcomes[0];
+        let o = &r[0];
         assert!(o.rotated);
         assert_eq!(
             o.rejecting_regions,
@@ -1566,18 +1545,16 @@ pub(super) mod tests {
     async fn an_answer_that_does_not_match_what_was_sent_is_not_an_acknowledgement() {
         let core = core(&["RegionOne"]);
         let current = core.repos[0].current();
-        let good = pb::InstallResponse {
-            repository: "tokens".into(),
+        let good = Answer {
             generation: 1,
             digest: current.digest.0.to_vec(),
             canaries_valid: true,
-            ..Default::default()
         };
-        let wrong_digest = pb::InstallResponse {
+        let wrong_digest = Answer {
             digest: vec![0; 32],
             ..good.clone()
         };
-        let no_canaries = pb::InstallResponse {
+        let no_canaries = Answer {
             canaries_valid: false,
             ..good.clone()
         };
@@ -1668,15 +1645,14 @@ pub(super) mod tests {
                 .holds(RepoId(0), &current)
         );
         assert!(!core.may_rotate(RepoId(0)));
-        let state = pb::GetStateResponse {
+        let state = Report {
             region: "RegionOne".into(),
-            repositories: vec![pb::RepositoryState {
+            repositories: vec![RepoReport {
                 name: "tokens".into(),
                 generation: current.number,
                 digest: current.digest.0.to_vec(),
                 ..Default::default()
             }],
-            version: String::new(),
         };
         core.observe_state(AgentId(0), &state).expect("observed");
         assert!(core.may_rotate(RepoId(0)));
@@ -1686,15 +1662,14 @@ pub(super) mod tests {
     async fn an_agent_ahead_of_the_rotator_or_forked_is_reported_not_overwritten() {
         let core = core(&["RegionOne"]);
         let current = core.repos[0].current();
-        let state = |generation: u64, digest: Vec<u8>| pb::GetStateResponse {
+        let state = |generation: u64, digest: Vec<u8>| Report {
             region: "RegionOne".into(),
-            repositories: vec![pb::RepositoryState {
+            repositories: vec![RepoReport {
                 name: "tokens".into(),
                 generation,
                 digest,
                 ..Default::default()
             }],
-            version: String::new(),
         };
         core.observe_state(AgentId(0), &state(7, vec![1; 32]))
             .expect("observed");
@@ -1708,7 +1683,7 @@ pub(super) mod tests {
             core.agent_ahead(AgentId(0), RepoId(0), &current)
                 .is_some_and(|r| r.contains("fork"))
         );
-        let wrong_region = pb::GetStateResponse {
+        let wrong_region = Report {
             region: "RegionNine".into(),
             ..state(1, current.digest.0.to_vec())
         };
@@ -1720,32 +1695,5 @@ pub(super) mod tests {
                 .expect("enrolled")
                 .holds(RepoId(0), &current)
         );
-    }
-
-    #[test]
-    fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
-        let keys = repository::init(3).expect("init");
-        let g = Generation::build("tokens", 4, keys.clone(), BTreeMap::new()).expect("build");
-        let framed = g.encoded();
-        // One uncompressed gRPC frame: flag 0, then the message's length.
-        assert_eq!(framed[0], 0);
-        assert_eq!(
-            u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize,
-            framed.len() - 5
-        );
-        let decoded: pb::InstallRequest = prost::Message::decode(&framed[5..]).expect("decodes");
-        assert_eq!(decoded.generation, 4);
-        assert_eq!(decoded.digest, keys.digest().0.to_vec());
-        assert_eq!(decoded.keys.len(), keys.len());
-        let ring = crate::token::Keyring::new(&keys);
-        let indices: Vec<u32> = decoded.canaries.iter().map(|c| c.key_index).collect();
-        assert_eq!(indices, vec![keys.primary_index().expect("primary"), 0]);
-        for c in &decoded.canaries {
-            assert_eq!(
-                ring.decrypt(&c.token).expect("decrypts").key_index,
-                c.key_index
-            );
-        }
-        assert!(!format!("{g:?}").contains(keys.staged().expect("staged").to_base64().as_str()));
     }
 }

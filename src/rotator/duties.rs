@@ -133,7 +133,7 @@ async fn credential_schedule(core: Arc<Core>, stop: CancellationToken) {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
-        let request = crate::pb::RotateRequest {
+        let request = super::types::RotateOrder {
             no_wait: true,
             repositories: vec![core.repos[r].name.clone()],
             ..Default::default()

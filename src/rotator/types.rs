@@ -259,3 +259,123 @@ pub(super) fn rfc3339(ms: i64) -> String {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_else(|| ms.to_string())
 }
+
+/// What a rotation is asked (`admin rotate`, the schedule).
+#[derive(Debug, Clone, Default)]
+pub(super) struct RotateOrder {
+    /// All but the credential repository when empty.
+    pub(super) repositories: Vec<String>,
+    /// Skip the safety rule (never the key-lifetime rule).
+    pub(super) force: bool,
+    pub(super) dry_run: bool,
+    /// Answer once committed, without waiting for acknowledgements.
+    pub(super) no_wait: bool,
+    /// How long to wait for acknowledgements (0 = `fanout.ack_wait`).
+    pub(super) wait_ms: u64,
+}
+
+/// What an emergency purge of one key is asked (`admin purge-key`).
+#[derive(Debug, Clone, Default)]
+pub(super) struct PurgeOrder {
+    pub(super) repository: String,
+    pub(super) index: u32,
+    pub(super) force: bool,
+    pub(super) wait_ms: u64,
+}
+
+/// A key a rotation purges, with when its last tokens were issued and when
+/// that is safe (Unix ms, 0 = unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Purged {
+    pub(super) index: u32,
+    pub(super) demoted_unix_ms: i64,
+    pub(super) safe_unix_ms: i64,
+}
+
+/// What one repository's rotation (or purge) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Outcome {
+    pub(super) repository: String,
+    pub(super) rotated: bool,
+    pub(super) generation: u64,
+    pub(super) digest: Vec<u8>,
+    pub(super) indices: Vec<u32>,
+    /// Regions (agent labels) that do not hold the generation yet.
+    pub(super) pending_regions: Vec<String>,
+    /// Regions that will reject tokens of the new primary (`--force`).
+    pub(super) rejecting_regions: Vec<String>,
+    pub(super) message: String,
+    pub(super) promoted_index: u32,
+    pub(super) purged: Vec<Purged>,
+    pub(super) safe_unix_ms: i64,
+    pub(super) held_for_lifetime: bool,
+}
+
+/// Something that happened, for `Watch` clients.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Event {
+    pub(super) unix_ms: i64,
+    pub(super) kind: String,
+    pub(super) repository: String,
+    pub(super) region: String,
+    pub(super) generation: u64,
+    pub(super) message: String,
+    pub(super) agent: String,
+}
+
+/// What an agent says it holds (its `GetState` answer).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Report {
+    pub(super) region: String,
+    pub(super) repositories: Vec<RepoReport>,
+}
+
+/// One repository of a [`Report`].
+#[derive(Debug, Clone, Default)]
+pub(super) struct RepoReport {
+    pub(super) name: String,
+    pub(super) generation: u64,
+    pub(super) digest: Vec<u8>,
+    pub(super) drift: bool,
+    pub(super) drift_detail: String,
+}
+
+/// An agent's answer to a push (its `Install` answer).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Answer {
+    pub(super) generation: u64,
+    pub(super) digest: Vec<u8>,
+    pub(super) canaries_valid: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_encoded_install_request_carries_the_set_and_canaries_for_primary_and_staged() {
+        let keys = crate::repository::init(3).expect("init");
+        let g = Generation::build("tokens", 4, keys.clone(), BTreeMap::new()).expect("build");
+        let framed = g.encoded();
+        // One uncompressed gRPC frame: flag 0, then the message's length.
+        assert_eq!(framed[0], 0);
+        assert_eq!(
+            u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize,
+            framed.len() - 5
+        );
+        let decoded: pb::InstallRequest = prost::Message::decode(&framed[5..]).expect("decodes");
+        assert_eq!(decoded.generation, 4);
+        assert_eq!(decoded.digest, keys.digest().0.to_vec());
+        assert_eq!(decoded.keys.len(), keys.len());
+        let ring = crate::token::Keyring::new(&keys);
+        let indices: Vec<u32> = decoded.canaries.iter().map(|c| c.key_index).collect();
+        assert_eq!(indices, vec![keys.primary_index().expect("primary"), 0]);
+        for c in &decoded.canaries {
+            assert_eq!(
+                ring.decrypt(&c.token).expect("decrypts").key_index,
+                c.key_index
+            );
+        }
+        assert!(!format!("{g:?}").contains(keys.staged().expect("staged").to_base64().as_str()));
+    }
+}

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::core::Core;
 use super::types::{Generation, RepoId, RepoSlot, now_ms};
+use crate::config::RepoKind;
 use crate::pb;
 
 /// One row per (agent, repository).
@@ -69,7 +70,11 @@ pub(super) fn status(core: &Core) -> pb::StatusResponse {
                 blocking_regions: blocked.map(|b| b.regions).unwrap_or_default(),
                 next_rotation_unix_ms: repo.next_rotation_ms.load(Ordering::Acquire),
                 purge_safe_unix_ms: core.purge_safe_ms(r),
-                credential: core.credential_status(r),
+                credential: core
+                    .credential
+                    .as_ref()
+                    .filter(|_| repo.kind == RepoKind::Credential)
+                    .map(|gate| gate.status(&current)),
             }
         })
         .collect();

@@ -16,7 +16,7 @@ use crate::rotator::fleet::AgentSlot;
 use crate::rotator::ledger::Ledger;
 use crate::rotator::metrics::Metrics;
 use crate::rotator::store::Store;
-use crate::rotator::types::{Generation, RepoId, now_ms};
+use crate::rotator::types::{Answer, Generation, RepoId, RotateOrder, now_ms};
 
 /// A core with `tokens` and `credential` (3 keys each) over a memory
 /// store, one agent behind a channel nobody answers, a key lifetime of a
@@ -89,12 +89,10 @@ fn ids(core: &Core) -> (RepoId, RepoId) {
 fn ack_all(core: &Core) {
     for (r, repo) in core.repos() {
         let current = repo.current();
-        let response = pb::InstallResponse {
-            repository: repo.name.clone(),
+        let response = Answer {
             generation: current.number,
             digest: current.digest.0.to_vec(),
             canaries_valid: true,
-            ..Default::default()
         };
         for i in core.fleet.agents.ids() {
             core.observe_install(i, r, &current, &response)
@@ -121,8 +119,14 @@ fn passed(core: &Core, age: Duration) {
     );
 }
 
-fn only(names: &[&str]) -> pb::RotateRequest {
-    pb::RotateRequest {
+/// The `credential` section of `status`.
+fn credential_status(core: &Core, c: RepoId) -> Option<pb::CredentialStatus> {
+    let gate = core.credential.as_ref()?;
+    Some(gate.status(&core.repos[c].current()))
+}
+
+fn only(names: &[&str]) -> RotateOrder {
+    RotateOrder {
         no_wait: true,
         repositories: names.iter().map(|n| (*n).to_owned()).collect(),
         ..Default::default()
@@ -142,8 +146,8 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
         .rotate(&only(&[]), "test", stop.clone())
         .await
         .expect("rotate");
-    assert_eq!(all.outcomes.len(), 1);
-    assert_eq!(all.outcomes[0].repository, "tokens");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].repository, "tokens");
     ack_all(&core);
     core.scheduled_tick(Duration::from_secs(3600), stop.clone())
         .await;
@@ -157,7 +161,7 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
     // ...and never the credential repository: no migrate was even tried.
     assert_eq!(core.repos[c].current().number, 1);
     assert_eq!(
-        core.credential_status(c)
+        credential_status(&core, c)
             .expect("status")
             .last_migrate_unix_ms,
         0
@@ -168,7 +172,7 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
         .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
         .await
         .expect("rotate");
-    let o = &r.outcomes[0];
+    let o = &r[0];
     assert!(!o.rotated && !o.held_for_lifetime, "{o:?}");
     assert!(
         o.message
@@ -177,7 +181,7 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
         o.message
     );
     assert_eq!(core.repos[c].current().number, 1);
-    let status = core.credential_status(c).expect("credential status");
+    let status = credential_status(&core, c).expect("credential status");
     assert!(!status.last_migrate_passed && status.last_migrate_unix_ms > 0);
     let recorded: Option<MigrateRecord> = core
         .store
@@ -192,7 +196,7 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
         .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
         .await
         .expect("rotate");
-    let o = &r.outcomes[0];
+    let o = &r[0];
     assert!(!o.rotated && o.held_for_lifetime, "{o:?}");
     assert!(o.safe_unix_ms > now_ms() + 50_000, "{o:?}");
     assert!(core.repos[c].overdue.load(Ordering::Acquire));
@@ -206,12 +210,12 @@ async fn credential_keys_rotate_only_when_named_and_only_after_a_passed_migrate_
             .rotate(&only(&[CREDENTIAL_REPOSITORY]), "test", stop.clone())
             .await
             .expect("rotate");
-        assert!(r.outcomes[0].rotated, "{:?}", r.outcomes[0]);
+        assert!(r[0].rotated, "{:?}", r[0]);
         assert_eq!(core.repos[c].current().number, generation);
         assert_eq!(core.repos[c].current().keys.len(), 3);
         // The passed migrate was of the previous generation: the next needs its own.
         assert_eq!(
-            core.credential_status(c)
+            credential_status(&core, c)
                 .expect("status")
                 .next_safe_rotation_unix_ms,
             0
@@ -243,7 +247,7 @@ async fn a_credential_rotation_right_after_a_failover_needs_no_new_migrate_when_
     // The standby started before the migrate; a new term refreshes it.
     let new = core_on(old.store.clone()).await;
     assert_eq!(
-        new.credential_status(c)
+        credential_status(&new, c)
             .expect("status")
             .last_migrate_unix_ms,
         0
@@ -258,10 +262,10 @@ async fn a_credential_rotation_right_after_a_failover_needs_no_new_migrate_when_
         )
         .await
         .expect("rotate");
-    assert!(r.outcomes[0].rotated, "{:?}", r.outcomes[0]);
+    assert!(r[0].rotated, "{:?}", r[0]);
     assert_eq!(new.repos[c].current().number, 2);
     assert!(
-        new.credential_status(c)
+        credential_status(&new, c)
             .expect("status")
             .last_migrate_passed
     );
