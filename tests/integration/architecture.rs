@@ -316,3 +316,17 @@ fn the_architecture_check_catches_a_name_that_is_gone() {
         vec!["fanout::PreEncodedCodec", "rotator/gone.rs"]
     );
 }
+
+/// The domain speaks no protobuf: the core and the fleet name no `pb::` type
+/// (the Admin API converts at its edge, `admin.rs`, and `calls.rs` the agents'
+/// answers).
+#[test]
+fn the_core_and_the_fleet_name_no_protobuf_type() {
+    for file in ["src/rotator/core.rs", "src/rotator/fleet.rs"] {
+        let text = std::fs::read_to_string(root().join(file)).expect(file);
+        assert!(
+            !text.contains("pb::"),
+            "{file} names a protobuf type: convert at the edge instead"
+        );
+    }
+}
