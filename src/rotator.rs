@@ -163,9 +163,6 @@ impl RotatorError {
     }
 }
 
-/// The least time an Admin call gets before the server's request timeout.
-const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
-
 /// A configuration that passed every start-up check that needs neither the
 /// network nor the state; only [`check`] makes one, so [`run`] never checks twice.
 #[derive(Debug, Clone)]
@@ -384,6 +381,47 @@ fn agent_slot(
     Ok(AgentSlot::new(a, channel, repositories))
 }
 
+/// The core over `store` and the repositories it loaded: audit log, the
+/// credential gate with its last migrate, and the acknowledgements the store
+/// remembers (a hint until each agent is read back).
+async fn open_core(
+    config: &RotatorConfig,
+    (store, repos): (store::Store, Vec<types::RepoSlot>),
+    agents: Vec<AgentSlot>,
+    metrics: Metrics,
+    key_lifetime: std::time::Duration,
+    registry: &mut prometheus_client::registry::Registry,
+    stop: &CancellationToken,
+) -> Result<Arc<Core>, RotatorError> {
+    let mut core = Core::new(
+        repos,
+        agents,
+        store.clone(),
+        config.fanout.clone(),
+        metrics,
+        key_lifetime,
+    );
+    core.audit = config
+        .audit_log
+        .as_deref()
+        .map(|path| crate::audit::AuditLog::open(path, "rotator"))
+        .transpose()?;
+    if let Some(log) = core.audit.clone() {
+        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
+    }
+    core.credential = credential::Gate::open(config, &store, registry).await?;
+    core.resume_credential_hold();
+    let acks = store.load_acks().await.unwrap_or_else(|e| {
+        tracing::warn!(
+            "ignoring recorded acknowledgements: {}",
+            crate::error_chain(&e)
+        );
+        Default::default()
+    });
+    core.restore_acks(&acks);
+    Ok(Arc::new(core))
+}
+
 /// Runs the rotator until `shutdown` resolves: the Admin API on `listener`,
 /// metrics on `metrics_listener`, the scheduler, the fan-out and the reconcile.
 pub async fn run(
@@ -420,25 +458,16 @@ pub async fn run(
     // The one place the state's home is chosen: files, or etcd under `[ha]`.
     let metrics = Metrics::new(registry);
     let (store, repos) = store::open(&config, seal, &agents, fresh_start, registry, &stop).await?;
-    let mut core = Core::new(
-        repos,
+    let core = open_core(
+        &config,
+        (store.clone(), repos),
         agents,
-        store.clone(),
-        config.fanout.clone(),
         metrics,
         key_lifetime,
-    );
-    core.audit = config
-        .audit_log
-        .as_deref()
-        .map(|path| crate::audit::AuditLog::open(path, "rotator"))
-        .transpose()?;
-    if let Some(log) = core.audit.clone() {
-        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
-    }
-    core.credential = credential::Gate::open(&config, &store, registry).await?;
-    core.resume_credential_hold();
-    let core = Arc::new(core);
+        registry,
+        &stop,
+    )
+    .await?;
     if let Some(source) = source {
         let repositories = config.repositories.len();
         let connect =
@@ -454,14 +483,6 @@ pub async fn run(
     registry.register_collector(Box::new(AgentCollector {
         core: Arc::downgrade(&core),
     }));
-    let acks = store.load_acks().await.unwrap_or_else(|e| {
-        tracing::warn!(
-            "ignoring recorded acknowledgements: {}",
-            crate::error_chain(&e)
-        );
-        Default::default()
-    });
-    core.restore_acks(&acks);
 
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -494,33 +515,15 @@ pub async fn run(
         ));
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<crate::pb::admin_server::AdminServer<admin::AdminService>>()
-        .await;
-    let admin =
-        admin::AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone())
-            .with_ha(leadership.clone());
-    // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
-    // the request timeout leaves them that time, beyond the default wait.
-    let limits = crate::tls::Limits {
-        request_timeout: config.fanout.ack_wait.max(ADMIN_REQUEST_TIMEOUT)
-            + std::time::Duration::from_secs(60),
-        ..crate::tls::Limits::default()
-    };
-    let authorization = crate::tls::Authorization::default()
-        .allow("/fernetd.v1.Admin/", "admin", &config.admin_identities)
-        .allow("/grpc.health.v1.Health/", "admin", &config.admin_identities);
-    let serve = limits
-        .server()
-        .layer(authorization)
-        .add_service(health_service)
-        .add_service(crate::pb::admin_server::AdminServer::new(admin))
-        .serve_with_incoming_shutdown(
-            server_tls.incoming_with(listener, limits),
-            stop.clone().cancelled_owned(),
-        );
-    let served = limits.drained(serve, &stop).await;
+    let served = admin::serve(
+        core.clone(),
+        &config,
+        leadership.clone(),
+        &server_tls,
+        listener,
+        &stop,
+    )
+    .await;
 
     // Drain: stop the background tasks and record the last acknowledgements.
     tasks.abort_all();

@@ -230,6 +230,47 @@ pub async fn connect_leader(config: &AdminConfig) -> Result<AdminClient<Channel>
         .unwrap_or_else(|| unreachable!("at least two endpoints")))
 }
 
+/// The least time an Admin call gets before the server's request timeout.
+const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Serves the Admin API (and gRPC health) on `listener` until `stop`, then
+/// drains the calls in flight.
+pub(super) async fn serve(
+    core: Arc<Core>,
+    config: &crate::config::RotatorConfig,
+    leadership: Option<Arc<super::ha::EtcdState>>,
+    server_tls: &crate::tls::ServerTls,
+    listener: tokio::net::TcpListener,
+    stop: &CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
+    let admin = AdminService::new(core.clone(), config.admin_identities.clone(), stop.clone())
+        .with_ha(leadership);
+    // Admin calls may wait for acknowledgements (`rotate --wait`, `sync`):
+    // the request timeout leaves them that time, beyond the default wait.
+    let limits = crate::tls::Limits {
+        request_timeout: config.fanout.ack_wait.max(ADMIN_REQUEST_TIMEOUT)
+            + std::time::Duration::from_secs(60),
+        ..crate::tls::Limits::default()
+    };
+    let authorization = crate::tls::Authorization::default()
+        .allow("/fernetd.v1.Admin/", "admin", &config.admin_identities)
+        .allow("/grpc.health.v1.Health/", "admin", &config.admin_identities);
+    let serve = limits
+        .server()
+        .layer(authorization)
+        .add_service(health_service)
+        .add_service(pb::admin_server::AdminServer::new(admin))
+        .serve_with_incoming_shutdown(
+            server_tls.incoming_with(listener, limits),
+            stop.clone().cancelled_owned(),
+        );
+    limits.drained(serve, stop).await
+}
+
 /// The domain's order for a `Rotate` call.
 fn rotate_order(r: pb::RotateRequest) -> RotateOrder {
     RotateOrder {
