@@ -555,22 +555,7 @@ impl Core {
             })
             .collect();
         if let Some(unsafe_) = unsafe_ {
-            let reason = self.held_reason(r, &current, &unsafe_);
-            outcome.held_for_lifetime = true;
-            outcome.safe_unix_ms = unsafe_.safe_ms().unwrap_or(0);
-            outcome.message = if dry_run {
-                format!("dry run: would be held: {reason}")
-            } else {
-                format!("held: {reason}")
-            };
-            if !dry_run {
-                tracing::warn!(repository = %repo.name, key = unsafe_.index(), "rotation held: {reason}");
-                self.emit("held", &repo.name, None, current.number, reason.clone());
-            }
-            return Ok(Rotation {
-                outcome,
-                hold: Some(reason),
-            });
+            return Ok(self.held(r, &current, &unsafe_, dry_run, outcome));
         }
         if dry_run {
             outcome.generation = next_number;
@@ -586,6 +571,52 @@ impl Core {
             return Ok(Rotation::shown(outcome));
         }
         let next = self.commit(r, &current, next_keys, now).await?;
+        self.announce(r, &next, &mut outcome, &purges, &missing, force);
+        self.publish(r, next);
+        Ok(Rotation::shown(outcome))
+    }
+
+    /// A rotation the key-lifetime rule holds: why, until when, announced
+    /// unless a dry run.
+    fn held(
+        &self,
+        r: RepoId,
+        current: &Generation,
+        unsafe_: &Unsafe,
+        dry_run: bool,
+        mut outcome: Outcome,
+    ) -> Rotation {
+        let repo = &self.repos[r];
+        let reason = self.held_reason(r, current, unsafe_);
+        outcome.held_for_lifetime = true;
+        outcome.safe_unix_ms = unsafe_.safe_ms().unwrap_or(0);
+        outcome.message = if dry_run {
+            format!("dry run: would be held: {reason}")
+        } else {
+            format!("held: {reason}")
+        };
+        if !dry_run {
+            tracing::warn!(repository = %repo.name, key = unsafe_.index(), "rotation held: {reason}");
+            self.emit("held", &repo.name, None, current.number, reason.clone());
+        }
+        Rotation {
+            outcome,
+            hold: Some(reason),
+        }
+    }
+
+    /// Fills `outcome` with the committed generation `next`, logs and
+    /// announces it.
+    fn announce(
+        &self,
+        r: RepoId,
+        next: &Generation,
+        outcome: &mut Outcome,
+        purges: &[super::ledger::Purge],
+        missing: &[String],
+        force: bool,
+    ) {
+        let repo = &self.repos[r];
         outcome.generation = next.number;
         outcome.digest = next.digest.0.to_vec();
         outcome.indices = next.keys.indices();
@@ -593,7 +624,7 @@ impl Core {
         outcome.message = format!(
             "committed generation {}{}",
             next.number,
-            rejecting_note(&missing, force)
+            rejecting_note(missing, force)
         );
         tracing::info!(
             repository = %repo.name,
@@ -619,8 +650,6 @@ impl Core {
             next.number,
             outcome.message.clone(),
         );
-        self.publish(r, next);
-        Ok(Rotation::shown(outcome))
     }
 
     /// Records what a rotation or purge did in the audit log, on disk before
