@@ -770,9 +770,20 @@ impl Core {
             next_keys,
             ledger.promoted_unix(),
         )?;
-        self.store
+        let committed = self
+            .store
             .commit(&repo.name, &ledger, &next.committed())
-            .await?;
+            .await;
+        if committed.as_ref().is_err_and(StoreError::is_fork) {
+            // The store holds this generation with other keys (an earlier
+            // commit of ours landed unanswered): take what it holds, so the
+            // next rotation continues from there instead of forking again.
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read the committed state back");
+            }
+            self.fleet.push_all();
+        }
+        committed?;
         *repo.ledger() = ledger;
         Ok(next)
     }

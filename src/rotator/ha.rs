@@ -414,11 +414,25 @@ impl EtcdState {
             TxnOp::put(history.clone(), value, None),
             TxnOp::put(self.key(&format!("repos/{name}/ledger")), ledger_json, None),
         ];
-        let created = Compare::create_revision(history, CompareOp::Equal, 0);
-        if self
-            .fenced("commit a generation", vec![created], ops)
-            .await?
-        {
+        let created = Compare::create_revision(history.clone(), CompareOp::Equal, 0);
+        match self.fenced("commit a generation", vec![created], ops).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // The transaction may have landed with its answer lost: read back.
+            Err(e @ (HaError::Timeout { .. } | HaError::Etcd { .. })) => {
+                return match self.read_back(&history, name, committed).await {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(HaError::Fork {
+                        repository: name.to_owned(),
+                        generation: committed.generation,
+                    }),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+        // An earlier attempt of this very commit may have landed unanswered.
+        if self.landed(&history, name, committed).await? == Some(true) {
             return Ok(());
         }
         if self.still_leading().await? {
@@ -428,6 +442,49 @@ impl EtcdState {
             })
         } else {
             self.require_leader()
+        }
+    }
+
+    /// Whether generation `committed` of `name` is in etcd's history with its
+    /// digest (`Some(false)`: with another digest; `None`: not there).
+    async fn landed(
+        &self,
+        history: &str,
+        name: &str,
+        committed: &Committed,
+    ) -> Result<Option<bool>, HaError> {
+        let mut client = self.client();
+        let got = self
+            .call("read a generation back", client.get(history, None))
+            .await?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        let stored = self.unseal(history, name, kv.value())?;
+        Ok(Some(
+            stored.generation == committed.generation
+                && stored.keys.digest() == committed.keys.digest(),
+        ))
+    }
+
+    /// After a commit whose answer was lost: reads its generation back for up
+    /// to a lease's time, while this rotator leads. `Some(true)` when it
+    /// landed, `Some(false)` when another set holds the generation, `None`
+    /// when it did not land or etcd stayed unreachable.
+    async fn read_back(&self, history: &str, name: &str, committed: &Committed) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + self.ttl;
+        loop {
+            match self.landed(history, name, committed).await {
+                Ok(Some(landed)) => return Some(landed),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(repository = %name, generation = committed.generation, error = %crate::error_chain(&e), "cannot read back a commit whose answer was lost; retrying");
+                }
+            }
+            if !self.is_leader() || tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(self.ttl / 6).await;
         }
     }
 

@@ -61,6 +61,13 @@ pub(super) enum StoreError {
     Task(String),
 }
 
+impl StoreError {
+    /// Whether the store holds the generation being committed with other keys.
+    pub(super) fn is_fork(&self) -> bool {
+        matches!(self, StoreError::Ha(HaError::Fork { .. }))
+    }
+}
+
 impl From<StoreError> for RotatorError {
     fn from(e: StoreError) -> Self {
         match e {

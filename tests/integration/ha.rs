@@ -596,3 +596,78 @@ async fn ha_a_leader_whose_key_was_taken_commits_nothing_its_write_is_fenced() {
     ha.all_keys(&mut keys);
     assert_no_keys_in_logs(&ha.cluster.logs, &keys);
 }
+
+/// A commit that lands in etcd but whose answer is lost (answers held for
+/// less than the lease, so the leader keeps leading) is read back: the
+/// rotation counts, and the leader's next commits continue from it instead
+/// of reporting a fork forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_a_commit_whose_answer_is_lost_is_read_back_and_forks_nothing() {
+    use crate::common::proxy::{Fault, Proxy};
+    let mut cluster = Cluster::configure(&["RegionOne"], agent_identity, None);
+    cluster.start_agent(0).await;
+    let mut ha = Ha::configure(cluster, [None, None]).await;
+    // Rotator 0 reaches every etcd member through a proxy of its own.
+    let mut proxies = Vec::new();
+    let mut endpoints = Vec::new();
+    for endpoint in ha.etcd.endpoints() {
+        let upstream: SocketAddr = endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("etcd address");
+        let proxy = Proxy::start(upstream).await;
+        endpoints.push(format!("http://{}", proxy.addr()));
+        proxies.push(proxy);
+    }
+    let path = ha.rotators[0].config.clone();
+    let mut config: RotatorConfig = fernetd::config::load(&path).expect("rotator.toml");
+    config.ha.as_mut().expect("[ha]").endpoints = endpoints;
+    std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write");
+    ha.start_rotator(0).await;
+    ha.leader_among(&[0], Duration::from_secs(20)).await;
+    ha.cluster.converged("initial distribution").await;
+    let (g, _) = ha.cluster.rotate_ok();
+
+    // Answers held for half the lease: the commit's request lands, its
+    // answer times out (a third of the lease), the lease itself holds.
+    for proxy in &proxies {
+        proxy.set(Fault::Deaf);
+    }
+    let attempts = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(LEASE_TTL / 2);
+            for proxy in &proxies {
+                proxy.set(Fault::Pass);
+            }
+        });
+        // Each attempt: (exit code, its outcome when it answered, stderr).
+        let mut attempts = Vec::new();
+        for _ in 0..3 {
+            let (code, out, err) = ha.cluster.admin(&["--json", "rotate", "--wait", "20"]);
+            let outcome: Option<Value> = serde_json::from_str(&out).ok();
+            let rotated = code == 0 && outcome.as_ref().is_some_and(|v| v[0]["rotated"] == true);
+            attempts.push((code, outcome, err));
+            if rotated {
+                break;
+            }
+        }
+        attempts
+    });
+    let Some((0, Some(last), _)) = attempts.last() else {
+        panic!("three rotations after a lost answer all failed: {attempts:#?}");
+    };
+    assert_eq!(last[0]["rotated"], true, "{attempts:#?}");
+    let committed = last[0]["generation"].as_u64().expect("generation");
+    assert!(committed == g + 1 || committed == g + 2, "{attempts:#?}");
+    ha.cluster
+        .converged("the agents hold what etcd holds")
+        .await;
+    let mut keys = BTreeSet::new();
+    ha.all_keys(&mut keys);
+    let history = ha.check_history(&keys).await;
+    assert_eq!(history.keys().max(), Some(&committed), "{history:?}");
+    let (g2, _) = ha.cluster.rotate_ok();
+    assert_eq!(g2, committed + 1);
+    ha.all_keys(&mut keys);
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}

@@ -28,6 +28,9 @@ pub enum Fault {
     Reset,
     /// Every chunk is delayed by this much.
     Delay(Duration),
+    /// Requests flow, answers are held until the fault is lifted: what a
+    /// client sees when its request lands and the answer is lost.
+    Deaf,
 }
 
 impl Fault {
@@ -122,8 +125,8 @@ async fn forward(client: TcpStream, upstream: SocketAddr, mut mode: watch::Recei
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
         tokio::select! {
-            end = pump(&mut cr, &mut sw, mode.clone()) => end,
-            end = pump(&mut sr, &mut cw, mode.clone()) => end,
+            end = pump(&mut cr, &mut sw, mode.clone(), false) => end,
+            end = pump(&mut sr, &mut cw, mode.clone(), true) => end,
         }
     };
     if let End::Cut(fault) = end {
@@ -141,7 +144,13 @@ fn close(stream: &TcpStream, fault: Fault) {
     }
 }
 
-async fn pump<R, W>(from: &mut R, to: &mut W, mut mode: watch::Receiver<Fault>) -> End
+/// Moves bytes one way; `answers`: from the upstream to the client.
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut mode: watch::Receiver<Fault>,
+    answers: bool,
+) -> End
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -168,12 +177,13 @@ where
             let fault = *mode.borrow_and_update();
             match fault {
                 Fault::Pass => break,
+                Fault::Deaf if !answers => break,
                 Fault::Drop | Fault::Reset => return End::Cut(fault),
                 Fault::Delay(d) => {
                     tokio::time::sleep(d).await;
                     break;
                 }
-                Fault::Stall => {
+                Fault::Stall | Fault::Deaf => {
                     if mode.changed().await.is_err() {
                         return End::Closed;
                     }
