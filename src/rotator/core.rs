@@ -1469,6 +1469,15 @@ pub(super) mod tests {
         ))
     }
 
+    /// What the store holds for `tokens`.
+    async fn stored(core: &Core) -> crate::rotator::state::Committed {
+        core.store
+            .committed("tokens")
+            .await
+            .expect("load")
+            .expect("state")
+    }
+
     pub(in crate::rotator) fn ack(core: &Core, i: AgentId) {
         let current = core.repos[0].current();
         let response = Answer {
@@ -1507,12 +1516,7 @@ pub(super) mod tests {
         assert!(blocked.reason.contains("RegionTwo"));
         assert_eq!(blocked.regions, vec!["RegionTwo".to_owned()]);
         // Nothing was written: the state still holds generation 1.
-        let on_disk = core
-            .store
-            .committed("tokens")
-            .await
-            .expect("load")
-            .expect("state");
+        let on_disk = stored(&core).await;
         assert_eq!(on_disk.generation, 1);
 
         ack(&core, AgentId(1));
@@ -1525,12 +1529,7 @@ pub(super) mod tests {
         assert!(r[0].rotated);
         assert_eq!(r[0].generation, 2);
         // Durable before anything could be sent.
-        let on_disk = core
-            .store
-            .committed("tokens")
-            .await
-            .expect("load")
-            .expect("state");
+        let on_disk = stored(&core).await;
         assert_eq!(on_disk.generation, 2);
         assert_eq!(on_disk.keys.digest(), core.repos[0].current().digest);
     }
@@ -1552,15 +1551,7 @@ pub(super) mod tests {
             vec!["RegionTwo".to_owned(), "RegionThree".to_owned()]
         );
         assert_eq!(core.repos[0].current().digest, before);
-        assert_eq!(
-            core.store
-                .committed("tokens")
-                .await
-                .expect("load")
-                .expect("state")
-                .generation,
-            1
-        );
+        assert_eq!(stored(&core).await.generation, 1);
 
         let r = core
             .rotate(&request(true, false), "test", stop)
@@ -1647,12 +1638,7 @@ pub(super) mod tests {
             drop(core.rotation.lock().await);
             let window = std::time::Instant::now() + Duration::from_millis(30);
             while std::time::Instant::now() < window {
-                let on_disk = core
-                    .store
-                    .committed("tokens")
-                    .await
-                    .expect("load")
-                    .expect("state");
+                let on_disk = stored(&core).await;
                 let current = core.repos[0].current();
                 assert_eq!(
                     (on_disk.generation, on_disk.keys.digest()),
