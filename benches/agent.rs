@@ -84,6 +84,8 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         drift: DriftPolicy::Report,
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+        first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
         log_format: None,
         tls: agent_tls,
         repositories: vec![AgentRepository {

@@ -181,9 +181,10 @@ pub async fn run(
         .map(|path| crate::audit::AuditLog::open(path, "agent"))
         .transpose()?;
     let stop = CancellationToken::new();
-    if let Some(log) = audit.clone() {
-        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
-    }
+    // SIGHUP is a reload in every configuration (the command line also keeps
+    // it from ending the process): the audit log, when there is one, is
+    // reopened; certificates follow their files without it.
+    tokio::spawn(crate::audit::reload_on_sighup(audit.clone(), stop.clone()));
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);
     crate::certs::register_expiry(&mut registry, &config.tls.cert);
@@ -238,6 +239,22 @@ pub async fn run(
         .allow("/grpc.health.v1.Health/", "reader", &readers)
         // The repository is not known before the body is read: no label.
         .on_refusal(move |_| refusals.refused("", "permission"));
+    let migrator = config
+        .credential
+        .as_ref()
+        .zip(config.keystone_conf.as_deref())
+        .map(|(c, conf)| {
+            credential::Migrator::new(&c.keystone_manage, conf).with_run_timeout(c.run_timeout)
+        });
+    // An install must answer within `request_timeout`; a credential migrate
+    // within its own bound (its three tool runs), which may be far longer.
+    let mut deadlines = crate::tls::Deadlines::new(config.request_timeout);
+    if let Some(m) = &migrator {
+        deadlines = deadlines.allow(
+            "/fernetd.v1.Distribution/MigrateCredentials",
+            m.migrate_timeout() + std::time::Duration::from_secs(30),
+        );
+    }
     let distribution = service::Distribution {
         region: config.region.clone(),
         rotator_identity: config.rotator_identity.clone(),
@@ -245,11 +262,7 @@ pub async fn run(
         repositories,
         metrics: agent_metrics,
         audit: audit.clone(),
-        migrator: config
-            .credential
-            .as_ref()
-            .zip(config.keystone_conf.as_deref())
-            .map(|(c, conf)| credential::Migrator::new(&c.keystone_manage, conf)),
+        migrator,
         migrating: tokio::sync::Mutex::new(()),
     };
     health
@@ -274,13 +287,25 @@ pub async fn run(
         // Drift tasks stop now; the gRPC server finishes in-flight installs.
         stop.cancel();
     };
-    let limits = crate::tls::Limits::default();
+    let limits = crate::tls::Limits {
+        request_timeout: deadlines.longest(),
+        first_request_timeout: config.first_request_timeout,
+        ..crate::tls::Limits::default()
+    };
+    // The rotator keeps connection slots of its own: strangers of the CA
+    // holding every other one cannot cut a region off.
+    let incoming = tls.incoming_reserving(
+        listener,
+        limits,
+        std::slice::from_ref(&config.rotator_identity),
+    );
     let serve = limits
         .server()
+        .layer(deadlines)
         .layer(authorization)
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(tls.incoming_with(listener, limits), drain);
+        .serve_with_incoming_shutdown(incoming, drain);
     let served = limits.drained(serve, &stop).await;
     // Also when the server failed on its own: nothing else may keep running.
     stop.cancel();

@@ -173,6 +173,17 @@ pub struct AgentConfig {
     /// Largest gRPC message accepted; an `Install` of 1,000 keys is about 40 KiB.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// How long a call may take before it is answered `DEADLINE_EXCEEDED`
+    /// (an install takes milliseconds). A credential migrate is bounded by
+    /// `[credential] run_timeout` instead.
+    #[serde(with = "duration", default = "default_request_timeout")]
+    pub request_timeout: std::time::Duration,
+    /// How long a connection may stay open without a request its peer may
+    /// make (the first one; refused calls do not count) before it is closed,
+    /// so peers that complete a handshake and then say nothing do not keep
+    /// connection slots (a few are kept for the rotator anyway).
+    #[serde(with = "duration", default = "default_first_request_timeout")]
+    pub first_request_timeout: std::time::Duration,
     /// Log format; the `--log-format` flag applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
@@ -201,6 +212,30 @@ pub struct AgentCredentialConfig {
     /// Keystone's own `keystone-manage`, run with `--config-file keystone_conf
     /// credential_migrate`; the `python3` beside it runs the row check.
     pub keystone_manage: PathBuf,
+    /// How long each of a migrate's three tool runs (count, migrate, count)
+    /// may take; a migrate call is allowed three of them. A large table takes
+    /// a while (one row at a time); a hung database must not hold a rotation.
+    #[serde(with = "duration", default = "default_run_timeout")]
+    pub run_timeout: std::time::Duration,
+}
+
+/// How long each credential tool run may take by default (`[credential] run_timeout`).
+pub const DEFAULT_CREDENTIAL_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The servers' default bound on one call.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The servers' default bound on a connection's wait for its first request.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn default_run_timeout() -> std::time::Duration {
+    DEFAULT_CREDENTIAL_RUN_TIMEOUT
+}
+
+fn default_request_timeout() -> std::time::Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+
+fn default_first_request_timeout() -> std::time::Duration {
+    DEFAULT_FIRST_REQUEST_TIMEOUT
 }
 
 /// One repository the agent manages.
@@ -265,6 +300,8 @@ pub enum AgentConfigError {
     MessageSize(usize),
     #[error("drift_check must be at least 1s")]
     DriftInterval,
+    #[error("{0} must be at least 1s")]
+    TooShort(&'static str),
     #[error(
         "[credential] keystone_manage needs keystone_conf: credential_migrate must run with this region's keystone.conf"
     )]
@@ -282,6 +319,19 @@ impl AgentConfig {
         }
         if self.drift_check < std::time::Duration::from_secs(1) {
             return Err(AgentConfigError::DriftInterval);
+        }
+        let second = std::time::Duration::from_secs(1);
+        for (name, bound) in [
+            ("request_timeout", self.request_timeout),
+            ("first_request_timeout", self.first_request_timeout),
+            (
+                "[credential] run_timeout",
+                self.credential.as_ref().map_or(second, |c| c.run_timeout),
+            ),
+        ] {
+            if bound < second {
+                return Err(AgentConfigError::TooShort(name));
+            }
         }
         if self.repositories.is_empty() {
             return Err(AgentConfigError::NoRepository);

@@ -25,6 +25,7 @@ pub(super) async fn main(args: &DaemonArgs, log_format: LogFormat) -> Result<Ans
                 .map_err(CliError::role)
         });
     }
+    daemon::hangup_is_reload("agent");
     let checked = agent::check(loaded.map_err(CliError::usage)?).map_err(CliError::role)?;
     let listener = daemon::bind(checked.config().listen).await?;
     let metrics = daemon::bind_optional(checked.config().metrics).await?;

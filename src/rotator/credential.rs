@@ -100,6 +100,25 @@ pub(super) struct Gate {
     schedule: Option<Schedule>,
     record: Mutex<Option<MigrateRecord>>,
     metrics: CredentialMetrics,
+    /// When the migrate in progress was asked for (Unix ms; 0 = none), for status.
+    running_since: std::sync::atomic::AtomicI64,
+}
+
+/// Marks a migrate in progress in [`Gate::running_since`] until dropped
+/// (the call answered, timed out or was cancelled).
+struct Running<'g>(&'g std::sync::atomic::AtomicI64);
+
+impl<'g> Running<'g> {
+    fn start(since: &'g std::sync::atomic::AtomicI64) -> Self {
+        since.store(now_ms(), Ordering::Release);
+        Running(since)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
 }
 
 /// `fernetd_rotator_credential_*`.
@@ -218,6 +237,7 @@ impl Gate {
             schedule: repo.schedule.as_deref().map(Schedule::parse).transpose()?,
             record: Mutex::new(record),
             metrics,
+            running_since: Default::default(),
         }))
     }
 
@@ -384,6 +404,7 @@ impl Core {
                     digest: current.digest.0.to_vec(),
                 };
                 tracing::info!(agent = %agent.name, generation = current.number, "migrating the credential table");
+                let _running = Running::start(&gate.running_since);
                 match tokio::time::timeout(MIGRATE_TIMEOUT, client.migrate_credentials(request))
                     .await
                 {
@@ -393,11 +414,15 @@ impl Core {
                             crate::config::duration::format(&MIGRATE_TIMEOUT)
                         )
                     }
-                    Ok(Err(status)) => record.reason = crate::describe_status(&status),
+                    // Redacted again here: an older agent may not redact, and
+                    // the reason is stored, audited and shown from now on.
+                    Ok(Err(status)) => {
+                        record.reason = crate::redact::redact(&crate::describe_status(&status))
+                    }
                     Ok(Ok(answer)) => {
                         let answer = answer.into_inner();
                         record.passed = answer.passed;
-                        record.reason = answer.reason;
+                        record.reason = crate::redact::redact(&answer.reason);
                         record.before = answer.before.as_ref().map(Rows::from);
                         record.after = answer.after.as_ref().map(Rows::from);
                     }
@@ -500,6 +525,7 @@ impl Core {
             after: record.after.map(Into::into),
             next_safe_rotation_unix_ms: gate.safe_ms(&current).unwrap_or(0),
             cache_time_ms: u64::try_from(gate.config.cache_time.as_millis()).unwrap_or(u64::MAX),
+            migrate_running_since_unix_ms: gate.running_since.load(Ordering::Acquire),
         })
     }
 
@@ -590,6 +616,7 @@ mod tests {
             schedule: None,
             record: Mutex::new(None),
             metrics: CredentialMetrics::new(&mut registry),
+            running_since: Default::default(),
         });
         Arc::new(core)
     }

@@ -107,6 +107,8 @@ impl Cluster {
                 drift: Default::default(),
                 drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+                request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+                first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
                 log_format: None,
                 tls: tls_files(&pki, &ca, &leaf, &name.to_lowercase()),
                 repositories: vec![AgentRepository {
