@@ -96,6 +96,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let checked = fernetd::agent::check(config).expect("valid agent configuration");
@@ -151,7 +152,10 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
     let mut states = Vec::new();
     for _ in 0..500 {
         let started = Instant::now();
-        client.clone().get_state(pb::GetStateRequest {}).await?;
+        client
+            .clone()
+            .get_state(pb::GetStateRequest::default())
+            .await?;
         states.push(started.elapsed());
     }
     report("GetState", states);

@@ -12,6 +12,7 @@ mod credential;
 mod drift;
 mod managed;
 mod metrics;
+pub mod readiness;
 mod service;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,13 @@ pub enum AgentError {
     Drift(#[from] drift::DriftError),
     #[error("this region's Keystone configuration")]
     Keystone(#[from] crate::policy::PolicyError),
+    #[error("[readiness] record {path}: {reason}")]
+    RecordParent {
+        path: std::path::PathBuf,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    Readiness(#[from] readiness::RecordError),
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("start-up task failed: {0}")]
@@ -75,6 +83,7 @@ impl AgentError {
             AgentError::Config(_)
             | AgentError::Owner { .. }
             | AgentError::Parent { .. }
+            | AgentError::RecordParent { .. }
             | AgentError::Keystone(_) => true,
             AgentError::Tls(e) => e.is_config(),
             _ => false,
@@ -109,6 +118,15 @@ pub fn check(config: AgentConfig) -> Result<Checked, AgentError> {
             .collect();
         for warning in crate::policy::KeystoneConf::load(path)?.check_agent(&repos)? {
             tracing::warn!(keystone_conf = %path.display(), "{warning}");
+        }
+    }
+    if let Some(record) = &config.readiness.record {
+        let parent = record.parent().unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            return Err(AgentError::RecordParent {
+                path: record.clone(),
+                reason: "its directory does not exist",
+            });
         }
     }
     // Every repository is checked before any is opened: opening removes
@@ -201,6 +219,29 @@ pub async fn run(
         repositories.insert(repo.name.clone(), Arc::new(managed));
     }
 
+    // The gate closes before anything is served: a record an earlier run
+    // left says `waiting` from here on.
+    let notifier = crate::notify::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %crate::error_chain(&e), "no systemd notifications");
+        None
+    });
+    let readiness = Arc::new(readiness::Readiness::new(
+        repositories.values().cloned().collect(),
+        &config.readiness,
+        notifier,
+        agent_metrics.clone(),
+    ));
+    readiness.start()?;
+    {
+        let (gate, stop, wait) = (readiness.clone(), stop.clone(), config.readiness.max_wait);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => gate.timed_out(),
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
     let drift = drift::spawn(
         crate::fswatch::FileWatch::shared(),
         repositories.values().cloned().collect(),
@@ -264,6 +305,7 @@ pub async fn run(
         audit: audit.clone(),
         migrator,
         migrating: tokio::sync::Mutex::new(()),
+        readiness: readiness.clone(),
     };
     health
         .set_serving::<DistributionServer<service::Distribution>>()
@@ -281,6 +323,7 @@ pub async fn run(
     );
     let drain = async {
         shutdown.await;
+        readiness.stopping();
         health
             .set_not_serving::<DistributionServer<service::Distribution>>()
             .await;

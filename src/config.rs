@@ -203,6 +203,44 @@ pub struct AgentConfig {
     /// rotator asks it to (only the rotator's `migrate_region` is asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<AgentCredentialConfig>,
+    /// `[readiness]`: when the agent tells its supervisor (systemd's
+    /// `READY=1`, the readiness record) that Keystone may serve.
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
+}
+
+/// `[readiness]` in `agent.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadinessConfig {
+    /// How long the agent waits for the rotator to confirm every repository
+    /// before it reports ready anyway with the set it holds (so a region cut
+    /// off from the rotator still starts its Keystone). `"0s"`: at once.
+    #[serde(with = "duration", default = "default_max_wait")]
+    pub max_wait: std::time::Duration,
+    /// A JSON file the agent rewrites (atomically) whenever its readiness
+    /// changes; `fernetd agent --ready` reads it. None: no record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<PathBuf>,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            max_wait: default_max_wait(),
+            record: None,
+        }
+    }
+}
+
+/// The readiness gate's default wait for the rotator.
+pub const DEFAULT_READINESS_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The longest wait accepted: the shipped unit's start timeout is extended to
+/// cover the configured one, but a start that waits a day helps no one.
+pub const MAX_READINESS_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn default_max_wait() -> std::time::Duration {
+    DEFAULT_READINESS_MAX_WAIT
 }
 
 /// `[credential]` in `agent.toml`.
@@ -306,6 +344,10 @@ pub enum AgentConfigError {
         "[credential] keystone_manage needs keystone_conf: credential_migrate must run with this region's keystone.conf"
     )]
     CredentialWithoutKeystoneConf,
+    #[error("[readiness] max_wait must be at most 1h")]
+    ReadinessWait,
+    #[error("[readiness] record {0} must be an absolute path outside every repository")]
+    ReadinessRecord(PathBuf),
 }
 
 impl AgentConfig {
@@ -335,6 +377,20 @@ impl AgentConfig {
         }
         if self.repositories.is_empty() {
             return Err(AgentConfigError::NoRepository);
+        }
+        if self.readiness.max_wait > MAX_READINESS_WAIT {
+            return Err(AgentConfigError::ReadinessWait);
+        }
+        if let Some(record) = &self.readiness.record {
+            // Inside a repository it would be drift, and swapped away.
+            if !record.is_absolute()
+                || self
+                    .repositories
+                    .iter()
+                    .any(|r| record.starts_with(&r.path))
+            {
+                return Err(AgentConfigError::ReadinessRecord(record.clone()));
+            }
         }
         if self.credential.is_some() && self.keystone_conf.is_none() {
             return Err(AgentConfigError::CredentialWithoutKeystoneConf);

@@ -203,6 +203,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             keystone_conf: None,
             audit_log: None,
             credential: None,
+            readiness: Default::default(),
         };
         let path = dir.join("agents").join(format!("{name}.toml"));
         write_file(

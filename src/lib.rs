@@ -16,6 +16,7 @@ pub mod demo;
 pub mod fswatch;
 pub mod install;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod redact;
 pub mod repository;

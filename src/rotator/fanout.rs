@@ -286,8 +286,22 @@ impl Core {
     ) -> Result<pb::GetStateResponse, String> {
         let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
         let timeout = self.fanout.call_timeout;
+        // The current generations: an agent holding them takes this read-back,
+        // from the rotator's identity only, as the confirmation that opens its
+        // readiness gate (a restarted agent that needs no push).
+        let current = self
+            .repos()
+            .map(|(_, repo)| {
+                let generation = repo.current();
+                pb::RepositoryGeneration {
+                    name: repo.name.clone(),
+                    generation: generation.number,
+                    digest: generation.digest.0.to_vec(),
+                }
+            })
+            .collect();
         let call = || async move {
-            let mut request = tonic::Request::new(pb::GetStateRequest {});
+            let mut request = tonic::Request::new(pb::GetStateRequest { current });
             request.set_timeout(timeout);
             client
                 .get_state(request)

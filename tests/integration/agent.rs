@@ -125,7 +125,7 @@ impl Agent {
         let state = self
             .rotator(pki)
             .await
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .expect("GetState")
             .into_inner();
@@ -184,6 +184,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     }
 }
 
@@ -694,7 +695,7 @@ async fn certificates_are_reloaded_without_restart() {
     poll_until(Duration::from_secs(15), "the new CA accepted", || async {
         let channel = daemon::connect(agent.addr, new_tls()).await.ok()?;
         DistributionClient::new(channel)
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .ok()
     })
@@ -711,7 +712,7 @@ async fn certificates_are_reloaded_without_restart() {
     // The old rotator certificate is no longer trusted.
     let refused = match agent.client(Some(&pki.rotator)).await {
         Err(_) => true,
-        Ok(mut c) => c.get_state(pb::GetStateRequest {}).await.is_err(),
+        Ok(mut c) => c.get_state(pb::GetStateRequest::default()).await.is_err(),
     };
     assert!(
         refused,
@@ -992,7 +993,7 @@ async fn repositories_are_managed_independently() {
         let state = agent
             .rotator(&pki)
             .await
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .ok()?
             .into_inner();
@@ -1170,7 +1171,7 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
 
     let mut as_monitor = agent.client(Some(&monitor)).await.expect("connect");
     as_monitor
-        .get_state(pb::GetStateRequest {})
+        .get_state(pb::GetStateRequest::default())
         .await
         .expect("a monitor reads the state");
     let status = code(as_monitor.install(request(&g1, 1)).await);
@@ -1178,7 +1179,7 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
 
     let mut as_stranger = agent.client(Some(&stranger)).await.expect("connect");
     let status = as_stranger
-        .get_state(pb::GetStateRequest {})
+        .get_state(pb::GetStateRequest::default())
         .await
         .expect_err("a stranger reads nothing");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");

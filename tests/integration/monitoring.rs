@@ -287,6 +287,7 @@ async fn start_pair(dir: &Path) -> Pair {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     };
     let agent_path = dir.join("agent.toml");
     write_file(&agent_path, &toml::to_string(&agent).expect("agent.toml"));

@@ -119,6 +119,7 @@ impl Cluster {
                 keystone_conf: None,
                 audit_log: None,
                 credential: None,
+                readiness: Default::default(),
             };
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
@@ -1298,3 +1299,6 @@ mod soak;
 
 #[path = "skew.rs"]
 mod skew;
+
+#[path = "readiness.rs"]
+mod readiness;
