@@ -414,6 +414,11 @@ mod tests {
         let config: AgentConfig = toml::from_str(MINIMAL).expect("parse");
         assert_eq!(config.drift, DriftPolicy::Report);
         assert_eq!(
+            config.readiness.max_wait,
+            crate::config::DEFAULT_READINESS_MAX_WAIT
+        );
+        assert_eq!(config.readiness.record, None);
+        assert_eq!(
             config.max_message_bytes,
             crate::config::DEFAULT_MAX_MESSAGE_BYTES
         );
@@ -517,5 +522,31 @@ mod tests {
             ..base.clone()
         };
         assert_eq!(tiny.validate(), Err(AgentConfigError::MessageSize(10)));
+
+        // [readiness]: a bounded wait, a record outside every repository.
+        let readiness = |max_wait: u64, record: Option<&str>| AgentConfig {
+            readiness: crate::config::ReadinessConfig {
+                max_wait: Duration::from_secs(max_wait),
+                record: record.map(Into::into),
+            },
+            repositories: vec![repo("tokens", "/etc/keystone/fernetd/tokens")],
+            ..base.clone()
+        };
+        assert_eq!(readiness(0, None).validate(), Ok(()));
+        assert_eq!(
+            readiness(3600, Some("/run/fernetd-agent/ready.json")).validate(),
+            Ok(())
+        );
+        assert_eq!(
+            readiness(3601, None).validate(),
+            Err(AgentConfigError::ReadinessWait)
+        );
+        for record in ["ready.json", "/etc/keystone/fernetd/tokens/ready.json"] {
+            assert_eq!(
+                readiness(60, Some(record)).validate(),
+                Err(AgentConfigError::ReadinessRecord(record.into())),
+                "{record}"
+            );
+        }
     }
 }

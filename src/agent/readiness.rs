@@ -485,3 +485,111 @@ pub fn check_record(config: &AgentConfig, require_current: bool) -> Result<Strin
         record.detail
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, record: Option<PathBuf>) -> AgentConfig {
+        let mut config: AgentConfig = toml::from_str(
+            r#"
+            region = "RegionOne"
+            listen = "127.0.0.1:7443"
+            rotator_identity = "rotator.example.net"
+            [tls]
+            ca = "/ca.pem"
+            cert = "/agent.pem"
+            key = "/agent.key"
+            "#,
+        )
+        .expect("parse");
+        config.repositories[0].path = dir.join("tokens");
+        config.readiness.record = record;
+        config
+    }
+
+    fn stamp(dir: &Path, generation: u64, digest: Digest) {
+        let repo = dir.join("tokens");
+        std::fs::create_dir_all(&repo).expect("repository");
+        let stamp = crate::repository::Stamp {
+            generation,
+            digest,
+            promoted: Default::default(),
+            agent: true,
+        };
+        std::fs::write(repo.join(crate::repository::STAMP_FILE), stamp.encode()).expect("stamp");
+    }
+
+    fn record(path: &Path, reason: Reason, generation: u64, digest: Digest) {
+        let record = Record {
+            ready: reason != Reason::Waiting,
+            reason: reason.as_str().into(),
+            detail: format!("{} detail", reason.as_str()),
+            since_unix_ms: 1,
+            pid: 1,
+            repositories: vec![RecordRepository {
+                name: "tokens".into(),
+                generation,
+                digest: digest.to_hex(),
+                confirmed: reason == Reason::Current,
+            }],
+        };
+        write_atomic(path, &serde_json::to_vec(&record).expect("json")).expect("record");
+    }
+
+    #[test]
+    fn the_probe_answers_from_the_record_and_the_stamps_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ready.json");
+        let (d5, d6) = (Digest([5; 32]), Digest([6; 32]));
+        let no_record = check_record(&config(dir.path(), None), false).expect_err("no record");
+        assert!(no_record.is_config(), "{no_record}");
+        let config = config(dir.path(), Some(path.clone()));
+        assert!(matches!(
+            check_record(&config, false),
+            Err(NotReady::Missing(_))
+        ));
+        stamp(dir.path(), 5, d5);
+
+        record(&path, Reason::Waiting, 5, d5);
+        assert!(matches!(
+            check_record(&config, false),
+            Err(NotReady::Waiting(_))
+        ));
+
+        record(&path, Reason::Current, 5, d5);
+        let answer = check_record(&config, true).expect("ready");
+        assert!(
+            answer.starts_with("ready (current): tokens generation 5"),
+            "{answer}"
+        );
+
+        // A later install is fine; a set restored behind the agent's back, or
+        // another set under the same number, is not.
+        stamp(dir.path(), 6, d6);
+        check_record(&config, true).expect("ahead of the record");
+        stamp(dir.path(), 4, d5);
+        assert!(matches!(
+            check_record(&config, false),
+            Err(NotReady::Repository { .. })
+        ));
+        stamp(dir.path(), 5, d6);
+        assert!(matches!(
+            check_record(&config, false),
+            Err(NotReady::Repository { .. })
+        ));
+
+        stamp(dir.path(), 5, d5);
+        record(&path, Reason::Timeout, 5, d5);
+        check_record(&config, false).expect("ready by timeout");
+        assert!(matches!(
+            check_record(&config, true),
+            Err(NotReady::NotCurrent(_))
+        ));
+        std::fs::write(&path, "{").expect("garbage");
+        assert!(matches!(
+            check_record(&config, false),
+            Err(NotReady::Malformed { .. })
+        ));
+    }
+}
