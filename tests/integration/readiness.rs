@@ -9,7 +9,7 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ use fernetd::config::AgentConfig;
 use fernetd::pb;
 use fernetd::repository::{self, KeySet};
 
+// The Keystone stand-in: `fernetd token validate` on the repository, exit 0
+// when the token validates.
+use super::lifetimes::validate as stand_in;
 use super::{Cluster, ROTATOR_ID, agent_identity};
 use crate::common::daemon::{connect, free_addr, poll_until};
 use crate::common::pki::{Leaf, client_tls};
@@ -113,21 +116,6 @@ fn is_ready(message: &str) -> bool {
     message.lines().any(|l| l == "READY=1")
 }
 
-/// The Keystone stand-in: `fernetd token validate` on the repository; exit 0
-/// when the token validates.
-fn stand_in(repo: &Path, token: &str) -> i32 {
-    Command::new(crate::common::fernetd_bin())
-        .args(["token", "validate", "--repository"])
-        .arg(repo)
-        .arg(token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run the stand-in")
-        .code()
-        .unwrap_or(-1)
-}
-
 /// `fernetd agent --config CONFIG --ready [--require-current]`: (exit code, stdout).
 fn probe(config: &Path, require_current: bool) -> (i32, String) {
     let mut cmd = Command::new(crate::common::fernetd_bin());
@@ -185,16 +173,8 @@ fn gate(cluster: &Cluster, i: usize, max_wait: &str) -> PathBuf {
 }
 
 fn agent_metrics(cluster: &Cluster, i: usize) -> String {
-    use std::io::{Read as _, Write as _};
     let config: AgentConfig = fernetd::config::load(&cluster.agents[i].config).expect("agent.toml");
-    let mut stream = std::net::TcpStream::connect(config.metrics.expect("metrics address"))
-        .expect("connect to the agent's metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
+    super::get_metrics(config.metrics.expect("metrics address"))
 }
 
 /// Agent `i`'s `GetState` as `leaf` sees it, naming `current` as the
@@ -334,8 +314,8 @@ async fn with_the_rotator_down_a_restored_controller_starts_keystone_after_the_w
     }
     stop_agent(&mut cluster, 0).await;
     restore(&old, &repo);
-    let wait = Duration::from_secs(4);
-    gate(&cluster, 0, "4s");
+    let wait = Duration::from_secs(6);
+    gate(&cluster, 0, "6s");
     let config = cluster.agents[0].config.clone();
     let notify = NotifySocket::path();
     cluster.agents[0].env = notify.env();

@@ -245,19 +245,11 @@ impl Cluster {
 
     /// `GET /metrics` from the rotator.
     fn metrics(&self) -> String {
-        use std::io::{Read as _, Write as _};
-        let addr = self
-            .rotator_config()
-            .metrics_listen
-            .expect("metrics address");
-        let mut stream =
-            std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: rotator\r\nConnection: close\r\n\r\n")
-            .expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        response
+        get_metrics(
+            self.rotator_config()
+                .metrics_listen
+                .expect("metrics address"),
+        )
     }
 
     async fn start_agent(&mut self, i: usize) {
@@ -407,6 +399,18 @@ impl Cluster {
     fn repo_state(&self, i: usize) -> KeySet {
         repository::load(&self.agents[i].repo).expect("agent repository readable")
     }
+}
+
+/// `GET /metrics` from a daemon's metrics endpoint: the whole HTTP response.
+fn get_metrics(addr: SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: fernetd\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// Every key in every form it could leak in: url-safe base64 (the file form),
