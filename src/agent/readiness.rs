@@ -149,19 +149,16 @@ impl Readiness {
     pub fn start(&self) -> Result<(), RecordError> {
         let inner = self.lock();
         self.metrics.set_ready(Reason::Waiting);
-        let detail = waiting_detail(&inner.gates);
         tracing::info!(
             max_wait = %crate::config::duration::format(&self.max_wait),
-            %detail,
+            detail = %waiting_detail(&inner.gates),
             "readiness: waiting for the rotator to confirm every repository"
         );
         // systemd allows this much more than TimeoutStartSec when needed, so a
         // max_wait longer than the unit's timeout does not get the agent killed.
         let extend = (self.max_wait + Duration::from_secs(60)).as_micros();
-        self.notify(&format!(
-            "EXTEND_TIMEOUT_USEC={extend}\nSTATUS={}",
-            status_text(&format!("Waiting for the rotator: {detail}"))
-        ));
+        self.notify(&format!("EXTEND_TIMEOUT_USEC={extend}"));
+        self.notify_waiting(&inner);
         self.write_record(&inner)
     }
 
@@ -179,12 +176,8 @@ impl Readiness {
             tracing::info!(repository = %name, generation, by = how, "readiness: the rotator confirmed this repository is current");
         }
         if inner.reason == Reason::Current || inner.gates.iter().any(|g| g.confirmed.is_none()) {
-            if inner.reason == Reason::Waiting {
-                let detail = waiting_detail(&inner.gates);
-                self.notify(&format!(
-                    "STATUS={}",
-                    status_text(&format!("Waiting for the rotator: {detail}"))
-                ));
+            if first {
+                self.notify_waiting(&inner);
             }
             return;
         }
@@ -216,13 +209,7 @@ impl Readiness {
             && gate.rotator_named != Some(generation)
         {
             gate.rotator_named = Some(generation);
-            if inner.reason == Reason::Waiting {
-                let detail = waiting_detail(&inner.gates);
-                self.notify(&format!(
-                    "STATUS={}",
-                    status_text(&format!("Waiting for the rotator: {detail}"))
-                ));
-            }
+            self.notify_waiting(&inner);
         }
     }
 
@@ -272,6 +259,17 @@ impl Readiness {
         self.metrics.set_ready(reason);
         if let Err(e) = self.write_record(inner) {
             tracing::warn!(error = %crate::error_chain(&e), "readiness record not written");
+        }
+    }
+
+    /// While the gate is closed: what it waits for, as systemd's status.
+    fn notify_waiting(&self, inner: &Inner) {
+        if inner.reason == Reason::Waiting {
+            let detail = waiting_detail(&inner.gates);
+            self.notify(&format!(
+                "STATUS={}",
+                status_text(&format!("Waiting for the rotator: {detail}"))
+            ));
         }
     }
 
