@@ -55,6 +55,9 @@ struct Gate {
     confirmed: Option<(u64, Digest)>,
     /// The current generation the rotator last named when it did not match.
     rotator_named: Option<u64>,
+    /// The rotator's reconcile named its repositories, and not this one: it
+    /// will never confirm it (a repository configured here only).
+    unknown_to_rotator: bool,
 }
 
 struct Inner {
@@ -129,6 +132,7 @@ impl Readiness {
                         repo,
                         confirmed: None,
                         rotator_named: None,
+                        unknown_to_rotator: false,
                     })
                     .collect(),
             }),
@@ -209,6 +213,20 @@ impl Readiness {
             && gate.rotator_named != Some(generation)
         {
             gate.rotator_named = Some(generation);
+            self.notify_waiting(&inner);
+        }
+    }
+
+    /// The rotator's reconcile named its current generations and `name` was
+    /// not among them: said once, since only the wait can open the gate then.
+    pub fn rotator_lacks(&self, name: &str) {
+        let mut inner = self.lock();
+        if let Some(gate) = inner.gates.iter_mut().find(|g| g.repo.name == name)
+            && gate.confirmed.is_none()
+            && !gate.unknown_to_rotator
+        {
+            gate.unknown_to_rotator = true;
+            tracing::warn!(repository = %name, "readiness: the rotator does not rotate this repository, so it cannot confirm it; the agent reports ready only when max_wait runs out (remove it from agent.toml or add it to rotator.toml)");
             self.notify_waiting(&inner);
         }
     }
@@ -347,6 +365,9 @@ fn waiting_detail(gates: &[Gate]) -> String {
             let mut text = format!("{} holds generation {}", g.repo.name, view.generation);
             match (g.confirmed, g.rotator_named) {
                 (Some(_), _) => text.push_str(" (confirmed)"),
+                (None, _) if g.unknown_to_rotator => {
+                    text.push_str(" (the rotator does not rotate it)")
+                }
                 (None, Some(n)) => text.push_str(&format!(" (the rotator's current: {n})")),
                 (None, None) => text.push_str(" (not confirmed yet)"),
             }

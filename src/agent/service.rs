@@ -70,6 +70,11 @@ impl Distribution {
             tracing::warn!(%peer, "GetState names current generations but does not come from the rotator: not a confirmation");
             return;
         }
+        for name in self.repositories.keys() {
+            if !current.iter().any(|c| &c.name == name) {
+                self.readiness.rotator_lacks(name);
+            }
+        }
         for named in current {
             let Some(repo) = self.repositories.get(&named.name) else {
                 continue;

@@ -431,8 +431,21 @@ async fn a_confirmation_from_any_certificate_but_the_rotators_does_not_mark_a_co
         .await
         .expect_err("a stranger's GetState");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    // The rotator's identity naming another digest confirms nothing either.
+    // The rotator's identity naming only another repository: said, not confirmed.
     let rotator = cluster.ca.issue(&[ROTATOR_ID]);
+    let mut receipts = current(&digest);
+    receipts[0].name = "receipts".into();
+    let state = get_state(&cluster, 0, &rotator, receipts)
+        .await
+        .expect("GetState as the rotator");
+    assert_eq!(state.repositories[0].readiness, "waiting");
+    assert!(
+        cluster
+            .agent(0)
+            .log()
+            .contains("the rotator does not rotate this repository")
+    );
+    // The rotator's identity naming another digest confirms nothing either.
     let other = hex::encode([7u8; 32]);
     let state = get_state(&cluster, 0, &rotator, current(&other))
         .await
