@@ -80,11 +80,12 @@ impl Distribution {
                 continue;
             };
             let view = repo.view();
-            let holds = view.generation == named.generation
-                && view.digest.is_some_and(|d| d.0[..] == named.digest[..])
-                && view.drift.is_none();
-            match (holds, view.digest) {
-                (true, Some(digest)) => {
+            match view.digest {
+                Some(digest)
+                    if view.generation == named.generation
+                        && digest.0[..] == named.digest[..]
+                        && view.drift.is_none() =>
+                {
                     self.readiness
                         .confirmed(&repo.name, named.generation, digest, "confirmation")
                 }
