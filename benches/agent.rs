@@ -84,6 +84,8 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         drift: DriftPolicy::Report,
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+        first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
         log_format: None,
         tls: agent_tls,
         repositories: vec![AgentRepository {
@@ -94,6 +96,7 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let checked = fernetd::agent::check(config).expect("valid agent configuration");
@@ -149,7 +152,10 @@ async fn bench(base: std::path::PathBuf) -> Result<(), Error> {
     let mut states = Vec::new();
     for _ in 0..500 {
         let started = Instant::now();
-        client.clone().get_state(pb::GetStateRequest {}).await?;
+        client
+            .clone()
+            .get_state(pb::GetStateRequest::default())
+            .await?;
         states.push(started.elapsed());
     }
     report("GetState", states);

@@ -12,6 +12,7 @@ mod credential;
 mod drift;
 mod managed;
 mod metrics;
+pub mod readiness;
 mod service;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,13 @@ pub enum AgentError {
     Drift(#[from] drift::DriftError),
     #[error("this region's Keystone configuration")]
     Keystone(#[from] crate::policy::PolicyError),
+    #[error("[readiness] record {path}: {reason}")]
+    RecordParent {
+        path: std::path::PathBuf,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    Readiness(#[from] readiness::RecordError),
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("start-up task failed: {0}")]
@@ -75,6 +83,7 @@ impl AgentError {
             AgentError::Config(_)
             | AgentError::Owner { .. }
             | AgentError::Parent { .. }
+            | AgentError::RecordParent { .. }
             | AgentError::Keystone(_) => true,
             AgentError::Tls(e) => e.is_config(),
             _ => false,
@@ -109,6 +118,15 @@ pub fn check(config: AgentConfig) -> Result<Checked, AgentError> {
             .collect();
         for warning in crate::policy::KeystoneConf::load(path)?.check_agent(&repos)? {
             tracing::warn!(keystone_conf = %path.display(), "{warning}");
+        }
+    }
+    if let Some(record) = &config.readiness.record {
+        let parent = record.parent().unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            return Err(AgentError::RecordParent {
+                path: record.clone(),
+                reason: "its directory does not exist",
+            });
         }
     }
     // Every repository is checked before any is opened: opening removes
@@ -181,9 +199,10 @@ pub async fn run(
         .map(|path| crate::audit::AuditLog::open(path, "agent"))
         .transpose()?;
     let stop = CancellationToken::new();
-    if let Some(log) = audit.clone() {
-        tokio::spawn(crate::audit::reopen_on_sighup(log, stop.clone()));
-    }
+    // SIGHUP is a reload in every configuration (the command line also keeps
+    // it from ending the process): the audit log, when there is one, is
+    // reopened; certificates follow their files without it.
+    tokio::spawn(crate::audit::reload_on_sighup(audit.clone(), stop.clone()));
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry);
     crate::certs::register_expiry(&mut registry, &config.tls.cert);
@@ -198,6 +217,29 @@ pub async fn run(
         .await
         .map_err(|e| AgentError::Join(e.to_string()))??;
         repositories.insert(repo.name.clone(), Arc::new(managed));
+    }
+
+    // The gate closes before anything is served: a record an earlier run
+    // left says `waiting` from here on.
+    let notifier = crate::notify::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %crate::error_chain(&e), "no systemd notifications");
+        None
+    });
+    let readiness = Arc::new(readiness::Readiness::new(
+        repositories.values().cloned().collect(),
+        &config.readiness,
+        notifier,
+        agent_metrics.clone(),
+    ));
+    readiness.start()?;
+    {
+        let (gate, stop, wait) = (readiness.clone(), stop.clone(), config.readiness.max_wait);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => gate.timed_out(),
+                _ = stop.cancelled() => {}
+            }
+        });
     }
 
     let drift = drift::spawn(
@@ -238,6 +280,22 @@ pub async fn run(
         .allow("/grpc.health.v1.Health/", "reader", &readers)
         // The repository is not known before the body is read: no label.
         .on_refusal(move |_| refusals.refused("", "permission"));
+    let migrator = config
+        .credential
+        .as_ref()
+        .zip(config.keystone_conf.as_deref())
+        .map(|(c, conf)| {
+            credential::Migrator::new(&c.keystone_manage, conf).with_run_timeout(c.run_timeout)
+        });
+    // An install must answer within `request_timeout`; a credential migrate
+    // within its own bound (its three tool runs), which may be far longer.
+    let mut deadlines = crate::tls::Deadlines::new(config.request_timeout);
+    if let Some(m) = &migrator {
+        deadlines = deadlines.allow(
+            "/fernetd.v1.Distribution/MigrateCredentials",
+            m.migrate_timeout() + std::time::Duration::from_secs(30),
+        );
+    }
     let distribution = service::Distribution {
         region: config.region.clone(),
         rotator_identity: config.rotator_identity.clone(),
@@ -245,12 +303,9 @@ pub async fn run(
         repositories,
         metrics: agent_metrics,
         audit: audit.clone(),
-        migrator: config
-            .credential
-            .as_ref()
-            .zip(config.keystone_conf.as_deref())
-            .map(|(c, conf)| credential::Migrator::new(&c.keystone_manage, conf)),
+        migrator,
         migrating: tokio::sync::Mutex::new(()),
+        readiness: readiness.clone(),
     };
     health
         .set_serving::<DistributionServer<service::Distribution>>()
@@ -268,19 +323,32 @@ pub async fn run(
     );
     let drain = async {
         shutdown.await;
+        readiness.stopping();
         health
             .set_not_serving::<DistributionServer<service::Distribution>>()
             .await;
         // Drift tasks stop now; the gRPC server finishes in-flight installs.
         stop.cancel();
     };
-    let limits = crate::tls::Limits::default();
+    let limits = crate::tls::Limits {
+        request_timeout: deadlines.longest(),
+        first_request_timeout: config.first_request_timeout,
+        ..crate::tls::Limits::default()
+    };
+    // The rotator keeps connection slots of its own: strangers of the CA
+    // holding every other one cannot cut a region off.
+    let incoming = tls.incoming_reserving(
+        listener,
+        limits,
+        std::slice::from_ref(&config.rotator_identity),
+    );
     let serve = limits
         .server()
+        .layer(deadlines)
         .layer(authorization)
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(tls.incoming_with(listener, limits), drain);
+        .serve_with_incoming_shutdown(incoming, drain);
     let served = limits.drained(serve, &stop).await;
     // Also when the server failed on its own: nothing else may keep running.
     stop.cancel();
@@ -345,6 +413,11 @@ mod tests {
     fn minimal_config_gets_safe_defaults_and_round_trips() {
         let config: AgentConfig = toml::from_str(MINIMAL).expect("parse");
         assert_eq!(config.drift, DriftPolicy::Report);
+        assert_eq!(
+            config.readiness.max_wait,
+            crate::config::DEFAULT_READINESS_MAX_WAIT
+        );
+        assert_eq!(config.readiness.record, None);
         assert_eq!(
             config.max_message_bytes,
             crate::config::DEFAULT_MAX_MESSAGE_BYTES
@@ -449,5 +522,31 @@ mod tests {
             ..base.clone()
         };
         assert_eq!(tiny.validate(), Err(AgentConfigError::MessageSize(10)));
+
+        // [readiness]: a bounded wait, a record outside every repository.
+        let readiness = |max_wait: u64, record: Option<&str>| AgentConfig {
+            readiness: crate::config::ReadinessConfig {
+                max_wait: Duration::from_secs(max_wait),
+                record: record.map(Into::into),
+            },
+            repositories: vec![repo("tokens", "/etc/keystone/fernetd/tokens")],
+            ..base.clone()
+        };
+        assert_eq!(readiness(0, None).validate(), Ok(()));
+        assert_eq!(
+            readiness(3600, Some("/run/fernetd-agent/ready.json")).validate(),
+            Ok(())
+        );
+        assert_eq!(
+            readiness(3601, None).validate(),
+            Err(AgentConfigError::ReadinessWait)
+        );
+        for record in ["ready.json", "/etc/keystone/fernetd/tokens/ready.json"] {
+            assert_eq!(
+                readiness(60, Some(record)).validate(),
+                Err(AgentConfigError::ReadinessRecord(record.into())),
+                "{record}"
+            );
+        }
     }
 }

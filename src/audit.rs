@@ -135,9 +135,19 @@ impl AuditLog {
     }
 }
 
-/// Reopens `log` on every SIGHUP (`systemctl reload`, logrotate's postrotate)
-/// until `stop` is cancelled.
+/// Reopens `log` on every SIGHUP (`systemctl reload`, logrotate's
+/// postrotate) until `stop` is cancelled.
 pub async fn reopen_on_sighup(log: Arc<AuditLog>, stop: tokio_util::sync::CancellationToken) {
+    reload_on_sighup(Some(log), stop).await
+}
+
+/// [`reopen_on_sighup`] for a daemon that may have no audit log: without one
+/// the signal is only logged (never fatal: the command line keeps SIGHUP from
+/// ending a daemon).
+pub async fn reload_on_sighup(
+    log: Option<Arc<AuditLog>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: the audit log is not reopened on reload");
@@ -145,9 +155,12 @@ pub async fn reopen_on_sighup(log: Arc<AuditLog>, stop: tokio_util::sync::Cancel
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => match log.reopen() {
-                Ok(()) => tracing::info!(path = %log.path().display(), "SIGHUP: audit log reopened"),
-                Err(e) => tracing::error!(error = %crate::error_chain(&e), "SIGHUP: cannot reopen the audit log"),
+            _ = hup.recv() => match &log {
+                Some(log) => match log.reopen() {
+                    Ok(()) => tracing::info!(path = %log.path().display(), "SIGHUP: audit log reopened"),
+                    Err(e) => tracing::error!(error = %crate::error_chain(&e), "SIGHUP: cannot reopen the audit log"),
+                },
+                None => tracing::info!("SIGHUP: no audit log to reopen; certificates follow their files"),
             },
             _ = stop.cancelled() => return,
         }

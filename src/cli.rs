@@ -48,7 +48,7 @@ pub enum Command {
     /// Run the primary rotator.
     Rotator(RotatorArgs),
     /// Run a regional agent.
-    Agent(DaemonArgs),
+    Agent(AgentArgs),
     /// Talk to the rotator's Admin API.
     Admin(AdminArgs),
     /// Manage a local key repository.
@@ -73,6 +73,22 @@ pub struct DaemonArgs {
     /// daemon would start, 2 when it would refuse the configuration.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Answer whether the running agent reported ready (its `[readiness]
+    /// record`), for a container's readiness probe: exit 0 when the rotator
+    /// confirmed every repository, or the configured wait ran out, and the
+    /// repositories on disk still hold what it reported; 1 otherwise.
+    #[arg(long, conflicts_with = "check")]
+    pub ready: bool,
+    /// With --ready: a readiness reached only because the wait ran out
+    /// (rotator unreachable) answers 1.
+    #[arg(long, requires = "ready")]
+    pub require_current: bool,
 }
 
 #[derive(Debug, Args)]

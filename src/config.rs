@@ -173,6 +173,17 @@ pub struct AgentConfig {
     /// Largest gRPC message accepted; an `Install` of 1,000 keys is about 40 KiB.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// How long a call may take before it is answered `DEADLINE_EXCEEDED`
+    /// (an install takes milliseconds). A credential migrate is bounded by
+    /// `[credential] run_timeout` instead.
+    #[serde(with = "duration", default = "default_request_timeout")]
+    pub request_timeout: std::time::Duration,
+    /// How long a connection may stay open without a request its peer may
+    /// make (the first one; refused calls do not count) before it is closed,
+    /// so peers that complete a handshake and then say nothing do not keep
+    /// connection slots (a few are kept for the rotator anyway).
+    #[serde(with = "duration", default = "default_first_request_timeout")]
+    pub first_request_timeout: std::time::Duration,
     /// Log format; the `--log-format` flag applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
@@ -192,6 +203,44 @@ pub struct AgentConfig {
     /// rotator asks it to (only the rotator's `migrate_region` is asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<AgentCredentialConfig>,
+    /// `[readiness]`: when the agent tells its supervisor (systemd's
+    /// `READY=1`, the readiness record) that Keystone may serve.
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
+}
+
+/// `[readiness]` in `agent.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadinessConfig {
+    /// How long the agent waits for the rotator to confirm every repository
+    /// before it reports ready anyway with the set it holds (so a region cut
+    /// off from the rotator still starts its Keystone). `"0s"`: at once.
+    #[serde(with = "duration", default = "default_max_wait")]
+    pub max_wait: std::time::Duration,
+    /// A JSON file the agent rewrites (atomically) whenever its readiness
+    /// changes; `fernetd agent --ready` reads it. None: no record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<PathBuf>,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            max_wait: default_max_wait(),
+            record: None,
+        }
+    }
+}
+
+/// The readiness gate's default wait for the rotator.
+pub const DEFAULT_READINESS_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The longest wait accepted: the shipped unit's start timeout is extended to
+/// cover the configured one, but a start that waits a day helps no one.
+pub const MAX_READINESS_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn default_max_wait() -> std::time::Duration {
+    DEFAULT_READINESS_MAX_WAIT
 }
 
 /// `[credential]` in `agent.toml`.
@@ -201,6 +250,30 @@ pub struct AgentCredentialConfig {
     /// Keystone's own `keystone-manage`, run with `--config-file keystone_conf
     /// credential_migrate`; the `python3` beside it runs the row check.
     pub keystone_manage: PathBuf,
+    /// How long each of a migrate's three tool runs (count, migrate, count)
+    /// may take; a migrate call is allowed three of them. A large table takes
+    /// a while (one row at a time); a hung database must not hold a rotation.
+    #[serde(with = "duration", default = "default_run_timeout")]
+    pub run_timeout: std::time::Duration,
+}
+
+/// How long each credential tool run may take by default (`[credential] run_timeout`).
+pub const DEFAULT_CREDENTIAL_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The servers' default bound on one call.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The servers' default bound on a connection's wait for its first request.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn default_run_timeout() -> std::time::Duration {
+    DEFAULT_CREDENTIAL_RUN_TIMEOUT
+}
+
+fn default_request_timeout() -> std::time::Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+
+fn default_first_request_timeout() -> std::time::Duration {
+    DEFAULT_FIRST_REQUEST_TIMEOUT
 }
 
 /// One repository the agent manages.
@@ -265,10 +338,16 @@ pub enum AgentConfigError {
     MessageSize(usize),
     #[error("drift_check must be at least 1s")]
     DriftInterval,
+    #[error("{0} must be at least 1s")]
+    TooShort(&'static str),
     #[error(
         "[credential] keystone_manage needs keystone_conf: credential_migrate must run with this region's keystone.conf"
     )]
     CredentialWithoutKeystoneConf,
+    #[error("[readiness] max_wait must be at most 1h")]
+    ReadinessWait,
+    #[error("[readiness] record {0} must be an absolute path outside every repository")]
+    ReadinessRecord(PathBuf),
 }
 
 /// The longest repository name, on the rotator and on an agent alike.
@@ -298,8 +377,35 @@ impl AgentConfig {
         if self.drift_check < std::time::Duration::from_secs(1) {
             return Err(AgentConfigError::DriftInterval);
         }
+        let second = std::time::Duration::from_secs(1);
+        for (name, bound) in [
+            ("request_timeout", self.request_timeout),
+            ("first_request_timeout", self.first_request_timeout),
+            (
+                "[credential] run_timeout",
+                self.credential.as_ref().map_or(second, |c| c.run_timeout),
+            ),
+        ] {
+            if bound < second {
+                return Err(AgentConfigError::TooShort(name));
+            }
+        }
         if self.repositories.is_empty() {
             return Err(AgentConfigError::NoRepository);
+        }
+        if self.readiness.max_wait > MAX_READINESS_WAIT {
+            return Err(AgentConfigError::ReadinessWait);
+        }
+        if let Some(record) = &self.readiness.record {
+            // Inside a repository it would be drift, and swapped away.
+            if !record.is_absolute()
+                || self
+                    .repositories
+                    .iter()
+                    .any(|r| record.starts_with(&r.path))
+            {
+                return Err(AgentConfigError::ReadinessRecord(record.clone()));
+            }
         }
         if self.credential.is_some() && self.keystone_conf.is_none() {
             return Err(AgentConfigError::CredentialWithoutKeystoneConf);

@@ -191,6 +191,8 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             drift: Default::default(),
             drift_check: Duration::from_secs(60),
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
+            request_timeout: crate::config::DEFAULT_REQUEST_TIMEOUT,
+            first_request_timeout: crate::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
             log_format: None,
             tls,
             repositories: vec![AgentRepository {
@@ -201,6 +203,7 @@ pub fn prepare_with(dir: &Path, regions: usize, controllers: usize) -> Result<La
             keystone_conf: None,
             audit_log: None,
             credential: None,
+            readiness: Default::default(),
         };
         let path = dir.join("agents").join(format!("{name}.toml"));
         write_file(

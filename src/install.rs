@@ -188,12 +188,25 @@ fn strip(dir: &Path) -> io::Result<()> {
                 RenameFlags::NOREPLACE,
             )?;
             kept += 1;
-            drop(rustix::fs::openat(
+            // Truncated only once the descriptor shows the inode just
+            // inspected: the directory belongs to the Keystone user, who may
+            // have swapped a FIFO or another file's hard link in meanwhile.
+            let file = rustix::fs::openat(
                 &fd,
                 spare.as_str(),
-                OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::WRONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
-            )?);
+            )?;
+            let now = rustix::fs::fstat(&file)?;
+            if !(is_regular(&now)
+                && now.st_nlink == 1
+                && (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino))
+            {
+                return Err(io::Error::other(
+                    "a spare file was replaced while it was kept",
+                ));
+            }
+            rustix::fs::ftruncate(&file, 0)?;
         } else {
             rustix::fs::unlinkat(&fd, name.as_os_str(), AtFlags::empty())?;
         }
@@ -568,10 +581,13 @@ fn write_file(
     let Some(spare) = spare else {
         return write_new_file(dir, dir_path, name, content, owner);
     };
+    // Not truncated at open: what is at the name is only known from the
+    // descriptor's fstat (a FIFO or another file's hard link must not be
+    // waited on or emptied), and only a regular file nothing else links is.
     let reusable = rustix::fs::openat(
         dir,
         spare.as_str(),
-        OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::WRONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
     .ok()
@@ -583,7 +599,8 @@ fn write_file(
                 // always be taken back from another.
                 && (owner.is_some() || (st.st_uid, st.st_gid) == wanted_owner(None))
         })
-    });
+    })
+    .filter(|fd| rustix::fs::ftruncate(fd, 0).is_ok());
     let Some(fd) = reusable else {
         let _ = rustix::fs::unlinkat(dir, spare.as_str(), AtFlags::empty());
         return write_new_file(dir, dir_path, name, content, owner);
@@ -1051,14 +1068,26 @@ pub fn clean_leftovers(target: &Path) -> Result<usize, InstallError> {
     if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
         for entry in std::fs::read_dir(target).map_err(io_err("list", target))? {
             let entry = entry.map_err(io_err("list", target))?;
-            if entry
+            if !entry
                 .file_name()
                 .to_str()
                 .is_some_and(|n| n.starts_with(INPLACE_TMP_PREFIX))
             {
-                std::fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
-                removed += 1;
+                continue;
             }
+            // The Keystone user owns the repository and may have made an
+            // entry with our prefix: only a file or link (what an in-place
+            // update leaves) is ours to remove; anything else is left, and a
+            // drift check reports it, rather than stopping the agent.
+            let kind = entry
+                .file_type()
+                .map_err(io_err("inspect", &entry.path()))?;
+            if !(kind.is_file() || kind.is_symlink()) {
+                tracing::warn!(path = %entry.path().display(), "not a leftover of ours (not a file): left in place");
+                continue;
+            }
+            std::fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
+            removed += 1;
         }
     }
     if removed > 0 {
@@ -1241,6 +1270,74 @@ mod tests {
         assert_eq!(clean_leftovers(&target).unwrap(), 2);
         assert_eq!(names(tmp.path()), vec![".other.fernetd-tmp-1", "keys"]);
         assert_eq!(repository::load(&target).unwrap(), a);
+    }
+
+    /// The Keystone user owns the repository: a directory with the prefix of
+    /// our in-place temporaries is not ours to remove, and stopped the agent.
+    #[test]
+    fn a_directory_with_our_temporary_prefix_is_left_not_fatal() {
+        let (_tmp, target, a) = repo_with_two_keys();
+        std::fs::create_dir(target.join(".fernetd-tmp-x")).unwrap();
+        std::fs::write(target.join(".fernetd-tmp-x/0"), b"x").unwrap();
+        std::fs::write(target.join(".fernetd-tmp-9"), b"x").unwrap();
+        assert_eq!(clean_leftovers(&target).unwrap(), 1);
+        assert_eq!(names(&target), vec![".fernetd-tmp-x", "0", "1"]);
+        assert_eq!(repository::load(&target).unwrap(), a);
+    }
+
+    /// A spare file swapped for a FIFO (which an `O_WRONLY` open waits on) or
+    /// for a hard link to another file (which `O_TRUNC` emptied before the
+    /// link count was checked) is neither waited on nor emptied.
+    #[test]
+    fn a_spare_swapped_for_a_fifo_or_a_link_is_not_opened_for_truncation() {
+        let (tmp, target, b) = stamped_repo_and_its_rotation();
+        install(&target, &b, Some(&stamp(2, &b)), None).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"someone else's data").unwrap();
+        type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+        let fifo: Plant<'_> = Box::new(|at| {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                at,
+                rustix::fs::FileType::Fifo,
+                Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap()
+        });
+        let link: Plant<'_> = Box::new(|at| std::fs::hard_link(&victim, at).unwrap());
+        let mut set = b;
+        for (generation, plant) in [(3, fifo), (4, link)] {
+            flush_reaper();
+            let spare = names(tmp.path())
+                .into_iter()
+                .find(|n| n != "keys" && n != "victim")
+                .unwrap();
+            let spare_dir = tmp.path().join(&spare);
+            let kept = names(&spare_dir);
+            assert!(!kept.is_empty(), "no spare file kept");
+            for name in &kept {
+                std::fs::remove_file(spare_dir.join(name)).unwrap();
+                plant(&spare_dir.join(name));
+            }
+            let next = repository::rotate(&set, 4).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (t, n) = (target.clone(), next.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(install(&t, &n, Some(&stamp(generation, &n)), None).map(drop));
+            });
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("the install hung on a FIFO in a spare")
+                .unwrap();
+            assert_eq!(repository::load(&target).unwrap(), next);
+            assert_eq!(
+                read_stamp(&target).unwrap().map(|s| s.generation),
+                Some(generation)
+            );
+            set = next;
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"someone else's data");
+        settle_one(&target);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! every generation over mutual-TLS gRPC to an agent in each region, promoting a key
 //! only once every region holds it. Each module below owns one responsibility, and
 //! dependencies run one way (ARCHITECTURE.md): formats (`repository`, `token`,
-//! `policy`, `config`) → mechanisms (`install`, `fswatch`, `tls`, `certs`, `metrics`,
+//! `policy`, `config`, `redact`) → mechanisms (`install`, `fswatch`, `tls`, `certs`, `metrics`,
 //! `audit`, `seal`) → roles
 //! (`rotator`, `agent`) → `demo` → `cli`, the binary's edge.
 #![forbid(unsafe_code)]
@@ -16,7 +16,9 @@ pub mod demo;
 pub mod fswatch;
 pub mod install;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
+pub mod redact;
 pub mod repository;
 pub mod rotator;
 pub mod seal;

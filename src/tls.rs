@@ -54,6 +54,15 @@ pub struct Limits {
     /// Established connections at once; a connection beyond is closed after
     /// its handshake.
     pub connections: usize,
+    /// Of `connections`, how many only the server's privileged peers (the
+    /// agent's rotator, the rotator's admins) may take: strangers holding
+    /// every other slot cannot lock them out.
+    pub reserved_connections: usize,
+    /// How long an established connection may go without a request its peer
+    /// is allowed to make (the first one, refusals not counting) before it is
+    /// closed: a peer of the CA that completes its handshake and then sends
+    /// nothing (no HTTP/2 preface, no request) gives its slot back.
+    pub first_request_timeout: Duration,
     /// HTTP/2 streams one connection may have open.
     pub streams_per_connection: u32,
     /// How long a request may take to produce its response.
@@ -77,8 +86,10 @@ impl Default for Limits {
             handshakes: 64,
             handshake_timeout: Duration::from_secs(5),
             connections: 256,
+            reserved_connections: 16,
+            first_request_timeout: crate::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
             streams_per_connection: 16,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: crate::config::DEFAULT_REQUEST_TIMEOUT,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(3600),
@@ -233,7 +244,12 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let peer = request.extensions().get::<PeerInfo>();
         match self.policy.decide(request.uri().path(), peer) {
-            Ok(()) => Box::pin(self.inner.call(request)),
+            Ok(()) => {
+                if let Some(peer) = peer {
+                    peer.admitted.admit();
+                }
+                Box::pin(self.inner.call(request))
+            }
             Err(status) => {
                 if let Some(on_refusal) = &self.policy.on_refusal {
                     on_refusal(request.uri().path());
@@ -246,6 +262,98 @@ where
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+/// Per-method call deadlines, a tower layer on a server: every call gets
+/// `default`, the methods given longer bounds get theirs (the server's own
+/// `timeout`, [`Limits::request_timeout`], must be at least [`Deadlines::longest`]).
+/// A call past its deadline is answered `DEADLINE_EXCEEDED` and its handler
+/// dropped. An agent's credential migrate runs for minutes where an install
+/// takes milliseconds: one bound for both either cut the migrate short or
+/// left stuck installs hanging.
+#[derive(Debug, Clone)]
+pub struct Deadlines {
+    default: Duration,
+    longer: Arc<Vec<(String, Duration)>>,
+}
+
+impl Deadlines {
+    pub fn new(default: Duration) -> Self {
+        Deadlines {
+            default,
+            longer: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Gives calls to paths starting with `prefix` `deadline` instead.
+    pub fn allow(mut self, prefix: &str, deadline: Duration) -> Self {
+        Arc::make_mut(&mut self.longer).push((prefix.to_string(), deadline));
+        self
+    }
+
+    /// The deadline of a call to `path`.
+    pub fn of(&self, path: &str) -> Duration {
+        self.longer
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(self.default, |(_, d)| *d)
+    }
+
+    /// The longest deadline of any call.
+    pub fn longest(&self) -> Duration {
+        self.longer
+            .iter()
+            .map(|(_, d)| *d)
+            .fold(self.default, Duration::max)
+    }
+}
+
+impl<S> tower::Layer<S> for Deadlines {
+    type Service = WithDeadline<S>;
+
+    fn layer(&self, inner: S) -> WithDeadline<S> {
+        WithDeadline {
+            inner,
+            deadlines: self.clone(),
+        }
+    }
+}
+
+/// The service [`Deadlines`] wraps.
+#[derive(Debug, Clone)]
+pub struct WithDeadline<S> {
+    inner: S,
+    deadlines: Deadlines,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WithDeadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let deadline = self.deadlines.of(request.uri().path());
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, call).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {}",
+                    crate::config::duration::format(&deadline)
+                ))
+                .into_http()),
+            }
+        })
     }
 }
 
@@ -296,11 +404,53 @@ impl TlsError {
     }
 }
 
+/// A configured peer identity: a DNS name or a URI (a SPIFFE ID, say), each
+/// matched only against subject alternative names of its own type, so a URI
+/// SAN `rotator.example.net` is never taken for the DNS name. Written
+/// `dns:NAME` or `uri:URI`, or without a prefix, when the form says which: a
+/// URI has `://`, anything else is a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Dns(String),
+    Uri(String),
+}
+
+impl Identity {
+    /// The identity `configured` names, if it is a valid one: a DNS name
+    /// without wildcards, or an absolute URI with a host.
+    pub fn parse(configured: &str) -> Option<Identity> {
+        let (explicit, rest) = match configured.split_once(':') {
+            Some(("dns", rest)) => (Some(false), rest),
+            Some(("uri", rest)) => (Some(true), rest),
+            _ => (None, configured),
+        };
+        if rest.contains('*') || rest.is_empty() {
+            return None;
+        }
+        match explicit {
+            // Said to be a URI: taken as written, matched byte for byte.
+            Some(true) => (!rest.chars().any(|c| c.is_whitespace() || c.is_control()))
+                .then(|| Identity::Uri(rest.to_string())),
+            None if rest.contains("://") => rest
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.scheme().is_some() && u.host().is_some())
+                .then(|| Identity::Uri(rest.to_string())),
+            _ => matches!(
+                ServerName::try_from(rest.to_string()),
+                Ok(ServerName::DnsName(_))
+            )
+            .then(|| Identity::Dns(rest.to_string())),
+        }
+    }
+}
+
 /// The names a verified peer certificate carries: its DNS and URI subject
-/// alternative names. Roles are granted by these names (ARCHITECTURE.md, "Identities").
+/// alternative names, kept apart. Roles are granted by these names
+/// (ARCHITECTURE.md, "Identities").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
-    names: Vec<String>,
+    dns: Vec<String>,
+    uris: Vec<String>,
 }
 
 impl PeerIdentity {
@@ -308,36 +458,44 @@ impl PeerIdentity {
     /// rustls has already verified against our CA.
     pub fn from_der(der: &[u8]) -> Option<Self> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        let mut names = Vec::new();
+        let (mut dns, mut uris) = (Vec::new(), Vec::new());
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
-                    x509_parser::extensions::GeneralName::DNSName(n) => names.push(n.to_string()),
-                    x509_parser::extensions::GeneralName::URI(n) => names.push(n.to_string()),
+                    x509_parser::extensions::GeneralName::DNSName(n) => dns.push(n.to_string()),
+                    x509_parser::extensions::GeneralName::URI(n) => uris.push(n.to_string()),
                     _ => {}
                 }
             }
         }
-        Some(PeerIdentity { names })
+        Some(PeerIdentity { dns, uris })
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
+    /// Every DNS and URI name, DNS names first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.dns.iter().chain(&self.uris).map(String::as_str)
     }
 
-    /// Whether the certificate carries `expected` among its names (exact match:
-    /// identities are configured, never guessed, so no wildcards).
+    /// Whether the certificate carries `expected` (see [`Identity`]) among
+    /// its names of the same type. Exact match (DNS names without regard to
+    /// ASCII case, as DNS compares them): identities are configured, never
+    /// guessed, so no wildcards. An invalid identity matches nothing.
     pub fn matches(&self, expected: &str) -> bool {
-        self.names.iter().any(|n| n == expected)
+        match Identity::parse(expected) {
+            Some(Identity::Dns(name)) => self.dns.iter().any(|n| n.eq_ignore_ascii_case(&name)),
+            Some(Identity::Uri(uri)) => self.uris.contains(&uri),
+            None => false,
+        }
     }
 }
 
 impl std::fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.names.is_empty() {
+        let names: Vec<&str> = self.names().collect();
+        if names.is_empty() {
             f.write_str("<certificate without DNS or URI names>")
         } else {
-            f.write_str(&self.names.join(","))
+            f.write_str(&names.join(","))
         }
     }
 }
@@ -348,6 +506,23 @@ impl std::fmt::Display for PeerIdentity {
 pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     pub identity: Arc<PeerIdentity>,
+    /// Set by [`Authorization`] when it admits a request on this connection.
+    admitted: Admitted,
+}
+
+/// Whether a connection has made a request its peer may make; shared by the
+/// connection and every request's [`PeerInfo`].
+#[derive(Debug, Clone, Default)]
+struct Admitted(Arc<std::sync::atomic::AtomicBool>);
+
+impl Admitted {
+    fn admit(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_admitted(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The verified identity of the peer that sent `request`.
@@ -489,21 +664,9 @@ fn build_client(files: &TlsConfig) -> Result<Arc<ClientSide>, TlsError> {
     }))
 }
 
-/// Whether `identity` can be configured as a peer's identity: a DNS name
-/// without wildcards, or an absolute URI (a SPIFFE ID, say).
+/// Whether `identity` can be configured as a peer's identity (see [`Identity`]).
 pub fn valid_identity(identity: &str) -> bool {
-    if identity.contains('*') || identity.is_empty() {
-        return false;
-    }
-    if identity.contains("://") {
-        return identity
-            .parse::<http::Uri>()
-            .is_ok_and(|u| u.scheme().is_some() && u.host().is_some());
-    }
-    matches!(
-        ServerName::try_from(identity.to_string()),
-        Ok(ServerName::DnsName(_))
-    )
+    Identity::parse(identity).is_some()
 }
 
 /// The client's check of a server certificate: the chain to our CA (as
@@ -755,10 +918,29 @@ impl ServerTls {
         listener: TcpListener,
         limits: Limits,
     ) -> impl tokio_stream::Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
+        self.incoming_reserving(listener, limits, &[])
+    }
+
+    /// [`ServerTls::incoming_with`], keeping `limits.reserved_connections` of
+    /// the connection slots for peers carrying one of `privileged`.
+    pub fn incoming_reserving(
+        &self,
+        listener: TcpListener,
+        limits: Limits,
+        privileged: &[String],
+    ) -> impl tokio_stream::Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
         let (tx, rx) = mpsc::channel(64);
         let config = self.config.clone();
+        let privileged: Arc<[String]> = Arc::from(privileged);
+        // Without privileged peers nobody could use a reserved slot.
+        let reserved = if privileged.is_empty() {
+            0
+        } else {
+            limits.reserved_connections.min(limits.connections)
+        };
         let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
-        let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections - reserved));
+        let reserve = Arc::new(tokio::sync::Semaphore::new(reserved));
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -780,17 +962,14 @@ impl ServerTls {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config.get());
                 let tx = tx.clone();
-                let connections = connections.clone();
+                let (connections, reserve) = (connections.clone(), reserve.clone());
+                let privileged = privileged.clone();
                 tokio::spawn(async move {
                     let accepted =
                         tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
                     drop(handshake);
                     match accepted {
                         Ok(Ok(stream)) => {
-                            let Ok(slot) = connections.try_acquire_owned() else {
-                                tracing::warn!(%remote, "connection limit reached: connection closed");
-                                return;
-                            };
                             let identity = stream
                                 .get_ref()
                                 .1
@@ -801,12 +980,34 @@ impl ServerTls {
                                 tracing::warn!(%remote, "TLS peer without a readable certificate dropped");
                                 return;
                             };
+                            // A privileged peer takes a reserved slot first,
+                            // so the shared ones stay for everyone else.
+                            let slot = if privileged.iter().any(|p| identity.matches(p)) {
+                                reserve
+                                    .try_acquire_owned()
+                                    .or_else(|_| connections.try_acquire_owned())
+                            } else {
+                                connections.try_acquire_owned()
+                            };
+                            let Ok(slot) = slot else {
+                                tracing::warn!(%remote, %identity, "connection limit reached: connection closed");
+                                return;
+                            };
+                            let admitted = Admitted::default();
                             let conn = TlsConn {
                                 stream,
                                 _slot: slot,
+                                first_request: Some(FirstRequest {
+                                    deadline: Box::pin(tokio::time::sleep(
+                                        limits.first_request_timeout,
+                                    )),
+                                    admitted: admitted.clone(),
+                                    timeout: limits.first_request_timeout,
+                                }),
                                 info: PeerInfo {
                                     remote_addr: Some(remote),
                                     identity: Arc::new(identity),
+                                    admitted,
                                 },
                             };
                             let _ = tx.send(Ok(conn)).await;
@@ -830,7 +1031,45 @@ pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     /// Counts against [`Limits::connections`] until the connection is dropped.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until a request is admitted: when the connection is closed without one.
+    first_request: Option<FirstRequest>,
     info: PeerInfo,
+}
+
+/// The [`Limits::first_request_timeout`] of one connection.
+struct FirstRequest {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    admitted: Admitted,
+    timeout: Duration,
+}
+
+impl TlsConn {
+    /// An error once the connection has gone `first_request_timeout` without
+    /// an admitted request. Polled from `poll_read`, which the server polls
+    /// whenever it waits for the peer, so the timer wakes the connection and
+    /// the read fails: the server then closes it.
+    fn check_first_request(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(first) = &mut self.first_request else {
+            return Ok(());
+        };
+        if first.admitted.is_admitted() {
+            self.first_request = None;
+            return Ok(());
+        }
+        if first.deadline.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        tracing::info!(
+            remote = ?self.info.remote_addr,
+            identity = %self.info.identity,
+            timeout = ?first.timeout,
+            "no request within the first-request timeout: connection closed"
+        );
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no request within the first-request timeout",
+        ))
+    }
 }
 
 impl Connected for TlsConn {
@@ -847,6 +1086,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_first_request(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -944,11 +1184,12 @@ impl ClientTls {
     /// The connector that dials TCP and runs the TLS handshake with the current
     /// certificates, verifying the server as `identity` (see [`ExactIdentity`]).
     pub fn connector(&self, identity: &str) -> Result<Connector, TlsError> {
-        if !valid_identity(identity) {
-            return Err(TlsError::ServerName(identity.to_string()));
-        }
         // SNI carries the identity when it is a DNS name; a URI has no SNI form.
-        let sni = ServerName::try_from(identity.to_string()).ok();
+        let sni = match Identity::parse(identity) {
+            Some(Identity::Dns(name)) => ServerName::try_from(name).ok(),
+            Some(Identity::Uri(_)) => None,
+            None => return Err(TlsError::ServerName(identity.to_string())),
+        };
         Ok(Connector {
             config: self.config.clone(),
             expected: Arc::from(identity),
@@ -1135,7 +1376,8 @@ mod tests {
     #[test]
     fn identity_matching_is_exact() {
         let id = PeerIdentity {
-            names: vec!["rotator.fernetd".into(), "spiffe://cloud/rotator".into()],
+            dns: vec!["rotator.fernetd".into()],
+            uris: vec!["spiffe://cloud/rotator".into()],
         };
         assert!(id.matches("rotator.fernetd"));
         assert!(id.matches("spiffe://cloud/rotator"));
@@ -1464,7 +1706,77 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(id.names(), ["admin.test", "spiffe://cloud/admin"]);
+        assert_eq!(
+            id.names().collect::<Vec<_>>(),
+            ["admin.test", "spiffe://cloud/admin"]
+        );
+    }
+
+    /// A URI SAN spelled like a host name is no DNS name: it matched a DNS
+    /// identity when both kinds of SAN were one list.
+    #[test]
+    fn uri_and_dns_names_are_separate_namespaces() {
+        let ca = Authority::new("ca").unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![
+            rcgen::SanType::URI("rotator.example.net".try_into().unwrap()),
+            rcgen::SanType::DnsName("spiffe.example.net".try_into().unwrap()),
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let id = PeerIdentity::from_der(cert.der()).unwrap();
+        assert!(
+            !id.matches("rotator.example.net"),
+            "a URI SAN matched a DNS identity"
+        );
+        assert!(!id.matches("dns:rotator.example.net"));
+        assert!(id.matches("uri:rotator.example.net"));
+        assert!(id.matches("spiffe.example.net"));
+        assert!(
+            id.matches("dns:SPIFFE.example.net"),
+            "DNS names compare without case"
+        );
+        assert!(!id.matches("uri:spiffe.example.net"));
+
+        let spiffe = PeerIdentity {
+            dns: vec![],
+            uris: vec!["spiffe://cloud/rotator".into()],
+        };
+        assert!(spiffe.matches("spiffe://cloud/rotator"));
+        assert!(spiffe.matches("uri:spiffe://cloud/rotator"));
+        assert!(!spiffe.matches("spiffe://cloud/ROTATOR"), "URIs are exact");
+        assert!(!spiffe.matches("dns:spiffe://cloud/rotator"));
+    }
+
+    #[test]
+    fn identities_are_typed_by_prefix_or_form() {
+        assert_eq!(
+            Identity::parse("rotator.example.net"),
+            Some(Identity::Dns("rotator.example.net".into()))
+        );
+        assert_eq!(
+            Identity::parse("dns:rotator.example.net"),
+            Some(Identity::Dns("rotator.example.net".into()))
+        );
+        assert_eq!(
+            Identity::parse("spiffe://cloud/rotator"),
+            Some(Identity::Uri("spiffe://cloud/rotator".into()))
+        );
+        assert_eq!(
+            Identity::parse("uri:spiffe://cloud/rotator"),
+            Some(Identity::Uri("spiffe://cloud/rotator".into()))
+        );
+        for bad in [
+            "",
+            "dns:",
+            "*.example.net",
+            "dns:*.example.net",
+            "dns:spiffe://x/y",
+            "uri:",
+        ] {
+            assert_eq!(Identity::parse(bad), None, "{bad}");
+            assert!(!valid_identity(bad), "{bad}");
+        }
     }
 
     #[tokio::test]

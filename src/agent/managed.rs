@@ -314,7 +314,19 @@ impl Managed {
                 tracing::warn!(repository = %name, removed, "removed leftovers of an interrupted install");
             }
         }
-        let stamp = repository::read_stamp(&path)?;
+        // The Keystone user owns the repository and can put anything at the
+        // stamp's name: an unreadable or malformed stamp is drift, reported
+        // and repaired by the next install, never a reason not to start.
+        let (stamp, unreadable) = match repository::read_stamp(&path) {
+            Ok(stamp) => (stamp, None),
+            Err(e) => (
+                None,
+                Some(format!(
+                    "{}: ignored, the next install replaces it",
+                    crate::error_chain(&e)
+                )),
+            ),
+        };
         let disk = Disk::read(&path, owner);
         // A stamp the agent did not write (another owner: the Keystone user
         // replaced it) is tampering: reported, and its generation not obeyed,
@@ -327,7 +339,7 @@ impl Managed {
                     stamp.generation
                 )),
             ),
-            (stamp, _) => (stamp, None),
+            (stamp, _) => (stamp, unreadable),
         };
         let mut desired = Desired {
             generation: 0,
@@ -614,7 +626,32 @@ impl Managed {
             promoted: Default::default(),
             agent: true,
         };
-        if on_disk == Some(expected) {
+        // The keys alone are not the whole set: a stamp swapped for something
+        // else (a FIFO, another generation, garbage) would be obeyed, or
+        // refused, at the next start. It is drift too.
+        let stamp_problem = if on_disk == Some(expected) {
+            let path = self.path.clone();
+            let found = blocking(move || repository::read_stamp(&path)).await.ok()?;
+            match found {
+                Ok(Some(s)) if (s.generation, s.digest) == (desired.generation, expected) => None,
+                Ok(Some(s)) => Some(format!(
+                    "the stamp on disk says generation {} (digest {}), not installed generation {}",
+                    s.generation, s.digest, desired.generation
+                )),
+                Ok(None) => Some(format!(
+                    "the stamp of installed generation {} is gone",
+                    desired.generation
+                )),
+                Err(e) => Some(format!(
+                    "{} (installed generation {})",
+                    error_chain(&e),
+                    desired.generation
+                )),
+            }
+        } else {
+            None
+        };
+        if on_disk == Some(expected) && stamp_problem.is_none() {
             if self.view().drift.is_some() {
                 tracing::info!(repository = %self.name, generation = desired.generation, "drift cleared: the repository matches the installed set again");
                 self.update_view(|v| v.drift = None);
@@ -622,7 +659,7 @@ impl Managed {
             }
             return None;
         }
-        let detail = drift_detail(&stamp, on_disk);
+        let detail = stamp_problem.unwrap_or_else(|| drift_detail(&stamp, on_disk));
         let first = self.view().drift.is_none();
         self.update_view(|v| v.drift = Some(detail.clone()));
         if first {

@@ -20,6 +20,12 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    /// `waiting`, `current` or `timeout` (see `readiness::Reason`).
+    pub reason: String,
+}
+
 #[derive(Clone)]
 struct LatencyBuckets;
 
@@ -40,6 +46,7 @@ pub struct AgentMetrics {
     refusals: Family<OutcomeLabels, Counter>,
     canaries: Family<OutcomeLabels, Counter>,
     drift_events: Family<RepoLabel, Counter>,
+    ready: Family<ReadyLabels, Gauge>,
 }
 
 impl AgentMetrics {
@@ -53,6 +60,7 @@ impl AgentMetrics {
             refusals: Family::default(),
             canaries: Family::default(),
             drift_events: Family::default(),
+            ready: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("fernetd_agent");
         #[rustfmt::skip]
@@ -64,6 +72,7 @@ impl AgentMetrics {
             m.refusals => "refusals", "Refused installs by reason";
             m.canaries => "canary_validations", "Canary tokens checked against the installed repository";
             m.drift_events => "drift_events", "Changes to a repository the agent did not make";
+            m.ready => "ready", "1 for the readiness gate's state: waiting, current (the rotator confirmed every repository) or timeout (ready after max_wait without it)";
         );
         m
     }
@@ -122,5 +131,16 @@ impl AgentMetrics {
         self.drift_events
             .get_or_create(&RepoLabel::new(repository))
             .inc();
+    }
+
+    /// One of the three readiness states is 1, the others 0.
+    pub fn set_ready(&self, now: super::readiness::Reason) {
+        for reason in super::readiness::Reason::ALL {
+            self.ready
+                .get_or_create(&ReadyLabels {
+                    reason: reason.as_str().to_owned(),
+                })
+                .set(i64::from(reason == now));
+        }
     }
 }

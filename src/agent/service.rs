@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::check;
 use super::managed::{Managed, Refusal};
 use super::metrics::AgentMetrics;
+use super::readiness::Readiness;
 use crate::error_chain;
 use crate::pb;
 use crate::tls;
@@ -30,6 +31,8 @@ pub struct Distribution {
     pub migrator: Option<super::credential::Migrator>,
     /// One migrate at a time: two would race on the same rows.
     pub migrating: tokio::sync::Mutex<()>,
+    /// Opened by the rotator's installs and confirmations.
+    pub readiness: Arc<Readiness>,
 }
 
 impl Distribution {
@@ -40,6 +43,54 @@ impl Distribution {
             name
         } else {
             ""
+        }
+    }
+}
+
+impl Distribution {
+    /// The current generations a reconcile's `GetState` names: from the
+    /// rotator's identity, each one this agent holds on disk (same number and
+    /// digest, no drift) confirms it; a monitor's, or any other caller's, is
+    /// ignored, so no certificate but the rotator's can open the gate.
+    fn confirmations(&self, request: &Request<pb::GetStateRequest>) {
+        let current = &request.get_ref().current;
+        if current.is_empty() {
+            return;
+        }
+        if tls::authorize(
+            request,
+            std::slice::from_ref(&self.rotator_identity),
+            "rotator",
+        )
+        .is_err()
+        {
+            let peer = tls::peer_identity(request)
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            tracing::warn!(%peer, "GetState names current generations but does not come from the rotator: not a confirmation");
+            return;
+        }
+        for name in self.repositories.keys() {
+            if !current.iter().any(|c| &c.name == name) {
+                self.readiness.rotator_lacks(name);
+            }
+        }
+        for named in current {
+            let Some(repo) = self.repositories.get(&named.name) else {
+                continue;
+            };
+            let view = repo.view();
+            match view.digest {
+                Some(digest)
+                    if view.generation == named.generation
+                        && digest.0[..] == named.digest[..]
+                        && view.drift.is_none() =>
+                {
+                    self.readiness
+                        .confirmed(&repo.name, named.generation, digest, "confirmation")
+                }
+                _ => self.readiness.rotator_named(&repo.name, named.generation),
+            }
         }
     }
 }
@@ -104,15 +155,25 @@ impl pb::distribution_server::Distribution for Distribution {
             crate::audit::maybe_append(self.audit.as_ref(), entry).await;
         }
         match outcome {
-            Ok(done) => Ok(Response::new(pb::InstallResponse {
-                repository: name,
-                generation: done.generation,
-                digest: done.digest.0.to_vec(),
-                canaries_valid: done.canaries_valid,
-                indices: done.indices,
-                unchanged: done.unchanged,
-                install_micros: done.micros,
-            })),
+            Ok(done) => {
+                // Only the rotator's identity gets here: what it installs or
+                // re-pushes is its current generation.
+                self.readiness.confirmed(
+                    &name,
+                    done.generation,
+                    done.digest,
+                    if done.unchanged { "re-push" } else { "install" },
+                );
+                Ok(Response::new(pb::InstallResponse {
+                    repository: name,
+                    generation: done.generation,
+                    digest: done.digest.0.to_vec(),
+                    canaries_valid: done.canaries_valid,
+                    indices: done.indices,
+                    unchanged: done.unchanged,
+                    install_micros: done.micros,
+                }))
+            }
             Err(refusal) => {
                 self.metrics.refused(self.label(&name), refusal.reason());
                 tracing::warn!(
@@ -231,6 +292,8 @@ impl pb::distribution_server::Distribution for Distribution {
         // Also refused by the transport's authorization layer; kept here so the
         // service is safe wherever it is mounted.
         tls::authorize(&request, &self.readers, "rotator or monitor")?;
+        self.confirmations(&request);
+        let readiness = self.readiness.reason().as_str();
         let repositories = self
             .repositories
             .values()
@@ -245,6 +308,8 @@ impl pb::distribution_server::Distribution for Distribution {
                     drift: view.drift.is_some(),
                     drift_detail: view.drift.unwrap_or_default(),
                     problem: view.problem.unwrap_or_default(),
+                    confirmed: self.readiness.is_confirmed(&repo.name),
+                    readiness: readiness.to_owned(),
                 }
             })
             .collect();

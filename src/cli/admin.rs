@@ -264,6 +264,12 @@ pub struct CredentialView {
     /// a migrate of the current generation comes first.
     pub next_safe_rotation: Option<String>,
     pub cache_time_seconds: u64,
+    /// When the migrate in progress was asked for; none = none is running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrate_running_since: Option<String>,
+    /// How long it has been running, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrate_running_seconds: Option<u64>,
 }
 
 /// Rows of the credential table by the key that decrypts them.
@@ -301,6 +307,11 @@ impl From<&pb::CredentialStatus> for CredentialView {
             rows: c.after.as_ref().map(RowsView::from),
             next_safe_rotation: unix_ms_to_rfc3339(c.next_safe_rotation_unix_ms),
             cache_time_seconds: c.cache_time_ms / 1000,
+            migrate_running_since: unix_ms_to_rfc3339(c.migrate_running_since_unix_ms),
+            migrate_running_seconds: (c.migrate_running_since_unix_ms > 0).then(|| {
+                let now = chrono::Utc::now().timestamp_millis();
+                u64::try_from(now - c.migrate_running_since_unix_ms).unwrap_or(0) / 1000
+            }),
         }
     }
 }
@@ -322,6 +333,13 @@ fn render_credentials(out: &mut String, c: &CredentialView) {
         "credential repository: migrated by `{}`, cache time {}s",
         c.migrate_agent, c.cache_time_seconds
     );
+    if let Some(since) = &c.migrate_running_since {
+        let _ = writeln!(
+            out,
+            "  migrate RUNNING since {since} ({}s so far)",
+            c.migrate_running_seconds.unwrap_or(0)
+        );
+    }
     match &c.last_migrate {
         None => {
             let _ = writeln!(out, "  last migrate: never");

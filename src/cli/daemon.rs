@@ -1,6 +1,6 @@
 //! What `fernetd rotator` and `fernetd agent` share before and after their role
-//! runs: logging, the tokio runtime, binding listeners, and the shutdown future
-//! that SIGTERM or SIGINT resolves.
+//! runs: logging, the tokio runtime, binding listeners, the shutdown future
+//! that SIGTERM or SIGINT resolves, and SIGHUP's meaning (reload, never death).
 
 use std::net::SocketAddr;
 
@@ -104,5 +104,27 @@ pub(super) async fn termination() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Makes SIGHUP mean "reload" for the whole life of a daemon, whatever its
+/// configuration: the default action of SIGHUP is to end the process, and a
+/// daemon whose roles have nothing to reload (an agent without `audit_log`), or
+/// that gets the signal before its role installed its own listener, would die
+/// of `systemctl reload` or logrotate's postrotate (exit 129, which
+/// `Restart=on-failure` would not even restart). Tokio installs the process's
+/// handler once and keeps it, and each listener gets every signal, so the
+/// roles' own reload listeners still see it. Must be called inside the runtime.
+pub(super) fn hangup_is_reload(role: &'static str) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(role, "SIGHUP: reload requested");
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP: it would end the process"),
     }
 }

@@ -20,6 +20,7 @@ pub(super) async fn main(args: &RotatorArgs) -> Result<Answer, CliError> {
                 .map_err(CliError::role)
         });
     }
+    daemon::hangup_is_reload("rotator");
     let checked = rotator::check(loaded.map_err(CliError::usage)?)
         .map_err(CliError::usage)?
         .reloaded_from(&args.config)

@@ -89,15 +89,30 @@ impl Stamp {
 }
 
 /// Reads the generation and digest recorded in the repository, if any.
+///
+/// Whoever owns the repository (the Keystone user) can put anything at the
+/// stamp's name: the file is opened without following a link and without
+/// blocking (a FIFO would otherwise hang the reader until someone opened its
+/// other end), and only a regular file, checked on the open descriptor, is read.
 pub fn read_stamp(target: &Path) -> Result<Option<Stamp>, StampError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use rustix::fs::{FileType, Mode, OFlags};
     let path = target.join(STAMP_FILE);
-    // Never through a link, never more than a stamp can hold.
-    let read = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
-        .and_then(|file| super::read_capped(file, MAX_STAMP_BYTES));
+    let read = rustix::fs::open(
+        &path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)
+    .and_then(|fd| {
+        let st = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        super::read_capped(std::fs::File::from(fd), MAX_STAMP_BYTES)
+    });
     match read {
         Ok(bytes) => Stamp::decode(&bytes)
             .map(Some)
@@ -131,5 +146,34 @@ mod tests {
         assert!(matches!(read_stamp(&repo), Err(StampError::Read { .. })));
         std::fs::write(repo.join(STAMP_FILE), stamp.encode()).expect("write");
         assert_eq!(read_stamp(&repo).expect("read"), Some(stamp));
+    }
+
+    /// A FIFO at the stamp's name hung every reader (the agent at start, and
+    /// every install behind the drift check) until its other end was opened.
+    #[test]
+    fn a_fifo_or_directory_at_the_stamp_is_refused_without_blocking() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fifo = tmp.path().join(STAMP_FILE);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = tmp.path().to_path_buf();
+        std::thread::spawn(move || tx.send(read_stamp(&dir).map(|_| ())).ok());
+        let read = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("read_stamp blocked on a FIFO");
+        assert!(matches!(read, Err(StampError::Read { .. })), "{read:?}");
+        std::fs::remove_file(&fifo).expect("rm fifo");
+        std::fs::create_dir(&fifo).expect("mkdir");
+        assert!(matches!(
+            read_stamp(tmp.path()),
+            Err(StampError::Read { .. })
+        ));
     }
 }

@@ -34,11 +34,27 @@ pub(super) async fn install(
     with_deadline(timeout, "Install", call).await
 }
 
-/// Reads agent `agent`'s state back (`GetState`).
-pub(super) async fn get_state(agent: &AgentSlot, timeout: Duration) -> Result<Report, String> {
+/// Reads agent `agent`'s state back (`GetState`), telling it the `current`
+/// generation of each repository named: an agent holding them takes this, from
+/// the rotator's identity only, as the confirmation that opens its readiness
+/// gate (a restarted agent that needs no push). An empty `current` confirms
+/// nothing.
+pub(super) async fn get_state(
+    agent: &AgentSlot,
+    timeout: Duration,
+    current: &[(&str, &Generation)],
+) -> Result<Report, String> {
     let mut client = pb::distribution_client::DistributionClient::new(agent.channel.clone());
+    let current = current
+        .iter()
+        .map(|(name, generation)| pb::RepositoryGeneration {
+            name: (*name).to_owned(),
+            generation: generation.number,
+            digest: generation.digest.0.to_vec(),
+        })
+        .collect();
     let call = || async move {
-        let mut request = tonic::Request::new(pb::GetStateRequest {});
+        let mut request = tonic::Request::new(pb::GetStateRequest { current });
         request.set_timeout(timeout);
         client
             .get_state(request)

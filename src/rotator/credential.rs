@@ -94,6 +94,25 @@ pub(super) struct Gate {
     schedule: Option<Schedule>,
     record: Mutex<Option<MigrateRecord>>,
     metrics: CredentialMetrics,
+    /// When the migrate in progress was asked for (Unix ms; 0 = none), for status.
+    running_since: std::sync::atomic::AtomicI64,
+}
+
+/// Marks a migrate in progress in [`Gate::running_since`] until dropped
+/// (the call answered, timed out or was cancelled).
+struct Running<'g>(&'g std::sync::atomic::AtomicI64);
+
+impl<'g> Running<'g> {
+    fn start(since: &'g std::sync::atomic::AtomicI64) -> Self {
+        since.store(now_ms(), std::sync::atomic::Ordering::Release);
+        Running(since)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// `fernetd_rotator_credential_*`.
@@ -177,6 +196,7 @@ impl Gate {
             schedule: repo.schedule.as_deref().map(Schedule::parse).transpose()?,
             record: Mutex::new(record),
             metrics,
+            running_since: Default::default(),
         }))
     }
 
@@ -259,6 +279,9 @@ impl Gate {
             after: record.after.map(Into::into),
             next_safe_rotation_unix_ms: self.safe_ms(current).unwrap_or(0),
             cache_time_ms: u64::try_from(self.config.cache_time.as_millis()).unwrap_or(u64::MAX),
+            migrate_running_since_unix_ms: self
+                .running_since
+                .load(std::sync::atomic::Ordering::Acquire),
         }
     }
 
@@ -270,6 +293,7 @@ impl Gate {
             schedule: None,
             record: Mutex::new(None),
             metrics: CredentialMetrics::new(registry),
+            running_since: Default::default(),
         }
     }
 }
@@ -355,7 +379,7 @@ pub(super) async fn migrate(
     record.agent = agent.label();
     // A quick read-back first: the migrate itself may take minutes, and the
     // rotation lock is held meanwhile.
-    if let Err(e) = super::calls::get_state(&agent, call_timeout).await {
+    if let Err(e) = super::calls::get_state(&agent, call_timeout, &[]).await {
         record.reason = format!("the agent does not answer: {e}");
         return record;
     }
@@ -366,6 +390,7 @@ pub(super) async fn migrate(
         digest: current.digest.0.to_vec(),
     };
     tracing::info!(agent = %agent.name, generation = current.number, "migrating the credential table");
+    let _running = Running::start(&gate.running_since);
     match tokio::time::timeout(MIGRATE_TIMEOUT, client.migrate_credentials(request)).await {
         Err(_) => {
             record.reason = format!(
@@ -373,11 +398,13 @@ pub(super) async fn migrate(
                 crate::config::duration::format(&MIGRATE_TIMEOUT)
             )
         }
-        Ok(Err(status)) => record.reason = crate::describe_status(&status),
+        // Redacted again here: an older agent may not redact, and the reason
+        // is stored, audited and shown from now on.
+        Ok(Err(status)) => record.reason = crate::redact::redact(&crate::describe_status(&status)),
         Ok(Ok(answer)) => {
             let answer = answer.into_inner();
             record.passed = answer.passed;
-            record.reason = answer.reason;
+            record.reason = crate::redact::redact(&answer.reason);
             record.before = answer.before.as_ref().map(Rows::from);
             record.after = answer.after.as_ref().map(Rows::from);
         }

@@ -68,9 +68,18 @@ async fn work(core: &Core, i: AgentId) -> Result<(), String> {
     if probe {
         // Boxed: a read-back is rare, and its tonic call would otherwise
         // size every push's task (a spawned future is copied in whole).
-        let state = Box::pin(get_state(&agent, core.fanout.call_timeout))
-            .await
-            .inspect_err(|_| agent.lock().connected = false)?;
+        // It names the current generations, which confirm an agent already
+        // holding them (its readiness gate).
+        let state = Box::pin(async {
+            let generations: Vec<_> = core.repos().map(|(_, r)| (r, r.current())).collect();
+            let current: Vec<_> = generations
+                .iter()
+                .map(|(repo, generation)| (repo.name.as_str(), &**generation))
+                .collect();
+            get_state(&agent, core.fanout.call_timeout, &current).await
+        })
+        .await
+        .inspect_err(|_| agent.lock().connected = false)?;
         agent.lock().connected = true;
         core.observe_state(i, &state)?;
         agent.lock().probe = false;

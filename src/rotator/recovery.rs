@@ -103,7 +103,7 @@ pub(super) async fn probe(agents: &[AgentSlot], fresh: &[String], fanout: &Fanou
         let permits = permits.clone();
         calls.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let mut request = tonic::Request::new(crate::pb::GetStateRequest {});
+            let mut request = tonic::Request::new(crate::pb::GetStateRequest::default());
             request.set_timeout(timeout);
             let answer = tokio::time::timeout(timeout, client.get_state(request)).await;
             let answer = match answer {

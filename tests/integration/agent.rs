@@ -125,7 +125,7 @@ impl Agent {
         let state = self
             .rotator(pki)
             .await
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .expect("GetState")
             .into_inner();
@@ -172,6 +172,8 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         drift: DriftPolicy::Report,
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+        first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
         log_format: None,
         tls: tls.to_config(),
         repositories: vec![AgentRepository {
@@ -182,6 +184,7 @@ fn config(dir: &Path, pki: &Pki) -> AgentConfig {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     }
 }
 
@@ -692,7 +695,7 @@ async fn certificates_are_reloaded_without_restart() {
     poll_until(Duration::from_secs(15), "the new CA accepted", || async {
         let channel = daemon::connect(agent.addr, new_tls()).await.ok()?;
         DistributionClient::new(channel)
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .ok()
     })
@@ -709,13 +712,127 @@ async fn certificates_are_reloaded_without_restart() {
     // The old rotator certificate is no longer trusted.
     let refused = match agent.client(Some(&pki.rotator)).await {
         Err(_) => true,
-        Ok(mut c) => c.get_state(pb::GetStateRequest {}).await.is_err(),
+        Ok(mut c) => c.get_state(pb::GetStateRequest::default()).await.is_err(),
     };
     assert!(
         refused,
         "a certificate of the replaced CA is still accepted"
     );
     assert_eq!(agent.daemon.pid(), pid, "the agent restarted");
+}
+
+/// `systemctl reload` or logrotate's postrotate sends SIGHUP; an agent with no
+/// `audit_log` has nothing to reopen, and must still live through it (it died
+/// of it with exit 129, which `Restart=on-failure` leaves down).
+#[tokio::test]
+async fn sighup_is_a_reload_even_without_an_audit_log() {
+    let pki = Pki::new();
+    let (mut agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let pid = agent.daemon.pid();
+    for _ in 0..3 {
+        agent.daemon.signal(rustix::process::Signal::HUP);
+    }
+    poll_until(Duration::from_secs(10), "SIGHUP logged", || async {
+        agent
+            .daemon
+            .log()
+            .contains("SIGHUP: reload requested")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(agent.daemon.try_exit(), None, "SIGHUP ended the agent");
+    let g2 = rotated(&g1, 3);
+    agent.install(&pki, request(&g2, 2)).await;
+    assert_on_disk(&agent.repo, &g2);
+    assert_eq!(agent.daemon.pid(), pid);
+    let status = agent.daemon.stop().await;
+    assert!(status.success(), "agent exited with {status} on SIGTERM");
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+}
+
+/// The Keystone user owns the repository and can make any entry in it: a FIFO
+/// at the stamp's name (it hung the agent at start, deaf to SIGTERM), a
+/// malformed stamp or a directory named like our in-place temporaries (each
+/// made it exit 3 at start). Each is drift now: the agent starts, reports it,
+/// and the next install replaces it.
+#[tokio::test]
+async fn a_keystone_user_cannot_hang_or_stop_the_agent_at_start() {
+    let pki = Pki::new();
+    type Plant = fn(&Path);
+    let plants: [(&str, Plant); 3] = [
+        ("a FIFO stamp", |repo| mkfifo(&repo.join(".fernetd-stamp"))),
+        ("a malformed stamp", |repo| {
+            write_file(&repo.join(".fernetd-stamp"), "{\"generation\": \"many\"}")
+        }),
+        ("a directory named like a temporary", |repo| {
+            std::fs::create_dir(repo.join(".fernetd-tmp-x")).expect("mkdir")
+        }),
+    ];
+    for (what, plant) in plants {
+        let mut agent = tokio::time::timeout(
+            Duration::from_secs(60),
+            Agent::start_with(&pki, |c| plant(&c.repositories[0].path)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the agent did not start with {what} in its repository"));
+        if what.contains("stamp") {
+            let state = agent.state(&pki).await;
+            assert!(state.drift, "{what}: no drift reported");
+            assert!(
+                state.drift_detail.contains("stamp"),
+                "{what}: {}",
+                state.drift_detail
+            );
+        }
+        let g1 = new_set([0, 1, 2]);
+        let done = tokio::time::timeout(
+            Duration::from_secs(20),
+            agent.install(&pki, request(&g1, 1)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("install hung with {what}"));
+        assert_eq!(done.generation, 1, "{what}");
+        assert_on_disk(&agent.repo, &g1);
+        let status = agent.daemon.stop().await;
+        assert!(status.success(), "{what}: exit {status} on SIGTERM");
+    }
+}
+
+/// A FIFO swapped in at the stamp's name while the agent runs blocked the
+/// drift check and, behind it, every install.
+#[tokio::test]
+async fn a_fifo_stamp_while_running_is_drift_and_blocks_nothing() {
+    let pki = Pki::new();
+    let (mut agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    std::fs::remove_file(agent.repo.join(".fernetd-stamp")).expect("rm stamp");
+    mkfifo(&agent.repo.join(".fernetd-stamp"));
+    poll_until(Duration::from_secs(15), "drift reported", || async {
+        let s = tokio::time::timeout(Duration::from_secs(5), agent.state(&pki))
+            .await
+            .ok()?;
+        s.drift.then_some(())
+    })
+    .await;
+    let g2 = rotated(&g1, 3);
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.install(&pki, request(&g2, 2)),
+    )
+    .await
+    .expect("install blocked by a FIFO stamp");
+    assert_on_disk(&agent.repo, &g2);
+    let status = agent.daemon.stop().await;
+    assert!(status.success(), "exit {status} on SIGTERM");
 }
 
 /// A change to a working configuration.
@@ -876,7 +993,7 @@ async fn repositories_are_managed_independently() {
         let state = agent
             .rotator(&pki)
             .await
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .ok()?
             .into_inner();
@@ -1054,7 +1171,7 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
 
     let mut as_monitor = agent.client(Some(&monitor)).await.expect("connect");
     as_monitor
-        .get_state(pb::GetStateRequest {})
+        .get_state(pb::GetStateRequest::default())
         .await
         .expect("a monitor reads the state");
     let status = code(as_monitor.install(request(&g1, 1)).await);
@@ -1062,7 +1179,7 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
 
     let mut as_stranger = agent.client(Some(&stranger)).await.expect("connect");
     let status = as_stranger
-        .get_state(pb::GetStateRequest {})
+        .get_state(pb::GetStateRequest::default())
         .await
         .expect_err("a stranger reads nothing");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");

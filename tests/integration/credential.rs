@@ -286,6 +286,7 @@ fn credential_rotations_migrate_the_shared_table_and_keep_every_credential_reada
         agent.keystone_conf = Some(conf.clone());
         agent.credential = Some(AgentCredentialConfig {
             keystone_manage: keystone::keystone_manage(),
+            run_timeout: fernetd::config::DEFAULT_CREDENTIAL_RUN_TIMEOUT,
         });
         agent.audit_log = Some(dir.join(format!("agent-{}-audit.jsonl", agent.region)));
         agent_tomls.push(write(
@@ -599,6 +600,7 @@ fn credential_configuration_mistakes_are_refused_with_exit_2() {
 
     agent.credential = Some(AgentCredentialConfig {
         keystone_manage: PathBuf::from("/usr/bin/keystone-manage"),
+        run_timeout: fernetd::config::DEFAULT_CREDENTIAL_RUN_TIMEOUT,
     });
     let err = refused("agent", toml::to_string(&agent).unwrap());
     assert!(err.contains("needs keystone_conf"), "{err}");

@@ -334,7 +334,7 @@ async fn responsive(channel: &Channel, digest: &str, after: &str) {
     let started = Instant::now();
     let state = tokio::time::timeout(
         Duration::from_secs(5),
-        DistributionClient::new(channel.clone()).get_state(pb::GetStateRequest {}),
+        DistributionClient::new(channel.clone()).get_state(pb::GetStateRequest::default()),
     )
     .await
     .unwrap_or_else(|_| panic!("GetState hung after {after}"))

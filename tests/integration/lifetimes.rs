@@ -13,7 +13,7 @@ use crate::rotator::{Cluster, agent_identity, assert_no_keys_in_logs, key_forms}
 use fernetd::repository;
 
 /// `fernetd token validate --repository REPO TOKEN`: the exit code.
-fn validate(repo: &std::path::Path, token: &str) -> i32 {
+pub(super) fn validate(repo: &std::path::Path, token: &str) -> i32 {
     Command::new(crate::common::fernetd_bin())
         .args(["token", "validate", "--repository"])
         .arg(repo)

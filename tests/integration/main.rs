@@ -15,6 +15,7 @@ mod controllers;
 mod docs;
 mod enrolment;
 mod lifetimes;
+mod readiness;
 mod recovery;
 mod watch;
 

@@ -275,6 +275,8 @@ async fn start_pair(dir: &Path) -> Pair {
         drift: Default::default(),
         drift_check: Duration::from_secs(60),
         max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+        request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+        first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
         log_format: None,
         tls: agent_tls.to_config(),
         repositories: vec![AgentRepository {
@@ -285,6 +287,7 @@ async fn start_pair(dir: &Path) -> Pair {
         keystone_conf: None,
         audit_log: None,
         credential: None,
+        readiness: Default::default(),
     };
     let agent_path = dir.join("agent.toml");
     write_file(&agent_path, &toml::to_string(&agent).expect("agent.toml"));

@@ -110,6 +110,8 @@ impl Cluster {
                 drift: Default::default(),
                 drift_check: Duration::from_secs(60),
                 max_message_bytes: fernetd::config::DEFAULT_MAX_MESSAGE_BYTES,
+                request_timeout: fernetd::config::DEFAULT_REQUEST_TIMEOUT,
+                first_request_timeout: fernetd::config::DEFAULT_FIRST_REQUEST_TIMEOUT,
                 log_format: None,
                 tls: tls_files(&pki, &ca, &leaf, &name.to_lowercase()),
                 repositories: vec![AgentRepository {
@@ -120,6 +122,7 @@ impl Cluster {
                 keystone_conf: None,
                 audit_log: None,
                 credential: None,
+                readiness: Default::default(),
             };
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, toml::to_string(&config).expect("toml"))
@@ -245,19 +248,11 @@ impl Cluster {
 
     /// `GET /metrics` from the rotator.
     pub(crate) fn metrics(&self) -> String {
-        use std::io::{Read as _, Write as _};
-        let addr = self
-            .rotator_config()
-            .metrics_listen
-            .expect("metrics address");
-        let mut stream =
-            std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: rotator\r\nConnection: close\r\n\r\n")
-            .expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        response
+        get_metrics(
+            self.rotator_config()
+                .metrics_listen
+                .expect("metrics address"),
+        )
     }
 
     pub(crate) async fn start_agent(&mut self, i: usize) {
@@ -412,6 +407,18 @@ impl Cluster {
     pub(crate) fn repo_state(&self, i: usize) -> KeySet {
         repository::load(&self.agents[i].repo).expect("agent repository readable")
     }
+}
+
+/// `GET /metrics` from a daemon's metrics endpoint: the whole HTTP response.
+pub(crate) fn get_metrics(addr: SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: fernetd\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// Every key in every form it could leak in: url-safe base64 (the file form),

@@ -142,7 +142,7 @@ async fn clocks_hours_apart_change_nothing() {
             .await
             .expect("connect as a monitor");
         let state = DistributionClient::new(channel)
-            .get_state(pb::GetStateRequest {})
+            .get_state(pb::GetStateRequest::default())
             .await
             .expect("GetState")
             .into_inner();

@@ -180,6 +180,46 @@ fn units_carry_the_required_hardening() {
         "the rotator needs no capability"
     );
 
+    // The readiness gate: the agent tells systemd when Keystone may start, and
+    // Keystone waits for it without depending on it afterwards.
+    for line in ["Type=notify", "NotifyAccess=main"] {
+        assert!(agent.lines().any(|l| l == line), "agent unit lacks {line}");
+    }
+    let start_timeout = directives(&agent, "TimeoutStartSec");
+    let [start_timeout] = &start_timeout[..] else {
+        panic!("the agent unit needs one TimeoutStartSec: {start_timeout:?}");
+    };
+    let start_timeout = fernetd::config::duration::parse(
+        start_timeout
+            .trim_start_matches("TimeoutStartSec=")
+            .replace("min", "m")
+            .as_str(),
+    )
+    .expect("TimeoutStartSec is a duration");
+    assert!(
+        start_timeout
+            > fernetd::config::DEFAULT_READINESS_MAX_WAIT + std::time::Duration::from_secs(60),
+        "TimeoutStartSec {start_timeout:?} does not exceed the default max_wait"
+    );
+    let keystone =
+        std::fs::read_to_string(systemd_dir().join("keystone-regional.service")).unwrap();
+    for key in ["After", "Wants"] {
+        assert!(
+            directives(&keystone, key)
+                .iter()
+                .any(|l| l.split(['=', ' ']).any(|u| u == "fernetd-agent.service")),
+            "keystone-regional.service is not {key}= fernetd-agent.service"
+        );
+    }
+    for key in ["Requires", "BindsTo", "Requisite", "PartOf"] {
+        assert!(
+            directives(&keystone, key)
+                .iter()
+                .all(|l| !l.contains("fernetd-agent")),
+            "keystone-regional.service must outlive the agent: {key}="
+        );
+    }
+
     // systemd's own score (0 = locked down, 10 = exposed); "OK" ends at 4.9.
     let tmp = tempfile::tempdir().unwrap();
     for path in staged_units(tmp.path()) {
