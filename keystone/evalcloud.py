@@ -47,7 +47,6 @@ CONTROLLERS = [
     ("ctl1.regiontwo", "RegionTwo"),
     ("ctl1.regionthree", "RegionThree"),
 ]
-ADMIN_PASSWORD = "fernetd-eval-admin"
 SERVICE_USER = "fernetd-eval-service"
 DEBIAN = {
     "mariadb-server": lambda: os.path.exists("/usr/sbin/mariadbd"),
@@ -514,6 +513,14 @@ class Cloud:
                 f"TOKEN_CACHE_TIME={self.token_cache}", f"REVOKE_CACHE_TIME={self.revoke_cache}",
                 "CACHE_ENABLED=true", f"MEMCACHE_SERVERS={addr(self.memcached[region])}",
             ], conf)
+            if self.args.db_options == "defaults":
+                # For comparison only: oslo.db's defaults instead of the bundle's.
+                with open(conf) as f:
+                    lines = f.read().split("\n")
+                tuned = ("connection_recycle_time", "max_retries", "retry_interval", "pool_timeout",
+                         "max_pool_size", "max_overflow")
+                with open(conf, "w") as f:
+                    f.write("\n".join(l for l in lines if not l.startswith(tuned)))
             with open(conf, "a") as f:
                 # Evaluation only: the cheapest bcrypt Keystone allows, so that
                 # logins cost little CPU on a small machine.
@@ -530,7 +537,7 @@ class Cloud:
     def bootstrap(self):
         self.manage("db_sync")
         self.manage("credential_setup", "--keystone-user", "root", "--keystone-group", "root")
-        self.manage("bootstrap", "--bootstrap-password", ADMIN_PASSWORD,
+        self.manage("bootstrap", "--bootstrap-password", self.args.admin_password,
                     "--bootstrap-region-id", "RegionOne",
                     "--bootstrap-public-url", f"http://{self.region_identity('RegionOne')}/v3")
 
@@ -556,7 +563,7 @@ class Cloud:
     def admin_token(self, at):
         st, headers, body = http("POST", f"http://{at}/v3/auth/tokens", body={"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
-                "name": "admin", "domain": {"id": "default"}, "password": ADMIN_PASSWORD}}},
+                "name": "admin", "domain": {"id": "default"}, "password": self.args.admin_password}}},
             "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}})
         if st != 201:
             raise Refused(f"admin login at {at}: {st} {body[:300]}")
@@ -629,8 +636,14 @@ class Cloud:
             self.procs[f"agent.{name}"].wait_ready(60)
         say("memcached x3, fernetd rotator and 4 agents started; Galera next")
         self.start_galera()
-        self.start_haproxy("haproxy.identity-db", "haproxy-identity-db.cfg.template", self.db_vip,
-                           [(n["name"], addr(n["port"])) for n in self.galera])
+        nodes = [(n["name"], addr(n["port"])) for n in self.galera]
+        if self.args.db_standby == "backup":
+            # For comparison only: the usual one-active-others-backup VIP.
+            self.start_haproxy("haproxy.identity-db", "haproxy-identity-db.cfg.template", self.db_vip,
+                               nodes[:1], nodes[1:])
+        else:
+            self.start_haproxy("haproxy.identity-db", "haproxy-identity-db.cfg.template", self.db_vip,
+                               nodes)
         wait_until("generation 1 at every controller",
                    lambda: all(self.generation(n) >= 1 for n, _ in CONTROLLERS), 60)
         say(f"Galera synced (3 nodes) after {time.monotonic() - t0:.0f} s; Keystone db_sync and bootstrap")
@@ -656,7 +669,7 @@ class Cloud:
 export OS_AUTH_URL={auth}
 export OS_IDENTITY_API_VERSION=3
 export OS_USERNAME=admin
-export OS_PASSWORD={ADMIN_PASSWORD}
+export OS_PASSWORD={self.args.admin_password}
 export OS_PROJECT_NAME=admin
 export OS_USER_DOMAIN_ID=default
 export OS_PROJECT_DOMAIN_ID=default
@@ -669,7 +682,7 @@ export OS_REGION_NAME=RegionOne
     auth:
       auth_url: {auth}
       username: admin
-      password: {ADMIN_PASSWORD}
+      password: {self.args.admin_password}
       project_name: admin
       user_domain_id: default
       project_domain_id: default
@@ -683,7 +696,7 @@ export OS_REGION_NAME=RegionOne
             "up_seconds": round(self.up_seconds, 1),
             "global_vip": addr(self.global_vip),
             "db_vip": addr(self.db_vip),
-            "admin": {"user": "admin", "password": ADMIN_PASSWORD, "project": "admin"},
+            "admin": {"user": "admin", "password": self.args.admin_password, "project": "admin"},
             "policy": {"rotate_every": self.interval, "token_expiration": self.expiration,
                        "max_active_keys": self.max_active_keys,
                        "keystone_cache_time": self.token_cache,
@@ -760,8 +773,13 @@ def main(argv):
     p.add_argument("--keystone-cache-time", type=int, default=5, help="keystone.conf [token] cache_time")
     p.add_argument("--revoke-cache-time", type=int, default=5, help="keystone.conf [revoke] cache_time")
     p.add_argument("--middleware-cache-time", type=int, default=10, help="auth_token's token_cache_time")
+    p.add_argument("--admin-password", default="fernetd-eval-admin", help="the bootstrap admin's password")
     p.add_argument("--keystone-workers", type=int, default=2)
     p.add_argument("--service-workers", type=int, default=2)
+    p.add_argument("--db-standby", choices=["next", "backup"], default="next",
+                   help="(comparison) how the database VIP lists the other Galera nodes")
+    p.add_argument("--db-options", choices=["bundle", "defaults"], default="bundle",
+                   help="(comparison) keystone.conf [database] tuning: the bundle's or oslo.db's defaults")
     p.add_argument("--miswire", action="append", default=[], metavar="REGION=OTHER",
                    help="(negative tests) REGION's service validates against OTHER's Keystone")
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 //! real `fernetd` binary and, where it matters, real Keystone 30.0.0.
 
 mod agent;
+mod cloud;
 mod common;
 mod completions;
 mod credential;
