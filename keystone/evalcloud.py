@@ -795,6 +795,9 @@ def main(argv):
         stopping.append(signum)
         raise KeyboardInterrupt
 
+    # Explicitly: a shell that starts this in the background leaves SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         preflight()
