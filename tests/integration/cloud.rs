@@ -382,9 +382,9 @@ fn revoke_and_time(
     let mut refused: Vec<Option<f64>> = vec![None; REGIONS.len()];
     let limit = bound + Duration::from_secs(10);
     while refused.iter().any(Option::is_none) && revoked.elapsed() < limit {
-        for i in 0..services.len() {
-            if refused[i].is_none() && matches!(call(i), Ok(401)) {
-                refused[i] = Some(revoked.elapsed().as_secs_f64());
+        for (i, refused) in refused.iter_mut().enumerate() {
+            if refused.is_none() && matches!(call(i), Ok(401)) {
+                *refused = Some(revoked.elapsed().as_secs_f64());
             }
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -794,9 +794,11 @@ fn the_reference_cloud_keeps_every_valid_token_working_through_rotations_and_fau
         "fewer rotations than expected under traffic"
     );
     for (g, lag) in &lags {
+        // The slowest is the one committed while an agent was stopped: it
+        // arrives when the agent is back, a few seconds later.
         assert!(
-            lag.is_some(),
-            "generation {g} never reached every controller"
+            lag.is_some_and(|l| l <= ROTATE_EVERY as f64),
+            "generation {g} reached every controller after {lag:?} s (limit {ROTATE_EVERY} s)"
         );
     }
     drop(cloud);
