@@ -22,6 +22,7 @@ mod watch;
 // slow: Keystone, etcd, packages, or long fault and soak runs
 mod agent;
 mod chaos;
+mod cloud;
 mod credential;
 mod faults;
 mod ha;
