@@ -1216,3 +1216,98 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
         "nothing was installed"
     );
 }
+
+/// A TLS connection to the agent as `leaf` that sends nothing at all.
+async fn silent_connection(
+    addr: SocketAddr,
+    files: fernetd::config::TlsConfig,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tower::Service as _;
+    let mut connector = fernetd::tls::ClientTls::load_once(&files)
+        .expect("client TLS")
+        .connector(AGENT)
+        .expect("connector");
+    let uri: http::Uri = format!("http://{addr}").parse().expect("uri");
+    connector.call(uri).await.ok().map(|io| io.into_inner())
+}
+
+/// Whether the server closed `conn` within `within` (EOF or an error).
+async fn closed_within(
+    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // HTTP/2 SETTINGS from the server: keep reading.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Any certificate of the CA completes a handshake; 256 connections that then
+/// said nothing held every slot (the rotator locked out of the region) for as
+/// long as the peer liked. Now a connection without an admitted request is
+/// closed after `first_request_timeout`, and the rotator has slots of its own.
+#[tokio::test]
+async fn silent_peers_are_closed_and_never_lock_the_rotator_out() {
+    const SILENT: usize = 300;
+    let pki = Pki::new();
+    let agent = Agent::start_with(&pki, |c| c.first_request_timeout = Duration::from_secs(6)).await;
+    let stranger = pki.ca.issue(&["stranger.fernetd.test"]);
+    let files = TlsFiles::write(
+        &agent.dir.path().join("stranger"),
+        "stranger",
+        &pki.ca,
+        &stranger,
+    )
+    .to_config();
+    let mut silent = Vec::new();
+    // In batches: the agent takes 64 handshakes at once.
+    while silent.len() < SILENT {
+        let batch = futures_join_all(
+            (0..32)
+                .map(|_| silent_connection(agent.addr, files.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        silent.extend(batch.into_iter().flatten());
+    }
+    // Every shared slot is taken (or refused beyond): the rotator still installs.
+    let g1 = new_set([0, 1, 2]);
+    let started = std::time::Instant::now();
+    let done = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.install(&pki, request(&g1, 1)),
+    )
+    .await
+    .expect("install as the rotator timed out");
+    assert_eq!(done.generation, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the rotator waited {:?} for a slot",
+        started.elapsed()
+    );
+    // And every silent connection is closed by the agent soon after the bound.
+    let closed = futures_join_all(
+        silent
+            .into_iter()
+            .map(|mut conn| async move { closed_within(&mut conn, Duration::from_secs(10)).await })
+            .collect(),
+    )
+    .await;
+    let open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(open, 0, "{open} of {SILENT} silent connections still open");
+    assert!(
+        agent
+            .daemon
+            .log()
+            .contains("no request within the first-request timeout")
+    );
+}
