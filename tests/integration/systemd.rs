@@ -142,9 +142,8 @@ fn units_carry_the_required_hardening() {
     let agent = std::fs::read_to_string(systemd_dir().join("fernetd-agent.service")).unwrap();
     assert!(agent.lines().any(|l| l == "User=fernetd-agent"));
     assert!(
-        agent
-            .lines()
-            .any(|l| l == "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE")
+        agent.lines().any(|l| l
+            == "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH")
     );
     assert!(
         agent
