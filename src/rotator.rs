@@ -530,7 +530,10 @@ fn load_generations(
                 (number, keys, ledger)
             }
         };
-        let generation = Generation::build(&repo.name, number, keys, ledger.promoted_unix())?;
+        let emergency = EmergencyPurge::load(store, &repo.name)
+            .is_some_and(|marked| marked.generation == number);
+        let generation =
+            Generation::build_with(&repo.name, number, keys, ledger.promoted_unix(), emergency)?;
         slots.push(RepoSlot::new(
             repo.name.clone(),
             repo.max_active_keys,
@@ -539,6 +542,34 @@ fn load_generations(
         ));
     }
     Ok(slots)
+}
+
+/// The generation of a repository that `admin purge-key` committed, in
+/// `state_dir/<repository>.purge.json`: its pushes are marked an emergency
+/// purge (agents accept it without the previous primary), after a restart too.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct EmergencyPurge {
+    pub(crate) generation: u64,
+}
+
+impl EmergencyPurge {
+    const KIND: &'static str = "purge";
+
+    fn load(store: &state::StateStore, repository: &str) -> Option<Self> {
+        match store.load_record(repository, Self::KIND) {
+            Ok(marked) => marked,
+            Err(error) => {
+                tracing::warn!(repository, error = %crate::error_chain(&error), "cannot read the emergency purge record: the current generation is not marked");
+                None
+            }
+        }
+    }
+
+    fn save(&self, store: &state::StateStore, repository: &str) -> Result<(), RotatorError> {
+        store
+            .save_record(repository, Self::KIND, self)
+            .map_err(Into::into)
+    }
 }
 
 /// One lazy mTLS channel per agent: a bad endpoint or identity is refused
@@ -762,7 +793,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(crate::pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(
-            server_tls.incoming_with(listener, limits),
+            // Admins keep connection slots of their own (tls::Limits).
+            server_tls.incoming_reserving(listener, limits, &config.admin_identities),
             stop.clone().cancelled_owned(),
         );
     let served = limits.drained(serve, &stop).await;

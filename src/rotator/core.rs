@@ -53,6 +53,18 @@ impl Generation {
         keys: KeySet,
         promoted_unix: BTreeMap<u32, i64>,
     ) -> Result<Self, RotatorError> {
+        Self::build_with(repository, number, keys, promoted_unix, false)
+    }
+
+    /// [`Generation::build`], marked an emergency purge when `emergency_purge`:
+    /// agents then accept it without the previous generation's primary.
+    pub(super) fn build_with(
+        repository: &str,
+        number: u64,
+        keys: KeySet,
+        promoted_unix: BTreeMap<u32, i64>,
+        emergency_purge: bool,
+    ) -> Result<Self, RotatorError> {
         let (Some(primary_index), Some(primary), Some(staged)) =
             (keys.primary_index(), keys.primary(), keys.staged())
         else {
@@ -82,6 +94,7 @@ impl Generation {
             ],
             restore: false,
             promoted_unix: promoted_unix.into_iter().collect(),
+            emergency_purge,
         };
         let encoded = Zeroizing::new(crate::tls::grpc_frame(&Zeroizing::new(
             prost::Message::encode_to_vec(&request),
@@ -815,7 +828,7 @@ impl Core {
             );
             return Ok(outcome);
         }
-        let next = self.commit(r, &current, next_keys, now).await?;
+        let next = self.commit(r, &current, next_keys, now, false).await?;
         outcome.generation = next.number;
         outcome.digest = next.digest.0.to_vec();
         outcome.indices = next.keys.indices();
@@ -967,15 +980,17 @@ impl Core {
         current: &Generation,
         next_keys: KeySet,
         now: i64,
+        emergency_purge: bool,
     ) -> Result<Generation, RotatorError> {
         let repo = &self.repos[r];
         let mut ledger = repo.ledger().clone();
         ledger.record_commit(&current.keys, &next_keys, now);
-        let next = Generation::build(
+        let next = Generation::build_with(
             &repo.name,
             current.number + 1,
             next_keys,
             ledger.promoted_unix(),
+            emergency_purge,
         )?;
         if let Some(ha) = &self.ha {
             ha.commit(&repo.name, &ledger, &next.committed()).await?;
@@ -1162,7 +1177,17 @@ impl Core {
                 now,
                 self.key_lifetime,
             );
-            let next = self.commit(r, &current, next_keys, now).await?;
+            // Recorded before the commit, so that a re-push after a restart
+            // is still marked (a record naming a generation that never got
+            // committed marks at worst a later rotation that keeps the primary).
+            let marked = super::EmergencyPurge {
+                generation: current.number + 1,
+            };
+            let (store, name) = (self.store.clone(), repo.name.clone());
+            tokio::task::spawn_blocking(move || marked.save(&store, &name))
+                .await
+                .map_err(|e| RotatorError::Task(e.to_string()))??;
+            let next = self.commit(r, &current, next_keys, now, true).await?;
             outcome.generation = next.number;
             outcome.digest = next.digest.0.to_vec();
             outcome.indices = next.keys.indices();

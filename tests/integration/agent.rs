@@ -283,6 +283,7 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
         canaries: canaries(set),
         restore: false,
         promoted_unix: Default::default(),
+        emergency_purge: false,
     }
 }
 
@@ -1029,7 +1030,14 @@ async fn repositories_are_managed_independently() {
 async fn racing_pushes_are_serialized_and_readers_never_see_a_mix() {
     let pki = Pki::new();
     let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
-    let sets: Vec<KeySet> = (0..10).map(|_| new_set([0, 1, 2, 3])).collect();
+    // A chain of rotations, as the rotator makes them: each keeps the
+    // previous primary (an agent refuses a next generation that does not).
+    let sets: Vec<KeySet> = (0..10)
+        .scan(g1.clone(), |previous, _| {
+            *previous = rotated(previous, 4);
+            Some(previous.clone())
+        })
+        .collect();
     let known: std::collections::HashSet<_> =
         sets.iter().chain([&g1]).map(|s| s.digest()).collect();
 
@@ -1542,4 +1550,79 @@ async fn credential_tools_run_with_only_dac_read_search_and_a_minimal_environmen
         );
         assert!(env.contains("PYTHONWARNINGS=ignore"), "{env}");
     }
+}
+
+/// Continuity: an agent holding generation G accepted any G+1 from the
+/// rotator's identity, even one sharing no key with G (a re-initialised or
+/// impostor rotator would wipe every token of the region). G+1 must keep G's
+/// primary unless it is marked an emergency purge; a set further ahead is a
+/// catch-up install and is not blocked by this rule.
+#[tokio::test]
+async fn a_next_generation_must_keep_the_primary_unless_an_emergency_purge() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let before = snapshot(&agent.repo);
+
+    // A G+1 that shares nothing with G: refused, nothing touched.
+    let stranger = new_set([0, 1, 2]);
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(request(&stranger, 2))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("continuity refused"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("key 2"), "{}", status.message());
+    assert_eq!(
+        snapshot(&agent.repo),
+        before,
+        "a refused install touched the repository"
+    );
+    assert!(
+        agent.metrics().await.contains("outcome=\"discontinuity\""),
+        "the refusal is not counted"
+    );
+
+    // G+1 that drops only G's primary (what purge-key does to a compromised
+    // primary), not marked: refused; marked an emergency purge: installed.
+    let mut purged = g1.clone();
+    let staged = purged.remove(0).expect("staged");
+    purged.remove(2);
+    purged.insert(3, staged);
+    purged.insert(0, Key::generate());
+    let status = code(agent.rotator(&pki).await.install(request(&purged, 2)).await);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let emergency = pb::InstallRequest {
+        emergency_purge: true,
+        ..request(&purged, 2)
+    };
+    assert_eq!(agent.install(&pki, emergency).await.generation, 2);
+    assert_on_disk(&agent.repo, &purged);
+
+    // An ordinary rotation keeps the primary: installed.
+    let g3 = rotated(&purged, 3);
+    assert_eq!(agent.install(&pki, request(&g3, 3)).await.generation, 3);
+
+    // Back from an outage: the rotator is at G+3 now, a set that shares no
+    // key with what this agent holds. A catch-up, not blocked.
+    let g6 = new_set([0, 7, 8]);
+    assert_eq!(agent.install(&pki, request(&g6, 6)).await.generation, 6);
+    assert_on_disk(&agent.repo, &g6);
+    // And after a restart (the installed set read back from disk) the rule holds.
+    let mut agent = agent;
+    agent.restart(&pki).await;
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(request(&new_set([0, 1, 2]), 7))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }
