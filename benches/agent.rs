@@ -65,6 +65,7 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
         canaries,
         restore: false,
         promoted_unix: Default::default(),
+        emergency_purge: false,
     }
 }
 

@@ -85,6 +85,14 @@ pub enum Refusal {
         installed: Digest,
         offered: Digest,
     },
+    #[error(
+        "continuity refused: generation {offered} does not keep key {primary}, the primary of the installed generation {installed}, and is not marked an emergency purge: installing it would reject every token this region signed since its last rotation"
+    )]
+    Discontinuity {
+        offered: u64,
+        installed: u64,
+        primary: u32,
+    },
     #[error("install into {path} failed; the previous repository is still in place")]
     Install {
         path: PathBuf,
@@ -111,6 +119,7 @@ impl Refusal {
             Refusal::Canary(_) => "canary",
             Refusal::Rollback { .. } => "rollback",
             Refusal::Fork { .. } => "fork",
+            Refusal::Discontinuity { .. } => "discontinuity",
             Refusal::Install { .. } => "install_failed",
             Refusal::Unproven { .. } => "unproven",
             Refusal::Internal(_) => "internal",
@@ -123,7 +132,7 @@ impl Refusal {
         let code = match self {
             Refusal::UnknownRepository(_) => Code::NotFound,
             Refusal::Malformed(_) | Refusal::Canary(_) => Code::InvalidArgument,
-            Refusal::Rollback { .. } => Code::FailedPrecondition,
+            Refusal::Rollback { .. } | Refusal::Discontinuity { .. } => Code::FailedPrecondition,
             Refusal::Fork { .. } => Code::AlreadyExists,
             Refusal::Install { .. } | Refusal::Internal(_) => Code::Internal,
             Refusal::Unproven { .. } => Code::DataLoss,
@@ -201,6 +210,14 @@ pub struct DriftSeen {
     pub detail: String,
     /// `None`: reported only; otherwise whether the restore worked.
     pub restored: Option<Result<(), String>>,
+}
+
+/// What a push asks beyond its set: a rollback (`restore`), or dropping the
+/// installed primary (`emergency_purge`).
+#[derive(Debug, Clone, Copy)]
+struct Offer {
+    restore: bool,
+    emergency_purge: bool,
 }
 
 /// The set the agent last installed (or found stamped at start), with its stamp.
@@ -440,9 +457,12 @@ impl Managed {
 
         let desired = self.desired.clone().lock_owned().await;
         let this = Arc::clone(self);
-        let restore = request.restore;
+        let offer = Offer {
+            restore: request.restore,
+            emergency_purge: request.emergency_purge,
+        };
         tokio::spawn(async move {
-            this.install_locked(desired, set, stamp, canaries, restore, started)
+            this.install_locked(desired, set, stamp, canaries, offer, started)
                 .await
         })
         .await
@@ -457,9 +477,10 @@ impl Managed {
         set: Arc<KeySet>,
         stamp: Stamp,
         canaries: Vec<pb::Canary>,
-        restore: bool,
+        offer: Offer,
         started: Instant,
     ) -> Result<Installed, Refusal> {
+        let restore = offer.restore;
         let installed = desired.digest.map(|digest| (desired.generation, digest));
         if accept(installed, (stamp.generation, stamp.digest), restore)? == Accept::Again {
             // A re-push of what is installed: answer from the disk when it
@@ -477,6 +498,29 @@ impl Managed {
                     micros: elapsed_micros(started),
                 });
             }
+        }
+
+        // Continuity: the next generation keeps this one's primary (Keystone's
+        // rotation always does), or every token this region signed since its
+        // last rotation stops validating. Only the rotator's emergency purge
+        // of a compromised primary may drop it. A set further ahead (this
+        // agent missed generations: restored, back from an outage) is a
+        // catch-up to the current set, which no longer holds the old primary
+        // by design: not refused. Neither is a set whose predecessor is
+        // unknown here (it changed while the agent was down).
+        if let Some(previous) = &desired.set
+            && desired.digest.is_some()
+            && stamp.generation == desired.generation + 1
+            && !offer.emergency_purge
+            && !restore
+            && let Some((primary, key)) = previous.primary_index().zip(previous.primary())
+            && !set.iter().any(|(_, k)| k == key)
+        {
+            return Err(Refusal::Discontinuity {
+                offered: stamp.generation,
+                installed: desired.generation,
+                primary,
+            });
         }
 
         let previous = desired
@@ -882,6 +926,7 @@ mod tests {
             ],
             restore: false,
             promoted_unix: Default::default(),
+            emergency_purge: false,
         }
     }
 

@@ -265,7 +265,8 @@ pub(super) async fn serve(
         .add_service(health_service)
         .add_service(pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(
-            server_tls.incoming_with(listener, limits),
+            // Admins keep connection slots of their own (tls::Limits).
+            server_tls.incoming_reserving(listener, limits, &config.admin_identities),
             stop.clone().cancelled_owned(),
         );
     limits.drained(serve, stop).await

@@ -17,7 +17,7 @@ use super::fleet::{AgentSlot, Enrolment, Fleet, Plan, plan};
 use super::ledger::{Ledger, Unsafe};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
-use super::store::{CREDENTIAL_MIGRATE, Store, StoreError};
+use super::store::{CREDENTIAL_MIGRATE, EMERGENCY_PURGE, EmergencyPurge, Store, StoreError};
 use super::types::{
     AgentId, Answer, Blocked, Event, Generation, Held, Outcome, PurgeOrder, Purged, RepoId,
     RepoSlot, Report, RotateOrder, now_ms, rfc3339,
@@ -168,8 +168,12 @@ impl Core {
             if committed.generation == repo.current().number {
                 continue;
             }
+            let emergency = self
+                .store
+                .marked_emergency(&repo.name, committed.generation)
+                .await;
             let Ok((generation, ledger, _)) =
-                super::store::generation_of(&repo.name, committed, ledger)
+                super::store::generation_of(&repo.name, committed, ledger, emergency)
             else {
                 continue;
             };
@@ -570,7 +574,7 @@ impl Core {
             );
             return Ok(Rotation::shown(outcome));
         }
-        let next = self.commit(r, &current, next_keys, now).await?;
+        let next = self.commit(r, &current, next_keys, now, false).await?;
         self.announce(r, &next, &mut outcome, &purges, &missing, force);
         self.publish(r, next);
         Ok(Rotation::shown(outcome))
@@ -760,15 +764,17 @@ impl Core {
         current: &Generation,
         next_keys: KeySet,
         now: i64,
+        emergency_purge: bool,
     ) -> Result<Generation, RotatorError> {
         let repo = &self.repos[r];
         let mut ledger = repo.ledger().clone();
         ledger.record_commit(&current.keys, &next_keys, now);
-        let next = Generation::build(
+        let next = Generation::build_with(
             &repo.name,
             current.number + 1,
             next_keys,
             ledger.promoted_unix(),
+            emergency_purge,
         )?;
         let committed = self
             .store
@@ -933,7 +939,15 @@ impl Core {
                 now,
                 self.key_lifetime,
             );
-            let next = self.commit(r, &current, next_keys, now).await?;
+            // Recorded before the commit, so that a re-push after a restart
+            // or a failover is still marked.
+            let marked = EmergencyPurge {
+                generation: current.number + 1,
+            };
+            self.store
+                .save_record(&repo.name, EMERGENCY_PURGE, &marked)
+                .await?;
+            let next = self.commit(r, &current, next_keys, now, true).await?;
             outcome.generation = next.number;
             outcome.digest = next.digest.0.to_vec();
             outcome.indices = next.keys.indices();

@@ -7,8 +7,10 @@
 //!
 //! A reload applies `[[agents]]` only. The whole file is checked as at start-up
 //! first, and every new channel is built, before anything changes: a refused
-//! reload changes nothing and says why. Other changed settings are named in the
-//! log as waiting for a restart.
+//! reload changes nothing and says why. A changed `admin_identities` or `[tls]`
+//! refuses the reload (a revoked admin must not stay authorised behind a
+//! reload that looked applied); other changed settings are named in the log as
+//! waiting for a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,12 +123,37 @@ async fn reload(
     let checked = super::check(config)?;
     let config = checked.config().clone();
     let restart = settings_needing_restart(running, &config);
+    refuse_security_changes(&restart)?;
     let change = core.enrol(&config.agents, connect).await?;
     Ok(Reloaded {
         config,
         change,
         restart,
     })
+}
+
+/// Settings whose change a reload must not leave waiting for a restart: an
+/// operator who removes a revoked admin, or replaces the TLS files with new
+/// paths, and reloads would otherwise believe it done while the old ones stay
+/// in force. Such a reload is refused as a whole (the metric and its alert, the
+/// audit log and the journal say a restart is needed), nothing applied.
+const SECURITY_SETTINGS: &[&str] = &["admin_identities", "tls"];
+
+fn refuse_security_changes(restart: &[String]) -> Result<(), RotatorError> {
+    let changed: Vec<&str> = restart
+        .iter()
+        .map(String::as_str)
+        .filter(|k| SECURITY_SETTINGS.contains(k))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(RotatorError::Config(format!(
+        "{} changed: a reload does not apply {}, and would leave the previous in force; \
+         restart the rotator (systemctl restart fernetd-rotator) to apply the file",
+        changed.join(" and "),
+        if changed.len() > 1 { "them" } else { "it" }
+    )))
 }
 
 /// The top-level keys of `next` that differ from `running`, `agents` aside.
@@ -286,5 +313,21 @@ mod tests {
             settings_needing_restart(&running, &next),
             ["admin_identities", "schedule"]
         );
+    }
+
+    /// A revoked admin removed from the file, or new TLS paths, and a reload:
+    /// the reload said "takes effect at the next restart" and left them in force.
+    #[test]
+    fn a_reload_changing_admins_or_tls_paths_is_refused_as_needing_a_restart() {
+        assert!(refuse_security_changes(&["schedule".into()]).is_ok());
+        for changed in [
+            vec!["admin_identities".to_owned()],
+            vec!["fanout".to_owned(), "tls".to_owned()],
+        ] {
+            let refused = refuse_security_changes(&changed).expect_err("refused");
+            let text = crate::error_chain(&refused);
+            assert!(text.contains("restart the rotator"), "{text}");
+            assert!(refused.is_config(), "{text}");
+        }
     }
 }

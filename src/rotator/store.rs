@@ -283,6 +283,48 @@ impl Store {
     }
 }
 
+/// The record kind of `admin purge-key`'s mark.
+pub(super) const EMERGENCY_PURGE: &str = "purge";
+
+/// The generation of a repository that `admin purge-key` committed: its
+/// pushes are marked an emergency purge (agents accept it without the
+/// previous primary), after a restart or a failover too. Recorded before the
+/// commit; a mark naming a generation that never got committed marks at worst
+/// a later rotation, which keeps the primary anyway.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(super) struct EmergencyPurge {
+    pub(super) generation: u64,
+}
+
+impl EmergencyPurge {
+    /// Whether `mark` (as loaded) marks `generation`; an unreadable mark marks
+    /// nothing, said in the log.
+    pub(super) fn marks<E: std::error::Error>(
+        mark: Result<Option<EmergencyPurge>, E>,
+        name: &str,
+        generation: u64,
+    ) -> bool {
+        match mark {
+            Ok(mark) => mark.is_some_and(|m| m.generation == generation),
+            Err(error) => {
+                tracing::warn!(repository = name, error = %crate::error_chain(&error), "cannot read the emergency purge record: the current generation is not marked");
+                false
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Whether generation `generation` of `name` is an emergency purge.
+    pub(super) async fn marked_emergency(&self, name: &str, generation: u64) -> bool {
+        EmergencyPurge::marks(
+            self.load_record(name, EMERGENCY_PURGE).await,
+            name,
+            generation,
+        )
+    }
+}
+
 /// A committed set and its ledger as the rotator holds them: keys the ledger
 /// does not know (no ledger yet, or one older than the set) are taken as
 /// demoted now, the safe choice. Returns the generation, its ledger, and the
@@ -291,14 +333,16 @@ pub(super) fn generation_of(
     name: &str,
     committed: Committed,
     ledger: Option<Ledger>,
+    emergency_purge: bool,
 ) -> Result<(Generation, Ledger, Vec<u32>), RotatorError> {
     let mut ledger = ledger.unwrap_or_default();
     let adopted = ledger.adopt_unknown(&committed.keys, now_ms());
-    let generation = Generation::build(
+    let generation = Generation::build_with(
         name,
         committed.generation,
         committed.keys,
         ledger.promoted_unix(),
+        emergency_purge,
     )?;
     Ok((generation, ledger, adopted))
 }
@@ -308,8 +352,9 @@ pub(super) fn slot(
     repo: &RepositoryConfig,
     committed: Committed,
     ledger: Option<Ledger>,
+    emergency_purge: bool,
 ) -> Result<RepoSlot, RotatorError> {
-    let (generation, ledger, _) = generation_of(&repo.name, committed, ledger)?;
+    let (generation, ledger, _) = generation_of(&repo.name, committed, ledger, emergency_purge)?;
     Ok(RepoSlot::new(
         repo.name.clone(),
         repo.max_active_keys,
@@ -358,6 +403,7 @@ mod tests {
             },
             loaded,
             None,
+            false,
         )
         .expect("slot");
         assert_eq!(slot.current().number, 1);

@@ -56,6 +56,18 @@ impl Generation {
         keys: KeySet,
         promoted_unix: BTreeMap<u32, i64>,
     ) -> Result<Self, RotatorError> {
+        Self::build_with(repository, number, keys, promoted_unix, false)
+    }
+
+    /// [`Generation::build`], marked an emergency purge when `emergency_purge`:
+    /// agents then accept it without the previous generation's primary.
+    pub(super) fn build_with(
+        repository: &str,
+        number: u64,
+        keys: KeySet,
+        promoted_unix: BTreeMap<u32, i64>,
+        emergency_purge: bool,
+    ) -> Result<Self, RotatorError> {
         let (Some(primary_index), Some(primary), Some(staged)) =
             (keys.primary_index(), keys.primary(), keys.staged())
         else {
@@ -85,6 +97,7 @@ impl Generation {
             ],
             restore: false,
             promoted_unix: promoted_unix.into_iter().collect(),
+            emergency_purge,
         };
         let encoded = Zeroizing::new(crate::tls::grpc_frame(&Zeroizing::new(
             prost::Message::encode_to_vec(&request),

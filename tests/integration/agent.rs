@@ -65,12 +65,26 @@ impl Agent {
 
     /// Starts an agent on a configuration made by [`config`] and then `edit`ed.
     async fn start_with(pki: &Pki, edit: impl FnOnce(&mut AgentConfig)) -> Agent {
+        Agent::start_as(pki, edit, &[]).await
+    }
+
+    /// [`Agent::start_with`], the process started through `wrapper` (setpriv).
+    async fn start_as(pki: &Pki, edit: impl FnOnce(&mut AgentConfig), wrapper: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config(dir.path(), pki);
         edit(&mut config);
         let config_path = write_config(dir.path(), &config);
         let mut agent = Agent {
-            daemon: spawn_agent(&config_path),
+            daemon: Daemon::spawn_wrapped(
+                "agent",
+                wrapper,
+                [
+                    std::ffi::OsStr::new("agent"),
+                    "--config".as_ref(),
+                    config_path.as_os_str(),
+                ],
+                &[("FERNETD_TEST_SECRET".into(), "not for children".into())],
+            ),
             addr: config.listen,
             metrics: config.metrics.expect("metrics address"),
             config_path,
@@ -270,6 +284,7 @@ fn request(set: &KeySet, generation: u64) -> pb::InstallRequest {
         canaries: canaries(set),
         restore: false,
         promoted_unix: Default::default(),
+        emergency_purge: false,
     }
 }
 
@@ -1016,7 +1031,14 @@ async fn repositories_are_managed_independently() {
 async fn racing_pushes_are_serialized_and_readers_never_see_a_mix() {
     let pki = Pki::new();
     let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
-    let sets: Vec<KeySet> = (0..10).map(|_| new_set([0, 1, 2, 3])).collect();
+    // A chain of rotations, as the rotator makes them: each keeps the
+    // previous primary (an agent refuses a next generation that does not).
+    let sets: Vec<KeySet> = (0..10)
+        .scan(g1.clone(), |previous, _| {
+            *previous = rotated(previous, 4);
+            Some(previous.clone())
+        })
+        .collect();
     let known: std::collections::HashSet<_> =
         sets.iter().chain([&g1]).map(|s| s.digest()).collect();
 
@@ -1216,4 +1238,392 @@ async fn only_the_rotator_and_monitors_may_read_and_refusal_precedes_decoding() 
         0,
         "nothing was installed"
     );
+}
+
+/// A TLS connection to the agent as `leaf` that sends nothing at all.
+async fn silent_connection(
+    addr: SocketAddr,
+    files: fernetd::config::TlsConfig,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tower::Service as _;
+    let mut connector = fernetd::tls::ClientTls::load_once(&files)
+        .expect("client TLS")
+        .connector(AGENT)
+        .expect("connector");
+    let uri: http::Uri = format!("http://{addr}").parse().expect("uri");
+    connector.call(uri).await.ok().map(|io| io.into_inner())
+}
+
+/// Whether the server closed `conn` within `within` (EOF or an error).
+async fn closed_within(
+    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // HTTP/2 SETTINGS from the server: keep reading.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Any certificate of the CA completes a handshake; 256 connections that then
+/// said nothing held every slot (the rotator locked out of the region) for as
+/// long as the peer liked. Now a connection without an admitted request is
+/// closed after `first_request_timeout`, and the rotator has slots of its own.
+#[tokio::test]
+async fn silent_peers_are_closed_and_never_lock_the_rotator_out() {
+    const SILENT: usize = 300;
+    let pki = Pki::new();
+    let agent = Agent::start_with(&pki, |c| c.first_request_timeout = Duration::from_secs(6)).await;
+    let stranger = pki.ca.issue(&["stranger.fernetd.test"]);
+    let files = TlsFiles::write(
+        &agent.dir.path().join("stranger"),
+        "stranger",
+        &pki.ca,
+        &stranger,
+    )
+    .to_config();
+    let mut silent = Vec::new();
+    // In batches: the agent takes 64 handshakes at once.
+    while silent.len() < SILENT {
+        let batch = futures_join_all(
+            (0..32)
+                .map(|_| silent_connection(agent.addr, files.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        silent.extend(batch.into_iter().flatten());
+    }
+    // Every shared slot is taken (or refused beyond): the rotator still installs.
+    let g1 = new_set([0, 1, 2]);
+    let started = std::time::Instant::now();
+    let done = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.install(&pki, request(&g1, 1)),
+    )
+    .await
+    .expect("install as the rotator timed out");
+    assert_eq!(done.generation, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the rotator waited {:?} for a slot",
+        started.elapsed()
+    );
+    // And every silent connection is closed by the agent soon after the bound.
+    let closed = futures_join_all(
+        silent
+            .into_iter()
+            .map(|mut conn| async move { closed_within(&mut conn, Duration::from_secs(10)).await })
+            .collect(),
+    )
+    .await;
+    let open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(open, 0, "{open} of {SILENT} silent connections still open");
+    assert!(
+        agent
+            .daemon
+            .log()
+            .contains("no request within the first-request timeout")
+    );
+}
+
+/// Stand-ins for Keystone's tools beside each other in `dir` (the agent runs
+/// the `python3` beside `keystone-manage` for the row check): each records
+/// its capabilities and environment in `dir/out`, checks what it can read and
+/// write in the credential repository, and the migrate sleeps `sleep`.
+fn stand_in_tools(dir: &Path, repository: &Path, sleep: Duration) -> PathBuf {
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).expect("mkdir out");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).expect("chmod out");
+    let record = |tool: &str| {
+        format!(
+            "grep ^Cap /proc/$$/status > {out}/{tool}.caps\n\
+             env > {out}/{tool}.env\n\
+             if cat {repo}/0 > /dev/null 2>&1; then echo read > {out}/{tool}.read; fi\n\
+             if touch {repo}/.probe 2> /dev/null; then echo wrote > {out}/{tool}.write; rm -f {repo}/.probe; fi\n",
+            out = out.display(),
+            repo = repository.display(),
+        )
+    };
+    let manage = dir.join("keystone-manage");
+    std::fs::write(
+        &manage,
+        format!(
+            "#!/bin/sh\n{}sleep {}\nexit 0\n",
+            record("migrate"),
+            sleep.as_secs()
+        ),
+    )
+    .expect("write keystone-manage");
+    std::fs::write(
+        dir.join("python3"),
+        format!(
+            "#!/bin/sh\n{}echo '{{\"total\": 2, \"primary\": 2, \"other\": 0, \"null\": 0, \"undecryptable\": 0}}'\n",
+            record("check")
+        ),
+    )
+    .expect("write python3");
+    for tool in ["keystone-manage", "python3"] {
+        std::fs::set_permissions(dir.join(tool), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tool");
+    }
+    manage
+}
+
+/// An agent managing `tokens` and `credential`, with a keystone.conf naming
+/// both and stand-in tools (see [`stand_in_tools`]); `wrapper` starts it.
+async fn credential_agent(
+    pki: &Pki,
+    sleep: Duration,
+    edit: impl FnOnce(&mut AgentConfig),
+    wrapper: &[&str],
+) -> (Agent, tempfile::TempDir, KeySet) {
+    let tools = tempfile::tempdir().expect("tools dir");
+    std::fs::set_permissions(tools.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let agent = Agent::start_as(
+        pki,
+        |c| {
+            let base = c.repositories[0]
+                .path
+                .parent()
+                .expect("parent")
+                .to_path_buf();
+            let credential = base.join("credential-keys");
+            std::fs::create_dir_all(&credential).expect("mkdir credential");
+            std::fs::set_permissions(&credential, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod credential");
+            // Keystone's files, not the agent's (root stands in for keystone).
+            c.repositories.push(AgentRepository {
+                name: "credential".into(),
+                path: credential.clone(),
+                owner: Some("0:0".into()),
+            });
+            let conf = base.join("keystone.conf");
+            write_file(
+                &conf,
+                &format!(
+                    "[fernet_tokens]\nkey_repository = {}\n[credential]\nkey_repository = {}\n",
+                    c.repositories[0].path.display(),
+                    credential.display()
+                ),
+            );
+            c.keystone_conf = Some(conf);
+            c.credential = Some(fernetd::config::AgentCredentialConfig {
+                keystone_manage: stand_in_tools(tools.path(), &credential, sleep),
+                run_timeout: fernetd::config::DEFAULT_CREDENTIAL_RUN_TIMEOUT,
+            });
+            edit(c);
+        },
+        wrapper,
+    )
+    .await;
+    let set = new_set([0, 1, 2]);
+    let mut install = request(&set, 1);
+    install.repository = "credential".into();
+    agent.install(pki, install).await;
+    (agent, tools, set)
+}
+
+async fn migrate(
+    agent: &Agent,
+    pki: &Pki,
+    set: &KeySet,
+) -> Result<pb::MigrateCredentialsResponse, tonic::Status> {
+    agent
+        .rotator(pki)
+        .await
+        .migrate_credentials(pb::MigrateCredentialsRequest {
+            repository: "credential".into(),
+            generation: 1,
+            digest: set.digest().0.to_vec(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A large credential table takes longer to migrate than an install may take:
+/// the agent's request timeout killed the migrate (and its child) at 60 s.
+/// Scaled down here: installs must answer within 2 s, the migrate takes 4 s
+/// and completes under its own bound, `[credential] run_timeout`.
+#[tokio::test]
+async fn a_migrate_runs_to_its_own_bound_not_the_request_timeout() {
+    let pki = Pki::new();
+    let (agent, _tools, set) = credential_agent(
+        &pki,
+        Duration::from_secs(4),
+        |c| {
+            c.request_timeout = Duration::from_secs(2);
+            if let Some(cred) = &mut c.credential {
+                cred.run_timeout = Duration::from_secs(10);
+            }
+        },
+        &[],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = migrate(&agent, &pki, &set)
+        .await
+        .expect("the migrate was cut short");
+    assert!(answer.passed, "{}", answer.reason);
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    // Its own bound still holds: a run longer than run_timeout is stopped.
+    drop(agent);
+    let (agent, _tools, set) = credential_agent(
+        &pki,
+        Duration::from_secs(30),
+        |c| {
+            if let Some(cred) = &mut c.credential {
+                cred.run_timeout = Duration::from_secs(2);
+            }
+        },
+        &[],
+    )
+    .await;
+    let answer = migrate(&agent, &pki, &set).await.expect("an answer");
+    assert!(!answer.passed);
+    assert!(
+        answer.reason.contains("did not finish within 2s"),
+        "{}",
+        answer.reason
+    );
+}
+
+/// Keystone's tools run as the agent's children: under the unit the agent
+/// holds CAP_CHOWN, CAP_FOWNER, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH as
+/// ambient capabilities, which every child inherited. Run here as the unit
+/// runs it (a non-root user with those ambient capabilities, through
+/// setpriv): each child has only CAP_DAC_READ_SEARCH (it reads the
+/// Keystone-owned key files, it cannot write them) and none of the agent's
+/// environment.
+#[tokio::test]
+async fn credential_tools_run_with_only_dac_read_search_and_a_minimal_environment() {
+    let caps = "+chown,+fowner,+dac_override,+dac_read_search";
+    let inh = format!("--inh-caps={caps}");
+    let amb = format!("--ambient-caps={caps}");
+    let bounding = format!("--bounding-set=-all,{caps}");
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        inh.as_str(),
+        amb.as_str(),
+        bounding.as_str(),
+        "--",
+    ];
+    let pki = Pki::new();
+    let (agent, tools, set) = credential_agent(&pki, Duration::ZERO, |_| {}, &wrapper).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.daemon.pid()))
+        .expect("agent status");
+    assert!(status.contains("Uid:\t65534"), "{status}");
+    assert!(status.contains("CapAmb:\t000000000000000f"), "{status}");
+    let answer = migrate(&agent, &pki, &set).await.expect("migrate");
+    assert!(answer.passed, "{}", answer.reason);
+    let out = tools.path().join("out");
+    for tool in ["check", "migrate"] {
+        let caps = std::fs::read_to_string(out.join(format!("{tool}.caps"))).expect("caps");
+        for set in ["CapEff", "CapPrm", "CapAmb", "CapInh"] {
+            assert!(
+                caps.contains(&format!("{set}:\t0000000000000004")),
+                "{tool}: {set} is not CAP_DAC_READ_SEARCH alone:\n{caps}"
+            );
+        }
+        assert!(
+            out.join(format!("{tool}.read")).exists(),
+            "{tool} could not read the keystone-owned key file"
+        );
+        assert!(
+            !out.join(format!("{tool}.write")).exists(),
+            "{tool} could write into the key repository"
+        );
+        let env = std::fs::read_to_string(out.join(format!("{tool}.env"))).expect("env");
+        assert!(
+            !env.contains("FERNETD"),
+            "{tool} got the agent's environment:\n{env}"
+        );
+        assert!(env.contains("PYTHONWARNINGS=ignore"), "{env}");
+    }
+}
+
+/// Continuity: an agent holding generation G accepted any G+1 from the
+/// rotator's identity, even one sharing no key with G (a re-initialised or
+/// impostor rotator would wipe every token of the region). G+1 must keep G's
+/// primary unless it is marked an emergency purge; a set further ahead is a
+/// catch-up install and is not blocked by this rule.
+#[tokio::test]
+async fn a_next_generation_must_keep_the_primary_unless_an_emergency_purge() {
+    let pki = Pki::new();
+    let (agent, g1) = installed_agent(&pki, DriftPolicy::Report).await;
+    let before = snapshot(&agent.repo);
+
+    // A G+1 that shares nothing with G: refused, nothing touched.
+    let stranger = new_set([0, 1, 2]);
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(request(&stranger, 2))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("continuity refused"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("key 2"), "{}", status.message());
+    assert_eq!(
+        snapshot(&agent.repo),
+        before,
+        "a refused install touched the repository"
+    );
+    assert!(
+        agent.metrics().await.contains("outcome=\"discontinuity\""),
+        "the refusal is not counted"
+    );
+
+    // G+1 that drops only G's primary (what purge-key does to a compromised
+    // primary), not marked: refused; marked an emergency purge: installed.
+    let mut purged = g1.clone();
+    let staged = purged.remove(0).expect("staged");
+    purged.remove(2);
+    purged.insert(3, staged);
+    purged.insert(0, Key::generate());
+    let status = code(agent.rotator(&pki).await.install(request(&purged, 2)).await);
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let emergency = pb::InstallRequest {
+        emergency_purge: true,
+        ..request(&purged, 2)
+    };
+    assert_eq!(agent.install(&pki, emergency).await.generation, 2);
+    assert_on_disk(&agent.repo, &purged);
+
+    // An ordinary rotation keeps the primary: installed.
+    let g3 = rotated(&purged, 3);
+    assert_eq!(agent.install(&pki, request(&g3, 3)).await.generation, 3);
+
+    // Back from an outage: the rotator is at G+3 now, a set that shares no
+    // key with what this agent holds. A catch-up, not blocked.
+    let g6 = new_set([0, 7, 8]);
+    assert_eq!(agent.install(&pki, request(&g6, 6)).await.generation, 6);
+    assert_on_disk(&agent.repo, &g6);
+    // And after a restart (the installed set read back from disk) the rule holds.
+    let mut agent = agent;
+    agent.restart(&pki).await;
+    let status = code(
+        agent
+            .rotator(&pki)
+            .await
+            .install(request(&new_set([0, 1, 2]), 7))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }

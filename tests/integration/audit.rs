@@ -82,6 +82,7 @@ async fn the_audit_logs_hold_every_change_with_its_actor_whole_lines_and_no_key(
         }],
         restore: false,
         promoted_unix: Default::default(),
+        emergency_purge: false,
     };
     let refused = client
         .install(stale)

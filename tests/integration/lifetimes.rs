@@ -276,6 +276,63 @@ async fn purge_key_removes_exactly_that_key_everywhere_and_needs_confirmation() 
     assert_no_keys_in_logs(&cluster.logs, &keys);
 }
 
+/// Agents refuse a next generation that drops the previous primary unless it
+/// is marked an emergency purge; the rotator marks `purge-key`'s generation and
+/// keeps the mark across a restart, so a region that was down during the purge
+/// still gets it from the restarted rotator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_primary_reaches_a_region_that_missed_it_after_a_rotator_restart() {
+    let mut cluster = Cluster::start(&["RegionOne", "RegionTwo"], agent_identity).await;
+    cluster.converged("initial distribution").await;
+    cluster.rotate_ok();
+    let before = cluster.repo_state(1);
+    let primary = before.primary_index().expect("primary");
+    let status = cluster.agent(1).stop().await;
+    assert!(status.success(), "{status}");
+    let (code, v) = cluster.admin_json(&[
+        "purge-key",
+        "--repository",
+        "tokens",
+        "--index",
+        &primary.to_string(),
+        "--force",
+        "--yes",
+        "--wait",
+        "1",
+    ]);
+    // RegionTwo is down: the wait for its acknowledgement runs out.
+    let purged = v[0]["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("exit {code}: {v:#}"));
+    // RegionOne took it at once: marked, it may drop the primary.
+    poll_until(
+        Duration::from_secs(30),
+        "RegionOne holds the purge",
+        || async { (cluster.repo_state(0).get(primary).is_none()).then_some(()) },
+    )
+    .await;
+    let status = cluster.rotator().stop().await;
+    assert!(status.success(), "{status}");
+    cluster.start_rotator().await;
+    cluster.start_agent(1).await;
+    poll_until(
+        Duration::from_secs(60),
+        "RegionTwo holds the purge pushed by the restarted rotator",
+        || async {
+            let held = cluster.repo_state(1);
+            (held.digest() == cluster.repo_state(0).digest()).then_some(())
+        },
+    )
+    .await;
+    assert!(cluster.repo_state(1).get(primary).is_none());
+    let (_, status) = cluster.status();
+    assert_eq!(
+        status["repositories"][0]["generation"].as_u64(),
+        Some(purged),
+        "{status:#}"
+    );
+}
+
 /// `fernetd repo rotate` leaves an agent's repository alone unless forced; a
 /// keystone.conf gives `max_active_keys`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

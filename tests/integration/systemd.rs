@@ -142,9 +142,8 @@ fn units_carry_the_required_hardening() {
     let agent = std::fs::read_to_string(systemd_dir().join("fernetd-agent.service")).unwrap();
     assert!(agent.lines().any(|l| l == "User=fernetd-agent"));
     assert!(
-        agent
-            .lines()
-            .any(|l| l == "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE")
+        agent.lines().any(|l| l
+            == "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH")
     );
     assert!(
         agent
@@ -171,14 +170,10 @@ fn units_carry_the_required_hardening() {
         "the agent unit can write the rotator's state"
     );
     assert!(
-        agent
-            .lines()
-            .any(|l| l == "InaccessiblePaths=-/var/lib/fernetd")
-    );
-    assert!(
         rotator.lines().any(|l| l == "CapabilityBoundingSet="),
         "the rotator needs no capability"
     );
+    assert_roles_cannot_read_each_others_configuration(&agent, &rotator);
 
     // The readiness gate: the agent tells systemd when Keystone may start, and
     // Keystone waits for it without depending on it afterwards.
@@ -249,6 +244,114 @@ fn units_carry_the_required_hardening() {
         assert!(
             score <= before,
             "{} exposure {score} is worse than {before}:\n{text}",
+            path.display()
+        );
+    }
+}
+
+/// The paths a unit's `InaccessiblePaths=` lines hide (the `-` prefix only
+/// says a missing path is fine).
+fn hidden_paths(unit: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("InaccessiblePaths="))
+        .flat_map(str::split_whitespace)
+        .map(|p| p.trim_start_matches('-').to_owned())
+        .collect()
+}
+
+/// One host may run both roles: the agent holds CAP_DAC_OVERRIDE, so file
+/// modes do not keep it from the rotator's TLS key, seal key or etcd client
+/// key. Each role has its own configuration directory, and each unit hides
+/// the other's (and the agent's hides the rotator's state); every secret the
+/// example rotator configuration names lives where the agent cannot see it.
+fn assert_roles_cannot_read_each_others_configuration(agent: &str, rotator: &str) {
+    assert!(
+        agent
+            .lines()
+            .any(|l| l == "ConfigurationDirectory=fernetd/agent")
+    );
+    assert!(
+        rotator
+            .lines()
+            .any(|l| l == "ConfigurationDirectory=fernetd/rotator")
+    );
+    let (agent_hides, rotator_hides) = (hidden_paths(agent), hidden_paths(rotator));
+    for path in ["/etc/fernetd/rotator", "/var/lib/fernetd"] {
+        assert!(
+            agent_hides.iter().any(|h| h == path),
+            "the agent unit does not hide {path}: {agent_hides:?}"
+        );
+    }
+    assert!(
+        rotator_hides.iter().any(|h| h == "/etc/fernetd/agent"),
+        "the rotator unit does not hide the agent's configuration: {rotator_hides:?}"
+    );
+    // Both units, and the Debian drop-ins that re-point them, read their
+    // configuration from their own directory.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (text, role) in [
+        (agent.to_owned(), "agent"),
+        (rotator.to_owned(), "rotator"),
+        (
+            std::fs::read_to_string(root.join(format!(
+                "deploy/debian/fernetd-{role}.service.d/package.conf",
+                role = "agent"
+            )))
+            .unwrap(),
+            "agent",
+        ),
+        (
+            std::fs::read_to_string(root.join(format!(
+                "deploy/debian/fernetd-{role}.service.d/package.conf",
+                role = "rotator"
+            )))
+            .unwrap(),
+            "rotator",
+        ),
+    ] {
+        let configs: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("Exec") && l.contains("--config"))
+            .filter_map(|l| l.split("--config ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        assert!(!configs.is_empty(), "{role}: no --config");
+        for config in configs {
+            assert_eq!(config, format!("/etc/fernetd/{role}/{role}.toml"), "{role}");
+        }
+    }
+    // Every file the example rotator configuration names (certificates,
+    // keys, seal key, etcd client key) is out of the agent's sight, and every
+    // file of the example agent configuration out of the rotator's.
+    let example =
+        |name: &str| std::fs::read_to_string(root.join("deploy/examples").join(name)).unwrap();
+    let rotator_config: fernetd::config::RotatorConfig =
+        toml::from_str(&example("rotator.toml")).unwrap();
+    let mut secrets = vec![
+        rotator_config.tls.ca.clone(),
+        rotator_config.tls.cert.clone(),
+        rotator_config.tls.key.clone(),
+        rotator_config.state_dir.clone(),
+    ];
+    secrets.extend(rotator_config.seal_key.clone());
+    if let Some(ha) = &rotator_config.ha {
+        secrets.extend(ha.key.clone());
+        secrets.extend(ha.cert.clone());
+        secrets.push(ha.seal_key.clone());
+    }
+    for path in &secrets {
+        assert!(
+            agent_hides.iter().any(|h| path.starts_with(h)),
+            "{} (rotator) is visible to the agent",
+            path.display()
+        );
+    }
+    let agent_config: fernetd::config::AgentConfig =
+        toml::from_str(&example("agent.toml")).unwrap();
+    for path in [&agent_config.tls.key, &agent_config.tls.cert] {
+        assert!(
+            rotator_hides.iter().any(|h| path.starts_with(h)),
+            "{} (agent) is visible to the rotator",
             path.display()
         );
     }

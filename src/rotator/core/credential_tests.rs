@@ -46,7 +46,7 @@ async fn core_on(store: Store) -> Arc<Core> {
             import: None,
             schedule: None,
         };
-        repos.push(crate::rotator::store::slot(&config, committed, ledger).expect("slot"));
+        repos.push(crate::rotator::store::slot(&config, committed, ledger, false).expect("slot"));
     }
     let channel = crate::tls::Connection::never_dialled();
     let endpoint = crate::config::AgentEndpoint {

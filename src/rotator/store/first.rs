@@ -120,8 +120,13 @@ fn load_generations(
             tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "resumed from state");
             let recorded = store.load_ledger(&repo.name)?;
             let known = recorded.is_some();
+            let emergency = super::EmergencyPurge::marks(
+                store.load_record(&repo.name, super::EMERGENCY_PURGE),
+                &repo.name,
+                committed.generation,
+            );
             let (generation, ledger, adopted) =
-                super::generation_of(&repo.name, committed, recorded)?;
+                super::generation_of(&repo.name, committed, recorded, emergency)?;
             if !adopted.is_empty() {
                 tracing::warn!(repository = %repo.name, keys = ?adopted, ledger = known, "the key ledger does not know these keys' times: each is taken as demoted now, the safe choice (its purge waits a full token lifetime)");
                 store.save_ledger(&repo.name, &ledger)?;
@@ -205,7 +210,7 @@ async fn prepare_etcd(
             }
         }
         if all && found.len() == config.repositories.len() {
-            return slots_from(config, found.into_iter().flatten().collect());
+            return slots_from(etcd, config, found.into_iter().flatten().collect()).await;
         }
         if found.len() == config.repositories.len() && etcd.campaign().await.unwrap_or(false) {
             return initialise(etcd, config, files, agents, fresh_start, found).await;
@@ -217,16 +222,21 @@ async fn prepare_etcd(
     }
 }
 
-fn slots_from(
+async fn slots_from(
+    etcd: &EtcdState,
     config: &RotatorConfig,
     loaded: Vec<(Committed, Option<Ledger>)>,
 ) -> Result<Vec<RepoSlot>, RotatorError> {
-    config
-        .repositories
-        .iter()
-        .zip(loaded)
-        .map(|(repo, (committed, ledger))| slot(repo, committed, ledger))
-        .collect()
+    let mut slots = Vec::with_capacity(loaded.len());
+    for (repo, (committed, ledger)) in config.repositories.iter().zip(loaded) {
+        let emergency = super::EmergencyPurge::marks(
+            etcd.load_record(&repo.name, super::EMERGENCY_PURGE).await,
+            &repo.name,
+            committed.generation,
+        );
+        slots.push(slot(repo, committed, ledger, emergency)?);
+    }
+    Ok(slots)
 }
 
 /// The first leader of an empty prefix writes what a single rotator would
@@ -292,5 +302,14 @@ async fn initialise(
         etcd.save_record(crate::config::CREDENTIAL_REPOSITORY, kind, &record)
             .await?;
     }
-    slots_from(config, loaded)
+    // So does the mark of an emergency purge, so its re-pushes stay marked.
+    for repo in &config.repositories {
+        if let Ok(Some(mark)) =
+            files.load_record::<super::EmergencyPurge>(&repo.name, super::EMERGENCY_PURGE)
+        {
+            etcd.save_record(&repo.name, super::EMERGENCY_PURGE, &mark)
+                .await?;
+        }
+    }
+    slots_from(etcd, config, loaded).await
 }

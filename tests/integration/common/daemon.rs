@@ -56,6 +56,21 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Daemon::spawn_wrapped(name, &[], args, env)
+    }
+
+    /// [`Daemon::spawn_with_env`] through `wrapper` (a command and its
+    /// arguments, say `setpriv --reuid=...`) that ends by running fernetd.
+    pub fn spawn_wrapped<I, S>(
+        name: &str,
+        wrapper: &[&str],
+        args: I,
+        env: &[(String, String)],
+    ) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let dir = logs_dir();
         std::fs::create_dir_all(&dir).expect("create the daemon log directory");
@@ -66,7 +81,15 @@ impl Daemon {
         ));
         let out = std::fs::File::create(&log).expect("create daemon log");
         let err = out.try_clone().expect("clone log handle");
-        let child = Command::new(super::fernetd_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(super::fernetd_bin());
+                c
+            }
+            None => Command::new(super::fernetd_bin()),
+        };
+        let child = command
             .args(args)
             .env("FERNETD_LOG", "info,fernetd=debug")
             .envs(env.iter().map(|(k, v)| (k, v)))
