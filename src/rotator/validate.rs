@@ -73,6 +73,18 @@ pub(super) fn validate(
             return Err(RotatorError::Config(format!("{key} must be more than 0s")));
         }
     }
+    if let Some(after) = fanout.quarantine_after {
+        // Shorter than a read-back pass, an agent would be quarantined before
+        // the rotator could even have looked at it once more.
+        if after < fanout.reconcile_interval || after < fanout.call_timeout {
+            return Err(RotatorError::Config(format!(
+                "fanout.quarantine_after ({}) must be at least fanout.reconcile_interval ({}) and fanout.call_timeout ({}); leave it out for the strict rule",
+                duration::format(&after),
+                duration::format(&fanout.reconcile_interval),
+                duration::format(&fanout.call_timeout)
+            )));
+        }
+    }
     if fanout.backoff_max < fanout.backoff_base {
         return Err(RotatorError::Config(
             "fanout.backoff_max must not be shorter than fanout.backoff_base".into(),
