@@ -1712,6 +1712,21 @@ pub(super) mod tests {
 
     /// A core as [`core`] with `max_active_keys` and a key lifetime.
     fn core_with(regions: &[&str], max_active_keys: usize, key_lifetime: Duration) -> Arc<Core> {
+        core_fanout(
+            regions,
+            max_active_keys,
+            key_lifetime,
+            FanoutConfig::default(),
+        )
+    }
+
+    /// A core as [`core_with`] with its `[fanout]`.
+    fn core_fanout(
+        regions: &[&str],
+        max_active_keys: usize,
+        key_lifetime: Duration,
+        fanout: FanoutConfig,
+    ) -> Arc<Core> {
         let store = Store::memory();
         let keys = repository::init(max_active_keys).expect("init");
         let ledger = Ledger::fresh(&keys, now_ms());
@@ -1742,7 +1757,7 @@ pub(super) mod tests {
             repos,
             agents,
             store,
-            FanoutConfig::default(),
+            fanout,
             metrics,
             key_lifetime,
         ))
@@ -1766,6 +1781,98 @@ pub(super) mod tests {
             no_wait: true,
             ..Default::default()
         }
+    }
+
+    /// Quarantine: an agent behind for `quarantine_after` stops blocking; the
+    /// keys it may sign with stay in every generation committed meanwhile,
+    /// the record is in the store; once it acknowledges it leaves, and an
+    /// evicted agent's keys are purged by the next rotation.
+    #[tokio::test]
+    async fn a_quarantined_agent_stops_blocking_and_its_keys_stay_until_it_returns() {
+        let fanout = FanoutConfig {
+            quarantine_after: Some(Duration::from_secs(1)),
+            ..FanoutConfig::default()
+        };
+        let core = core_fanout(&["RegionOne", "RegionTwo"], 3, Duration::ZERO, fanout);
+        let stop = CancellationToken::new();
+        let (one, two) = (AgentId(0), AgentId(1));
+        ack(&core, one);
+        ack(&core, two);
+        let rotate = |core: Arc<Core>| {
+            let stop = stop.clone();
+            async move {
+                core.rotate(&request(false, false), "test", stop)
+                    .await
+                    .expect("rotate")
+                    .remove(0)
+            }
+        };
+        assert!(rotate(core.clone()).await.rotated);
+        ack(&core, one);
+        // RegionTwo holds generation 1 (primary 1) and was sent 2 (primary 2).
+        assert!(!rotate(core.clone()).await.rotated, "blocked by RegionTwo");
+        core.review_quarantine().await;
+        assert!(!core.agent(two).unwrap().is_quarantined(), "not yet");
+        core.agent(two).unwrap().lock().behind_since_ms = Some(now_ms() - 5_000);
+        core.review_quarantine().await;
+        assert!(core.agent(two).unwrap().is_quarantined());
+        let stored: QuarantineRecord = core
+            .store
+            .load_record("tokens", QUARANTINE)
+            .await
+            .expect("load")
+            .expect("stored before it counts");
+        assert!(stored.agents.contains_key("RegionTwo"));
+        assert_eq!(core.repos[0].quarantine().pinned(now_ms()), [1, 2].into());
+        for round in 0..5 {
+            let o = rotate(core.clone()).await;
+            assert!(o.rotated, "round {round}: {}", o.message);
+            ack(&core, one);
+            let keys = core.repos[0].current().keys.indices();
+            assert!(
+                keys.contains(&1) && keys.contains(&2),
+                "round {round}: {keys:?}"
+            );
+        }
+        // RegionTwo comes back and acknowledges: it leaves quarantine, and
+        // (token lifetime 0 here) its keys go with the next rotation.
+        ack(&core, two);
+        core.review_quarantine().await;
+        assert!(!core.agent(two).unwrap().is_quarantined());
+        core.review_quarantine().await;
+        assert!(core.repos[0].quarantine().is_empty());
+        assert!(rotate(core.clone()).await.rotated);
+        let keys = core.repos[0].current().keys.indices();
+        assert!(!keys.contains(&1) && !keys.contains(&2), "{keys:?}");
+        ack(&core, one);
+        ack(&core, two);
+        // Away again, then evicted: its pins go, and so do its keys.
+        assert!(rotate(core.clone()).await.rotated);
+        ack(&core, one);
+        core.agent(two).unwrap().lock().behind_since_ms = Some(now_ms() - 5_000);
+        core.review_quarantine().await;
+        let pinned = core.repos[0].quarantine().pinned(now_ms());
+        assert!(!pinned.is_empty());
+        assert!(matches!(
+            core.evict("RegionOne", "admin").await,
+            Err(RotatorError::NotQuarantined(_))
+        ));
+        let released = core.evict("RegionTwo", "admin").await.expect("evict");
+        assert_eq!(released.len(), pinned.len());
+        assert!(core.repos[0].quarantine().pinned(now_ms()).is_empty());
+        assert!(
+            core.agent(two).unwrap().is_quarantined(),
+            "still not blocking"
+        );
+        for _ in 0..3 {
+            assert!(rotate(core.clone()).await.rotated);
+            ack(&core, one);
+        }
+        let keys = core.repos[0].current().keys.indices();
+        assert!(
+            pinned.iter().all(|p| !keys.contains(p)),
+            "{keys:?} {pinned:?}"
+        );
     }
 
     #[tokio::test]
