@@ -351,3 +351,81 @@ async fn without_quarantine_a_stopped_region_holds_every_rotation() {
     scene.cluster.converged("the away region converges").await;
     assert_no_keys_in_logs(&scene.cluster.logs, &scene.keys);
 }
+
+/// Real Keystone 30.0.0 (`FernetUtils.load_keys`, `TokenFormatter.validate_token`,
+/// `[fernet_tokens] max_active_keys = 3`) loads a set that keeps a pinned older
+/// key below newer ones, beyond `max_active_keys`, and validates a token of
+/// every key in it; a token of a key the set purged is refused (the control).
+#[test]
+fn keystone_validates_every_key_of_a_set_with_a_pinned_older_key() {
+    const SCRIPT: &str = r#"
+import sys, json, warnings
+warnings.simplefilter("ignore")
+import keystone.conf
+from keystone.common import fernet_utils
+from keystone.token import token_formatters as tf
+CONF = keystone.conf.CONF
+keystone.conf.configure(CONF)
+CONF([], project="keystone", default_config_files=[])
+CONF.set_override("max_active_keys", 3, group="fernet_tokens")
+CONF.set_override("key_repository", sys.argv[1], group="fernet_tokens")
+loaded = fernet_utils.FernetUtils(sys.argv[1], 3, "fernet_tokens").load_keys()
+formatter = tf.TokenFormatter()
+out = {"loaded": len(loaded), "results": []}
+for token in sys.argv[2:]:
+    try:
+        formatter.validate_token(token)
+        out["results"].append("ok")
+    except Exception as e:
+        out["results"].append(type(e).__name__)
+print(json.dumps(out))
+"#;
+    let mut set = fernetd::repository::init(3).expect("init");
+    let pinned_index = set.primary_index().expect("primary");
+    let pins = BTreeSet::from([pinned_index]);
+    let mut purged = None;
+    for _ in 0..4 {
+        let next = fernetd::repository::rotate_keeping(&set, 3, &pins).expect("rotate");
+        if let Some(gone) = set
+            .iter()
+            .find(|(i, _)| *i != 0 && next.get(*i).is_none())
+            .map(|(_, k)| k.clone())
+        {
+            purged = Some(gone);
+        }
+        set = next;
+    }
+    // The pinned key sits below newer keys, and the set is beyond max_active_keys.
+    assert_eq!(
+        set.indices(),
+        vec![0, pinned_index, 4, 5],
+        "{:?}",
+        set.indices()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (index, key) in set.iter() {
+        std::fs::write(
+            dir.path().join(index.to_string()),
+            key.to_base64().as_bytes(),
+        )
+        .expect("write key");
+    }
+    let mut tokens: Vec<String> = set
+        .iter()
+        .map(|(_, key)| fernetd::token::canary(key))
+        .collect();
+    tokens.push(fernetd::token::canary(
+        &purged.expect("a rotation purged a key"),
+    ));
+    let mut args = vec![dir.path().to_str().expect("utf-8").to_owned()];
+    args.extend(tokens);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::common::keystone::run_python(SCRIPT, &args);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    assert_eq!(v["loaded"], 4, "{v}");
+    assert_eq!(
+        v["results"],
+        serde_json::json!(["ok", "ok", "ok", "ok", "ValidationError"]),
+        "one token per key in index order (0, the pinned key, 4, 5), then the purged key's: {v}"
+    );
+}
