@@ -606,7 +606,7 @@ pub fn rotate_keeping_with(
     // As Keystone, lowest first, but a pinned key is skipped and not counted.
     loop {
         let candidates = unpinned(&next);
-        if candidates.len() <= max_active_keys - 1 {
+        if candidates.len() < max_active_keys {
             break;
         }
         let Some(lowest) = candidates.first().copied() else {

@@ -1291,8 +1291,16 @@ impl Core {
             }
         }
         let mut expired = false;
+        let enrolled: std::collections::BTreeSet<&str> =
+            agents.iter().map(|(_, a)| a.name.as_str()).collect();
         for record in &mut records {
             expired |= record.expire(now);
+            // An agent a reload removed is gone for good: nothing stays
+            // pinned for it (as after `evict`).
+            if record.forget_except(&enrolled) {
+                tracing::info!("keys pinned for agents no longer enrolled are released");
+                expired = true;
+            }
         }
         if entered.is_empty() && left.is_empty() && !expired {
             return;
@@ -1346,7 +1354,7 @@ impl Core {
         };
         let repo = &self.repos[r];
         let quarantined = agent.lock().quarantined;
-        if !quarantined.is_some_and(|q| q.evicted_ms.is_none()) || !repo.kind.signs_tokens() {
+        if quarantined.is_none_or(|q| q.evicted_ms.is_some()) || !repo.kind.signs_tokens() {
             return;
         }
         let Some(primary) = generation.keys.primary_index() else {
@@ -1823,6 +1831,12 @@ pub(super) mod tests {
             .expect("load")
             .expect("stored before it counts");
         assert!(stored.agents.contains_key("RegionTwo"));
+        assert_eq!(core.repos[0].quarantine().pinned(now_ms()), [1, 2].into());
+        // A restart (or a new leader) takes both from the store.
+        core.agent(two).unwrap().lock().quarantined = None;
+        *core.repos[0].quarantine() = QuarantineRecord::default();
+        core.load_quarantine().await.expect("load");
+        assert!(core.agent(two).unwrap().is_quarantined());
         assert_eq!(core.repos[0].quarantine().pinned(now_ms()), [1, 2].into());
         for round in 0..5 {
             let o = rotate(core.clone()).await;

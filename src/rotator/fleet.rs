@@ -121,11 +121,7 @@ impl AgentSlot {
     /// Whether it holds `generation` of repository `r` (same number and
     /// digest, no drift, confirmed by the agent since this process started).
     pub(super) fn holds(&self, r: RepoId, generation: &Generation) -> bool {
-        let held = self.lock().held[r];
-        held.generation == generation.number
-            && held.digest == Some(generation.digest)
-            && !held.drift
-            && !held.restored
+        confirmed(&self.lock().held[r], generation)
     }
 }
 
@@ -143,16 +139,21 @@ impl AgentSlot {
         if quarantine_applies && st.quarantined.is_some() {
             return false;
         }
-        let held = st.held[r];
-        !(held.generation == generation.number
-            && held.digest == Some(generation.digest)
-            && !held.drift
-            && !held.restored)
+        !confirmed(&st.held[r], generation)
     }
 
     pub(super) fn is_quarantined(&self) -> bool {
         self.lock().quarantined.is_some()
     }
+}
+
+/// `held` is `generation` (same number and digest, no drift), confirmed by
+/// the agent since this process started.
+fn confirmed(held: &Held, generation: &Generation) -> bool {
+    held.generation == generation.number
+        && held.digest == Some(generation.digest)
+        && !held.drift
+        && !held.restored
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -348,6 +348,15 @@ impl QuarantineRecord {
         dropped
     }
 
+    /// Forgets agents (and their pins) not in `enrolled`; whether any was.
+    pub fn forget_except(&mut self, enrolled: &std::collections::BTreeSet<&str>) -> bool {
+        let before = (self.agents.len(), self.pins.len());
+        self.agents
+            .retain(|name, _| enrolled.contains(name.as_str()));
+        self.pins.retain(|p| enrolled.contains(p.agent.as_str()));
+        before != (self.agents.len(), self.pins.len())
+    }
+
     /// Drops pins whose time has passed; whether any was dropped.
     pub fn expire(&mut self, now_ms: i64) -> bool {
         let before = self.pins.len();
@@ -449,6 +458,11 @@ mod tests {
         assert_eq!(q.evict("r5", 50), vec![5]);
         assert_eq!(q.pinned(60), [4].into());
         assert_eq!(q.agents["r5"].evicted_ms, Some(50));
+        // A removed agent is forgotten with its pins.
+        assert!(!q.forget_except(&["r4", "r5"].into()));
+        assert!(q.forget_except(&["r5"].into()));
+        assert!(q.pinned(60).is_empty());
+        q.pin("r4", 4, &keys);
         // Survives the store's encoding.
         let json = serde_json::to_string(&q).unwrap();
         assert_eq!(serde_json::from_str::<QuarantineRecord>(&json).unwrap(), q);

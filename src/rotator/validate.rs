@@ -305,6 +305,32 @@ mod tests {
     }
 
     #[test]
+    fn quarantine_is_off_by_default_and_not_shorter_than_a_read_back() {
+        let repo = "[[repositories]]\nname = \"tokens\"\nmax_active_keys = 4\n";
+        assert_eq!(config(repo).fanout.quarantine_after, None);
+        validate(&config(repo)).expect("off by default");
+        let on = config(&format!("{repo}[fanout]\nquarantine_after = \"6h\"\n"));
+        assert_eq!(
+            on.fanout.quarantine_after,
+            Some(Duration::from_secs(6 * 3600))
+        );
+        validate(&on).expect("6h");
+        let off = config(&format!("{repo}[fanout]\nquarantine_after = \"off\"\n"));
+        assert_eq!(off.fanout.quarantine_after, None);
+        let short = config(&format!("{repo}[fanout]\nquarantine_after = \"5s\"\n"));
+        let err = validate(&short).unwrap_err();
+        assert!(err.is_config(), "{err}");
+        assert!(
+            err.to_string().contains("fanout.quarantine_after (5s)"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<RotatorConfig>(&toml::to_string(&on).expect("toml"))
+                .is_ok_and(|c| c.fanout.quarantine_after == on.fanout.quarantine_after)
+        );
+    }
+
+    #[test]
     fn a_credential_repository_has_exactly_three_keys_and_a_migrate_region() {
         let repo = |keys: usize, schedule: &str| {
             format!(

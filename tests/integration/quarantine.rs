@@ -118,12 +118,11 @@ impl Scene {
                 );
             }
         }
-        for i in 0..REGIONS.len() {
+        for (i, region) in REGIONS.iter().enumerate() {
             let set = self.cluster.repo_state(i);
             assert!(
                 Keyring::new(&set).decrypt(kept).is_ok(),
-                "{context}: the away region's token is rejected by {} (keys {:?})",
-                REGIONS[i],
+                "{context}: the away region's token is rejected by {region} (keys {:?})",
                 set.indices()
             );
         }
