@@ -85,13 +85,15 @@ pub mod duration {
         s.serialize_str(&format(d))
     }
 
+    /// A duration as written: a bare number of seconds, or text.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
-        }
         match Raw::deserialize(d)? {
             Raw::Seconds(n) => Ok(Duration::from_secs(n)),
             Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
@@ -112,16 +114,10 @@ pub mod duration {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            #[derive(Deserialize)]
-            #[serde(untagged)]
-            enum Raw {
-                Seconds(u64),
-                Text(String),
-            }
-            match Raw::deserialize(d)? {
-                Raw::Seconds(n) => Ok(Some(Duration::from_secs(n))),
-                Raw::Text(t) if t.trim() == "off" => Ok(None),
-                Raw::Text(t) => super::parse(&t).map(Some).map_err(serde::de::Error::custom),
+            match super::Raw::deserialize(d)? {
+                super::Raw::Text(t) if t.trim() == "off" => Ok(None),
+                super::Raw::Seconds(n) => Ok(Some(Duration::from_secs(n))),
+                super::Raw::Text(t) => super::parse(&t).map(Some).map_err(serde::de::Error::custom),
             }
         }
     }

@@ -542,24 +542,12 @@ pub fn rotate_with(
     max_active_keys: usize,
     new_staged: Key,
 ) -> Result<KeySet, RotateError> {
-    if max_active_keys == 0 {
-        return Err(RotateError::MaxActiveKeys);
-    }
-    let primary = set.primary_index().ok_or(RotateError::Empty)?;
-    let staged = set.staged().ok_or(RotateError::NoStagedKey)?.clone();
-    let new_primary = primary.checked_add(1).ok_or(RotateError::IndexOverflow)?;
-    let mut next = set.clone();
-    next.remove(0);
-    next.insert(new_primary, staged);
-    // Keystone counts the keys it had, not the fresh 0, against max_active_keys - 1.
-    while next.len() > max_active_keys - 1 {
-        let Some(lowest) = next.indices().first().copied() else {
-            break;
-        };
-        next.remove(lowest);
-    }
-    next.insert(0, new_staged);
-    Ok(next)
+    rotate_keeping_with(
+        set,
+        max_active_keys,
+        &std::collections::BTreeSet::new(),
+        new_staged,
+    )
 }
 
 /// [`rotate`], except that the keys at `pinned` indices are neither purged nor
@@ -585,9 +573,6 @@ pub fn rotate_keeping_with(
     pinned: &std::collections::BTreeSet<u32>,
     new_staged: Key,
 ) -> Result<KeySet, RotateError> {
-    if pinned.is_empty() {
-        return rotate_with(set, max_active_keys, new_staged);
-    }
     if max_active_keys == 0 {
         return Err(RotateError::MaxActiveKeys);
     }
@@ -603,7 +588,9 @@ pub fn rotate_keeping_with(
             .filter(|i| !pinned.contains(i))
             .collect::<Vec<_>>()
     };
-    // As Keystone, lowest first, but a pinned key is skipped and not counted.
+    // Keystone counts the keys it had, not the fresh 0, against
+    // max_active_keys - 1, and purges the lowest first; a pinned key is
+    // skipped and not counted.
     loop {
         let candidates = unpinned(&next);
         if candidates.len() < max_active_keys {

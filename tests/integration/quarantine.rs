@@ -20,14 +20,9 @@ use crate::rotator::{Cluster, MAX_ACTIVE_KEYS, agent_identity, assert_no_keys_in
 use fernetd::repository::KeySet;
 use fernetd::token::Keyring;
 
-const REGIONS: [&str; 5] = [
-    "RegionOne",
-    "RegionTwo",
-    "RegionThree",
-    "RegionFour",
-    "RegionFive",
-];
-/// The region that goes away.
+use crate::chaos::REGIONS;
+
+/// The region that goes away (RegionFive).
 const AWAY: usize = 4;
 const INTERVAL: Duration = Duration::from_secs(3);
 const QUARANTINE_AFTER: Duration = Duration::from_secs(4);
