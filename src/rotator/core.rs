@@ -1347,34 +1347,41 @@ impl Core {
 
     /// Before generation `generation` of `r` is sent to a quarantined agent:
     /// its primary is pinned for it, durably, since the agent may sign with
-    /// it from the moment it installs it.
-    pub(super) async fn pin_delivery(&self, i: AgentId, r: RepoId, generation: &Generation) {
+    /// it from the moment it installs it. An error when the pin could not be
+    /// stored: then nothing is sent.
+    pub(super) async fn pin_delivery(
+        &self,
+        i: AgentId,
+        r: RepoId,
+        generation: &Generation,
+    ) -> Result<(), String> {
         let Some(agent) = self.agent(i) else {
-            return;
+            return Ok(());
         };
         let repo = &self.repos[r];
         let quarantined = agent.lock().quarantined;
         if quarantined.is_none_or(|q| q.evicted_ms.is_some()) || !repo.kind.signs_tokens() {
-            return;
+            return Ok(());
         }
         let Some(primary) = generation.keys.primary_index() else {
-            return;
+            return Ok(());
         };
         let _one_writer = self.rotation.lock().await;
         let mut record = repo.quarantine().clone();
         if !record.pin(&agent.name, primary, &generation.keys) {
-            return;
+            return Ok(());
         }
-        match self
-            .store
+        self.store
             .save_record(&repo.name, QUARANTINE, &record)
             .await
-        {
-            Ok(()) => *repo.quarantine() = record,
-            Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), agent = %agent.name, "cannot record a pin before a push")
-            }
-        }
+            .map_err(|e| {
+                format!(
+                    "cannot record the pin of key {primary} before pushing to a quarantined agent: {}",
+                    crate::error_chain(&e)
+                )
+            })?;
+        *repo.quarantine() = record;
+        Ok(())
     }
 
     /// `fernetd admin evict`: a quarantined agent that will not come back

@@ -89,7 +89,7 @@ async fn work(core: &Core, i: AgentId) -> Result<(), String> {
             return Err(reason);
         }
         if agent.is_quarantined() {
-            Box::pin(core.pin_delivery(i, r, &generation)).await;
+            Box::pin(core.pin_delivery(i, r, &generation)).await?;
         }
         let started = std::time::Instant::now();
         let result = install(&agent, &generation, core.fanout.call_timeout).await;
