@@ -16,10 +16,18 @@
 //! (glibc's `MALLOC_ARENA_MAX` among them); `FERNETD_BENCH_UNIT_ENV=0` runs it
 //! without them, for comparison. `FERNETD_BENCH_BIN=path` runs another build
 //! of `fernetd` as the rotator (an A/B of two commits with the same bench).
+//!
+//! `FERNETD_BENCH_UNREACHABLE=0.01` adds a second phase in the same run: that
+//! fraction of the stand-ins (spread over the fleet) stops answering (a call
+//! hangs, as to a stopped host), and the same number of rotations is measured
+//! again, commit to every *reachable* agent's acknowledgement.
+//! `FERNETD_BENCH_QUARANTINE` is the rotator's `[fanout] quarantine_after`
+//! then (default `"30s"`; `"off"` shows the strict rule holding every rotation).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fernetd::config::{
@@ -78,17 +86,24 @@ fn agent_index(ip: Ipv4Addr) -> usize {
     (a as usize - 1) * 62_500 + b as usize * 250 + (c as usize - 1)
 }
 
-/// What each stand-in agent holds: (generation, digest), one slot per agent.
+/// What each stand-in agent holds: (generation, digest), one slot per agent,
+/// and whether it is away (its calls hang).
 struct StandIns {
     held: Vec<Mutex<(u64, Vec<u8>)>>,
+    away: Vec<AtomicBool>,
 }
 
 impl StandIns {
-    fn who<T>(&self, request: &Request<T>) -> Result<usize, Status> {
-        match request.local_addr().map(|a| a.ip()) {
-            Some(IpAddr::V4(ip)) if agent_index(ip) < self.held.len() => Ok(agent_index(ip)),
-            _ => Err(Status::invalid_argument("unknown agent address")),
+    async fn who<T>(&self, request: &Request<T>) -> Result<usize, Status> {
+        let i = match request.local_addr().map(|a| a.ip()) {
+            Some(IpAddr::V4(ip)) if agent_index(ip) < self.held.len() => agent_index(ip),
+            _ => return Err(Status::invalid_argument("unknown agent address")),
+        };
+        if self.away[i].load(Ordering::Relaxed) {
+            // A stopped host: the call never returns; the rotator's deadline ends it.
+            std::future::pending::<()>().await;
         }
+        Ok(i)
     }
 }
 
@@ -98,7 +113,7 @@ impl Distribution for &'static StandIns {
         &self,
         request: Request<pb::InstallRequest>,
     ) -> Result<Response<pb::InstallResponse>, Status> {
-        let i = self.who(&request)?;
+        let i = self.who(&request).await?;
         let r = request.into_inner();
         *self.held[i]
             .lock()
@@ -118,7 +133,7 @@ impl Distribution for &'static StandIns {
         &self,
         request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
-        let i = self.who(&request)?;
+        let i = self.who(&request).await?;
         let (generation, digest) = self.held[i]
             .lock()
             .map_err(|_| Status::internal("poisoned"))?
@@ -187,11 +202,19 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .filter(|r| *r > 0)
         .unwrap_or(20);
+    let unreachable: f64 = std::env::var("FERNETD_BENCH_UNREACHABLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f: &f64| *f > 0.0 && *f < 1.0)
+        .unwrap_or(0.0);
+    let quarantine = std::env::var("FERNETD_BENCH_QUARANTINE").unwrap_or_else(|_| "30s".into());
+    let quarantine = (quarantine != "off")
+        .then(|| fernetd::config::duration::parse(&quarantine).expect("FERNETD_BENCH_QUARANTINE"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(bench(n, rotations));
+    runtime.block_on(bench(n, rotations, unreachable, quarantine));
 }
 
-async fn bench(n: usize, rotations: usize) {
+async fn bench(n: usize, rotations: usize, unreachable: f64, quarantine: Option<Duration>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let ca = fernetd::tls::Authority::new("bench CA").expect("CA");
@@ -213,6 +236,7 @@ async fn bench(n: usize, rotations: usize) {
     // One TLS listener on every loopback address serves all stand-ins.
     let stand_ins: &'static StandIns = Box::leak(Box::new(StandIns {
         held: (0..n).map(|_| Mutex::new((0, Vec::new()))).collect(),
+        away: (0..n).map(|_| AtomicBool::new(false)).collect(),
     }));
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
         .await
@@ -266,9 +290,21 @@ async fn bench(n: usize, rotations: usize) {
                 identity: "agent.bench".into(),
             })
             .collect(),
-        fanout: FanoutConfig {
-            reconcile_interval: Duration::from_secs(3600),
-            ..FanoutConfig::default()
+        fanout: if unreachable > 0.0 {
+            // Agents away: calls give up sooner, and quarantine (no shorter
+            // than a read-back interval) lets the others rotate.
+            let q = quarantine.unwrap_or(Duration::from_secs(30));
+            FanoutConfig {
+                reconcile_interval: q,
+                call_timeout: Duration::from_secs(5).min(q),
+                quarantine_after: quarantine,
+                ..FanoutConfig::default()
+            }
+        } else {
+            FanoutConfig {
+                reconcile_interval: Duration::from_secs(3600),
+                ..FanoutConfig::default()
+            }
         },
         keystone_conf: None,
         audit_log: None,
@@ -340,6 +376,52 @@ async fn bench(n: usize, rotations: usize) {
         rss0 / 1024
     );
 
+    let (mut walls, mut cpus, _) = measure(&mut client, pid, stand_ins, rotations, n, false).await;
+    let mut away_phase = None;
+    if unreachable > 0.0 {
+        away_phase = Some(
+            away(
+                &mut client,
+                pid,
+                stand_ins,
+                rotations,
+                n,
+                unreachable,
+                quarantine,
+            )
+            .await,
+        );
+    }
+    let (_, rss, hwm) = usage(pid);
+    walls.sort_by(f64::total_cmp);
+    cpus.sort_by(f64::total_cmp);
+    report(
+        n,
+        rotations,
+        &walls,
+        &cpus,
+        (rss, hwm),
+        (startup.as_secs_f64(), cpu0),
+        &shown,
+        away_phase,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+type Client = fernetd::pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// `rotations` rotations through the Admin API, each waited for: the wall
+/// times (ms) and rotator CPU seconds of those that committed, and how many
+/// did. `tolerate_blocked`: a blocked rotation is counted, not a failure.
+async fn measure(
+    client: &mut Client,
+    pid: u32,
+    stand_ins: &StandIns,
+    rotations: usize,
+    reachable: usize,
+    tolerate_blocked: bool,
+) -> (Vec<f64>, Vec<f64>, usize) {
     let mut walls = Vec::new();
     let mut cpus = Vec::new();
     for _ in 0..rotations {
@@ -369,6 +451,9 @@ async fn bench(n: usize, rotations: usize) {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         };
         let outcome = &response.outcomes[0];
+        if tolerate_blocked && !outcome.rotated {
+            continue;
+        }
         assert!(
             outcome.rotated && outcome.pending_regions.is_empty(),
             "{outcome:?}"
@@ -378,16 +463,95 @@ async fn bench(n: usize, rotations: usize) {
             .iter()
             .filter(|h| h.lock().is_ok_and(|h| h.0 == outcome.generation))
             .count();
-        assert_eq!(held, n, "every stand-in holds the new generation");
+        assert_eq!(
+            held, reachable,
+            "every reachable stand-in holds the new generation"
+        );
         walls.push(wall.as_secs_f64() * 1000.0);
         cpus.push(usage(pid).0 - before);
     }
-    let (_, rss, hwm) = usage(pid);
+    let committed = walls.len();
+    (walls, cpus, committed)
+}
+
+/// The second phase: a fraction of the stand-ins goes away; one rotation
+/// lets the rotator notice (quarantine, or the strict rule's block), then
+/// `rotations` more are measured. (agents away, committed, sorted walls).
+async fn away(
+    client: &mut Client,
+    pid: u32,
+    stand_ins: &StandIns,
+    rotations: usize,
+    n: usize,
+    fraction: f64,
+    quarantine: Option<Duration>,
+) -> (usize, usize, Vec<f64>, Option<Duration>) {
+    let step = (1.0 / fraction).round().max(1.0) as usize;
+    let gone: Vec<usize> = (0..n).step_by(step).collect();
+    for &i in &gone {
+        stand_ins.away[i].store(true, Ordering::Relaxed);
+    }
+    client
+        .rotate(pb::RotateRequest {
+            no_wait: true,
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+    if let Some(q) = quarantine {
+        let deadline = Instant::now() + q * 3 + Duration::from_secs(60);
+        loop {
+            let status = client
+                .status(pb::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            let quarantined = status
+                .agents
+                .iter()
+                .filter(|a| a.quarantined_since_unix_ms > 0)
+                .count();
+            if quarantined == gone.len()
+                && status.agents.iter().filter(|a| a.digest_match).count() == n - gone.len()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{quarantined} of {} agents quarantined",
+                gone.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let (mut walls, _, committed) = measure(
+        client,
+        pid,
+        stand_ins,
+        rotations,
+        n - gone.len(),
+        quarantine.is_none(),
+    )
+    .await;
     walls.sort_by(f64::total_cmp);
-    cpus.sort_by(f64::total_cmp);
+    (gone.len(), committed, walls, quarantine)
+}
+
+/// Prints the figures beside the goals, then as one JSON line.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    n: usize,
+    rotations: usize,
+    walls: &[f64],
+    cpus: &[f64],
+    (rss, hwm): (u64, u64),
+    (cold, cpu0): (f64, f64),
+    shown: &[String],
+    away_phase: Option<(usize, usize, Vec<f64>, Option<Duration>)>,
+) {
     let (p50, p99, max) = (
-        quantile(&walls, 0.5),
-        quantile(&walls, 0.99),
+        quantile(walls, 0.5),
+        quantile(walls, 0.99),
         walls[walls.len() - 1],
     );
     // CPU time comes in 10 ms clock ticks: the mean over every rotation is the
@@ -395,7 +559,6 @@ async fn bench(n: usize, rotations: usize) {
     let cpu_mean = cpus.iter().sum::<f64>() / cpus.len() as f64;
     let cpu_per_agent_us = cpu_mean * 1e6 / n as f64;
     let rss_mb = rss as f64 * 1024.0 / 1e6;
-    let cold = startup.as_secs_f64();
     let goal = |figure: f64, limit: f64| verdict(figure < limit);
     println!(
         "  rotation, commit to every acknowledgement: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms   goal p99 < {GOAL_P99_MS} ms over >= 20 rotations: {}",
@@ -420,9 +583,33 @@ async fn bench(n: usize, rotations: usize) {
     if n != 10_000 {
         println!("  (the goals are stated for N = 10000; this run has N = {n})");
     }
+    let mut away_json = serde_json::Value::Null;
+    if let Some((gone, committed, away_walls, quarantine)) = away_phase {
+        let setting = quarantine.map_or_else(
+            || "off".to_owned(),
+            |q| fernetd::config::duration::format(&q),
+        );
+        println!(
+            "  with {gone} of {n} agents unreachable (quarantine_after {setting}): {committed} of {rotations} rotations committed"
+        );
+        if let (Some(first), Some(last)) = (away_walls.first(), away_walls.last()) {
+            let (ap50, ap99) = (quantile(&away_walls, 0.5), quantile(&away_walls, 0.99));
+            println!(
+                "    commit to every reachable agent's acknowledgement: p50 {ap50:.0} ms, p99 {ap99:.0} ms (min {first:.0}, max {last:.0}); all reachable, same run: p50 {p50:.0} ms, p99 {p99:.0} ms"
+            );
+        }
+        away_json = serde_json::json!({
+            "unreachable": gone,
+            "quarantine_after": setting,
+            "committed": committed,
+            "rotation_p50_ms": (!away_walls.is_empty()).then(|| quantile(&away_walls, 0.5)),
+            "rotation_p99_ms": (!away_walls.is_empty()).then(|| quantile(&away_walls, 0.99)),
+        });
+    }
     println!(
         "{}",
         serde_json::json!({
+            "unreachable_phase": away_json,
             "bench": "fanout",
             "agents": n,
             "rotations": rotations,
@@ -438,6 +625,4 @@ async fn bench(n: usize, rotations: usize) {
             "rotator_environment": shown,
         })
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -161,6 +161,16 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+    /// Stop pinning the keys of a quarantined agent that will not come back
+    /// (`[fanout] quarantine_after`); they are then purged by the usual
+    /// key-lifetime rule. Asks for confirmation unless --yes.
+    Evict {
+        /// The agent's name (its region when it is the region's only agent).
+        agent: String,
+        /// Confirm without a prompt.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Re-push the current generation to every agent that differs.
     Sync {
         /// How long to wait, in seconds.

@@ -85,16 +85,40 @@ pub mod duration {
         s.serialize_str(&format(d))
     }
 
+    /// A duration as written: a bare number of seconds, or text.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
-        }
         match Raw::deserialize(d)? {
             Raw::Seconds(n) => Ok(Duration::from_secs(n)),
             Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// The same for an optional setting: absent (or `"off"`) is `None`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&super::format(d)),
+                None => s.serialize_str("off"),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            match super::Raw::deserialize(d)? {
+                super::Raw::Text(t) if t.trim() == "off" => Ok(None),
+                super::Raw::Seconds(n) => Ok(Some(Duration::from_secs(n))),
+                super::Raw::Text(t) => super::parse(&t).map(Some).map_err(serde::de::Error::custom),
+            }
         }
     }
 

@@ -542,6 +542,37 @@ pub fn rotate_with(
     max_active_keys: usize,
     new_staged: Key,
 ) -> Result<KeySet, RotateError> {
+    rotate_keeping_with(
+        set,
+        max_active_keys,
+        &std::collections::BTreeSet::new(),
+        new_staged,
+    )
+}
+
+/// [`rotate`], except that the keys at `pinned` indices are neither purged nor
+/// counted against `max_active_keys`: they are kept *in addition*, outside
+/// Keystone's purge order (lowest index first), so a set may hold an old key
+/// below newer ones that were purged. The result is still a repository
+/// Keystone loads as usual (integer file names, staged 0, highest primary):
+/// Keystone decrypts with every key it finds and never looks at the count.
+/// A quarantined region's possible signing keys are kept so. With no pins it
+/// is exactly [`rotate`].
+pub fn rotate_keeping(
+    set: &KeySet,
+    max_active_keys: usize,
+    pinned: &std::collections::BTreeSet<u32>,
+) -> Result<KeySet, RotateError> {
+    rotate_keeping_with(set, max_active_keys, pinned, Key::generate())
+}
+
+/// [`rotate_keeping`] with a given new staged key.
+pub fn rotate_keeping_with(
+    set: &KeySet,
+    max_active_keys: usize,
+    pinned: &std::collections::BTreeSet<u32>,
+    new_staged: Key,
+) -> Result<KeySet, RotateError> {
     if max_active_keys == 0 {
         return Err(RotateError::MaxActiveKeys);
     }
@@ -551,9 +582,21 @@ pub fn rotate_with(
     let mut next = set.clone();
     next.remove(0);
     next.insert(new_primary, staged);
-    // Keystone counts the keys it had, not the fresh 0, against max_active_keys - 1.
-    while next.len() > max_active_keys - 1 {
-        let Some(lowest) = next.indices().first().copied() else {
+    let unpinned = |next: &KeySet| {
+        next.indices()
+            .into_iter()
+            .filter(|i| !pinned.contains(i))
+            .collect::<Vec<_>>()
+    };
+    // Keystone counts the keys it had, not the fresh 0, against
+    // max_active_keys - 1, and purges the lowest first; a pinned key is
+    // skipped and not counted.
+    loop {
+        let candidates = unpinned(&next);
+        if candidates.len() < max_active_keys {
+            break;
+        }
+        let Some(lowest) = candidates.first().copied() else {
             break;
         };
         next.remove(lowest);
@@ -941,6 +984,35 @@ mod tests {
             Err(RotateError::NoStagedKey)
         );
         assert_eq!(init(5).unwrap().indices(), vec![0, 1]);
+    }
+
+    #[test]
+    fn rotate_keeping_keeps_pinned_keys_outside_the_purge_order() {
+        use std::collections::BTreeSet;
+        let set = KeySet::from_keys([(0, key(0)), (1, key(1)), (2, key(2))]);
+        // No pins: Keystone's rotation, byte for byte.
+        assert_eq!(
+            rotate_keeping_with(&set, 3, &BTreeSet::new(), key(9)).unwrap(),
+            rotate_with(&set, 3, key(9)).unwrap()
+        );
+        // Key 1 pinned: kept through rotations that would purge it, and the
+        // unpinned keys still number max_active_keys.
+        let pins = BTreeSet::from([1]);
+        let mut s = set.clone();
+        for round in 0..5u8 {
+            s = rotate_keeping_with(&s, 3, &pins, key(10 + round)).unwrap();
+            assert!(s.get(1).is_some_and(|k| k == &key(1)), "round {round}");
+            let unpinned = s.indices().into_iter().filter(|i| *i != 1).count();
+            assert_eq!(unpinned, 3, "round {round}: {:?}", s.indices());
+        }
+        assert_eq!(s.indices(), vec![0, 1, 6, 7]);
+        assert_eq!(s.primary_index(), Some(7));
+        // Unpinned again, the next rotation purges it with the other old keys.
+        let s = rotate_keeping_with(&s, 3, &BTreeSet::new(), key(20)).unwrap();
+        assert_eq!(s.indices(), vec![0, 7, 8]);
+        // A pinned primary is kept in addition too (it is not counted).
+        let kept = rotate_keeping_with(&set, 3, &BTreeSet::from([2]), key(9)).unwrap();
+        assert_eq!(kept.indices(), vec![0, 1, 2, 3]);
     }
 
     #[test]

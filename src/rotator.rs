@@ -121,6 +121,12 @@ pub enum RotatorError {
         index: u32,
         indices: Vec<u32>,
     },
+    #[error("no enrolled agent named `{0}`")]
+    UnknownAgent(String),
+    #[error(
+        "agent `{0}` is not quarantined: only a quarantined agent can be evicted (see `fernetd admin agents`)"
+    )]
+    NotQuarantined(String),
     #[error("TLS set-up failed")]
     Tls(#[source] crate::tls::TlsError),
     #[error("agent `{region}`: bad endpoint `{endpoint}`: {reason}")]
@@ -419,6 +425,9 @@ async fn open_core(
         Default::default()
     });
     core.restore_acks(&acks);
+    // Who is quarantined and what is pinned must be known before the first
+    // rotation: a pin forgotten at restart would let its key be purged.
+    core.load_quarantine().await?;
     Ok(Arc::new(core))
 }
 

@@ -129,6 +129,32 @@ pub(super) async fn main(args: &AdminArgs) -> Result<Answer, CliError> {
             }
             ok
         }
+        AdminCommand::Evict { agent, yes } => {
+            confirm(
+                &format!(
+                    "evicting `{agent}` unpins the keys it may still sign with: its tokens stop validating once they are purged"
+                ),
+                agent,
+                *yes,
+            )?;
+            let response = client
+                .evict(pb::EvictRequest {
+                    agent: agent.clone(),
+                })
+                .await
+                .map_err(call)?
+                .into_inner();
+            if args.json {
+                out = json(&serde_json::json!({
+                    "agent": agent,
+                    "released": response.released,
+                    "message": response.message,
+                }));
+            } else {
+                let _ = writeln!(out, "{}", response.message);
+            }
+            true
+        }
         AdminCommand::Sync { wait } => {
             let request = pb::SyncRequest {
                 wait_ms: wait.saturating_mul(1000),
@@ -246,6 +272,8 @@ pub struct RepositoryView {
     /// The credential repository's migrate workflow.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialView>,
+    /// Keys kept outside the purge order for quarantined agents.
+    pub pinned: Vec<PinnedView>,
 }
 
 /// `--json` view of the credential repository's migrate workflow.
@@ -385,6 +413,19 @@ pub struct AgentView {
     pub last_ack_age_ms: Option<i64>,
     pub last_error: Option<String>,
     pub connected: bool,
+    /// In quarantine since then: it no longer blocks rotations.
+    pub quarantined_since: Option<String>,
+    /// Evicted from quarantine: its keys are no longer pinned.
+    pub evicted: bool,
+}
+
+/// `--json` view of a key pinned for a quarantined agent.
+#[derive(Debug, Serialize)]
+pub struct PinnedView {
+    pub index: u32,
+    pub agent: String,
+    /// Kept until then; none while the agent is quarantined.
+    pub until: Option<String>,
 }
 
 /// `--json` view of `admin status`.
@@ -467,6 +508,8 @@ impl From<&pb::AgentStatus> for AgentView {
             last_ack_age_ms: (a.last_ack_age_ms >= 0).then_some(a.last_ack_age_ms),
             last_error: non_empty(&a.last_error),
             connected: a.connected,
+            quarantined_since: unix_ms_to_rfc3339(a.quarantined_since_unix_ms),
+            evicted: a.evicted,
         }
     }
 }
@@ -488,6 +531,15 @@ impl From<&pb::StatusResponse> for StatusView {
                     next_rotation: unix_ms_to_rfc3339(r.next_rotation_unix_ms),
                     purge_safe_at: unix_ms_to_rfc3339(r.purge_safe_unix_ms),
                     credential: r.credential.as_ref().map(CredentialView::from),
+                    pinned: r
+                        .pinned
+                        .iter()
+                        .map(|p| PinnedView {
+                            index: p.index,
+                            agent: p.agent.clone(),
+                            until: unix_ms_to_rfc3339(p.until_unix_ms),
+                        })
+                        .collect(),
                 })
                 .collect(),
             regions: region_views(&s.agents),
@@ -567,12 +619,43 @@ pub fn render_status(out: &mut String, status: &pb::StatusResponse) {
         if !r.blocked_reason.is_empty() {
             let _ = writeln!(out, "  BLOCKED: {}", r.blocked_reason);
         }
+        for p in &r.pinned {
+            let until = unix_ms_to_rfc3339(p.until_unix_ms).map_or_else(
+                || "while it is quarantined".to_owned(),
+                |t| format!("until {t}"),
+            );
+            let _ = writeln!(out, "  pinned: key {} for {} ({until})", p.index, p.agent);
+        }
         if let Some(c) = &r.credential {
             render_credentials(out, &CredentialView::from(c));
         }
     }
+    render_quarantine(out, &status.agents);
     render_regions(out, &status.agents);
     render_agents(out, &status.agents);
+}
+
+/// One line per quarantined agent.
+fn render_quarantine(out: &mut String, agents: &[pb::AgentStatus]) {
+    let mut seen: Vec<&str> = Vec::new();
+    for a in agents.iter().filter(|a| a.quarantined_since_unix_ms > 0) {
+        if seen.contains(&agent_name(a)) {
+            continue;
+        }
+        seen.push(agent_name(a));
+        let _ = writeln!(
+            out,
+            "QUARANTINED: {} (region {}) since {}: does not block rotations; {}",
+            agent_name(a),
+            a.region,
+            unix_ms_to_rfc3339(a.quarantined_since_unix_ms).unwrap_or_default(),
+            if a.evicted {
+                "evicted, its keys are no longer pinned"
+            } else {
+                "the keys it may sign with are pinned; tokens issued elsewhere since then do not validate there until it returns"
+            }
+        );
+    }
 }
 
 /// One line per region: whether every one of its agents holds the current
@@ -684,7 +767,11 @@ pub fn render_agents(out: &mut String, agents: &[pb::AgentStatus]) {
             if a.digest_match { "match" } else { "DIFFERS" },
             age(a.last_ack_age_ms),
             if a.connected { "up" } else { "down" },
-            a.last_error
+            match (a.quarantined_since_unix_ms > 0, a.evicted) {
+                (true, true) => format!("QUARANTINED (evicted) {}", a.last_error),
+                (true, false) => format!("QUARANTINED {}", a.last_error),
+                _ => a.last_error.clone(),
+            }
         );
     }
 }

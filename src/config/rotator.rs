@@ -247,6 +247,11 @@ pub struct FanoutConfig {
     /// How long `admin rotate` and `admin sync` wait for acknowledgements by default.
     #[serde(with = "duration")]
     pub ack_wait: Duration,
+    /// After how long without acknowledging the current generation an agent
+    /// stops blocking rotations (quarantine, its possible signing keys pinned).
+    /// `None` (the default, or `"off"`): the strict rule, every agent blocks.
+    #[serde(with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub quarantine_after: Option<Duration>,
 }
 
 impl AgentEndpoint {
@@ -265,6 +270,7 @@ impl Default for FanoutConfig {
             backoff_max: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(30),
             ack_wait: Duration::from_secs(60),
+            quarantine_after: None,
         }
     }
 }

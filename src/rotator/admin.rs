@@ -73,7 +73,10 @@ impl AdminService {
 fn status_of(e: RotatorError) -> Status {
     use RotatorError as E;
     match e {
-        E::UnknownRepository(_) | E::UnknownKey { .. } => Status::not_found(e.to_string()),
+        E::UnknownRepository(_) | E::UnknownKey { .. } | E::UnknownAgent(_) => {
+            Status::not_found(e.to_string())
+        }
+        E::NotQuarantined(_) => Status::failed_precondition(e.to_string()),
         E::Ha(super::ha::HaError::NotLeader { .. }) => Status::failed_precondition(e.to_string()),
         other => Status::internal(crate::error_chain(&other)),
     }
@@ -121,6 +124,26 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(status_of)?;
         Ok(Response::new(rotate_response(response)))
+    }
+
+    async fn evict(
+        &self,
+        request: Request<pb::EvictRequest>,
+    ) -> Result<Response<pb::EvictResponse>, Status> {
+        let admin = self.authorize(&request, "Evict")?;
+        self.leader_only()?;
+        let agent = request.into_inner().agent;
+        tracing::warn!(admin = %admin, agent = %agent, "eviction requested");
+        let released = self.core.evict(&agent, &admin).await.map_err(status_of)?;
+        let message = format!(
+            "`{agent}` evicted: {} no longer pinned; they are purged by the usual key-lifetime rule",
+            if released.is_empty() {
+                "no key".to_owned()
+            } else {
+                released.join(", ")
+            }
+        );
+        Ok(Response::new(pb::EvictResponse { released, message }))
     }
 
     async fn sync(

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::RotatorError;
 use super::credential::{Gate, MigrateRecord};
 use super::fleet::{AgentSlot, Enrolment, Fleet, Plan, plan};
-use super::ledger::{Ledger, Unsafe};
+use super::ledger::{
+    Ledger, QUARANTINE, QuarantineRecord, Quarantined, Unsafe, possible_signing_keys,
+};
 use super::metrics::Metrics;
 use super::state::{AckRecord, Acks};
 use super::store::{CREDENTIAL_MIGRATE, EMERGENCY_PURGE, EmergencyPurge, Store, StoreError};
@@ -182,6 +184,7 @@ impl Core {
         }
         let acks = self.store.load_acks().await?;
         self.restore_acks(&acks);
+        self.load_quarantine().await?;
         self.refresh_credential_record().await
     }
 
@@ -410,13 +413,15 @@ impl Core {
         Ok(())
     }
 
-    /// Regions that do not hold `generation` of repository `r`.
+    /// Regions that do not hold `generation` of repository `r`, quarantined
+    /// agents apart (they do not block).
     fn regions_missing(&self, r: RepoId, generation: &Generation) -> Vec<String> {
+        let applies = self.repos[r].kind.signs_tokens();
         self.fleet
             .agents
             .snapshot()
             .iter()
-            .filter(|(_, a)| !a.holds(r, generation))
+            .filter(|(_, a)| a.blocks(r, generation, applies))
             .map(|(_, a)| a.label())
             .collect()
     }
@@ -424,11 +429,12 @@ impl Core {
     /// Whether repository `r` may rotate now under the safety rule.
     pub(super) fn may_rotate(&self, r: RepoId) -> bool {
         let current = self.repos[r].current();
+        let applies = self.repos[r].kind.signs_tokens();
         self.fleet
             .agents
             .snapshot()
             .iter()
-            .all(|(_, a)| a.holds(r, &current))
+            .all(|(_, a)| !a.blocks(r, &current, applies))
     }
 
     /// Rotates the selected repositories (all when `request.repositories` is
@@ -536,7 +542,13 @@ impl Core {
             return Ok(refused);
         }
         let missing = std::mem::take(&mut outcome.pending_regions);
-        let next_keys = repository::rotate(&current.keys, repo.max_active_keys)?;
+        let pinned = repo.quarantine().pinned(now_ms());
+        let next_keys = repository::rotate_keeping(&current.keys, repo.max_active_keys, &pinned)?;
+        if next_keys.len() > repo.max_active_keys {
+            // Pins are kept in addition to max_active_keys: Keystone loads
+            // every key file whatever their number.
+            tracing::warn!(repository = %repo.name, keys = next_keys.len(), max_active_keys = repo.max_active_keys, pinned = ?pinned, "keys pinned for quarantined agents are kept beyond max_active_keys");
+        }
         let next_number = current.number + 1;
         if force {
             outcome.rejecting_regions = missing.clone();
@@ -837,9 +849,10 @@ impl Core {
         let current = repo.current();
         let start = repo.demotion_cursor.load(Ordering::Acquire);
         let agents = self.fleet.agents.snapshot();
+        let applies = repo.kind.signs_tokens();
         if let Some((i, _)) = agents
             .iter_from(AgentId(start))
-            .find(|(_, a)| !a.holds(r, &current))
+            .find(|(_, a)| a.blocks(r, &current, applies))
         {
             repo.demotion_cursor.store(i.0, Ordering::Release);
             return false;
@@ -872,7 +885,9 @@ impl Core {
     pub(super) fn purge_safe_ms(&self, r: RepoId) -> i64 {
         let repo = &self.repos[r];
         let current = repo.current();
-        let Ok(next) = repository::rotate(&current.keys, repo.max_active_keys) else {
+        let pinned = repo.quarantine().pinned(now_ms());
+        let Ok(next) = repository::rotate_keeping(&current.keys, repo.max_active_keys, &pinned)
+        else {
             return 0;
         };
         if repo.kind == RepoKind::Credential {
@@ -1015,8 +1030,10 @@ impl Core {
                 .map(|&r| (r, self.repos[r].current()))
                 .collect();
             let done = |agent: &AgentSlot| {
-                (!fresh || !agent.lock().probe)
-                    && currents.iter().all(|(r, current)| agent.holds(*r, current))
+                (!fresh || !agent.lock().probe || agent.is_quarantined())
+                    && currents.iter().all(|(r, current)| {
+                        !agent.blocks(*r, current, self.repos[*r].kind.signs_tokens())
+                    })
             };
             let behind = |from: usize| {
                 agents
@@ -1170,6 +1187,283 @@ impl Core {
                 tracing::info!(repository = %repo.name, "no longer blocked: every agent holds the current generation");
             }
         }
+    }
+}
+
+// ---- quarantine ([fanout] quarantine_after): an agent away for that long
+// stops blocking token rotations; the keys it may sign with are pinned.
+impl Core {
+    /// Takes the quarantine records from the store (start, a new term).
+    pub(super) async fn load_quarantine(&self) -> Result<(), StoreError> {
+        let agents = self.fleet.agents.snapshot();
+        for (_, agent) in agents.iter() {
+            agent.lock().quarantined = None;
+        }
+        for (_, repo) in self.repos() {
+            let record: QuarantineRecord = self
+                .store
+                .load_record(&repo.name, QUARANTINE)
+                .await?
+                .unwrap_or_default();
+            for (_, agent) in agents.iter() {
+                if let Some(q) = record.agents.get(&agent.name) {
+                    agent.lock().quarantined = Some(*q);
+                }
+            }
+            *repo.quarantine() = record;
+        }
+        Ok(())
+    }
+
+    /// Stores `records` (one per repository, in order), then makes them current.
+    async fn store_quarantine(&self, records: Vec<QuarantineRecord>) -> Result<(), StoreError> {
+        for ((_, repo), record) in self.repos().zip(&records) {
+            if *repo.quarantine() != *record {
+                self.store
+                    .save_record(&repo.name, QUARANTINE, record)
+                    .await?;
+            }
+        }
+        for ((_, repo), record) in self.repos().zip(records) {
+            *repo.quarantine() = record;
+        }
+        Ok(())
+    }
+
+    /// Once a second: notes since when each agent is behind, quarantines one
+    /// behind for `quarantine_after` (its possible signing keys pinned, the
+    /// record stored before any commit can skip it), lets one that holds
+    /// every current generation again leave (its pins kept until their
+    /// tokens expired), and drops pins whose time has passed.
+    pub(super) async fn review_quarantine(&self) {
+        let after = self.fanout.quarantine_after;
+        if after.is_none() && self.repos.iter().all(|r| r.quarantine().is_empty()) {
+            return;
+        }
+        let _between_rotations = self.rotation.lock().await;
+        let now = now_ms();
+        let mut records: Vec<QuarantineRecord> =
+            self.repos.iter().map(|r| r.quarantine().clone()).collect();
+        let mut entered = Vec::new();
+        let mut left = Vec::new();
+        let agents = self.fleet.agents.snapshot();
+        for (_, agent) in agents.iter() {
+            let behind = self
+                .repos()
+                .any(|(r, repo)| agent.blocks(r, &repo.current(), false));
+            let (since, quarantined) = {
+                let mut st = agent.lock();
+                if !behind {
+                    st.behind_since_ms = None;
+                } else if st.behind_since_ms.is_none() {
+                    st.behind_since_ms = Some(now);
+                }
+                (st.behind_since_ms, st.quarantined)
+            };
+            match (quarantined, since) {
+                (Some(_), None) => {
+                    for ((_, repo), record) in self.repos().zip(records.iter_mut()) {
+                        let released = record.release(&agent.name, now, self.key_lifetime);
+                        let primary = repo.current().keys.primary_index();
+                        let mut ledger = repo.ledger();
+                        for index in released {
+                            if ledger.demote_no_earlier(index, primary, now) {
+                                repo.ledger_dirty.store(true, Ordering::Release);
+                            }
+                        }
+                    }
+                    left.push(agent.clone());
+                }
+                (None, Some(since))
+                    if after.is_some_and(|after| {
+                        now.saturating_sub(since)
+                            >= i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+                    }) =>
+                {
+                    let mut pinned = Vec::new();
+                    for ((r, repo), record) in self.repos().zip(records.iter_mut()) {
+                        record.agents.insert(
+                            agent.name.clone(),
+                            Quarantined {
+                                since_ms: since,
+                                evicted_ms: None,
+                            },
+                        );
+                        if !repo.kind.signs_tokens() {
+                            continue;
+                        }
+                        let current = repo.current();
+                        let held = agent.lock().held[r].generation;
+                        for index in possible_signing_keys(&current.keys, current.number, held) {
+                            record.pin(&agent.name, index, &current.keys);
+                            pinned.push(format!("{}:{index}", repo.name));
+                        }
+                    }
+                    entered.push((agent.clone(), since, pinned));
+                }
+                _ => {}
+            }
+        }
+        let mut expired = false;
+        let enrolled: std::collections::BTreeSet<&str> =
+            agents.iter().map(|(_, a)| a.name.as_str()).collect();
+        for record in &mut records {
+            expired |= record.expire(now);
+            // An agent a reload removed is gone for good: nothing stays
+            // pinned for it (as after `evict`).
+            if record.forget_except(&enrolled) {
+                tracing::info!("keys pinned for agents no longer enrolled are released");
+                expired = true;
+            }
+        }
+        if entered.is_empty() && left.is_empty() && !expired {
+            return;
+        }
+        if let Err(e) = self.store_quarantine(records).await {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot record the quarantine; retrying");
+            return;
+        }
+        for (agent, since, pinned) in entered {
+            agent.lock().quarantined = Some(Quarantined {
+                since_ms: since,
+                evicted_ms: None,
+            });
+            let detail = format!(
+                "no acknowledgement of the current generation since {}: no longer blocks rotations; keys pinned: {}",
+                rfc3339(since),
+                if pinned.is_empty() {
+                    "none".to_owned()
+                } else {
+                    pinned.join(", ")
+                }
+            );
+            tracing::warn!(agent = %agent.name, region = %agent.region, pinned = ?pinned, "agent quarantined: {detail}");
+            self.emit("quarantined", "", Some(&agent), 0, detail.clone());
+            self.audit_agent(&agent, "rotator", "quarantine", "quarantined", detail)
+                .await;
+        }
+        for agent in left {
+            agent.lock().quarantined = None;
+            let detail = format!(
+                "holds every current generation again: leaves quarantine; its pinned keys are kept until {}",
+                rfc3339(now.saturating_add(
+                    i64::try_from(self.key_lifetime.as_millis()).unwrap_or(i64::MAX)
+                ))
+            );
+            tracing::info!(agent = %agent.name, region = %agent.region, "agent left quarantine: {detail}");
+            self.emit("unquarantined", "", Some(&agent), 0, detail.clone());
+            self.audit_agent(&agent, "rotator", "quarantine", "left", detail)
+                .await;
+        }
+        self.refresh_blocked();
+        self.bump_progress();
+    }
+
+    /// Before generation `generation` of `r` is sent to a quarantined agent:
+    /// its primary is pinned for it, durably, since the agent may sign with
+    /// it from the moment it installs it. An error when the pin could not be
+    /// stored: then nothing is sent.
+    pub(super) async fn pin_delivery(
+        &self,
+        i: AgentId,
+        r: RepoId,
+        generation: &Generation,
+    ) -> Result<(), String> {
+        let Some(agent) = self.agent(i) else {
+            return Ok(());
+        };
+        let repo = &self.repos[r];
+        let quarantined = agent.lock().quarantined;
+        if quarantined.is_none_or(|q| q.evicted_ms.is_some()) || !repo.kind.signs_tokens() {
+            return Ok(());
+        }
+        let Some(primary) = generation.keys.primary_index() else {
+            return Ok(());
+        };
+        let _one_writer = self.rotation.lock().await;
+        let mut record = repo.quarantine().clone();
+        if !record.pin(&agent.name, primary, &generation.keys) {
+            return Ok(());
+        }
+        self.store
+            .save_record(&repo.name, QUARANTINE, &record)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot record the pin of key {primary} before pushing to a quarantined agent: {}",
+                    crate::error_chain(&e)
+                )
+            })?;
+        *repo.quarantine() = record;
+        Ok(())
+    }
+
+    /// `fernetd admin evict`: a quarantined agent that will not come back
+    /// no longer has keys pinned; they are purged by the usual rule. It stays
+    /// out of the safety rule until it acknowledges again. Returns the
+    /// released keys as `repository:index`.
+    pub(super) async fn evict(&self, name: &str, actor: &str) -> Result<Vec<String>, RotatorError> {
+        let _between_rotations = self.rotation.lock().await;
+        let agent = self
+            .fleet
+            .agents
+            .snapshot()
+            .iter()
+            .find(|(_, a)| a.name == name)
+            .map(|(_, a)| a.clone())
+            .ok_or_else(|| RotatorError::UnknownAgent(name.to_owned()))?;
+        let Some(quarantined) = agent.lock().quarantined else {
+            return Err(RotatorError::NotQuarantined(name.to_owned()));
+        };
+        let now = now_ms();
+        let mut released = Vec::new();
+        let mut records: Vec<QuarantineRecord> =
+            self.repos.iter().map(|r| r.quarantine().clone()).collect();
+        for ((_, repo), record) in self.repos().zip(records.iter_mut()) {
+            for index in record.evict(name, now) {
+                released.push(format!("{}:{index}", repo.name));
+            }
+        }
+        self.store_quarantine(records).await?;
+        agent.lock().quarantined = Some(Quarantined {
+            evicted_ms: Some(quarantined.evicted_ms.unwrap_or(now)),
+            ..quarantined
+        });
+        let detail = format!(
+            "evicted from quarantine; keys no longer pinned: {}",
+            if released.is_empty() {
+                "none".to_owned()
+            } else {
+                released.join(", ")
+            }
+        );
+        tracing::warn!(agent = %agent.name, region = %agent.region, admin = %actor, "{detail}");
+        self.emit("evicted", "", Some(&agent), 0, detail.clone());
+        self.audit_agent(&agent, actor, "evict", "evicted", detail)
+            .await;
+        self.bump_progress();
+        Ok(released)
+    }
+
+    /// Records a change of one agent's standing in the audit log.
+    async fn audit_agent(
+        &self,
+        agent: &AgentSlot,
+        actor: &str,
+        event: &'static str,
+        outcome: &'static str,
+        detail: String,
+    ) {
+        let entry = crate::audit::Entry {
+            actor: actor.to_owned(),
+            event,
+            agent: agent.name.clone(),
+            region: agent.region.clone(),
+            outcome,
+            detail,
+            ..Default::default()
+        };
+        crate::audit::maybe_append(self.audit.as_ref(), entry).await;
     }
 }
 
@@ -1447,6 +1741,21 @@ pub(super) mod tests {
 
     /// A core as [`core`] with `max_active_keys` and a key lifetime.
     fn core_with(regions: &[&str], max_active_keys: usize, key_lifetime: Duration) -> Arc<Core> {
+        core_fanout(
+            regions,
+            max_active_keys,
+            key_lifetime,
+            FanoutConfig::default(),
+        )
+    }
+
+    /// A core as [`core_with`] with its `[fanout]`.
+    fn core_fanout(
+        regions: &[&str],
+        max_active_keys: usize,
+        key_lifetime: Duration,
+        fanout: FanoutConfig,
+    ) -> Arc<Core> {
         let store = Store::memory();
         let keys = repository::init(max_active_keys).expect("init");
         let ledger = Ledger::fresh(&keys, now_ms());
@@ -1477,7 +1786,7 @@ pub(super) mod tests {
             repos,
             agents,
             store,
-            FanoutConfig::default(),
+            fanout,
             metrics,
             key_lifetime,
         ))
@@ -1510,6 +1819,104 @@ pub(super) mod tests {
             no_wait: true,
             ..Default::default()
         }
+    }
+
+    /// Quarantine: an agent behind for `quarantine_after` stops blocking; the
+    /// keys it may sign with stay in every generation committed meanwhile,
+    /// the record is in the store; once it acknowledges it leaves, and an
+    /// evicted agent's keys are purged by the next rotation.
+    #[tokio::test]
+    async fn a_quarantined_agent_stops_blocking_and_its_keys_stay_until_it_returns() {
+        let fanout = FanoutConfig {
+            quarantine_after: Some(Duration::from_secs(1)),
+            ..FanoutConfig::default()
+        };
+        let core = core_fanout(&["RegionOne", "RegionTwo"], 3, Duration::ZERO, fanout);
+        let stop = CancellationToken::new();
+        let (one, two) = (AgentId(0), AgentId(1));
+        ack(&core, one);
+        ack(&core, two);
+        let rotate = |core: Arc<Core>| {
+            let stop = stop.clone();
+            async move {
+                core.rotate(&request(false, false), "test", stop)
+                    .await
+                    .expect("rotate")
+                    .remove(0)
+            }
+        };
+        assert!(rotate(core.clone()).await.rotated);
+        ack(&core, one);
+        // RegionTwo holds generation 1 (primary 1) and was sent 2 (primary 2).
+        assert!(!rotate(core.clone()).await.rotated, "blocked by RegionTwo");
+        core.review_quarantine().await;
+        assert!(!core.agent(two).unwrap().is_quarantined(), "not yet");
+        core.agent(two).unwrap().lock().behind_since_ms = Some(now_ms() - 5_000);
+        core.review_quarantine().await;
+        assert!(core.agent(two).unwrap().is_quarantined());
+        let stored: QuarantineRecord = core
+            .store
+            .load_record("tokens", QUARANTINE)
+            .await
+            .expect("load")
+            .expect("stored before it counts");
+        assert!(stored.agents.contains_key("RegionTwo"));
+        assert_eq!(core.repos[0].quarantine().pinned(now_ms()), [1, 2].into());
+        // A restart (or a new leader) takes both from the store.
+        core.agent(two).unwrap().lock().quarantined = None;
+        *core.repos[0].quarantine() = QuarantineRecord::default();
+        core.load_quarantine().await.expect("load");
+        assert!(core.agent(two).unwrap().is_quarantined());
+        assert_eq!(core.repos[0].quarantine().pinned(now_ms()), [1, 2].into());
+        for round in 0..5 {
+            let o = rotate(core.clone()).await;
+            assert!(o.rotated, "round {round}: {}", o.message);
+            ack(&core, one);
+            let keys = core.repos[0].current().keys.indices();
+            assert!(
+                keys.contains(&1) && keys.contains(&2),
+                "round {round}: {keys:?}"
+            );
+        }
+        // RegionTwo comes back and acknowledges: it leaves quarantine, and
+        // (token lifetime 0 here) its keys go with the next rotation.
+        ack(&core, two);
+        core.review_quarantine().await;
+        assert!(!core.agent(two).unwrap().is_quarantined());
+        core.review_quarantine().await;
+        assert!(core.repos[0].quarantine().is_empty());
+        assert!(rotate(core.clone()).await.rotated);
+        let keys = core.repos[0].current().keys.indices();
+        assert!(!keys.contains(&1) && !keys.contains(&2), "{keys:?}");
+        ack(&core, one);
+        ack(&core, two);
+        // Away again, then evicted: its pins go, and so do its keys.
+        assert!(rotate(core.clone()).await.rotated);
+        ack(&core, one);
+        core.agent(two).unwrap().lock().behind_since_ms = Some(now_ms() - 5_000);
+        core.review_quarantine().await;
+        let pinned = core.repos[0].quarantine().pinned(now_ms());
+        assert!(!pinned.is_empty());
+        assert!(matches!(
+            core.evict("RegionOne", "admin").await,
+            Err(RotatorError::NotQuarantined(_))
+        ));
+        let released = core.evict("RegionTwo", "admin").await.expect("evict");
+        assert_eq!(released.len(), pinned.len());
+        assert!(core.repos[0].quarantine().pinned(now_ms()).is_empty());
+        assert!(
+            core.agent(two).unwrap().is_quarantined(),
+            "still not blocking"
+        );
+        for _ in 0..3 {
+            assert!(rotate(core.clone()).await.rotated);
+            ack(&core, one);
+        }
+        let keys = core.repos[0].current().keys.indices();
+        assert!(
+            pinned.iter().all(|p| !keys.contains(p)),
+            "{keys:?} {pinned:?}"
+        );
     }
 
     #[tokio::test]

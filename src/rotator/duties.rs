@@ -40,6 +40,7 @@ async fn reconcile_loop(core: Arc<Core>, stop: CancellationToken) {
             _ = reconcile.tick() => core.fleet.reconcile_all(false),
             _ = flush.tick() => {
                 core.flush_acks().await;
+                core.review_quarantine().await;
                 core.flush_ledgers().await;
             }
             _ = stop.cancelled() => return,

@@ -64,7 +64,12 @@ async fn work(core: &Core, i: AgentId) -> Result<(), String> {
     let Some(agent) = core.fleet.agent(i) else {
         return Ok(());
     };
-    let probe = agent.lock().probe;
+    // A quarantined agent is read back before anything is sent: a push that
+    // may land pins a key, and one that cannot answer should not.
+    let probe = {
+        let st = agent.lock();
+        st.probe || st.quarantined.is_some()
+    };
     if probe {
         // Boxed: a read-back is rare, and its tonic call would otherwise
         // size every push's task (a spawned future is copied in whole).
@@ -91,6 +96,9 @@ async fn work(core: &Core, i: AgentId) -> Result<(), String> {
         }
         if let Some(reason) = core.agent_ahead(i, r, &generation) {
             return Err(reason);
+        }
+        if agent.is_quarantined() {
+            Box::pin(core.pin_delivery(i, r, &generation)).await?;
         }
         let started = std::time::Instant::now();
         let result = install(&agent, &generation, core.fanout.call_timeout).await;

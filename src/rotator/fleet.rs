@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
+use super::ledger::Quarantined;
 use super::schedule::Backoff;
 use super::types::{AgentId, Generation, Held, RepoId};
 use crate::config::{AgentEndpoint, FanoutConfig};
@@ -60,6 +61,11 @@ pub(super) struct AgentState {
     pub(super) last_error: Option<String>,
     pub(super) connected: bool,
     pub(super) held: Vec<Held>,
+    /// Since when it has not held every current generation (Unix ms), as
+    /// last looked at by `Core::review_quarantine`; restarts with the process.
+    pub(super) behind_since_ms: Option<i64>,
+    /// In quarantine: it blocks no token repository's rotation.
+    pub(super) quarantined: Option<Quarantined>,
 }
 
 /// One enrolled agent: its own name (a controller) and the region it serves.
@@ -92,6 +98,8 @@ impl AgentSlot {
                 last_error: None,
                 connected: false,
                 held: vec![Held::default(); repos],
+                behind_since_ms: None,
+                quarantined: None,
             }),
         }
     }
@@ -113,12 +121,39 @@ impl AgentSlot {
     /// Whether it holds `generation` of repository `r` (same number and
     /// digest, no drift, confirmed by the agent since this process started).
     pub(super) fn holds(&self, r: RepoId, generation: &Generation) -> bool {
-        let held = self.lock().held[r];
-        held.generation == generation.number
-            && held.digest == Some(generation.digest)
-            && !held.drift
-            && !held.restored
+        confirmed(&self.lock().held[r], generation)
     }
+}
+
+impl AgentSlot {
+    /// Whether it keeps `generation` of repository `r` from rotating: it does
+    /// not hold it and is not quarantined (`quarantine_applies`: the
+    /// repository signs tokens; a credential repository never skips anyone).
+    pub(super) fn blocks(
+        &self,
+        r: RepoId,
+        generation: &Generation,
+        quarantine_applies: bool,
+    ) -> bool {
+        let st = self.lock();
+        if quarantine_applies && st.quarantined.is_some() {
+            return false;
+        }
+        !confirmed(&st.held[r], generation)
+    }
+
+    pub(super) fn is_quarantined(&self) -> bool {
+        self.lock().quarantined.is_some()
+    }
+}
+
+/// `held` is `generation` (same number and digest, no drift), confirmed by
+/// the agent since this process started.
+fn confirmed(held: &Held, generation: &Generation) -> bool {
+    held.generation == generation.number
+        && held.digest == Some(generation.digest)
+        && !held.drift
+        && !held.restored
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

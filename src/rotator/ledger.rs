@@ -238,11 +238,235 @@ impl Ledger {
     }
 }
 
+/// The store record kind of a repository's quarantine (`[fanout]
+/// quarantine_after`): which agents are quarantined and which keys are pinned.
+pub const QUARANTINE: &str = "quarantine";
+
+/// An agent in quarantine: it no longer blocks rotations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Since when it had not acknowledged the current generation (Unix ms).
+    pub since_ms: i64,
+    /// When an operator evicted it (its keys are no longer pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted_ms: Option<i64>,
+}
+
+/// A key kept in every generation, outside Keystone's purge order, because a
+/// quarantined agent may still sign tokens with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub agent: String,
+    pub index: u32,
+    /// The first 16 hex digits of SHA-256 over the key's index and bytes (the
+    /// set digest of that one key): says which key was pinned, reveals nothing.
+    pub fingerprint: String,
+    /// Kept until then (Unix ms): the agent came back, and the last tokens
+    /// the key can have signed expire then. `None` while it is quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+}
+
+/// One repository's quarantine record, durable in the store: it survives a
+/// restart and a failover, and is written before any commit relies on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    #[serde(default)]
+    pub agents: BTreeMap<String, Quarantined>,
+    #[serde(default)]
+    pub pins: Vec<Pin>,
+}
+
+impl QuarantineRecord {
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.pins.is_empty()
+    }
+
+    /// The indices a rotation at `now_ms` must keep.
+    pub fn pinned(&self, now_ms: i64) -> std::collections::BTreeSet<u32> {
+        self.pins
+            .iter()
+            .filter(|p| p.until_ms.is_none_or(|until| until > now_ms))
+            .map(|p| p.index)
+            .collect()
+    }
+
+    /// Pins key `index` of `keys` for `agent` (while it is quarantined);
+    /// whether anything changed. A key released earlier is pinned again.
+    pub fn pin(&mut self, agent: &str, index: u32, keys: &KeySet) -> bool {
+        let Some(key) = keys.get(index) else {
+            return false;
+        };
+        let fingerprint =
+            KeySet::from_keys([(index, key.clone())]).digest().to_hex()[..16].to_owned();
+        if let Some(pin) = self
+            .pins
+            .iter_mut()
+            .find(|p| p.agent == agent && p.index == index && p.fingerprint == fingerprint)
+        {
+            return pin.until_ms.take().is_some();
+        }
+        self.pins.push(Pin {
+            agent: agent.to_owned(),
+            index,
+            fingerprint,
+            until_ms: None,
+        });
+        true
+    }
+
+    /// `agent` acknowledged the current generation at `now_ms`: it leaves
+    /// quarantine, and its pins are kept until `now_ms + lifetime` (the keys
+    /// stopped signing there no later than now). Returns the released indices.
+    pub fn release(&mut self, agent: &str, now_ms: i64, lifetime: Duration) -> Vec<u32> {
+        self.agents.remove(agent);
+        let mut released = Vec::new();
+        for pin in self.pins.iter_mut().filter(|p| p.agent == agent) {
+            if pin.until_ms.is_none() {
+                pin.until_ms = Some(add(now_ms, lifetime));
+                released.push(pin.index);
+            }
+        }
+        released
+    }
+
+    /// An operator gave up on `agent`: its pins go at once, and it stays in
+    /// quarantine (not blocking, nothing pinned) until it acknowledges.
+    /// Returns the indices no longer pinned for it.
+    pub fn evict(&mut self, agent: &str, now_ms: i64) -> Vec<u32> {
+        if let Some(q) = self.agents.get_mut(agent) {
+            q.evicted_ms.get_or_insert(now_ms);
+        }
+        let mut dropped = Vec::new();
+        self.pins.retain(|p| {
+            let mine = p.agent == agent;
+            if mine {
+                dropped.push(p.index);
+            }
+            !mine
+        });
+        dropped
+    }
+
+    /// Forgets agents (and their pins) not in `enrolled`; whether any was.
+    pub fn forget_except(&mut self, enrolled: &std::collections::BTreeSet<&str>) -> bool {
+        let before = (self.agents.len(), self.pins.len());
+        self.agents
+            .retain(|name, _| enrolled.contains(name.as_str()));
+        self.pins.retain(|p| enrolled.contains(p.agent.as_str()));
+        before != (self.agents.len(), self.pins.len())
+    }
+
+    /// Drops pins whose time has passed; whether any was dropped.
+    pub fn expire(&mut self, now_ms: i64) -> bool {
+        let before = self.pins.len();
+        self.pins
+            .retain(|p| p.until_ms.is_none_or(|until| until > now_ms));
+        self.pins.len() != before
+    }
+}
+
+/// The keys of `current` (generation `current_gen`) that an agent holding
+/// generation `held_gen` may sign with: the primary of what it holds and of
+/// every later generation it may have been sent. A generation raises the
+/// primary's index by at most one (a rotation by one, a purge by one or
+/// none), so every index from `primary - (current_gen - held_gen)` up to the
+/// primary covers them (a superset when a purge did not move the primary).
+/// None for an agent that never held a generation of this rotator.
+pub fn possible_signing_keys(current: &KeySet, current_gen: u64, held_gen: u64) -> Vec<u32> {
+    let Some(primary) = current.primary_index() else {
+        return Vec::new();
+    };
+    if held_gen == 0 {
+        return Vec::new();
+    }
+    let behind = u32::try_from(current_gen.saturating_sub(held_gen)).unwrap_or(u32::MAX);
+    let lowest = primary.saturating_sub(behind).max(1);
+    current
+        .indices()
+        .into_iter()
+        .filter(|i| *i >= lowest && *i <= primary)
+        .collect()
+}
+
+impl Ledger {
+    /// A quarantined agent came back at `now_ms`: a key it may have signed
+    /// with counts as demoted no earlier than then.
+    pub fn demote_no_earlier(&mut self, index: u32, primary: Option<u32>, now_ms: i64) -> bool {
+        if Some(index) == primary {
+            return false;
+        }
+        match self.keys.get_mut(&index) {
+            Some(t) if t.demoted_ms.is_none_or(|d| d < now_ms) => {
+                t.demoted_ms = Some(now_ms);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::repository;
     use proptest::prelude::*;
+
+    #[test]
+    fn quarantine_pins_until_released_then_for_a_token_lifetime() {
+        let keys = KeySet::from_keys([
+            (0, repository::Key::generate()),
+            (3, repository::Key::generate()),
+            (4, repository::Key::generate()),
+            (5, repository::Key::generate()),
+        ]);
+        // Holds generation 9 while 10 is current (primary 5): 4 and 5.
+        assert_eq!(possible_signing_keys(&keys, 10, 9), vec![4, 5]);
+        assert_eq!(possible_signing_keys(&keys, 10, 10), vec![5]);
+        assert_eq!(possible_signing_keys(&keys, 10, 0), Vec::<u32>::new());
+        assert_eq!(possible_signing_keys(&keys, 10, 2), vec![3, 4, 5]);
+        let mut q = QuarantineRecord::default();
+        q.agents.insert(
+            "r5".into(),
+            Quarantined {
+                since_ms: 1,
+                evicted_ms: None,
+            },
+        );
+        assert!(q.pin("r5", 4, &keys));
+        assert!(!q.pin("r5", 4, &keys), "pinned once");
+        assert!(!q.pin("r5", 7, &keys), "not in the set");
+        assert_eq!(q.pinned(100), [4].into());
+        let lifetime = Duration::from_millis(1000);
+        assert_eq!(q.release("r5", 100, lifetime), vec![4]);
+        assert!(q.agents.is_empty());
+        assert_eq!(q.pinned(1099), [4].into(), "kept for the tokens' lifetime");
+        assert!(q.pinned(1100).is_empty());
+        assert!(!q.expire(1099));
+        assert!(q.expire(1100));
+        assert!(q.is_empty());
+        // Evicted: its pins go at once.
+        q.agents.insert(
+            "r5".into(),
+            Quarantined {
+                since_ms: 1,
+                evicted_ms: None,
+            },
+        );
+        q.pin("r5", 5, &keys);
+        q.pin("r4", 4, &keys);
+        assert_eq!(q.evict("r5", 50), vec![5]);
+        assert_eq!(q.pinned(60), [4].into());
+        assert_eq!(q.agents["r5"].evicted_ms, Some(50));
+        // A removed agent is forgotten with its pins.
+        assert!(!q.forget_except(&["r4", "r5"].into()));
+        assert!(q.forget_except(&["r5"].into()));
+        assert!(q.pinned(60).is_empty());
+        q.pin("r4", 4, &keys);
+        // Survives the store's encoding.
+        let json = serde_json::to_string(&q).unwrap();
+        assert_eq!(serde_json::from_str::<QuarantineRecord>(&json).unwrap(), q);
+    }
 
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 24 * HOUR;

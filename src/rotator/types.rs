@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::RotatorError;
-use super::ledger::Ledger;
+use super::ledger::{Ledger, QuarantineRecord};
 use super::state::Committed;
 use crate::config::RepoKind;
 use crate::pb;
@@ -157,6 +157,8 @@ pub(super) struct RepoSlot {
     pub(super) ledger_dirty: AtomicBool,
     /// Where `Core::all_hold_current` resumes.
     pub(super) demotion_cursor: AtomicUsize,
+    /// Quarantined agents and the keys pinned for them, as last stored.
+    quarantine: Mutex<QuarantineRecord>,
 }
 
 impl RepoSlot {
@@ -179,11 +181,17 @@ impl RepoSlot {
             ledger: Mutex::new(ledger),
             ledger_dirty: AtomicBool::new(false),
             demotion_cursor: AtomicUsize::new(0),
+            quarantine: Mutex::new(QuarantineRecord::default()),
         }
     }
 
     pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
         lock(&self.ledger)
+    }
+
+    /// The quarantine record as last stored (change it only after storing).
+    pub(super) fn quarantine(&self) -> MutexGuard<'_, QuarantineRecord> {
+        lock(&self.quarantine)
     }
 
     pub(super) fn current(&self) -> Arc<Generation> {

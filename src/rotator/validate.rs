@@ -73,6 +73,18 @@ pub(super) fn validate(
             return Err(RotatorError::Config(format!("{key} must be more than 0s")));
         }
     }
+    if let Some(after) = fanout.quarantine_after {
+        // Shorter than a read-back pass, an agent would be quarantined before
+        // the rotator could even have looked at it once more.
+        if after < fanout.reconcile_interval || after < fanout.call_timeout {
+            return Err(RotatorError::Config(format!(
+                "fanout.quarantine_after ({}) must be at least fanout.reconcile_interval ({}) and fanout.call_timeout ({}); leave it out for the strict rule",
+                duration::format(&after),
+                duration::format(&fanout.reconcile_interval),
+                duration::format(&fanout.call_timeout)
+            )));
+        }
+    }
     if fanout.backoff_max < fanout.backoff_base {
         return Err(RotatorError::Config(
             "fanout.backoff_max must not be shorter than fanout.backoff_base".into(),
@@ -290,6 +302,32 @@ mod tests {
             "#
         ))
         .expect("parse")
+    }
+
+    #[test]
+    fn quarantine_is_off_by_default_and_not_shorter_than_a_read_back() {
+        let repo = "[[repositories]]\nname = \"tokens\"\nmax_active_keys = 4\n";
+        assert_eq!(config(repo).fanout.quarantine_after, None);
+        validate(&config(repo)).expect("off by default");
+        let on = config(&format!("{repo}[fanout]\nquarantine_after = \"6h\"\n"));
+        assert_eq!(
+            on.fanout.quarantine_after,
+            Some(Duration::from_secs(6 * 3600))
+        );
+        validate(&on).expect("6h");
+        let off = config(&format!("{repo}[fanout]\nquarantine_after = \"off\"\n"));
+        assert_eq!(off.fanout.quarantine_after, None);
+        let short = config(&format!("{repo}[fanout]\nquarantine_after = \"5s\"\n"));
+        let err = validate(&short).unwrap_err();
+        assert!(err.is_config(), "{err}");
+        assert!(
+            err.to_string().contains("fanout.quarantine_after (5s)"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<RotatorConfig>(&toml::to_string(&on).expect("toml"))
+                .is_ok_and(|c| c.fanout.quarantine_after == on.fanout.quarantine_after)
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub(super) fn agent_statuses(core: &Core) -> Vec<pb::AgentStatus> {
                 },
                 last_error: st.last_error.clone().unwrap_or_default(),
                 connected: st.connected,
+                quarantined_since_unix_ms: st.quarantined.map(|q| q.since_ms).unwrap_or(0),
+                evicted: st.quarantined.is_some_and(|q| q.evicted_ms.is_some()),
             });
         }
     }
@@ -75,6 +77,16 @@ pub(super) fn status(core: &Core) -> pb::StatusResponse {
                     .as_ref()
                     .filter(|_| repo.kind == RepoKind::Credential)
                     .map(|gate| gate.status(&current)),
+                pinned: repo
+                    .quarantine()
+                    .pins
+                    .iter()
+                    .map(|p| pb::PinnedKey {
+                        index: p.index,
+                        agent: p.agent.clone(),
+                        until_unix_ms: p.until_ms.unwrap_or(0),
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -103,7 +115,7 @@ impl Collector for AgentCollector {
             &'static str,
             fn(&pb::AgentStatus) -> Option<f64>,
         );
-        let gauges: [PerAgent; 4] = [
+        let gauges: [PerAgent; 5] = [
             (
                 "agent_lag",
                 "Generations the agent is behind the rotator",
@@ -125,6 +137,17 @@ impl Collector for AgentCollector {
                 "agent_connected",
                 "1 when the last call to the agent succeeded",
                 |a| Some(if a.connected { 1.0 } else { 0.0 }),
+            ),
+            (
+                "agent_quarantined",
+                "1 while the agent is quarantined: it no longer blocks rotations, and the keys it may sign with are pinned (unless evicted)",
+                |a| {
+                    Some(if a.quarantined_since_unix_ms > 0 {
+                        1.0
+                    } else {
+                        0.0
+                    })
+                },
             ),
         ];
         for (name, help, value) in gauges {

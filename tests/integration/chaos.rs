@@ -25,7 +25,7 @@ use crate::common::daemon::poll_until;
 use crate::common::proxy::{Fault, Proxy};
 use crate::rotator::{Cluster, agent_identity};
 
-const REGIONS: [&str; 5] = [
+pub(crate) const REGIONS: [&str; 5] = [
     "RegionOne",
     "RegionTwo",
     "RegionThree",

@@ -30,6 +30,7 @@ mod keystone_e2e;
 mod keystone_vip;
 mod monitoring;
 mod package;
+mod quarantine;
 mod repo;
 mod rotator;
 mod skew;

@@ -175,6 +175,7 @@ impl Cluster {
                 backoff_max: Duration::from_secs(1),
                 reconcile_interval: Duration::from_secs(1),
                 ack_wait: Duration::from_secs(20),
+                quarantine_after: None,
             },
             keystone_conf: None,
             audit_log: None,
