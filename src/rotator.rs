@@ -158,7 +158,14 @@ impl RotatorError {
                 | RotatorError::ImportStampMismatch { .. }
                 | RotatorError::FreshStartRefused { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::State(StateError::BadName(_) | StateError::Corrupt { .. })
+                | RotatorError::State(
+                    StateError::BadName(_)
+                        | StateError::Corrupt { .. }
+                        | StateError::ClearWhileSealed { .. }
+                        | StateError::StaleLedger { .. }
+                        | StateError::Behind { .. }
+                )
+                | RotatorError::Ha(ha::HaError::Rollback { .. } | ha::HaError::StaleLedger { .. })
         )
     }
 }
