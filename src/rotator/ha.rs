@@ -433,6 +433,17 @@ impl EtcdState {
     }
 
     fn unseal(&self, key: &str, name: &str, value: &[u8]) -> Result<Committed, HaError> {
+        self.unseal_versioned(key, name, value)
+            .map(|(committed, _)| committed)
+    }
+
+    /// [`EtcdState::unseal`], with the binding's version the value had.
+    fn unseal_versioned(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+    ) -> Result<(Committed, u32), HaError> {
         let corrupt = |reason: String| HaError::Corrupt {
             key: key.to_owned(),
             reason,
@@ -440,10 +451,7 @@ impl EtcdState {
         let stored: StoredGeneration =
             serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
         let context = match stored.version {
-            1 => {
-                self.first_format_seen.store(true, Ordering::Release);
-                format!("fernetd etcd: {name}")
-            }
+            1 => format!("fernetd etcd: {name}"),
             BINDING => state::Binding::State {
                 name,
                 generation: stored.generation,
@@ -464,7 +472,7 @@ impl EtcdState {
                 "the sealed keys do not match the clear generation and digest".into(),
             ));
         }
-        Ok(committed)
+        Ok((committed, stored.version))
     }
 
     /// `json` sealed as a [`StoredSealed`] bound to `binding`.
@@ -488,12 +496,13 @@ impl EtcdState {
     }
 
     /// The JSON a [`StoredSealed`] value holds, opened with the binding
-    /// `binding` makes of its generation; a clear value only while a first
-    /// format `current` is being read.
+    /// `binding` makes of its generation; a clear value only when
+    /// `first_format` (it belongs to a `current` of the first format).
     fn open_json<'a>(
         &self,
         key: &str,
         value: &[u8],
+        first_format: bool,
         binding: impl FnOnce(Option<u64>) -> Result<state::Binding<'a>, HaError>,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, HaError> {
         let corrupt = |reason: String| HaError::Corrupt {
@@ -509,7 +518,7 @@ impl EtcdState {
                 "unknown binding version {}",
                 stored.version
             ))),
-            Err(_) if self.first_format_seen.load(Ordering::Acquire) => {
+            Err(_) if first_format => {
                 Ok(zeroize::Zeroizing::new(value.to_vec()))
             }
             Err(_) => Err(corrupt(
@@ -554,6 +563,18 @@ impl EtcdState {
             TxnOp::put(history.clone(), value, None),
             TxnOp::put(self.key(&format!("repos/{name}/ledger")), ledger_json, None),
         ];
+        let mut ops = ops;
+        if self.first_format_seen.load(Ordering::Acquire) {
+            // The first commit in the new binding may end the first format's
+            // `current`s: the acknowledgements are sealed in the same
+            // transaction, so no later start finds them in the clear.
+            let acks = serde_json::to_vec(&self.load_acks().await?).unwrap_or_default();
+            ops.push(TxnOp::put(
+                self.key("acks"),
+                self.seal_json("acks", state::Binding::Acks, None, &acks)?,
+                None,
+            ));
+        }
         let created = Compare::create_revision(history.clone(), CompareOp::Equal, 0);
         match self.fenced("commit a generation", vec![created], ops).await {
             Ok(true) => return Ok(()),
@@ -715,7 +736,7 @@ impl EtcdState {
         let Some(kv) = got.kvs().first() else {
             return Ok(None);
         };
-        let committed = self.unseal(&key, name, kv.value())?;
+        let (committed, version) = self.unseal_versioned(&key, name, kv.value())?;
         // The create-only history is the high-water mark: `current` must hold
         // the newest generation it names.
         let history = self.key(&format!("repos/{name}/gen/"));
@@ -755,13 +776,18 @@ impl EtcdState {
                 });
             }
         }
+        if version == 1 {
+            // Only once it passed the high-water mark: an old value copied
+            // into `current` opens no door to clear values.
+            self.first_format_seen.store(true, Ordering::Release);
+        }
         let ledger_key = self.key(&format!("repos/{name}/ledger"));
         let got = self
             .call("read a ledger", client.get(ledger_key.clone(), None))
             .await?;
         let ledger = match got.kvs().first() {
             Some(kv) => {
-                let json = self.open_json(&ledger_key, kv.value(), |generation| {
+                let json = self.open_json(&ledger_key, kv.value(), version == 1, |generation| {
                     let generation = generation.unwrap_or_default();
                     if generation < committed.generation {
                         return Err(HaError::StaleLedger {
@@ -791,7 +817,9 @@ impl EtcdState {
             .await?;
         match got.kvs().first() {
             Some(kv) => {
-                let json = self.open_json(&key, kv.value(), |_| Ok(state::Binding::Acks))?;
+                let first_format = self.first_format_seen.load(Ordering::Acquire);
+                let json =
+                    self.open_json(&key, kv.value(), first_format, |_| Ok(state::Binding::Acks))?;
                 serde_json::from_slice(&json).map_err(|e| HaError::Corrupt {
                     key,
                     reason: e.to_string(),

@@ -764,3 +764,73 @@ async fn ha_an_older_generation_copied_into_current_or_a_clear_ledger_is_refused
     let (_, keys, _) = ha.rotate_after(g, &digest).await;
     assert_no_keys_in_logs(&ha.cluster.logs, &keys);
 }
+
+/// etcd values of the first format (keys bound to the repository's name only,
+/// ledger and acknowledgements in clear JSON), as an earlier fernetd wrote
+/// them, are still read, and the next commit rewrites each in the new binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_values_of_the_first_format_load_and_are_rewritten_bound() {
+    let (mut ha, _, (g, digest)) = Ha::rotated_once().await;
+    for k in 0..2 {
+        ha.daemon(k).stop().await;
+    }
+    let held = ha.cluster.repo_state(0);
+    assert_eq!(held.digest().to_hex(), digest);
+    let mut text =
+        format!("fernetd-rotator-state 1\nrepository tokens\ngeneration {g}\ndigest {digest}\n");
+    for (index, key) in held.iter() {
+        text.push_str(&format!("key {index} {}\n", key.to_base64().as_str()));
+    }
+    let seal = base64::engine::general_purpose::STANDARD
+        .decode(&ha.seal_text)
+        .expect("seal key");
+    let seal = fernetd::seal::SealKey::from_bytes(seal.try_into().expect("32 bytes"));
+    let first = serde_json::json!({
+        "generation": g,
+        "digest": digest,
+        "sealed": seal.seal("fernetd etcd: tokens", text.as_bytes()).expect("seal"),
+    });
+    let mut client = ha.etcd.client().await;
+    let key = |suffix: &str| format!("{PREFIX}/repos/tokens/{suffix}");
+    client
+        .put(
+            key("current"),
+            serde_json::to_vec(&first).expect("json"),
+            None,
+        )
+        .await
+        .expect("write");
+    client
+        .put(key("ledger"), b"{\"keys\":{}}".to_vec(), None)
+        .await
+        .expect("write");
+    client
+        .put(format!("{PREFIX}/acks"), b"{}".to_vec(), None)
+        .await
+        .expect("write");
+    ha.start_rotator(0).await;
+    let status = ha.cluster.converged("the first format read").await;
+    assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
+    let (g2, keys, _) = ha.rotate_after(g, &digest).await;
+    let read = |got: etcd_client::GetResponse| -> Value {
+        serde_json::from_slice(got.kvs().first().expect("a value").value()).expect("json")
+    };
+    let current = read(client.get(key("current"), None).await.expect("read"));
+    assert_eq!(
+        (current["version"].as_u64(), current["generation"].as_u64()),
+        (Some(2), Some(g2))
+    );
+    for value in [
+        read(client.get(key("ledger"), None).await.expect("read")),
+        read(
+            client
+                .get(format!("{PREFIX}/acks"), None)
+                .await
+                .expect("read"),
+        ),
+    ] {
+        assert_eq!(value["version"].as_u64(), Some(2), "{value}");
+        assert!(value["sealed"].is_string(), "{value}");
+    }
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}

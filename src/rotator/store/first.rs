@@ -42,42 +42,33 @@ pub(in crate::rotator) async fn open(
     registry: &mut Registry,
     stop: &CancellationToken,
 ) -> Result<(Store, Vec<RepoSlot>), RotatorError> {
-    let (store, repos) = open_store(config, seal, agents, options, registry, stop).await?;
+    let (store, repos) = match &config.ha {
+        None => open_files(config, seal, agents, options).await?,
+        Some(h) => {
+            // Under `[ha]` the file state is only what a first leader imports;
+            // it is sealed with `seal_key`, or else `[ha] seal_key`.
+            let seal = match seal {
+                Some(seal) => seal,
+                None => Arc::new(crate::seal::SealKey::load(&h.seal_key)?),
+            };
+            let dir = config.state_dir.clone();
+            let files = tokio::task::spawn_blocking(move || StateStore::open(&dir))
+                .await
+                .map_err(|e| RotatorError::Task(e.to_string()))??
+                .with_seal(seal)
+                .adopt_clear_state(options.adopt_clear_state);
+            let etcd = Arc::new(EtcdState::connect(config, h, registry).await?);
+            let repos =
+                prepare_etcd(&etcd, config, &files, agents, options.fresh_start, stop).await?;
+            (Store::Etcd(etcd), repos)
+        }
+    };
     if options.fresh_start {
         tracing::warn!("--fresh-start: the acknowledged generations are not checked");
     } else {
         store.check_acknowledged(&repos).await?;
     }
     Ok((store, repos))
-}
-
-async fn open_store(
-    config: &RotatorConfig,
-    seal: Option<Arc<crate::seal::SealKey>>,
-    agents: &[AgentSlot],
-    options: StartOptions,
-    registry: &mut Registry,
-    stop: &CancellationToken,
-) -> Result<(Store, Vec<RepoSlot>), RotatorError> {
-    let fresh_start = options.fresh_start;
-    let Some(h) = &config.ha else {
-        return open_files(config, seal, agents, options).await;
-    };
-    // Under `[ha]` the file state is only what a first leader imports; it is
-    // sealed with `seal_key`, or else `[ha] seal_key`.
-    let seal = match seal {
-        Some(seal) => seal,
-        None => Arc::new(crate::seal::SealKey::load(&h.seal_key)?),
-    };
-    let dir = config.state_dir.clone();
-    let files = tokio::task::spawn_blocking(move || StateStore::open(&dir))
-        .await
-        .map_err(|e| RotatorError::Task(e.to_string()))??
-        .with_seal(seal)
-        .adopt_clear_state(options.adopt_clear_state);
-    let etcd = Arc::new(EtcdState::connect(config, h, registry).await?);
-    let repos = prepare_etcd(&etcd, config, &files, agents, fresh_start, stop).await?;
-    Ok((Store::Etcd(etcd), repos))
 }
 
 /// A single rotator: its state directory, after the fresh-start question.
