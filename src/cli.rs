@@ -101,6 +101,11 @@ pub struct RotatorArgs {
     /// generation of the imported repository's stamp.
     #[arg(long)]
     pub fresh_start: bool,
+    /// With `seal_key` (or `[ha]`), adopt a state file found in the clear and
+    /// seal it at once, instead of refusing it: for moving a clear state to
+    /// sealing or into etcd on purpose. Logged; use it for one start only.
+    #[arg(long)]
+    pub adopt_clear_state: bool,
 }
 
 #[derive(Debug, Args)]

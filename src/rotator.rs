@@ -164,7 +164,14 @@ impl RotatorError {
                 | RotatorError::ImportStampMismatch { .. }
                 | RotatorError::FreshStartRefused { .. }
                 | RotatorError::Endpoint { .. }
-                | RotatorError::State(StateError::BadName(_) | StateError::Corrupt { .. })
+                | RotatorError::State(
+                    StateError::BadName(_)
+                        | StateError::Corrupt { .. }
+                        | StateError::ClearWhileSealed { .. }
+                        | StateError::StaleLedger { .. }
+                        | StateError::Behind { .. }
+                )
+                | RotatorError::Ha(ha::HaError::Rollback { .. } | ha::HaError::StaleLedger { .. })
         )
     }
 }
@@ -181,6 +188,8 @@ pub struct Checked {
     seal: Option<Arc<crate::seal::SealKey>>,
     /// Start at generation 1 even where agents hold generations (`--fresh-start`).
     fresh_start: bool,
+    /// Seal clear state found with a seal key (`--adopt-clear-state`).
+    adopt_clear_state: bool,
 }
 
 impl Checked {
@@ -200,6 +209,14 @@ impl Checked {
     /// (`--fresh-start`): they will refuse it until restored.
     pub fn fresh_start(mut self, allow: bool) -> Self {
         self.fresh_start = allow;
+        self
+    }
+
+    /// Adopts (and seals at once) a clear state found while `seal_key` is
+    /// configured (`--adopt-clear-state`), which is otherwise refused: the
+    /// one way to move a clear state to sealing, or into `[ha]`.
+    pub fn adopt_clear_state(mut self, adopt: bool) -> Self {
+        self.adopt_clear_state = adopt;
         self
     }
 
@@ -229,6 +246,7 @@ pub fn check(config: RotatorConfig) -> Result<Checked, RotatorError> {
         source: None,
         seal,
         fresh_start: false,
+        adopt_clear_state: false,
     })
 }
 
@@ -448,6 +466,7 @@ pub async fn run(
         source,
         seal,
         fresh_start,
+        adopt_clear_state,
     } = checked;
     let client_tls = crate::tls::ClientTls::load(&config.tls).map_err(RotatorError::Tls)?;
     let server_tls = crate::tls::ServerTls::load(&config.tls).map_err(RotatorError::Tls)?;
@@ -466,7 +485,11 @@ pub async fn run(
     let registry = root.sub_registry_with_prefix("fernetd_rotator");
     // The one place the state's home is chosen: files, or etcd under `[ha]`.
     let metrics = Metrics::new(registry);
-    let (store, repos) = store::open(&config, seal, &agents, fresh_start, registry, &stop).await?;
+    let options = store::StartOptions {
+        fresh_start,
+        adopt_clear_state,
+    };
+    let (store, repos) = store::open(&config, seal, &agents, options, registry, &stop).await?;
     let core = open_core(
         &config,
         (store.clone(), repos),

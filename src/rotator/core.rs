@@ -873,7 +873,13 @@ impl Core {
                 continue;
             }
             let ledger = repo.ledger().clone();
-            if self.store.save_ledger(&repo.name, &ledger).await.is_err() {
+            let generation = repo.current().number;
+            if self
+                .store
+                .save_ledger(&repo.name, generation, &ledger)
+                .await
+                .is_err()
+            {
                 repo.ledger_dirty.store(true, Ordering::Release);
                 tracing::warn!(repository = %repo.name, "cannot record the key ledger; retrying");
             }

@@ -7,7 +7,15 @@
 //! partition) commits nothing, whatever it believes. A generation is written
 //! twice in the same transaction: as `current` and as `gen/<G>`, the latter
 //! created only when absent, so etcd itself refuses a second digest for one
-//! generation. Keys are sealed (`crate::seal`) before they leave the process.
+//! generation. Keys are sealed (`crate::seal`) before they leave the process;
+//! `current` and `gen/<G>` are bound to repository, generation and digest, the
+//! ledger to the repository and its generation, the acknowledgements to their
+//! purpose (`state::Binding`). A `current` older than the newest `gen/<G>` (an
+//! older value copied back) is refused at every load: the create-only history
+//! is the high-water mark. Values of the first format (bound to the name only,
+//! ledger and acknowledgements in the clear) still load while any `current` of
+//! that format is read, and each is rewritten in the new binding by the next
+//! write.
 //!
 //! A standby serves reads from what it last read from etcd (refreshed every
 //! third of the lease) and refuses mutations naming the leader. A leader that
@@ -55,6 +63,22 @@ pub enum HaError {
         "etcd already holds generation {generation} of `{repository}` with another digest: refusing a fork"
     )]
     Fork { repository: String, generation: u64 },
+    #[error(
+        "etcd's `current` of `{repository}` holds generation {current}, but generation {committed} was committed (its `gen/` history key exists): refusing a rolled-back state"
+    )]
+    Rollback {
+        repository: String,
+        current: u64,
+        committed: u64,
+    },
+    #[error(
+        "etcd's ledger of `{repository}` belongs to generation {ledger}, older than the committed generation {generation}: refusing a replayed ledger"
+    )]
+    StaleLedger {
+        repository: String,
+        ledger: u64,
+        generation: u64,
+    },
     #[error("etcd value {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("cannot seal or unseal {key}")]
@@ -81,11 +105,35 @@ struct LeaderValue {
 /// One generation as stored in etcd: numbers in the clear, keys sealed.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredGeneration {
+    /// The binding's version: absent (1) bound the name only, 2 binds
+    /// repository, generation and digest.
+    #[serde(default = "first_format")]
+    version: u32,
     generation: u64,
     digest: String,
-    /// The state file's text, sealed and bound to the repository's name.
+    /// The state file's text, sealed.
     sealed: String,
 }
+
+/// A sealed ledger or acknowledgements in etcd (the first format held their
+/// JSON in the clear).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSealed {
+    version: u32,
+    /// The generation a ledger belongs to (none for acknowledgements).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
+    sealed: String,
+}
+
+fn first_format() -> u32 {
+    1
+}
+
+/// The version of the binding this build writes.
+const BINDING: u32 = 2;
+/// What etcd's blobs are bound to beside their [`state::Binding`].
+const ENGINE: &str = "etcd";
 
 /// The role shown by `admin status` and the metrics.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +166,9 @@ pub struct EtcdState {
     term_stop: Mutex<CancellationToken>,
     leader_gauge: Gauge,
     etcd_gauge: Gauge,
+    /// Whether a `current` of the first format was read: until each is
+    /// rewritten, a clear ledger or acknowledgements are that format's too.
+    first_format_seen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EtcdState {
@@ -198,6 +249,7 @@ impl EtcdState {
             term_stop: Mutex::new(CancellationToken::new()),
             leader_gauge,
             etcd_gauge,
+            first_format_seen: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -352,37 +404,66 @@ impl EtcdState {
         Ok(ours)
     }
 
+    fn seal_error(key: &str) -> impl FnOnce(crate::seal::SealError) -> HaError + '_ {
+        move |source| HaError::Seal {
+            key: key.to_owned(),
+            source,
+        }
+    }
+
     fn seal_committed(&self, name: &str, committed: &Committed) -> Result<Vec<u8>, HaError> {
         let text = state::encode_state(name, committed);
+        let digest = committed.keys.digest().to_hex();
+        let binding = state::Binding::State {
+            name,
+            generation: committed.generation,
+            digest: &digest,
+        };
         let sealed = self
             .seal
-            .seal(&format!("fernetd etcd: {name}"), text.as_bytes())
-            .map_err(|source| HaError::Seal {
-                key: name.to_owned(),
-                source,
-            })?;
+            .seal(&binding.context(ENGINE), text.as_bytes())
+            .map_err(Self::seal_error(name))?;
         let stored = StoredGeneration {
+            version: BINDING,
             generation: committed.generation,
-            digest: committed.keys.digest().to_hex(),
+            digest,
             sealed,
         };
         Ok(serde_json::to_vec(&stored).unwrap_or_default())
     }
 
     fn unseal(&self, key: &str, name: &str, value: &[u8]) -> Result<Committed, HaError> {
+        self.unseal_versioned(key, name, value)
+            .map(|(committed, _)| committed)
+    }
+
+    /// [`EtcdState::unseal`], with the binding's version the value had.
+    fn unseal_versioned(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+    ) -> Result<(Committed, u32), HaError> {
         let corrupt = |reason: String| HaError::Corrupt {
             key: key.to_owned(),
             reason,
         };
         let stored: StoredGeneration =
             serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
+        let context = match stored.version {
+            1 => format!("fernetd etcd: {name}"),
+            BINDING => state::Binding::State {
+                name,
+                generation: stored.generation,
+                digest: &stored.digest,
+            }
+            .context(ENGINE),
+            v => return Err(corrupt(format!("unknown binding version {v}"))),
+        };
         let clear = self
             .seal
-            .open(&format!("fernetd etcd: {name}"), &stored.sealed)
-            .map_err(|source| HaError::Seal {
-                key: key.to_owned(),
-                source,
-            })?;
+            .open(&context, &stored.sealed)
+            .map_err(Self::seal_error(key))?;
         let committed = state::parse_state(&clear, name).map_err(corrupt)?;
         if committed.generation != stored.generation
             || committed.keys.digest().to_hex() != stored.digest
@@ -391,7 +472,75 @@ impl EtcdState {
                 "the sealed keys do not match the clear generation and digest".into(),
             ));
         }
-        Ok(committed)
+        Ok((committed, stored.version))
+    }
+
+    /// `json` sealed as a [`StoredSealed`] bound to `binding`.
+    fn seal_json(
+        &self,
+        key: &str,
+        binding: state::Binding<'_>,
+        generation: Option<u64>,
+        json: &[u8],
+    ) -> Result<Vec<u8>, HaError> {
+        let sealed = self
+            .seal
+            .seal(&binding.context(ENGINE), json)
+            .map_err(Self::seal_error(key))?;
+        let stored = StoredSealed {
+            version: BINDING,
+            generation,
+            sealed,
+        };
+        Ok(serde_json::to_vec(&stored).unwrap_or_default())
+    }
+
+    /// The JSON a [`StoredSealed`] value holds, opened with the binding
+    /// `binding` makes of its generation; a clear value only when
+    /// `first_format` (it belongs to a `current` of the first format).
+    fn open_json<'a>(
+        &self,
+        key: &str,
+        value: &[u8],
+        first_format: bool,
+        binding: impl FnOnce(Option<u64>) -> Result<state::Binding<'a>, HaError>,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, HaError> {
+        let corrupt = |reason: String| HaError::Corrupt {
+            key: key.to_owned(),
+            reason,
+        };
+        match serde_json::from_slice::<StoredSealed>(value) {
+            Ok(stored) if stored.version == BINDING => self
+                .seal
+                .open(&binding(stored.generation)?.context(ENGINE), &stored.sealed)
+                .map_err(Self::seal_error(key)),
+            Ok(stored) => Err(corrupt(format!(
+                "unknown binding version {}",
+                stored.version
+            ))),
+            Err(_) if first_format => {
+                Ok(zeroize::Zeroizing::new(value.to_vec()))
+            }
+            Err(_) => Err(corrupt(
+                "not sealed: a clear value where a sealed one is expected (tampered, or written by another tool)".into(),
+            )),
+        }
+    }
+
+    /// The sealed value of a ledger of `name` at `generation`.
+    fn seal_ledger(
+        &self,
+        name: &str,
+        generation: u64,
+        ledger: &Ledger,
+    ) -> Result<Vec<u8>, HaError> {
+        let json = serde_json::to_vec(ledger).unwrap_or_default();
+        self.seal_json(
+            name,
+            state::Binding::Ledger { name, generation },
+            Some(generation),
+            &json,
+        )
     }
 
     /// Commits a generation and its ledger: one fenced transaction, the
@@ -404,7 +553,7 @@ impl EtcdState {
     ) -> Result<(), HaError> {
         let value = self.seal_committed(name, committed)?;
         let history = self.key(&format!("repos/{name}/gen/{:020}", committed.generation));
-        let ledger_json = serde_json::to_vec(ledger).unwrap_or_default();
+        let ledger_json = self.seal_ledger(name, committed.generation, ledger)?;
         let ops = vec![
             TxnOp::put(
                 self.key(&format!("repos/{name}/current")),
@@ -414,6 +563,18 @@ impl EtcdState {
             TxnOp::put(history.clone(), value, None),
             TxnOp::put(self.key(&format!("repos/{name}/ledger")), ledger_json, None),
         ];
+        let mut ops = ops;
+        if self.first_format_seen.load(Ordering::Acquire) {
+            // The first commit in the new binding may end the first format's
+            // `current`s: the acknowledgements are sealed in the same
+            // transaction, so no later start finds them in the clear.
+            let acks = serde_json::to_vec(&self.load_acks().await?).unwrap_or_default();
+            ops.push(TxnOp::put(
+                self.key("acks"),
+                self.seal_json("acks", state::Binding::Acks, None, &acks)?,
+                None,
+            ));
+        }
         let created = Compare::create_revision(history.clone(), CompareOp::Equal, 0);
         match self.fenced("commit a generation", vec![created], ops).await {
             Ok(true) => return Ok(()),
@@ -488,11 +649,16 @@ impl EtcdState {
         }
     }
 
-    /// Records a repository's ledger (fenced).
-    pub(super) async fn save_ledger(&self, name: &str, ledger: &Ledger) -> Result<(), HaError> {
+    /// Records a repository's ledger (fenced), sealed for its `generation`.
+    pub(super) async fn save_ledger(
+        &self,
+        name: &str,
+        generation: u64,
+        ledger: &Ledger,
+    ) -> Result<(), HaError> {
         let op = TxnOp::put(
             self.key(&format!("repos/{name}/ledger")),
-            serde_json::to_vec(ledger).unwrap_or_default(),
+            self.seal_ledger(name, generation, ledger)?,
             None,
         );
         self.fenced_or_lose("record the ledger", op).await
@@ -500,9 +666,10 @@ impl EtcdState {
 
     /// Records acknowledgements (fenced).
     pub(super) async fn save_acks(&self, acks: &Acks) -> Result<(), HaError> {
+        let json = serde_json::to_vec(acks).unwrap_or_default();
         let op = TxnOp::put(
             self.key("acks"),
-            serde_json::to_vec(acks).unwrap_or_default(),
+            self.seal_json("acks", state::Binding::Acks, None, &json)?,
             None,
         );
         self.fenced_or_lose("record acknowledgements", op).await
@@ -569,18 +736,73 @@ impl EtcdState {
         let Some(kv) = got.kvs().first() else {
             return Ok(None);
         };
-        let committed = self.unseal(&key, name, kv.value())?;
+        let (committed, version) = self.unseal_versioned(&key, name, kv.value())?;
+        // The create-only history is the high-water mark: `current` must hold
+        // the newest generation it names.
+        let history = self.key(&format!("repos/{name}/gen/"));
+        let newest = self
+            .call(
+                "read the newest generation",
+                client.get(
+                    history.clone(),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_sort(
+                                etcd_client::SortTarget::Key,
+                                etcd_client::SortOrder::Descend,
+                            )
+                            .with_limit(1)
+                            .with_keys_only(),
+                    ),
+                ),
+            )
+            .await?;
+        if let Some(kv) = newest.kvs().first() {
+            let newest: u64 = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(history.as_str()))
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(|| HaError::Corrupt {
+                    key: history.clone(),
+                    reason: "a history key is not a generation".into(),
+                })?;
+            if committed.generation < newest {
+                return Err(HaError::Rollback {
+                    repository: name.to_owned(),
+                    current: committed.generation,
+                    committed: newest,
+                });
+            }
+        }
+        if version == 1 {
+            // Only once it passed the high-water mark: an old value copied
+            // into `current` opens no door to clear values.
+            self.first_format_seen.store(true, Ordering::Release);
+        }
         let ledger_key = self.key(&format!("repos/{name}/ledger"));
         let got = self
             .call("read a ledger", client.get(ledger_key.clone(), None))
             .await?;
         let ledger = match got.kvs().first() {
-            Some(kv) => Some(
-                serde_json::from_slice(kv.value()).map_err(|e| HaError::Corrupt {
+            Some(kv) => {
+                let json = self.open_json(&ledger_key, kv.value(), version == 1, |generation| {
+                    let generation = generation.unwrap_or_default();
+                    if generation < committed.generation {
+                        return Err(HaError::StaleLedger {
+                            repository: name.to_owned(),
+                            ledger: generation,
+                            generation: committed.generation,
+                        });
+                    }
+                    Ok(state::Binding::Ledger { name, generation })
+                })?;
+                Some(serde_json::from_slice(&json).map_err(|e| HaError::Corrupt {
                     key: ledger_key,
                     reason: e.to_string(),
-                })?,
-            ),
+                })?)
+            }
             None => None,
         };
         Ok(Some((committed, ledger)))
@@ -594,10 +816,15 @@ impl EtcdState {
             .call("read acknowledgements", client.get(key.clone(), None))
             .await?;
         match got.kvs().first() {
-            Some(kv) => serde_json::from_slice(kv.value()).map_err(|e| HaError::Corrupt {
-                key,
-                reason: e.to_string(),
-            }),
+            Some(kv) => {
+                let first_format = self.first_format_seen.load(Ordering::Acquire);
+                let json =
+                    self.open_json(&key, kv.value(), first_format, |_| Ok(state::Binding::Acks))?;
+                serde_json::from_slice(&json).map_err(|e| HaError::Corrupt {
+                    key,
+                    reason: e.to_string(),
+                })
+            }
             None => Ok(Acks::new()),
         }
     }

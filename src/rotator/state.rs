@@ -7,10 +7,17 @@
 //! on disk, so after a crash the rotator resumes from it and a generation number
 //! can never come back with other keys. Beside each state file, `<name>.ledger.json`
 //! holds the key ledger (when each key was created, promoted and demoted).
-//! With a seal key ([`StateStore::with_seal`]) the state file holds its
-//! content sealed (`crate::seal`): `fernetd-rotator-state 1 sealed`, then one
-//! sealed blob bound to the repository's name. A clear state file found with a
-//! seal key configured is read and sealed at once.
+//! With a seal key ([`StateStore::with_seal`]) all three are sealed
+//! (`crate::seal`), each blob's authenticated data binding it to what it is
+//! ([`Binding`]): the state file (`fernetd-rotator-state 2 sealed`) to its
+//! repository, generation and digest, which stand in clear lines before the
+//! blob; the ledger to its repository and the generation it belongs to (an
+//! older ledger is refused); the acknowledgements to their purpose. With a seal
+//! key a clear file is refused (one could have been dropped there) unless the
+//! operator asked once to adopt it ([`StateStore::adopt_clear_state`],
+//! `--adopt-clear-state`); a sealed state file of the first format (bound to
+//! the name only) still loads and is rewritten, with its ledger and
+//! acknowledgements, in the new binding.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -25,9 +32,78 @@ use super::ledger::Ledger;
 use crate::repository::{self, KeySet};
 
 const MAGIC: &str = "fernetd-rotator-state 1";
-/// The first line of a sealed state file.
-const MAGIC_SEALED: &str = "fernetd-rotator-state 1 sealed";
+/// The first line of a sealed state file of the first format, whose blob was
+/// bound to the repository's name only.
+const MAGIC_SEALED_V1: &str = "fernetd-rotator-state 1 sealed";
+/// The first line of a sealed state file: then `generation G`, `digest D` and
+/// the blob, bound to all three and the repository.
+const MAGIC_SEALED: &str = "fernetd-rotator-state 2 sealed";
+/// The first line of a sealed ledger: then `generation G` and the blob.
+const LEDGER_SEALED: &str = "fernetd-rotator-ledger 2 sealed";
+/// The first line of sealed acknowledgements: then the blob.
+const ACKS_SEALED: &str = "fernetd-rotator-acks 2 sealed";
 const ACKS_FILE: &str = "agents.json";
+
+/// What a sealed blob is bound to (its AEAD's authenticated data): a blob
+/// opens only where and as what it was written, so a sealed file copied from
+/// another repository, generation or purpose (an older generation replayed, an
+/// older ledger) is refused. One definition for both engines; `engine` keeps a
+/// file's blob from opening as etcd's and back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Binding<'a> {
+    State {
+        name: &'a str,
+        generation: u64,
+        digest: &'a str,
+    },
+    Ledger {
+        name: &'a str,
+        generation: u64,
+    },
+    Acks,
+}
+
+impl Binding<'_> {
+    /// The authenticated data, versioned (`v2`; the first format bound
+    /// `fernetd state file: NAME` / `fernetd etcd: NAME` only).
+    pub(crate) fn context(&self, engine: &str) -> String {
+        match self {
+            Binding::State {
+                name,
+                generation,
+                digest,
+            } => format!(
+                "fernetd {engine} v2 state\nrepository {name}\ngeneration {generation}\ndigest {digest}"
+            ),
+            Binding::Ledger { name, generation } => {
+                format!("fernetd {engine} v2 ledger\nrepository {name}\ngeneration {generation}")
+            }
+            Binding::Acks => format!("fernetd {engine} v2 acknowledgements"),
+        }
+    }
+}
+
+/// Refuses a state `generation` of `name` below one the agents acknowledged:
+/// a rolled-back or replayed state would be pushed to every agent.
+pub(crate) fn check_acknowledged(
+    name: &str,
+    generation: u64,
+    acks: &Acks,
+) -> Result<(), StateError> {
+    let acknowledged = acks
+        .get(name)
+        .and_then(|regions| regions.iter().max_by_key(|(_, a)| a.generation))
+        .filter(|(_, a)| a.generation > generation);
+    match acknowledged {
+        Some((region, ack)) => Err(StateError::Behind {
+            repository: name.to_owned(),
+            generation,
+            acknowledged: ack.generation,
+            region: region.clone(),
+        }),
+        None => Ok(()),
+    }
+}
 
 /// What went wrong reading or writing the state directory. Never carries keys.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +122,27 @@ pub enum StateError {
     Locked(PathBuf),
     #[error("state file {path} is sealed, but no `seal_key` is configured")]
     SealedWithoutKey { path: PathBuf },
+    #[error(
+        "state file {path} is in the clear, but `seal_key` is configured: refusing it (a clear file could have been put there); to seal a clear state on purpose, start once with --adopt-clear-state"
+    )]
+    ClearWhileSealed { path: PathBuf },
+    #[error(
+        "the ledger {path} belongs to generation {ledger}, older than the committed generation {generation}: refusing a replayed ledger"
+    )]
+    StaleLedger {
+        path: PathBuf,
+        ledger: u64,
+        generation: u64,
+    },
+    #[error(
+        "the state of `{repository}` holds generation {generation}, below generation {acknowledged} that agent {region} acknowledged: refusing a rolled-back or replayed state (restore the newest state, or start anew on purpose with --fresh-start)"
+    )]
+    Behind {
+        repository: String,
+        generation: u64,
+        acknowledged: u64,
+        region: String,
+    },
     #[error("state file {path} cannot be unsealed or sealed")]
     Seal {
         path: PathBuf,
@@ -105,6 +202,9 @@ pub struct StateStore {
     dir: PathBuf,
     _lock: std::sync::Arc<File>,
     seal: Option<std::sync::Arc<crate::seal::SealKey>>,
+    /// `--adopt-clear-state`: a clear file found with a seal key is sealed
+    /// (and logged) instead of refused.
+    adopt_clear: bool,
 }
 
 impl StateStore {
@@ -143,6 +243,7 @@ impl StateStore {
             dir: dir.to_path_buf(),
             _lock: std::sync::Arc::new(lock),
             seal: None,
+            adopt_clear: false,
         })
     }
 
@@ -153,9 +254,49 @@ impl StateStore {
         self
     }
 
-    /// What a sealed state blob of `name` is bound to.
-    fn seal_context(name: &str) -> String {
+    /// Accepts, this once, clear files where sealed ones are expected
+    /// (`--adopt-clear-state`): they are sealed at once, and each is logged.
+    pub fn adopt_clear_state(mut self, adopt: bool) -> Self {
+        self.adopt_clear = adopt;
+        self
+    }
+
+    /// What a sealed state blob of `name` was bound to in the first format.
+    fn seal_context_v1(name: &str) -> String {
         format!("fernetd state file: {name}")
+    }
+
+    fn seal_error(path: &Path) -> impl FnOnce(crate::seal::SealError) -> StateError + '_ {
+        move |source| StateError::Seal {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Seals `clear` for `binding` behind `header` lines.
+    fn seal_file(
+        &self,
+        key: &crate::seal::SealKey,
+        path: &Path,
+        header: &str,
+        binding: Binding<'_>,
+        clear: &[u8],
+    ) -> Result<(), StateError> {
+        let blob = key
+            .seal(&binding.context(ENGINE), clear)
+            .map_err(Self::seal_error(path))?;
+        write_atomic(&self.dir, path, format!("{header}\n{blob}\n").as_bytes())
+    }
+
+    /// A clear file where a sealed one is expected: refused, or adopted once.
+    fn clear_allowed(&self, path: &Path) -> Result<(), StateError> {
+        if !self.adopt_clear {
+            return Err(StateError::ClearWhileSealed {
+                path: path.to_path_buf(),
+            });
+        }
+        tracing::warn!(path = %path.display(), "--adopt-clear-state: adopting a clear file although `seal_key` is configured; it is sealed now");
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -171,29 +312,87 @@ impl StateStore {
         Ok(self.dir.join(format!("{name}.ledger.json")))
     }
 
-    /// The key ledger of `name`, or `None` when none was recorded yet (a first
-    /// start, or state written before the ledger existed).
-    pub fn load_ledger(&self, name: &str) -> Result<Option<Ledger>, StateError> {
+    /// The key ledger of `name` for its committed `generation`, or `None` when
+    /// none was recorded yet (a first start, or state written before the
+    /// ledger existed). Sealed, it must belong to `generation` or a later one
+    /// (a commit writes the ledger first); an older one is refused.
+    pub fn load_ledger(&self, name: &str, generation: u64) -> Result<Option<Ledger>, StateError> {
+        self.read_ledger(name, generation, false)
+    }
+
+    fn read_ledger(
+        &self,
+        name: &str,
+        generation: u64,
+        migrating: bool,
+    ) -> Result<Option<Ledger>, StateError> {
         let path = self.ledger_path(name)?;
         let content = match fs::read(&path) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        serde_json::from_slice(&content)
+        let corrupt = |path: PathBuf, reason: String| StateError::Corrupt { path, reason };
+        let json = match (
+            content.strip_prefix(format!("{LEDGER_SEALED}\n").as_bytes()),
+            &self.seal,
+        ) {
+            (Some(_), None) => return Err(StateError::SealedWithoutKey { path }),
+            (Some(rest), Some(key)) => {
+                let (fields, blob) =
+                    sealed_fields(rest, 1).map_err(|reason| corrupt(path.clone(), reason))?;
+                let ledger_generation: u64 = fields[0]
+                    .strip_prefix("generation ")
+                    .and_then(|g| g.parse().ok())
+                    .ok_or_else(|| corrupt(path.clone(), "no generation line".into()))?;
+                let binding = Binding::Ledger {
+                    name,
+                    generation: ledger_generation,
+                };
+                let clear = key
+                    .open(&binding.context(ENGINE), blob)
+                    .map_err(Self::seal_error(&path))?;
+                if ledger_generation < generation {
+                    return Err(StateError::StaleLedger {
+                        path,
+                        ledger: ledger_generation,
+                        generation,
+                    });
+                }
+                clear
+            }
+            (None, Some(_)) if !migrating => {
+                self.clear_allowed(&path)?;
+                Zeroizing::new(content)
+            }
+            (None, _) => Zeroizing::new(content),
+        };
+        serde_json::from_slice(&json)
             .map(Some)
-            .map_err(|e| StateError::Corrupt {
-                path,
-                reason: e.to_string(),
-            })
+            .map_err(|e| corrupt(path, e.to_string()))
     }
 
-    /// Durably records the key ledger of `name` (times only, no key).
-    pub fn save_ledger(&self, name: &str, ledger: &Ledger) -> Result<(), StateError> {
+    /// Durably records the key ledger of `name` (times only, no key), which
+    /// belongs to its `generation`.
+    pub fn save_ledger(
+        &self,
+        name: &str,
+        generation: u64,
+        ledger: &Ledger,
+    ) -> Result<(), StateError> {
         let path = self.ledger_path(name)?;
         // Plain numbers and maps always serialize.
         let text = serde_json::to_vec_pretty(ledger).unwrap_or_default();
-        write_atomic(&self.dir, &path, &text)
+        match &self.seal {
+            None => write_atomic(&self.dir, &path, &text),
+            Some(key) => self.seal_file(
+                key,
+                &path,
+                &format!("{LEDGER_SEALED}\ngeneration {generation}"),
+                Binding::Ledger { name, generation },
+                &text,
+            ),
+        }
     }
 
     /// The JSON record `<name>.<kind>.json` (a credential migrate's outcome),
@@ -241,34 +440,75 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let sealed_prefix = format!("{MAGIC_SEALED}\n");
-        if let Some(blob) = content.strip_prefix(sealed_prefix.as_bytes()) {
-            let Some(key) = &self.seal else {
-                return Err(StateError::SealedWithoutKey { path });
+        let corrupt = |path: &Path, reason: String| StateError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let sealed = content.strip_prefix(format!("{MAGIC_SEALED}\n").as_bytes());
+        let sealed_v1 = content.strip_prefix(format!("{MAGIC_SEALED_V1}\n").as_bytes());
+        let key = match (&self.seal, sealed.is_some() || sealed_v1.is_some()) {
+            (None, true) => return Err(StateError::SealedWithoutKey { path }),
+            (key, _) => key,
+        };
+        if let (Some(rest), Some(key)) = (sealed, key) {
+            let (fields, blob) = sealed_fields(rest, 2).map_err(|r| corrupt(&path, r))?;
+            let (Some(generation), Some(digest)) = (
+                fields[0]
+                    .strip_prefix("generation ")
+                    .and_then(|g| g.parse::<u64>().ok()),
+                fields[1].strip_prefix("digest "),
+            ) else {
+                return Err(corrupt(&path, "no generation or digest line".into()));
             };
-            let blob = std::str::from_utf8(blob).map_err(|_| StateError::Corrupt {
-                path: path.clone(),
-                reason: "sealed content is not UTF-8".into(),
-            })?;
+            let binding = Binding::State {
+                name,
+                generation,
+                digest,
+            };
             let clear = key
-                .open(&Self::seal_context(name), blob)
-                .map_err(|source| StateError::Seal {
-                    path: path.clone(),
-                    source,
-                })?;
-            return parse_state(&clear, name)
-                .map(Some)
-                .map_err(|reason| StateError::Corrupt { path, reason });
+                .open(&binding.context(ENGINE), blob)
+                .map_err(Self::seal_error(&path))?;
+            let committed = parse_state(&clear, name).map_err(|r| corrupt(&path, r))?;
+            if committed.generation != generation || committed.keys.digest().to_hex() != digest {
+                return Err(corrupt(
+                    &path,
+                    "the sealed keys do not match the generation and digest lines".into(),
+                ));
+            }
+            return Ok(Some(committed));
         }
-        let committed =
-            parse_state(&content, name).map_err(|reason| StateError::Corrupt { path, reason })?;
+        if let (Some(rest), Some(key)) = (sealed_v1, key) {
+            let blob = std::str::from_utf8(rest)
+                .map_err(|_| corrupt(&path, "sealed content is not UTF-8".into()))?;
+            let clear = key
+                .open(&Self::seal_context_v1(name), blob)
+                .map_err(Self::seal_error(&path))?;
+            let committed = parse_state(&clear, name).map_err(|r| corrupt(&path, r))?;
+            self.migrate(name, &committed)?;
+            tracing::info!(repository = %name, generation = committed.generation, "rewrote the sealed state, its ledger and the acknowledgements bound to repository, generation and digest");
+            return Ok(Some(committed));
+        }
+        let committed = parse_state(&content, name).map_err(|r| corrupt(&path, r))?;
         if self.seal.is_some() {
-            // A seal key was configured since this was written: no key stays
-            // in the clear a moment longer than this start.
-            self.save(name, &committed)?;
-            tracing::info!(repository = %name, "sealed the state file with the configured seal key");
+            self.clear_allowed(&path)?;
+            // No key stays in the clear a moment longer than this start.
+            self.migrate(name, &committed)?;
+            tracing::warn!(repository = %name, generation = committed.generation, digest = %committed.keys.digest(), "--adopt-clear-state: sealed a clear state file, its ledger and the acknowledgements");
         }
         Ok(Some(committed))
+    }
+
+    /// Rewrites the state of `name`, its ledger and the acknowledgements in
+    /// the current sealed binding (from clear files, or the first format).
+    fn migrate(&self, name: &str, committed: &Committed) -> Result<(), StateError> {
+        if let Some(ledger) = self.read_ledger(name, committed.generation, true)? {
+            self.save_ledger(name, committed.generation, &ledger)?;
+        }
+        if self.dir.join(ACKS_FILE).exists() {
+            let acks = self.read_acks(true)?;
+            self.save_acks(&acks)?;
+        }
+        self.save(name, committed)
     }
 
     /// Durably records `committed` as the current generation of `name`.
@@ -278,41 +518,91 @@ impl StateStore {
         match &self.seal {
             None => write_atomic(&self.dir, &path, text.as_bytes()),
             Some(key) => {
-                let blob = key
-                    .seal(&Self::seal_context(name), text.as_bytes())
-                    .map_err(|source| StateError::Seal {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let sealed = format!("{MAGIC_SEALED}\n{blob}\n");
-                write_atomic(&self.dir, &path, sealed.as_bytes())
+                let digest = committed.keys.digest().to_hex();
+                self.seal_file(
+                    key,
+                    &path,
+                    &format!(
+                        "{MAGIC_SEALED}\ngeneration {}\ndigest {digest}",
+                        committed.generation
+                    ),
+                    Binding::State {
+                        name,
+                        generation: committed.generation,
+                        digest: &digest,
+                    },
+                    text.as_bytes(),
+                )
             }
         }
     }
 
     /// The acknowledgements recorded by [`StateStore::save_acks`]; empty when none.
     pub fn load_acks(&self) -> Result<Acks, StateError> {
-        let path = self.dir.join(ACKS_FILE);
-        match fs::read(&path) {
-            Ok(c) => serde_json::from_slice(&c).map_err(|e| StateError::Corrupt {
-                path,
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Acks::new()),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        self.read_acks(false)
     }
 
-    /// Records acknowledgements. They only speed up a restart (the rotator reads
-    /// every agent's state back anyway), so they are written lazily.
+    fn read_acks(&self, migrating: bool) -> Result<Acks, StateError> {
+        let path = self.dir.join(ACKS_FILE);
+        let content = match fs::read(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Acks::new()),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let json = match (
+            content.strip_prefix(format!("{ACKS_SEALED}\n").as_bytes()),
+            &self.seal,
+        ) {
+            (Some(_), None) => return Err(StateError::SealedWithoutKey { path }),
+            (Some(rest), Some(key)) => {
+                let blob = std::str::from_utf8(rest).map_err(|_| StateError::Corrupt {
+                    path: path.clone(),
+                    reason: "sealed content is not UTF-8".into(),
+                })?;
+                key.open(&Binding::Acks.context(ENGINE), blob)
+                    .map_err(Self::seal_error(&path))?
+            }
+            (None, Some(_)) if !migrating => {
+                self.clear_allowed(&path)?;
+                Zeroizing::new(content)
+            }
+            (None, _) => Zeroizing::new(content),
+        };
+        serde_json::from_slice(&json).map_err(|e| StateError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Records acknowledgements. They speed up a restart (the rotator reads
+    /// every agent's state back anyway) and bound it: a start never adopts a
+    /// generation below one they hold ([`check_acknowledged`]).
     pub fn save_acks(&self, acks: &Acks) -> Result<(), StateError> {
         let path = self.dir.join(ACKS_FILE);
         let json = serde_json::to_vec_pretty(acks).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.dir, &path, &json)
+        match &self.seal {
+            None => write_atomic(&self.dir, &path, &json),
+            Some(key) => self.seal_file(key, &path, ACKS_SEALED, Binding::Acks, &json),
+        }
     }
+}
+
+/// What the file engine's blobs are bound to beside their [`Binding`].
+const ENGINE: &str = "state file";
+
+/// The `count` clear lines after a sealed file's first line, and its blob.
+fn sealed_fields(rest: &[u8], count: usize) -> Result<(Vec<&str>, &str), String> {
+    let text = std::str::from_utf8(rest).map_err(|_| "sealed content is not UTF-8".to_owned())?;
+    let mut lines = text.lines();
+    let fields: Vec<&str> = lines.by_ref().take(count).collect();
+    let blob = lines.next().unwrap_or_default();
+    if fields.len() != count || blob.is_empty() || lines.any(|l| !l.trim().is_empty()) {
+        return Err("malformed sealed file".into());
+    }
+    Ok((fields, blob))
 }
 
 /// The clear text of a state file (the content that is sealed, when sealing).
@@ -536,7 +826,7 @@ mod tests {
     }
 
     #[test]
-    fn with_a_seal_key_no_key_is_in_the_clear_and_a_clear_state_is_sealed_at_load() {
+    fn with_a_seal_key_a_clear_state_is_refused_unless_adopted_and_then_sealed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let seal = std::sync::Arc::new(crate::seal::SealKey::from_bytes([3; 32]));
         let keys = set(3);
@@ -546,10 +836,32 @@ mod tests {
         };
         let clear = StateStore::open(dir.path()).expect("open");
         clear.save("tokens", &committed).expect("save in the clear");
+        let ledger = Ledger::fresh(&keys, 1_000);
+        clear
+            .save_ledger("tokens", 4, &ledger)
+            .expect("clear ledger");
+        clear.save_acks(&acks_at("tokens", 4)).expect("clear acks");
         drop(clear);
-        let store = StateStore::open(dir.path())
+        // A clear file where sealed ones are expected: refused, untouched.
+        let refused = StateStore::open(dir.path())
             .expect("open")
             .with_seal(seal.clone());
+        let e = refused
+            .load("tokens")
+            .expect_err("a clear state is refused");
+        assert!(matches!(e, StateError::ClearWhileSealed { .. }), "{e}");
+        assert!(e.to_string().contains("--adopt-clear-state"), "{e}");
+        assert!(
+            fs::read_to_string(dir.path().join("tokens.state"))
+                .expect("read")
+                .starts_with(&format!("{MAGIC}\n")),
+            "a refused file was rewritten"
+        );
+        drop(refused);
+        let store = StateStore::open(dir.path())
+            .expect("open")
+            .with_seal(seal.clone())
+            .adopt_clear_state(true);
         let back = store
             .load("tokens")
             .expect("clear state reads")
@@ -563,11 +875,28 @@ mod tests {
                 "a key in the clear"
             );
         }
+        // Its ledger and acknowledgements were sealed with it.
+        for file in ["tokens.ledger.json", ACKS_FILE] {
+            let text = fs::read_to_string(dir.path().join(file)).expect("read");
+            assert!(
+                text.contains(" sealed\n"),
+                "{file} left in the clear: {text}"
+            );
+        }
+        drop(store);
+        let store = StateStore::open(dir.path())
+            .expect("open")
+            .with_seal(seal.clone());
         let back = store
             .load("tokens")
             .expect("sealed state reads")
             .expect("present");
         assert_eq!(back.keys, keys);
+        assert_eq!(
+            store.load_ledger("tokens", 4).expect("ledger"),
+            Some(ledger)
+        );
+        assert_eq!(store.load_acks().expect("acks"), acks_at("tokens", 4));
         drop(store);
         let unsealed = StateStore::open(dir.path()).expect("open");
         assert!(matches!(
@@ -593,6 +922,169 @@ mod tests {
             store.load("receipts"),
             Err(StateError::Seal { .. })
         ));
+    }
+
+    fn acks_at(name: &str, generation: u64) -> Acks {
+        let mut acks = Acks::new();
+        acks.entry(name.into()).or_default().insert(
+            "RegionOne".into(),
+            AckRecord {
+                generation,
+                digest: "ab".into(),
+                unix_ms: 5,
+            },
+        );
+        acks
+    }
+
+    /// Replays and edits of sealed files: the clear lines are bound, an older
+    /// ledger is refused, a clear ledger or acknowledgements dropped beside
+    /// sealed state are refused, and an older sealed state (valid on its own)
+    /// is caught by the acknowledgements.
+    #[test]
+    fn sealed_files_are_bound_to_generation_and_digest_and_older_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seal = std::sync::Arc::new(crate::seal::SealKey::from_bytes([5; 32]));
+        let store = StateStore::open(dir.path())
+            .expect("open")
+            .with_seal(seal.clone());
+        let state = dir.path().join("tokens.state");
+        let ledger_path = dir.path().join("tokens.ledger.json");
+        let old_keys = set(3);
+        let old = Committed {
+            generation: 3,
+            keys: old_keys.clone(),
+        };
+        store
+            .save_ledger("tokens", 3, &Ledger::fresh(&old_keys, 1))
+            .expect("ledger 3");
+        store.save("tokens", &old).expect("state 3");
+        let (old_state, old_ledger) = (
+            fs::read(&state).expect("read"),
+            fs::read(&ledger_path).expect("read"),
+        );
+        let keys = set(3);
+        store
+            .save_ledger("tokens", 5, &Ledger::fresh(&keys, 2))
+            .expect("ledger 5");
+        store
+            .save(
+                "tokens",
+                &Committed {
+                    generation: 5,
+                    keys: keys.clone(),
+                },
+            )
+            .expect("state 5");
+        store.save_acks(&acks_at("tokens", 5)).expect("acks");
+        // The clear generation line edited: the blob no longer opens.
+        let text = fs::read_to_string(&state).expect("read");
+        fs::write(&state, text.replace("generation 5", "generation 1000")).expect("write");
+        assert!(matches!(store.load("tokens"), Err(StateError::Seal { .. })));
+        fs::write(&state, &text).expect("write");
+        // An older sealed ledger: refused for the committed generation.
+        fs::write(&ledger_path, &old_ledger).expect("write");
+        let e = store.load_ledger("tokens", 5).expect_err("older ledger");
+        assert!(
+            matches!(
+                e,
+                StateError::StaleLedger {
+                    ledger: 3,
+                    generation: 5,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A clear ledger or acknowledgements beside sealed state: refused.
+        fs::write(&ledger_path, b"{\"keys\":{}}").expect("write");
+        assert!(matches!(
+            store.load_ledger("tokens", 5),
+            Err(StateError::ClearWhileSealed { .. })
+        ));
+        fs::write(dir.path().join(ACKS_FILE), b"{}").expect("write");
+        assert!(matches!(
+            store.load_acks(),
+            Err(StateError::ClearWhileSealed { .. })
+        ));
+        store.save_acks(&acks_at("tokens", 5)).expect("acks");
+        // An older sealed state opens, but is below what agents acknowledged.
+        fs::write(&state, &old_state).expect("write");
+        let back = store
+            .load("tokens")
+            .expect("valid on its own")
+            .expect("present");
+        let e = check_acknowledged("tokens", back.generation, &store.load_acks().expect("acks"))
+            .expect_err("a replayed state");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("generation 3") && shown.contains("generation 5"),
+            "{shown}"
+        );
+        check_acknowledged("tokens", 5, &acks_at("tokens", 5)).expect("not behind");
+        check_acknowledged("receipts", 1, &acks_at("tokens", 5)).expect("another repository");
+    }
+
+    /// A state sealed in the first format (bound to the name only) with its
+    /// clear ledger and acknowledgements still loads, and is rewritten bound.
+    #[test]
+    fn a_state_sealed_in_the_first_format_loads_and_is_rewritten_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seal = std::sync::Arc::new(crate::seal::SealKey::from_bytes([6; 32]));
+        let keys = set(3);
+        let committed = Committed {
+            generation: 9,
+            keys: keys.clone(),
+        };
+        let blob = seal
+            .seal(
+                "fernetd state file: tokens",
+                encode_state("tokens", &committed).as_bytes(),
+            )
+            .expect("seal");
+        fs::write(
+            dir.path().join("tokens.state"),
+            format!("{MAGIC_SEALED_V1}\n{blob}\n"),
+        )
+        .expect("write");
+        let ledger = Ledger::fresh(&keys, 7);
+        fs::write(
+            dir.path().join("tokens.ledger.json"),
+            serde_json::to_vec(&ledger).expect("json"),
+        )
+        .expect("write");
+        fs::write(
+            dir.path().join(ACKS_FILE),
+            serde_json::to_vec(&acks_at("tokens", 9)).expect("json"),
+        )
+        .expect("write");
+        let store = StateStore::open(dir.path()).expect("open").with_seal(seal);
+        let back = store
+            .load("tokens")
+            .expect("first format")
+            .expect("present");
+        assert_eq!((back.generation, &back.keys), (9, &keys));
+        let text = fs::read_to_string(dir.path().join("tokens.state")).expect("read");
+        assert!(
+            text.starts_with(&format!("{MAGIC_SEALED}\ngeneration 9\ndigest ")),
+            "{text}"
+        );
+        assert_eq!(
+            store.load_ledger("tokens", 9).expect("sealed ledger"),
+            Some(ledger)
+        );
+        assert_eq!(
+            store.load_acks().expect("sealed acks"),
+            acks_at("tokens", 9)
+        );
+        assert_eq!(
+            store
+                .load("tokens")
+                .expect("again")
+                .expect("present")
+                .generation,
+            9
+        );
     }
 
     #[test]

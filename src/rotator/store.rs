@@ -22,7 +22,7 @@ use super::state::{Acks, Committed, StateError, StateStore};
 use super::types::{Generation, RepoSlot, now_ms};
 use crate::config::RepositoryConfig;
 
-pub(super) use first::{open, prepare_imports};
+pub(super) use first::{StartOptions, open, prepare_imports};
 
 /// The record kind of the credential repository's last migrate.
 pub(super) const CREDENTIAL_MIGRATE: &str = "migrate";
@@ -139,7 +139,8 @@ impl Store {
                     let Some(committed) = files.load(&name)? else {
                         return Ok(None);
                     };
-                    Ok(Some((committed, files.load_ledger(&name)?)))
+                    let ledger = files.load_ledger(&name, committed.generation)?;
+                    Ok(Some((committed, ledger)))
                 })
                 .await
             }
@@ -168,7 +169,7 @@ impl Store {
                 let (files, name) = (files.clone(), name.to_owned());
                 let (ledger, committed) = (ledger.clone(), committed.clone());
                 blocking(move || {
-                    files.save_ledger(&name, &ledger)?;
+                    files.save_ledger(&name, committed.generation, &ledger)?;
                     files.save(&name, &committed)
                 })
                 .await
@@ -189,14 +190,20 @@ impl Store {
         }
     }
 
-    /// Records the ledger of `name` (times only) between commits.
-    pub(super) async fn save_ledger(&self, name: &str, ledger: &Ledger) -> Result<(), StoreError> {
+    /// Records the ledger of `name` (times only) between commits; it belongs
+    /// to the committed `generation` (and is sealed bound to it).
+    pub(super) async fn save_ledger(
+        &self,
+        name: &str,
+        generation: u64,
+        ledger: &Ledger,
+    ) -> Result<(), StoreError> {
         match self {
             Store::Files(files) => {
                 let (files, name, ledger) = (files.clone(), name.to_owned(), ledger.clone());
-                blocking(move || files.save_ledger(&name, &ledger)).await
+                blocking(move || files.save_ledger(&name, generation, &ledger)).await
             }
-            Store::Etcd(etcd) => Ok(etcd.save_ledger(name, ledger).await?),
+            Store::Etcd(etcd) => Ok(etcd.save_ledger(name, generation, ledger).await?),
             #[cfg(test)]
             Store::Memory(m) => {
                 if let Some((_, saved)) = Self::mem(m).repos.get_mut(name) {
@@ -234,6 +241,17 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses to start from a generation below one the agents acknowledged
+    /// (the acknowledgements this store recorded): a rolled-back or replayed
+    /// state, whichever engine holds it.
+    pub(super) async fn check_acknowledged(&self, repos: &[RepoSlot]) -> Result<(), StoreError> {
+        let acks = self.load_acks().await?;
+        for repo in repos {
+            super::state::check_acknowledged(&repo.name, repo.current().number, &acks)?;
+        }
+        Ok(())
     }
 
     /// The record `kind` of repository `name` (JSON, no key material).
@@ -409,5 +427,46 @@ mod tests {
         assert_eq!(slot.current().number, 1);
         // Without a ledger, the keys' times are unknown: adopted, not lost.
         assert!(!slot.ledger().keys.is_empty());
+    }
+
+    /// Whatever the engine, a start refuses a generation below one the
+    /// agents acknowledged, naming both.
+    #[tokio::test]
+    async fn a_generation_below_the_acknowledged_one_is_refused() {
+        let store = Store::memory();
+        let keys = crate::repository::init(3).expect("init");
+        let committed = Committed {
+            generation: 3,
+            keys: keys.clone(),
+        };
+        let repo = crate::config::RepositoryConfig {
+            name: "tokens".into(),
+            max_active_keys: 3,
+            import: None,
+            schedule: None,
+        };
+        let slots = vec![slot(&repo, committed, None).expect("slot")];
+        store.check_acknowledged(&slots).await.expect("no acks yet");
+        let mut acks = Acks::new();
+        acks.entry("tokens".into()).or_default().insert(
+            "RegionTwo".into(),
+            super::super::state::AckRecord {
+                generation: 7,
+                digest: "ab".into(),
+                unix_ms: 1,
+            },
+        );
+        store.save_acks(acks).await.expect("acks");
+        let e = store
+            .check_acknowledged(&slots)
+            .await
+            .expect_err("behind the agents");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("generation 3")
+                && shown.contains("generation 7")
+                && shown.contains("RegionTwo"),
+            "{shown}"
+        );
     }
 }

@@ -132,12 +132,16 @@ impl Ha {
     /// Starts rotator `k` on a port free now: a restart does not reuse the
     /// old port, which an outgoing connection may have taken meanwhile.
     async fn start_rotator(&mut self, k: usize) {
+        self.start_rotator_with(k, &[]).await;
+    }
+
+    /// [`Ha::start_rotator`] with more command-line flags.
+    async fn start_rotator_with(&mut self, k: usize, flags: &[&str]) {
         self.move_rotator(k);
         let r = &mut self.rotators[k];
-        let mut daemon = Daemon::spawn(
-            &format!("ha-rotator-{k}"),
-            ["rotator", "--config", r.config.to_str().expect("utf-8")],
-        );
+        let mut args = vec!["rotator", "--config", r.config.to_str().expect("utf-8")];
+        args.extend_from_slice(flags);
+        let mut daemon = Daemon::spawn(&format!("ha-rotator-{k}"), args);
         self.cluster.logs.push(daemon.log_path().to_path_buf());
         let tls = crate::common::pki::client_tls(
             self.cluster.ca.cert_pem(),
@@ -180,6 +184,22 @@ impl Ha {
             toml::to_string(&admin).expect("toml"),
         )
         .expect("write admin.toml");
+    }
+
+    /// Starts rotator `k` and expects it to refuse to start: its exit code
+    /// and log.
+    async fn refused(&mut self, k: usize) -> (Option<i32>, String) {
+        let r = &self.rotators[k];
+        let mut daemon = Daemon::spawn(
+            &format!("ha-rotator-{k}-refused"),
+            ["rotator", "--config", r.config.to_str().expect("utf-8")],
+        );
+        self.cluster.logs.push(daemon.log_path().to_path_buf());
+        let status = daemon
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("the rotator started: {}", daemon.log()));
+        (status.code(), daemon.log())
     }
 
     fn daemon(&mut self, k: usize) -> &mut Daemon {
@@ -525,7 +545,11 @@ async fn ha_a_single_rotators_file_state_is_imported_and_no_agent_reinstalls() {
         })
         .collect();
     let mut ha = Ha::configure(cluster, [Some(state_dir.clone()), None]).await;
-    ha.start_rotator(0).await;
+    // The file state is in the clear: moving it into etcd, sealed, is asked for.
+    let (code, log) = ha.refused(0).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("--adopt-clear-state"), "{log}");
+    ha.start_rotator_with(0, &["--adopt-clear-state"]).await;
     ha.start_rotator(1).await;
     let status = ha.cluster.converged("the imported generation").await;
     assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
@@ -543,7 +567,7 @@ async fn ha_a_single_rotators_file_state_is_imported_and_no_agent_reinstalls() {
     }
     // The file state left behind is sealed now.
     let file = std::fs::read_to_string(state_dir.join("tokens.state")).expect("state");
-    assert!(file.starts_with("fernetd-rotator-state 1 sealed"));
+    assert!(file.starts_with("fernetd-rotator-state 2 sealed"), "{file}");
     let (_, keys, _) = ha.rotate_after(g, &digest).await;
     assert_no_keys_in_logs(&ha.cluster.logs, &keys);
 }
@@ -669,5 +693,144 @@ async fn ha_a_commit_whose_answer_is_lost_is_read_back_and_forks_nothing() {
     let (g2, _) = ha.cluster.rotate_ok();
     assert_eq!(g2, committed + 1);
     ha.all_keys(&mut keys);
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+/// Issue 31's etcd probes: an older `gen/<G>` copied into `current`, and a
+/// ledger replaced by clear JSON (a `demoted_ms` moved into the past), are
+/// refused by the next rotator to start; put back, the cluster rotates on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_an_older_generation_copied_into_current_or_a_clear_ledger_is_refused() {
+    let (mut ha, _, (g, digest)) = Ha::rotated_once().await;
+    for k in 0..2 {
+        ha.daemon(k).stop().await;
+    }
+    let mut client = ha.etcd.client().await;
+    let key = |suffix: &str| format!("{PREFIX}/repos/tokens/{suffix}");
+    let value =
+        |got: etcd_client::GetResponse| got.kvs().first().expect("a value").value().to_vec();
+    let current = value(client.get(key("current"), None).await.expect("read"));
+    let older = value(
+        client
+            .get(key(&format!("gen/{:020}", g - 1)), None)
+            .await
+            .expect("read"),
+    );
+    let ledger = value(client.get(key("ledger"), None).await.expect("read"));
+    assert!(
+        !String::from_utf8_lossy(&ledger).contains("demoted_ms"),
+        "the ledger is in the clear"
+    );
+    // An older generation, sealed and valid on its own, put back as `current`.
+    client
+        .put(key("current"), older, None)
+        .await
+        .expect("write");
+    let (code, log) = ha.refused(0).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains(&format!(
+            "holds generation {}, but generation {g} was committed",
+            g - 1
+        )),
+        "{log}"
+    );
+    client
+        .put(key("current"), current, None)
+        .await
+        .expect("write");
+    // A clear ledger whose keys were demoted long ago.
+    let clear = serde_json::json!({
+        "keys": {"1": {"created_ms": 1, "promoted_ms": 1, "demoted_ms": 1}}
+    });
+    client
+        .put(
+            key("ledger"),
+            serde_json::to_vec(&clear).expect("json"),
+            None,
+        )
+        .await
+        .expect("write");
+    let (code, log) = ha.refused(1).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("not sealed"), "{log}");
+    client
+        .put(key("ledger"), ledger, None)
+        .await
+        .expect("write");
+    ha.start_rotator(0).await;
+    ha.start_rotator(1).await;
+    ha.cluster.converged("the real state back").await;
+    let (_, keys, _) = ha.rotate_after(g, &digest).await;
+    assert_no_keys_in_logs(&ha.cluster.logs, &keys);
+}
+
+/// etcd values of the first format (keys bound to the repository's name only,
+/// ledger and acknowledgements in clear JSON), as an earlier fernetd wrote
+/// them, are still read, and the next commit rewrites each in the new binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_values_of_the_first_format_load_and_are_rewritten_bound() {
+    let (mut ha, _, (g, digest)) = Ha::rotated_once().await;
+    for k in 0..2 {
+        ha.daemon(k).stop().await;
+    }
+    let held = ha.cluster.repo_state(0);
+    assert_eq!(held.digest().to_hex(), digest);
+    let mut text =
+        format!("fernetd-rotator-state 1\nrepository tokens\ngeneration {g}\ndigest {digest}\n");
+    for (index, key) in held.iter() {
+        text.push_str(&format!("key {index} {}\n", key.to_base64().as_str()));
+    }
+    let seal = base64::engine::general_purpose::STANDARD
+        .decode(&ha.seal_text)
+        .expect("seal key");
+    let seal = fernetd::seal::SealKey::from_bytes(seal.try_into().expect("32 bytes"));
+    let first = serde_json::json!({
+        "generation": g,
+        "digest": digest,
+        "sealed": seal.seal("fernetd etcd: tokens", text.as_bytes()).expect("seal"),
+    });
+    let mut client = ha.etcd.client().await;
+    let key = |suffix: &str| format!("{PREFIX}/repos/tokens/{suffix}");
+    client
+        .put(
+            key("current"),
+            serde_json::to_vec(&first).expect("json"),
+            None,
+        )
+        .await
+        .expect("write");
+    client
+        .put(key("ledger"), b"{\"keys\":{}}".to_vec(), None)
+        .await
+        .expect("write");
+    client
+        .put(format!("{PREFIX}/acks"), b"{}".to_vec(), None)
+        .await
+        .expect("write");
+    ha.start_rotator(0).await;
+    let status = ha.cluster.converged("the first format read").await;
+    assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
+    let (g2, keys, _) = ha.rotate_after(g, &digest).await;
+    let read = |got: etcd_client::GetResponse| -> Value {
+        serde_json::from_slice(got.kvs().first().expect("a value").value()).expect("json")
+    };
+    let current = read(client.get(key("current"), None).await.expect("read"));
+    assert_eq!(
+        (current["version"].as_u64(), current["generation"].as_u64()),
+        (Some(2), Some(g2))
+    );
+    for value in [
+        read(client.get(key("ledger"), None).await.expect("read")),
+        read(
+            client
+                .get(format!("{PREFIX}/acks"), None)
+                .await
+                .expect("read"),
+        ),
+    ] {
+        assert_eq!(value["version"].as_u64(), Some(2), "{value}");
+        assert!(value["sealed"].is_string(), "{value}");
+    }
     assert_no_keys_in_logs(&ha.cluster.logs, &keys);
 }

@@ -197,13 +197,16 @@ async fn with_a_seal_key_the_state_directory_holds_no_key_in_the_clear() {
     let (_, seal_text) = write_seal_key(cluster.dir.path(), 0o600);
     let mut cluster = cluster.launch().await;
     cluster.converged("initial distribution").await;
+    let state = config.state_dir.join("tokens.state");
+    let first = std::fs::read(&state).expect("state file");
     let mut keys = BTreeSet::new();
     let (g, digest) = cluster.rotate_ok();
     cluster.all_hold(&digest, "sealed", &mut keys);
-    let state = config.state_dir.join("tokens.state");
     let on_disk = std::fs::read_to_string(&state).expect("state file");
     assert!(
-        on_disk.starts_with("fernetd-rotator-state 1 sealed"),
+        on_disk.starts_with(&format!(
+            "fernetd-rotator-state 2 sealed\ngeneration {g}\ndigest {digest}\n"
+        )),
         "{on_disk}"
     );
     for entry in std::fs::read_dir(&config.state_dir).expect("state directory") {
@@ -220,6 +223,41 @@ async fn with_a_seal_key_the_state_directory_holds_no_key_in_the_clear() {
     cluster.rotator().stop().await;
     cluster.start_rotator().await;
     let status = cluster.converged("after the restart").await;
+    assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
+    cluster.rotator().stop().await;
+    let sealed = std::fs::read(&state).expect("state file");
+    // The probe of issue 31: a clear state edited to generation 1000, with
+    // keys an attacker knows, dropped into the sealed rotator's state_dir.
+    let held = cluster.repo_state(0);
+    let mut clear = format!(
+        "fernetd-rotator-state 1\nrepository tokens\ngeneration 1000\ndigest {}\n",
+        held.digest()
+    );
+    for (index, key) in held.iter() {
+        clear.push_str(&format!("key {index} {}\n", key.to_base64().as_str()));
+    }
+    std::fs::write(&state, &clear).expect("drop a clear state");
+    let stderr = cluster.refused_start();
+    assert!(
+        stderr.contains("is in the clear") && stderr.contains("--adopt-clear-state"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state).expect("state file"),
+        clear,
+        "a refused state was rewritten"
+    );
+    // An older sealed state (generation 1, valid on its own) replayed: below
+    // what the agents acknowledged.
+    std::fs::write(&state, &first).expect("replay an older sealed state");
+    let stderr = cluster.refused_start();
+    assert!(
+        stderr.contains("holds generation 1,") && stderr.contains(&format!("below generation {g}")),
+        "{stderr}"
+    );
+    std::fs::write(&state, &sealed).expect("put the real state back");
+    cluster.start_rotator().await;
+    let status = cluster.converged("the real state back").await;
     assert_eq!(status["repositories"][0]["generation"].as_u64(), Some(g));
     keys.insert(seal_text);
     assert_no_keys_in_logs(&cluster.logs, &keys);

@@ -21,34 +21,54 @@ use crate::rotator::recovery;
 use crate::rotator::state::{self, Committed, StateStore};
 use crate::rotator::types::{Generation, RepoSlot, now_ms};
 
+/// How a start treats what it finds: `--fresh-start`, `--adopt-clear-state`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(in crate::rotator) struct StartOptions {
+    /// Start at generation 1 (or below what agents acknowledged) on purpose.
+    pub fresh_start: bool,
+    /// Seal clear state files found with a seal key instead of refusing them.
+    pub adopt_clear_state: bool,
+}
+
 /// Opens the store `config` names (its state directory, or etcd under
 /// `[ha]`) and loads every repository's committed generation, making the
-/// first one where there is none.
+/// first one where there is none. Refuses a generation below one the agents
+/// acknowledged, unless `--fresh-start` says the operator starts anew.
 pub(in crate::rotator) async fn open(
     config: &RotatorConfig,
     seal: Option<Arc<crate::seal::SealKey>>,
     agents: &[AgentSlot],
-    fresh_start: bool,
+    options: StartOptions,
     registry: &mut Registry,
     stop: &CancellationToken,
 ) -> Result<(Store, Vec<RepoSlot>), RotatorError> {
-    let Some(h) = &config.ha else {
-        return open_files(config, seal, agents, fresh_start).await;
+    let (store, repos) = match &config.ha {
+        None => open_files(config, seal, agents, options).await?,
+        Some(h) => {
+            // Under `[ha]` the file state is only what a first leader imports;
+            // it is sealed with `seal_key`, or else `[ha] seal_key`.
+            let seal = match seal {
+                Some(seal) => seal,
+                None => Arc::new(crate::seal::SealKey::load(&h.seal_key)?),
+            };
+            let dir = config.state_dir.clone();
+            let files = tokio::task::spawn_blocking(move || StateStore::open(&dir))
+                .await
+                .map_err(|e| RotatorError::Task(e.to_string()))??
+                .with_seal(seal)
+                .adopt_clear_state(options.adopt_clear_state);
+            let etcd = Arc::new(EtcdState::connect(config, h, registry).await?);
+            let repos =
+                prepare_etcd(&etcd, config, &files, agents, options.fresh_start, stop).await?;
+            (Store::Etcd(etcd), repos)
+        }
     };
-    // Under `[ha]` the file state is only what a first leader imports; it is
-    // sealed with `seal_key`, or else `[ha] seal_key`.
-    let seal = match seal {
-        Some(seal) => seal,
-        None => Arc::new(crate::seal::SealKey::load(&h.seal_key)?),
-    };
-    let dir = config.state_dir.clone();
-    let files = tokio::task::spawn_blocking(move || StateStore::open(&dir))
-        .await
-        .map_err(|e| RotatorError::Task(e.to_string()))??
-        .with_seal(seal);
-    let etcd = Arc::new(EtcdState::connect(config, h, registry).await?);
-    let repos = prepare_etcd(&etcd, config, &files, agents, fresh_start, stop).await?;
-    Ok((Store::Etcd(etcd), repos))
+    if options.fresh_start {
+        tracing::warn!("--fresh-start: the acknowledged generations are not checked");
+    } else {
+        store.check_acknowledged(&repos).await?;
+    }
+    Ok((store, repos))
 }
 
 /// A single rotator: its state directory, after the fresh-start question.
@@ -56,8 +76,9 @@ async fn open_files(
     config: &RotatorConfig,
     seal: Option<Arc<crate::seal::SealKey>>,
     agents: &[AgentSlot],
-    fresh_start: bool,
+    options: StartOptions,
 ) -> Result<(Store, Vec<RepoSlot>), RotatorError> {
+    let fresh_start = options.fresh_start;
     // A lost state directory must not silently become generation 1.
     let fresh = recovery::fresh_repositories(&config.repositories, &config.state_dir)?;
     if !fresh.is_empty() && !agents.is_empty() {
@@ -72,7 +93,8 @@ async fn open_files(
     tokio::task::spawn_blocking(move || {
         // Read before the state is opened: a bad `import` leaves no state behind.
         let imports = prepare_imports(&config)?;
-        let mut files = StateStore::open(&config.state_dir)?;
+        let mut files =
+            StateStore::open(&config.state_dir)?.adopt_clear_state(options.adopt_clear_state);
         if let Some(seal) = seal {
             files = files.with_seal(seal);
         }
@@ -118,8 +140,9 @@ fn load_generations(
                 tracing::info!(repository = %repo.name, "state exists; `import` is only used on first start");
             }
             tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "resumed from state");
-            let recorded = store.load_ledger(&repo.name)?;
+            let recorded = store.load_ledger(&repo.name, committed.generation)?;
             let known = recorded.is_some();
+            let number = committed.generation;
             let emergency = super::EmergencyPurge::marks(
                 store.load_record(&repo.name, super::EMERGENCY_PURGE),
                 &repo.name,
@@ -129,7 +152,7 @@ fn load_generations(
                 super::generation_of(&repo.name, committed, recorded, emergency)?;
             if !adopted.is_empty() {
                 tracing::warn!(repository = %repo.name, keys = ?adopted, ledger = known, "the key ledger does not know these keys' times: each is taken as demoted now, the safe choice (its purge waits a full token lifetime)");
-                store.save_ledger(&repo.name, &ledger)?;
+                store.save_ledger(&repo.name, number, &ledger)?;
             }
             slots.push(RepoSlot::new(
                 repo.name.clone(),
@@ -159,7 +182,7 @@ fn load_generations(
                 (1, keys, ledger)
             }
         };
-        store.save_ledger(&repo.name, &ledger)?;
+        store.save_ledger(&repo.name, number, &ledger)?;
         store.save(
             &repo.name,
             &Committed {
@@ -200,7 +223,9 @@ async fn prepare_etcd(
                     all = false;
                     found.push(None);
                 }
-                Err(e @ (HaError::Seal { .. } | HaError::Corrupt { .. })) => return Err(e.into()),
+                Err(
+                    e @ (HaError::Seal { .. } | HaError::Corrupt { .. } | HaError::Rollback { .. }),
+                ) => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!(error = %crate::error_chain(&e), "etcd unreachable at start; retrying");
                     all = false;
@@ -283,7 +308,9 @@ async fn initialise(
         let committed = files
             .load(&repo.name)?
             .ok_or_else(|| RotatorError::Incomplete(repo.name.clone()))?;
-        let ledger = files.load_ledger(&repo.name)?.unwrap_or_default();
+        let ledger = files
+            .load_ledger(&repo.name, committed.generation)?
+            .unwrap_or_default();
         etcd.commit(&repo.name, &ledger, &committed).await?;
         tracing::info!(repository = %repo.name, generation = committed.generation, digest = %committed.keys.digest(), "imported the file state into etcd");
         loaded.push((committed, Some(ledger)));
