@@ -445,7 +445,7 @@ mod tests {
             import: None,
             schedule: None,
         };
-        let slots = vec![slot(&repo, committed, None).expect("slot")];
+        let slots = vec![slot(&repo, committed, None, false).expect("slot")];
         store.check_acknowledged(&slots).await.expect("no acks yet");
         let mut acks = Acks::new();
         acks.entry("tokens".into()).or_default().insert(
