@@ -49,7 +49,10 @@ CONTROLLERS = [
 ]
 SERVICE_USER = "fernetd-eval-service"
 DEBIAN = {
-    "mariadb-server": lambda: os.path.exists("/usr/sbin/mariadbd"),
+    # The server alone (mariadb-server-core) lacks the state-transfer scripts a
+    # joining Galera node runs: both must be there.
+    "mariadb-server": lambda: os.path.exists("/usr/sbin/mariadbd")
+    and shutil.which("wsrep_sst_rsync") is not None,
     "galera-4": lambda: os.path.exists("/usr/lib/galera/libgalera_smm.so"),
     "rsync": lambda: shutil.which("rsync") is not None,
     "memcached": lambda: os.path.exists("/usr/bin/memcached"),
