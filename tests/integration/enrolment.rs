@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -57,6 +57,7 @@ fn enrolled(status: &Value) -> BTreeSet<String> {
 fn rotate_until(
     admin_config: PathBuf,
     stop: Arc<AtomicBool>,
+    rotated: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<Value>> {
     std::thread::spawn(move || {
         let mut outcomes = Vec::new();
@@ -69,6 +70,9 @@ fn rotate_until(
                 .output()
                 .expect("run fernetd admin rotate");
             let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if v[0]["rotated"] == true {
+                rotated.fetch_add(1, Ordering::AcqRel);
+            }
             outcomes.push(v[0].clone());
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -109,7 +113,16 @@ async fn agents_added_and_removed_by_sighup_while_rotations_run_keep_the_others_
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let rotations = rotate_until(cluster.admin_config.clone(), stop.clone());
+    let rotated = Arc::new(AtomicUsize::new(0));
+    let rotations = rotate_until(cluster.admin_config.clone(), stop.clone(), rotated.clone());
+    // The reloads below must fall among rotations, not before the first one (a
+    // loaded machine starts an admin command slowly).
+    poll_until(
+        Duration::from_secs(30),
+        "a rotation before the reloads",
+        || async { (rotated.load(Ordering::Acquire) >= 1).then_some(()) },
+    )
+    .await;
 
     // An invalid file (RegionTwo listed twice): refused, nothing changes.
     let mut invalid = config.clone();
